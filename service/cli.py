@@ -1,0 +1,330 @@
+"""`steerserve`: run the service, or call it.
+
+    steerserve serve [--host H] [--grpc-port P] [--metrics-port M]
+    steerserve generate "a red circle" -o out.png [--adapter ID[:WEIGHT]] [--seed 1] ...
+    steerserve personalize --method dreambooth-lora --name my-dog --class-word dog a.png b.png c.png
+    steerserve edit source.png --source-prompt ... --target-prompt ... --adapter ID -o edited.png
+    steerserve adapters list|get|import|export|delete ...
+    steerserve jobs list|get|watch|cancel ...
+
+Client commands read the address from --address / STEERSERVE_ADDRESS and the token from --token /
+STEERSERVE_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from service._generated.steerserve.v1 import steerserve_pb2 as pb
+from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    from service.config import Settings
+    from service.gateway.server import ensure_dev_token, serve
+
+    overrides = {k: v for k, v in dict(host=args.host, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                                       data_dir=args.data_dir, model_dir=args.model_dir).items() if v is not None}
+    if args.dev:
+        overrides["dev_token"] = True
+    settings = Settings(**overrides)
+    token = ensure_dev_token(settings)
+    if not settings.api_keys:
+        print("error: no API keys configured; set STEERSERVE_API_KEYS='token:tenant,...' or pass --dev", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def on_ready(gateway) -> None:
+        address = f"{settings.host}:{gateway.port}"
+        shown = token or "<your token>"
+        print(f"SteerServe {pb.DESCRIPTOR.package} listening on {address} (model: {gateway.servicer.backend.model_name})")
+        if gateway.metrics_port:
+            print(f"Prometheus metrics: http://{settings.host}:{gateway.metrics_port}/metrics")
+        if token:
+            print(f"Development token (tenant 'dev'): {token}")
+        print("Try it from another shell:")
+        print(f"  export STEERSERVE_ADDRESS={address} STEERSERVE_TOKEN={shown}")
+        print('  .venv/bin/steerserve generate "a red dotted star on a blue striped background" -o star.png')
+        print("Press Ctrl-C to stop.", flush=True)
+
+    asyncio.run(serve(settings, on_ready=on_ready))
+    return 0
+
+
+# -- client plumbing -----------------------------------------------------------------------------
+
+
+def _stub(args) -> tuple[pb_grpc.SteerServeStub, list[tuple[str, str]]]:
+    token = args.token or os.environ.get("STEERSERVE_TOKEN")
+    if not token:
+        raise SystemExit("error: no token; pass --token or set STEERSERVE_TOKEN")
+    limit = 64 * 1024 * 1024
+    channel = grpc.insecure_channel(
+        args.address,
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
+    return pb_grpc.SteerServeStub(channel), [("authorization", f"Bearer {token}")]
+
+
+def _with_spinner(label: str, call):
+    """Runs a blocking unary call while a progress bar shows elapsed time."""
+    from tqdm import tqdm
+
+    done = threading.Event()
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    with tqdm(desc=label, bar_format="{desc}: {elapsed}", file=sys.stderr) as bar:
+        while not done.wait(0.2):
+            bar.refresh()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _read_image(path: str) -> pb.Image:
+    return pb.Image(data=Path(path).read_bytes())
+
+
+def _adapter_refs(values: list[str]) -> list[pb.AdapterRef]:
+    refs = []
+    for value in values or []:
+        adapter_id, _, weight = value.partition(":")
+        refs.append(pb.AdapterRef(adapter_id=adapter_id, weight=float(weight) if weight else 1.0))
+    return refs
+
+
+def _write_images(images, output: str) -> None:
+    out = Path(output)
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+        path.write_bytes(image.data)
+        print(f"wrote {path} ({image.width}x{image.height})")
+
+
+# -- client commands -----------------------------------------------------------------------------
+
+
+def cmd_generate(args) -> int:
+    stub, md = _stub(args)
+    req = pb.GenerateRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, adapters=_adapter_refs(args.adapter),
+        steps=args.steps, guidance_scale=args.guidance_scale, width=args.width, height=args.height,
+        num_images=args.num_images,
+    )
+    if args.seed is not None:
+        req.seed = args.seed
+    resp = _with_spinner("generating", lambda: stub.Generate(req, metadata=md, timeout=args.timeout))
+    _write_images(resp.images, args.output)
+    print(f"seeds {list(resp.seeds)}; server time {resp.timings.total_seconds:.2f} s")
+    return 0
+
+
+def cmd_personalize(args) -> int:
+    stub, md = _stub(args)
+    method = args.method.upper().replace("-", "_")
+    req = pb.PersonalizeRequest(
+        method=pb.PersonalizationMethod.Value(method), name=args.name, class_word=args.class_word,
+        images=[_read_image(p) for p in args.images], style_phrase=args.style_phrase,
+        concepts=[pb.Concept(phrase=c) for c in args.concept or []],
+        options=pb.TrainingOptions(steps=args.steps, rank=args.rank, learning_rate=args.learning_rate),
+    )
+    job = stub.Personalize(req, metadata=md, timeout=args.timeout)
+    print(f"job {job.job_id} {pb.JobState.Name(job.state)}")
+    return _watch(stub, md, job.job_id)
+
+
+def _watch(stub, md, job_id: str) -> int:
+    from tqdm import tqdm
+
+    bar = None
+    job = None
+    for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=md):
+        job = event.job
+        if bar is None and event.total_steps:
+            bar = tqdm(total=event.total_steps, desc="training", file=sys.stderr)
+        if bar is not None:
+            bar.n = event.step
+            bar.set_postfix(loss=f"{event.loss:.4f}", state=pb.JobState.Name(event.state))
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+    if job is None:
+        return 1
+    print(f"job {job.job_id} {pb.JobState.Name(job.state)}" + (f": adapter {job.adapter_id}" if job.adapter_id else "")
+          + (f": {job.error}" if job.error else ""))
+    return 0 if job.state == pb.SUCCEEDED else 1
+
+
+def cmd_edit(args) -> int:
+    stub, md = _stub(args)
+    req = pb.EditRequest(
+        source_image=_read_image(args.source), source_prompt=args.source_prompt, target_prompt=args.target_prompt,
+        adapter_id=args.adapter or "", method=pb.EditMethod.Value(args.method.upper()), steps=args.steps,
+        guidance_scale=args.guidance_scale,
+    )
+    if args.seed is not None:
+        req.seed = args.seed
+    resp = _with_spinner("editing", lambda: stub.Edit(req, metadata=md, timeout=args.timeout))
+    _write_images([resp.image], args.output)
+    return 0
+
+
+def _print_adapter(a: pb.Adapter) -> None:
+    print(f"{a.adapter_id}  {a.name:<24} {pb.PersonalizationMethod.Name(a.method):<18} token={a.token or '-'} "
+          f"rank={a.rank} {a.size_bytes} B")
+
+
+def cmd_adapters(args) -> int:
+    stub, md = _stub(args)
+    if args.action == "list":
+        for a in stub.ListAdapters(pb.ListAdaptersRequest(), metadata=md).adapters:
+            _print_adapter(a)
+    elif args.action == "get":
+        _print_adapter(stub.GetAdapter(pb.GetAdapterRequest(adapter_id=args.id), metadata=md))
+    elif args.action == "import":
+        a = stub.ImportAdapter(
+            pb.ImportAdapterRequest(name=args.name, safetensors=Path(args.file).read_bytes(), token=args.token or ""),
+            metadata=md,
+        )
+        _print_adapter(a)
+    elif args.action == "export":
+        resp = stub.ExportAdapter(pb.ExportAdapterRequest(adapter_id=args.id), metadata=md)
+        Path(args.output).write_bytes(resp.safetensors)
+        print(f"wrote {args.output} ({len(resp.safetensors)} bytes)")
+    elif args.action == "delete":
+        stub.DeleteAdapter(pb.DeleteAdapterRequest(adapter_id=args.id), metadata=md)
+        print(f"deleted {args.id}")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    stub, md = _stub(args)
+    if args.action == "list":
+        for j in stub.ListJobs(pb.ListJobsRequest(), metadata=md).jobs:
+            print(f"{j.job_id}  {j.name:<24} {pb.JobState.Name(j.state):<10} {j.progress:.0%}")
+        return 0
+    if args.action == "watch":
+        return _watch(stub, md, args.id)
+    call = stub.GetJob if args.action == "get" else stub.CancelJob
+    request = pb.GetJobRequest(job_id=args.id) if args.action == "get" else pb.CancelJobRequest(job_id=args.id)
+    j = call(request, metadata=md)
+    print(f"{j.job_id}  {pb.JobState.Name(j.state)} {j.progress:.0%} {j.error}")
+    return 0
+
+
+# -- argument parsing ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="steerserve", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC gateway (in-process engine) and metrics endpoint")
+    s.add_argument("--host", help="bind address (env STEERSERVE_HOST, default 127.0.0.1)")
+    s.add_argument("--grpc-port", type=int, help="gRPC port (env STEERSERVE_GRPC_PORT, default 50051)")
+    s.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (env STEERSERVE_METRICS_PORT, default 9464)")
+    s.add_argument("--data-dir", help="database, adapters and model cache (env STEERSERVE_DATA_DIR, default ./var)")
+    s.add_argument("--model-dir", help="diffusers SD 1.x/2.x folder (env STEERSERVE_MODEL_DIR; default: embedded model)")
+    s.add_argument("--dev", action="store_true", help="create and print a development token if no keys are set")
+    s.set_defaults(func=cmd_serve)
+
+    def client(name, help_text):
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("--address", default=os.environ.get("STEERSERVE_ADDRESS", "127.0.0.1:50051"))
+        c.add_argument("--token", help="API token (env STEERSERVE_TOKEN)")
+        c.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+        return c
+
+    g = client("generate", "text to image")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--adapter", action="append", help="ADAPTER_ID[:WEIGHT], repeatable")
+    g.add_argument("--steps", type=int, default=0)
+    g.add_argument("--guidance-scale", type=float, default=0.0)
+    g.add_argument("--width", type=int, default=0)
+    g.add_argument("--height", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("-n", "--num-images", type=int, default=1)
+    g.set_defaults(func=cmd_generate)
+
+    t = client("personalize", "train an adapter from photos (subject) or one image (style)")
+    t.add_argument("images", nargs="+")
+    t.add_argument("--method", default="dreambooth-lora",
+                   choices=["dreambooth-lora", "textual-inversion", "custom-diffusion", "finestyle"])
+    t.add_argument("--name", required=True)
+    t.add_argument("--class-word", default="")
+    t.add_argument("--style-phrase", default="")
+    t.add_argument("--concept", action="append", help="FineStyle concept phrase, repeatable")
+    t.add_argument("--steps", type=int, default=0)
+    t.add_argument("--rank", type=int, default=0)
+    t.add_argument("--learning-rate", type=float, default=0.0)
+    t.set_defaults(func=cmd_personalize)
+
+    e = client("edit", "edit a source image toward an adapter's concept")
+    e.add_argument("source")
+    e.add_argument("--source-prompt", required=True)
+    e.add_argument("--target-prompt", required=True)
+    e.add_argument("--adapter")
+    e.add_argument("--method", default="dreamsteerer", choices=["dds", "dreamsteerer"])
+    e.add_argument("--steps", type=int, default=0)
+    e.add_argument("--guidance-scale", type=float, default=0.0)
+    e.add_argument("--seed", type=int)
+    e.add_argument("-o", "--output", default="edited.png")
+    e.set_defaults(func=cmd_edit)
+
+    a = client("adapters", "list, inspect, import, export or delete adapters")
+    a_sub = a.add_subparsers(dest="action", required=True)
+    a_sub.add_parser("list")
+    for action in ("get", "delete"):
+        a_sub.add_parser(action).add_argument("id")
+    ex = a_sub.add_parser("export")
+    ex.add_argument("id")
+    ex.add_argument("-o", "--output", required=True)
+    im = a_sub.add_parser("import")
+    im.add_argument("file")
+    im.add_argument("--name", required=True)
+    im.add_argument("--token")
+    a.set_defaults(func=cmd_adapters)
+
+    j = client("jobs", "list, inspect, watch or cancel personalization jobs")
+    j_sub = j.add_subparsers(dest="action", required=True)
+    j_sub.add_parser("list")
+    for action in ("get", "watch", "cancel"):
+        j_sub.add_parser(action).add_argument("id")
+    j.set_defaults(func=cmd_jobs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

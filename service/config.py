@@ -1,0 +1,95 @@
+"""Settings, from environment variables (prefix STEERSERVE_), an optional config file, or flags.
+
+    STEERSERVE_API_KEYS="token1:tenant-a,token2:tenant-b"
+    STEERSERVE_CONFIG_FILE=/etc/steerserve/config.json   # same keys, lower case, JSON
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _JsonFileSource(PydanticBaseSettingsSource):
+    """Reads STEERSERVE_CONFIG_FILE (JSON) if set; environment variables override it."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the ABC
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("STEERSERVE_CONFIG_FILE")
+        if not path:
+            return {}
+        return json.loads(Path(path).read_text())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEERSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    metrics_port: int = 9464  # 0 disables the Prometheus endpoint
+
+    # token -> tenant. Parsed from "token:tenant,..." in the environment or a JSON object in the file.
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    # Development mode: when no api_keys are configured, create a token for tenant "dev" and print it.
+    dev_token: bool = False
+
+    data_dir: Path = Path("var")  # SQLite database + adapter blobs + model cache
+    model_dir: Path | None = None  # a diffusers SD 1.x/2.x folder; None = the embedded default
+    device: str = "cpu"
+    backend: str = "inprocess"  # "inprocess" or "triton"
+
+    # Request limits.
+    default_steps: int = 20
+    max_steps: int = 150
+    max_guidance_scale: float = 30.0
+    min_size: int = 32
+    max_size: int = 512
+    max_pixels: int = 512 * 512
+    max_num_images: int = 4
+    max_prompt_tokens: int = 75  # CLIP's 77 minus the start/end markers
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_input_image_pixels: int = 2048 * 2048
+    max_adapters_per_request: int = 4
+    max_adapter_bytes: int = 64 * 1024 * 1024
+
+    # Concurrency: engine calls run in this many worker threads.
+    engine_workers: int = 1
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            keys: dict[str, str] = {}
+            for item in filter(None, (part.strip() for part in value.split(","))):
+                token, sep, tenant = item.partition(":")
+                if not sep or not token or not tenant:
+                    raise ValueError(f"STEERSERVE_API_KEYS entry {item!r} is not 'token:tenant'")
+                keys[token] = tenant
+            return keys
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings, _EnvWithPlainKeys(settings_cls), _JsonFileSource(settings_cls))
+
+
+class _EnvWithPlainKeys(PydanticBaseSettingsSource):
+    """Environment source that leaves STEERSERVE_API_KEYS as a plain string (not JSON-decoded)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the ABC
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.settings_cls.model_fields:
+            value = os.environ.get(f"STEERSERVE_{name.upper()}")
+            if value is not None:
+                out[name] = value
+        return out

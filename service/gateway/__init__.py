@@ -1,0 +1,1 @@
+"""The gRPC gateway: authenticates, validates and routes SteerServe RPCs to a backend."""

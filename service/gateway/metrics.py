@@ -1,0 +1,32 @@
+"""Prometheus metrics of the gateway (base units: seconds, bytes; counters end in _total)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rpc_duration = Histogram(
+            "steerserve_rpc_duration_seconds", "Wall time of an RPC in the gateway.", ["method"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.rpc_requests = Counter(
+            "steerserve_rpc_requests", "RPCs handled, by final gRPC status code.", ["method", "code"], registry=r
+        )
+        self.rpc_in_flight = Gauge(
+            "steerserve_rpc_in_flight_requests", "RPCs being handled right now.", ["method"], registry=r
+        )
+        self.images = Counter("steerserve_images_generated", "Images returned by Generate and Edit.", registry=r)
+        self.denoising_steps = Counter(
+            "steerserve_denoising_steps", "Denoising steps run (one per UNet CFG batch per request).", registry=r
+        )
+        self.queue_wait = Histogram(
+            "steerserve_engine_queue_wait_seconds", "Time a request waited for an engine worker.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("steerserve_engine_queue_depth", "Requests waiting for an engine worker.", registry=r)

@@ -1,0 +1,119 @@
+"""Builds and runs the gateway: gRPC server (SteerServe + health + reflection) and metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from service._generated.steerserve.v1 import steerserve_pb2 as pb
+from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
+from service.backends import Backend, InProcessBackend
+from service.config import Settings
+from service.engine.default_model import default_model_dir
+from service.engine.pipeline import Engine
+from service.stores import AdapterStore, JobStore, open_database
+
+from .metrics import GatewayMetrics
+from .servicer import SteerServeServicer
+
+log = logging.getLogger("steerserve.gateway")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteerServe"].full_name
+
+
+def resolve_model_dir(settings: Settings) -> Path:
+    if settings.model_dir is not None:
+        return Path(settings.model_dir)
+    return default_model_dir(Path(settings.data_dir) / "models")
+
+
+def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
+    engine = Engine.from_pretrained(resolve_model_dir(settings), device=settings.device)
+    return InProcessBackend(engine, workers=settings.engine_workers, metrics=metrics)
+
+
+def ensure_dev_token(settings: Settings) -> str | None:
+    """Development mode: with no keys configured, mint a token for tenant 'dev' (printed at start)."""
+    if settings.api_keys or not settings.dev_token:
+        return None
+    token = "dev-" + secrets.token_urlsafe(18)
+    settings.api_keys = {token: "dev"}
+    return token
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    port: int
+    servicer: SteerServeServicer
+    health: health.aio.HealthServicer
+    metrics: GatewayMetrics
+    metrics_http: object | None  # prometheus_client's HTTP server, or None when disabled
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_http.server_port if self.metrics_http is not None else None
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.servicer.backend.close()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+
+
+async def start_gateway(
+    settings: Settings, backend: Backend | None = None, metrics: GatewayMetrics | None = None
+) -> Gateway:
+    metrics = metrics or GatewayMetrics()
+    backend = backend or build_inprocess_backend(settings, metrics)
+    db = open_database(Path(settings.data_dir) / "steerserve.sqlite3")
+    adapters = AdapterStore(db, Path(settings.data_dir) / "adapters")
+    jobs = JobStore(db)
+    servicer = SteerServeServicer(settings, backend, adapters, jobs, metrics)
+
+    limit = settings.max_request_bytes
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
+    pb_grpc.add_SteerServeServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC port {settings.host}:{settings.grpc_port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    metrics_http = None
+    if settings.metrics_port:
+        metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    return Gateway(server, port, servicer, health_servicer, metrics, metrics_http)
+
+
+async def serve(settings: Settings, on_ready=None) -> None:
+    """Runs until SIGINT/SIGTERM, then drains in-flight RPCs and exits."""
+    gateway = await start_gateway(settings)
+    if on_ready is not None:
+        on_ready(gateway)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await gateway.stop()

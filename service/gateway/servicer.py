@@ -1,0 +1,302 @@
+"""The SteerServe RPC handlers: authenticate, validate, call the backend or a store, answer.
+
+Every handler runs inside `_rpc`, which does what all RPCs share: metrics, authentication (tenant),
+deadline, and turning exceptions into gRPC statuses with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import logging
+import time
+
+import grpc
+import safetensors
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service import __version__
+from service._generated.steerserve.v1 import steerserve_pb2 as pb
+from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
+from service.backends import Backend, BackendBusy, BackendUnavailable
+from service.config import Settings
+from service.engine.images import encode_png
+from service.engine.pipeline import AdapterUse, GenerationCancelled
+from service.stores import AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, JobStore, NotFound
+
+from . import validation
+from .auth import Authenticator
+from .errors import ServiceError, invalid
+from .metrics import GatewayMetrics
+
+log = logging.getLogger("steerserve.gateway")
+
+_JOB_POLL_SECONDS = 0.25
+
+
+def _rpc(handler):
+    """Wraps a unary handler `(self, request, context, tenant)`: metrics, auth, status mapping."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(self: "SteerServeServicer", request, context: grpc.aio.ServicerContext):
+        m = self.metrics
+        m.rpc_in_flight.labels(name).inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            tenant = self.auth.tenant_for(context.invocation_metadata())
+            return await handler(self, request, context, tenant)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
+            code, message = _status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", name)
+            await context.abort(code, message)
+        finally:
+            m.rpc_in_flight.labels(name).dec()
+            m.rpc_duration.labels(name).observe(time.perf_counter() - started)
+            m.rpc_requests.labels(name, code.name).inc()
+
+    return wrapper
+
+
+def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, AdapterAlreadyExists):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, GenerationCancelled):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded: {exc}"
+    if isinstance(exc, BackendBusy):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, BackendUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def adapter_message(record: AdapterRecord) -> pb.Adapter:
+    return pb.Adapter(
+        adapter_id=record.adapter_id,
+        name=record.name,
+        method=pb.PersonalizationMethod.Value(record.method)
+        if record.method in pb.PersonalizationMethod.keys()
+        else pb.PERSONALIZATION_METHOD_UNSPECIFIED,
+        token=record.token,
+        class_word=record.class_word,
+        rank=record.rank,
+        size_bytes=record.size_bytes,
+        num_parameters=record.num_parameters,
+        sha256=record.sha256,
+        created_at=_timestamp(record.created_at),
+        source=record.source,
+    )
+
+
+def job_message(job: JobRecord) -> pb.Job:
+    return pb.Job(
+        job_id=job.job_id,
+        state=pb.JobState.Value(job.state.value),
+        progress=job.progress,
+        adapter_id=job.adapter_id,
+        error=job.error,
+        method=pb.PersonalizationMethod.Value(job.method),
+        name=job.name,
+        step=job.step,
+        total_steps=job.total_steps,
+        created_at=_timestamp(job.created_at),
+        updated_at=_timestamp(job.updated_at),
+    )
+
+
+class SteerServeServicer(pb_grpc.SteerServeServicer):
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        adapters: AdapterStore,
+        jobs: JobStore,
+        metrics: GatewayMetrics,
+    ):
+        self.settings = settings
+        self.backend = backend
+        self.adapter_store = adapters
+        self.job_store = jobs
+        self.metrics = metrics
+        self.auth = Authenticator(settings.api_keys)
+        self.limits = validation.Limits(settings=settings, model=backend.limits)
+
+    # -- Generate ------------------------------------------------------------------------------
+
+    @_rpc
+    async def Generate(self, request: pb.GenerateRequest, context, tenant: str) -> pb.GenerateResponse:
+        spec, refs = validation.generate_spec(request, self.limits, self.backend.count_tokens)
+        # Resolve adapter ids within the tenant only: another tenant's id is simply NOT_FOUND.
+        for i, (adapter_id, _) in enumerate(refs):
+            try:
+                self.adapter_store.get(tenant, adapter_id)
+            except NotFound:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, f"adapters[{i}].adapter_id: adapter {adapter_id!r} not found")
+        spec.adapters = tuple(AdapterUse(key=a, weight=w) for a, w in refs)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        result = await self.backend.generate(spec, deadline)
+        self.metrics.images.inc(len(result.images))
+        self.metrics.denoising_steps.inc(spec.steps)
+        return pb.GenerateResponse(
+            images=[
+                pb.Image(data=encode_png(img), width=img.width, height=img.height, mime_type="image/png")
+                for img in result.images
+            ],
+            seeds=result.seeds,
+            timings=pb.Timings(**result.timings),
+        )
+
+    # -- Personalize and jobs ------------------------------------------------------------------
+
+    @_rpc
+    async def Personalize(self, request: pb.PersonalizeRequest, context, tenant: str) -> pb.Job:
+        validation.personalize_request(request, self.limits)
+        raise ServiceError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"Personalize ({pb.PersonalizationMethod.Name(request.method)}) is not available on this "
+            "server version yet; import a trained LoRA with ImportAdapter instead",
+        )
+
+    @_rpc
+    async def GetJob(self, request: pb.GetJobRequest, context, tenant: str) -> pb.Job:
+        return job_message(self.job_store.get(tenant, validation.check_id("job_id", request.job_id)))
+
+    @_rpc
+    async def ListJobs(self, request: pb.ListJobsRequest, context, tenant: str) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[job_message(j) for j in self.job_store.list(tenant)])
+
+    @_rpc
+    async def CancelJob(self, request: pb.CancelJobRequest, context, tenant: str) -> pb.Job:
+        job = self.job_store.get(tenant, validation.check_id("job_id", request.job_id))
+        if not job.state.finished:
+            job = self.job_store.update(job.job_id, state="CANCELLED")
+        return job_message(job)
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext):
+        """Server-streaming: one event per observed change, then ends when the job finishes."""
+        name = "WatchJob"
+        self.metrics.rpc_in_flight.labels(name).inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            tenant = self.auth.tenant_for(context.invocation_metadata())
+            job_id = validation.check_id("job_id", request.job_id)
+            last = None
+            while True:
+                job = self.job_store.get(tenant, job_id)
+                seen = (job.state, job.step, job.loss, job.error)
+                if seen != last:
+                    last = seen
+                    yield pb.JobEvent(
+                        job_id=job.job_id,
+                        state=pb.JobState.Value(job.state.value),
+                        step=job.step,
+                        total_steps=job.total_steps,
+                        loss=job.loss or 0.0,
+                        message=job.error,
+                        time=_timestamp(job.updated_at),
+                        job=job_message(job),
+                    )
+                if job.state.finished:
+                    return
+                await asyncio.sleep(_JOB_POLL_SECONDS)
+        except Exception as exc:  # noqa: BLE001
+            code, message = _status_for(exc)
+            await context.abort(code, message)
+        finally:
+            self.metrics.rpc_in_flight.labels(name).dec()
+            self.metrics.rpc_duration.labels(name).observe(time.perf_counter() - started)
+            self.metrics.rpc_requests.labels(name, code.name).inc()
+
+    # -- Edit ----------------------------------------------------------------------------------
+
+    @_rpc
+    async def Edit(self, request: pb.EditRequest, context, tenant: str) -> pb.EditResponse:
+        validation.edit_request(request, self.limits, self.backend.count_tokens)
+        if request.adapter_id:
+            self.adapter_store.get(tenant, request.adapter_id)
+        raise ServiceError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"Edit ({pb.EditMethod.Name(request.method)}) is not available on this server version yet",
+        )
+
+    # -- Adapters ------------------------------------------------------------------------------
+
+    @_rpc
+    async def ImportAdapter(self, request: pb.ImportAdapterRequest, context, tenant: str) -> pb.Adapter:
+        name = validation.check_name("name", request.name)
+        if not request.safetensors:
+            raise invalid("safetensors", "must hold a LoRA safetensors file (got 0 bytes)")
+        if len(request.safetensors) > self.settings.max_adapter_bytes:
+            raise invalid("safetensors", f"is {len(request.safetensors)} bytes; at most {self.settings.max_adapter_bytes}")
+        info = self._inspect_adapter(request.safetensors)
+        record = self.adapter_store.create(
+            tenant, name, "DREAMBOOTH_LORA", request.safetensors,
+            token=request.token, rank=info["rank"], num_parameters=info["num_parameters"], source="import",
+        )
+        return adapter_message(record)
+
+    def _inspect_adapter(self, data: bytes) -> dict:
+        try:
+            tensors = safetensors.deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's file
+            raise invalid("safetensors", f"not a readable safetensors file ({exc})") from exc
+        lora = [(k, t) for k, t in tensors if "lora" in k]
+        if not lora:
+            raise invalid("safetensors", "holds no LoRA tensors (no key contains 'lora')")
+        rank = max(min(t["shape"]) for _, t in lora if len(t["shape"]) == 2) if lora else 0
+        num = sum(math.prod(t["shape"]) for _, t in tensors)
+        return {"rank": rank, "num_parameters": num}
+
+    @_rpc
+    async def ListAdapters(self, request, context, tenant: str) -> pb.ListAdaptersResponse:
+        return pb.ListAdaptersResponse(adapters=[adapter_message(r) for r in self.adapter_store.list(tenant)])
+
+    @_rpc
+    async def GetAdapter(self, request: pb.GetAdapterRequest, context, tenant: str) -> pb.Adapter:
+        return adapter_message(self.adapter_store.get(tenant, validation.check_id("adapter_id", request.adapter_id)))
+
+    @_rpc
+    async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context, tenant: str) -> pb.DeleteAdapterResponse:
+        self.adapter_store.delete(tenant, validation.check_id("adapter_id", request.adapter_id))
+        return pb.DeleteAdapterResponse()
+
+    @_rpc
+    async def ExportAdapter(self, request: pb.ExportAdapterRequest, context, tenant: str) -> pb.ExportAdapterResponse:
+        record = self.adapter_store.get(tenant, validation.check_id("adapter_id", request.adapter_id))
+        return pb.ExportAdapterResponse(adapter=adapter_message(record), safetensors=self.adapter_store.read_blob(record))
+
+    # -- Info ----------------------------------------------------------------------------------
+
+    @_rpc
+    async def GetServerInfo(self, request, context, tenant: str) -> pb.ServerInfo:
+        s = self.settings
+        return pb.ServerInfo(
+            version=__version__,
+            base_model=self.backend.model_name,
+            default_width=self.backend.limits.default_size,
+            default_height=self.backend.limits.default_size,
+            max_width=s.max_size,
+            max_height=s.max_size,
+            default_steps=s.default_steps,
+            max_steps=s.max_steps,
+            max_num_images=s.max_num_images,
+            backend=self.backend.name,
+        )

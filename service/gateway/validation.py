@@ -1,0 +1,189 @@
+"""Request validation: every field is checked, and an error names the field.
+
+Validators turn protobuf requests into engine specs; they never touch the model, so a bad request
+costs nothing and cannot disturb other requests.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from service._generated.steerserve.v1 import steerserve_pb2 as pb
+from service.config import Settings
+from service.engine.images import ImageDecodeError, decode_image
+from service.engine.pipeline import AdapterUse, GenerationSpec, ModelLimits
+
+from .errors import invalid
+
+MAX_SEED = 2**63 - 1
+MAX_NAME_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Limits:
+    settings: Settings
+    model: ModelLimits
+
+
+def _check_prompt(field: str, text: str, limits: Limits, count_tokens, required: bool) -> None:
+    if required and not text.strip():
+        raise invalid(field, "must not be empty")
+    if len(text) > 4 * limits.settings.max_prompt_tokens * 8:  # cheap bound before tokenizing
+        raise invalid(field, f"is too long ({len(text)} characters)")
+    n = count_tokens(text)
+    if n > limits.settings.max_prompt_tokens:
+        raise invalid(field, f"has {n} tokens; at most {limits.settings.max_prompt_tokens} are allowed")
+
+
+def _check_size(field: str, value: int, default: int, limits: Limits) -> int:
+    s = limits.settings
+    if value == 0:
+        return default
+    if value < s.min_size or value > s.max_size:
+        raise invalid(field, f"must be between {s.min_size} and {s.max_size} (got {value})")
+    # Multiples of 8 like SD pipelines, and of the latent grid the UNet needs (vae factor x 2 for
+    # one downsampling level at least).
+    multiple = max(8, limits.model.vae_scale_factor * 2)
+    if value % multiple:
+        raise invalid(field, f"must be a multiple of {multiple} (got {value})")
+    return value
+
+
+def _check_steps(field: str, value: int, limits: Limits) -> int:
+    s = limits.settings
+    if value == 0:
+        return s.default_steps
+    if not 1 <= value <= s.max_steps:
+        raise invalid(field, f"must be between 1 and {s.max_steps} (got {value})")
+    return value
+
+
+def _check_guidance(field: str, value: float, default: float, limits: Limits) -> float:
+    if not math.isfinite(value):
+        raise invalid(field, "must be a finite number")
+    if value == 0:
+        return default
+    if not 1.0 <= value <= limits.settings.max_guidance_scale:
+        raise invalid(field, f"must be between 1 and {limits.settings.max_guidance_scale} (got {value})")
+    return value
+
+
+def check_seed(field: str, has_seed: bool, value: int) -> int:
+    if not has_seed:
+        return random.randrange(0, 2**31)
+    if not 0 <= value <= MAX_SEED:
+        raise invalid(field, f"must be between 0 and {MAX_SEED} (got {value})")
+    return value
+
+
+def check_adapter_refs(refs, limits: Limits) -> list[tuple[str, float]]:
+    if len(refs) > limits.settings.max_adapters_per_request:
+        raise invalid("adapters", f"at most {limits.settings.max_adapters_per_request} adapters per request (got {len(refs)})")
+    out, seen = [], set()
+    for i, ref in enumerate(refs):
+        field = f"adapters[{i}]"
+        if not ref.adapter_id:
+            raise invalid(f"{field}.adapter_id", "must not be empty")
+        if ref.adapter_id in seen:
+            raise invalid(f"{field}.adapter_id", f"{ref.adapter_id!r} is listed twice")
+        seen.add(ref.adapter_id)
+        weight = ref.weight if ref.weight != 0 else 1.0
+        if not math.isfinite(weight) or not -4.0 <= weight <= 4.0:
+            raise invalid(f"{field}.weight", f"must be between -4 and 4 (got {ref.weight})")
+        out.append((ref.adapter_id, weight))
+    return out
+
+
+def generate_spec(req: pb.GenerateRequest, limits: Limits, count_tokens) -> tuple[GenerationSpec, list[tuple[str, float]]]:
+    """Validated GenerationSpec (adapters resolved later, by id) and the requested adapter ids."""
+    s = limits.settings
+    _check_prompt("prompt", req.prompt, limits, count_tokens, required=True)
+    _check_prompt("negative_prompt", req.negative_prompt, limits, count_tokens, required=False)
+    width = _check_size("width", req.width, limits.model.default_size, limits)
+    height = _check_size("height", req.height, limits.model.default_size, limits)
+    if width * height > s.max_pixels:
+        raise invalid("width", f"{width}x{height} exceeds {s.max_pixels} pixels")
+    num_images = req.num_images or 1
+    if not 1 <= num_images <= s.max_num_images:
+        raise invalid("num_images", f"must be between 1 and {s.max_num_images} (got {req.num_images})")
+    if req.style_guidance_scale and not (
+        math.isfinite(req.style_guidance_scale) and 0 < req.style_guidance_scale <= s.max_guidance_scale
+    ):
+        raise invalid("style_guidance_scale", f"must be between 0 and {s.max_guidance_scale}")
+    seed = check_seed("seed", req.HasField("seed"), req.seed)
+    if seed + num_images - 1 > MAX_SEED:
+        raise invalid("seed", "seed + num_images overflows int64")
+    spec = GenerationSpec(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        steps=_check_steps("steps", req.steps, limits),
+        guidance_scale=_check_guidance("guidance_scale", req.guidance_scale, 7.5, limits),
+        width=width,
+        height=height,
+        seed=seed,
+        num_images=num_images,
+    )
+    return spec, check_adapter_refs(req.adapters, limits)
+
+
+def check_image(field: str, image: pb.Image, limits: Limits):
+    try:
+        return decode_image(image.data, limits.settings.max_input_image_pixels)
+    except ImageDecodeError as exc:
+        raise invalid(field, str(exc)) from exc
+
+
+def check_name(field: str, name: str) -> str:
+    name = name.strip()
+    if not name:
+        raise invalid(field, "must not be empty")
+    if len(name) > MAX_NAME_CHARS or any(ord(c) < 32 for c in name):
+        raise invalid(field, f"must be at most {MAX_NAME_CHARS} printable characters")
+    return name
+
+
+def check_id(field: str, value: str) -> str:
+    if not value:
+        raise invalid(field, "must not be empty")
+    if len(value) > 64:
+        raise invalid(field, "is too long to be an id")
+    return value
+
+
+def personalize_request(req: pb.PersonalizeRequest, limits: Limits) -> None:
+    method = pb.PersonalizationMethod.Name(req.method) if req.method in pb.PersonalizationMethod.values() else None
+    if req.method == pb.PERSONALIZATION_METHOD_UNSPECIFIED or method is None:
+        raise invalid("method", "must be one of DREAMBOOTH_LORA, TEXTUAL_INVERSION, CUSTOM_DIFFUSION, FINESTYLE")
+    check_name("name", req.name)
+    if req.method == pb.FINESTYLE:
+        if len(req.images) != 1:
+            raise invalid("images", f"FINESTYLE takes exactly 1 style image (got {len(req.images)})")
+    else:
+        if not 3 <= len(req.images) <= 5:
+            raise invalid("images", f"{method} takes 3 to 5 subject images (got {len(req.images)})")
+        if not req.class_word.strip():
+            raise invalid("class_word", f"{method} needs the subject's class word (e.g. 'dog')")
+    for i, image in enumerate(req.images):
+        check_image(f"images[{i}]", image, limits)
+    o = req.options
+    if o.steps and not 1 <= o.steps <= 5000:
+        raise invalid("options.steps", f"must be between 1 and 5000 (got {o.steps})")
+    if o.rank and not 1 <= o.rank <= 64:
+        raise invalid("options.rank", f"must be between 1 and 64 (got {o.rank})")
+    if o.learning_rate and not (math.isfinite(o.learning_rate) and 0 < o.learning_rate <= 1):
+        raise invalid("options.learning_rate", f"must be in (0, 1] (got {o.learning_rate})")
+
+
+def edit_request(req: pb.EditRequest, limits: Limits, count_tokens) -> None:
+    check_image("source_image", req.source_image, limits)
+    _check_prompt("source_prompt", req.source_prompt, limits, count_tokens, required=True)
+    _check_prompt("target_prompt", req.target_prompt, limits, count_tokens, required=True)
+    if req.method not in (pb.DDS, pb.DREAMSTEERER):
+        raise invalid("method", "must be DDS or DREAMSTEERER")
+    if req.method == pb.DREAMSTEERER:
+        check_id("adapter_id", req.adapter_id)
+    _check_steps("steps", req.steps, limits)
+    _check_guidance("guidance_scale", req.guidance_scale, 7.5, limits)
+    check_seed("seed", req.HasField("seed"), req.seed)

@@ -1,0 +1,21 @@
+"""Durable state: the adapter registry (+ safetensors blobs) and the job table.
+
+The embedded default keeps both in one SQLite database (WAL) and a blob directory. The interfaces
+(`AdapterStore`, `JobStore`) are small on purpose so a server-grade store can replace them.
+"""
+
+from .adapters import AdapterAlreadyExists, AdapterRecord, AdapterStore, BlobCorrupted
+from .db import NotFound, open_database
+from .jobs import JobRecord, JobState, JobStore
+
+__all__ = [
+    "AdapterAlreadyExists",
+    "AdapterRecord",
+    "AdapterStore",
+    "BlobCorrupted",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "NotFound",
+    "open_database",
+]

@@ -1,0 +1,99 @@
+"""Shared fixtures: a real gateway (gRPC server on a loopback port, in-process engine) per session."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
+from service.config import Settings
+
+TOKENS = {"token-alice": "alice", "token-bob": "bob"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningGateway:
+    address: str
+    metrics_url: str
+    settings: Settings
+    gateway: object
+    loop: asyncio.AbstractEventLoop
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def stub(self) -> pb_grpc.SteerServeStub:
+        return pb_grpc.SteerServeStub(self.channel())
+
+
+def auth(token: str = "token-alice") -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def start_gateway_in_thread(settings: Settings, backend=None) -> RunningGateway:
+    from service.gateway.server import start_gateway
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict = {}
+
+    def run():
+        asyncio.set_event_loop(loop)
+        try:
+            box["gateway"] = loop.run_until_complete(start_gateway(settings, backend=backend))
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the test
+            box["error"] = exc
+        ready.set()
+        if "gateway" in box:
+            loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    ready.wait(120)
+    if "error" in box:
+        raise box["error"]
+    gw = box["gateway"]
+    return RunningGateway(
+        address=f"127.0.0.1:{gw.port}",
+        metrics_url=f"http://127.0.0.1:{gw.metrics_port}/metrics",
+        settings=settings,
+        gateway=gw,
+        loop=loop,
+    )
+
+
+def stop_gateway(running: RunningGateway) -> None:
+    asyncio.run_coroutine_threadsafe(running.gateway.stop(grace=1), running.loop).result(30)
+    running.loop.call_soon_threadsafe(running.loop.stop)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory, model_cache):
+    data = tmp_path_factory.mktemp("gateway-data")
+    settings = Settings(
+        host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=free_port(),
+        api_keys=dict(TOKENS),
+        data_dir=data,
+        default_steps=3,  # keep the suite fast; tests that care pass steps explicitly
+    )
+    running = start_gateway_in_thread(settings)
+    yield running
+    stop_gateway(running)
