@@ -58,9 +58,27 @@ def cmd_serve(args) -> int:
         print(f"  export STEERSERVE_ADDRESS={address} STEERSERVE_TOKEN={shown}")
         print('  .venv/bin/steerserve generate "a red dotted star on a blue striped background" -o star.png')
         print("Press Ctrl-C to stop.", flush=True)
+        if args.demo and token:
+            threading.Thread(target=_demo_call, args=(address, token, settings.data_dir), daemon=True).start()
 
     asyncio.run(serve(settings, on_ready=on_ready))
     return 0
+
+
+def _demo_call(address: str, token: str, data_dir) -> None:
+    """Shows the service working: one Generate through the public gRPC API, like any client."""
+    prompt = "a red dotted star on a blue striped background"
+    stub = pb_grpc.SteerServeStub(grpc.insecure_channel(address))
+    try:
+        resp = stub.Generate(pb.GenerateRequest(prompt=prompt, seed=0), metadata=[("authorization", f"Bearer {token}")],
+                             timeout=300)
+    except grpc.RpcError as err:
+        print(f"demo call failed: {err.code().name}: {err.details()}", flush=True)
+        return
+    out = Path(data_dir) / "demo.png"
+    out.write_bytes(resp.images[0].data)
+    print(f"Demo: Generate({prompt!r}) over gRPC -> {out} ({resp.images[0].width}x{resp.images[0].height}, "
+          f"{resp.timings.total_seconds:.2f} s)", flush=True)
 
 
 # -- client plumbing -----------------------------------------------------------------------------
@@ -247,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="database, adapters and model cache (env STEERSERVE_DATA_DIR, default ./var)")
     s.add_argument("--model-dir", help="diffusers SD 1.x/2.x folder (env STEERSERVE_MODEL_DIR; default: embedded model)")
     s.add_argument("--dev", action="store_true", help="create and print a development token if no keys are set")
+    s.add_argument("--demo", action="store_true", help="with --dev: make one Generate call once ready, save var/demo.png")
     s.set_defaults(func=cmd_serve)
 
     def client(name, help_text):

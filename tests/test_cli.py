@@ -1,0 +1,74 @@
+"""`steerserve serve --dev --demo` starts, prints address + token, and the client commands work."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.adapter_files import tiny_lora_file
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_serve_and_client_commands(tmp_path):
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEERSERVE_")}
+    env.update(STEERSERVE_DEFAULT_STEPS="2", PYTHONUNBUFFERED="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--dev", "--demo", "--grpc-port", str(port),
+         "--metrics-port", str(metrics_port), "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+    )
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = server.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Demo:"):
+                break
+        output = "".join(lines)
+        assert f"listening on 127.0.0.1:{port}" in output, output
+        token = re.search(r"Development token \(tenant 'dev'\): (\S+)", output).group(1)
+        assert f"STEERSERVE_ADDRESS=127.0.0.1:{port} STEERSERVE_TOKEN={token}" in output
+        assert (tmp_path / "data/demo.png").read_bytes()[:4] == b"\x89PNG"
+
+        cenv = dict(env, STEERSERVE_ADDRESS=f"127.0.0.1:{port}", STEERSERVE_TOKEN=token)
+
+        def cli(*args):
+            return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True,
+                                  env=cenv, cwd=tmp_path, timeout=120)
+
+        out = cli("generate", "a red circle", "-o", "x.png", "--seed", "4", "-n", "2")
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "x-0.png").exists() and (tmp_path / "x-1.png").exists()
+        assert "seeds [4, 5]" in out.stdout
+
+        (tmp_path / "lora.safetensors").write_bytes(tiny_lora_file())
+        out = cli("adapters", "import", "lora.safetensors", "--name", "mine")
+        assert out.returncode == 0, out.stderr
+        adapter_id = out.stdout.split()[0]
+        out = cli("adapters", "list")
+        assert adapter_id in out.stdout
+        out = cli("adapters", "export", adapter_id, "-o", "back.safetensors")
+        assert out.returncode == 0 and (tmp_path / "back.safetensors").read_bytes() == tiny_lora_file()
+
+        out = cli("generate", "x", "--width", "63")
+        assert out.returncode == 1 and "INVALID_ARGUMENT: width" in out.stderr
+        out = cli("generate", "x", "--token", "wrong")
+        assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert server.returncode == 0
