@@ -36,7 +36,8 @@ def cmd_serve(args) -> int:
     from service.gateway.server import ensure_dev_token, serve
 
     overrides = {k: v for k, v in dict(host=args.host, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                                       data_dir=args.data_dir, model_dir=args.model_dir).items() if v is not None}
+                                       data_dir=args.data_dir, model_dir=args.model_dir,
+                                       backend=args.backend).items() if v is not None}
     if args.dev:
         overrides["dev_token"] = True
     settings = Settings(**overrides)
@@ -52,6 +53,9 @@ def cmd_serve(args) -> int:
         print(f"SteerServe {pb.DESCRIPTOR.package} listening on {address} (model: {gateway.servicer.backend.model_name})")
         if gateway.metrics_port:
             print(f"Prometheus metrics: http://{settings.host}:{gateway.metrics_port}/metrics")
+        triton = getattr(gateway.servicer.backend, "server", None)
+        if triton is not None:
+            print(f"Triton {triton.grpc_url} (gRPC), metrics {triton.metrics_url}, log {triton.log_path}")
         if token:
             print(f"Development token (tenant 'dev'): {token}")
         print("Try it from another shell:")
@@ -258,12 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="steerserve", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the gRPC gateway (in-process engine) and metrics endpoint")
+    s = sub.add_parser("serve", help="run the gRPC gateway (in-process engine or Triton) and metrics endpoint")
     s.add_argument("--host", help="bind address (env STEERSERVE_HOST, default 127.0.0.1)")
     s.add_argument("--grpc-port", type=int, help="gRPC port (env STEERSERVE_GRPC_PORT, default 50051)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (env STEERSERVE_METRICS_PORT, default 9464)")
     s.add_argument("--data-dir", help="database, adapters and model cache (env STEERSERVE_DATA_DIR, default ./var)")
     s.add_argument("--model-dir", help="diffusers SD 1.x/2.x folder (env STEERSERVE_MODEL_DIR; default: embedded model)")
+    s.add_argument("--backend", choices=["inprocess", "triton"],
+                   help="inprocess (default) or triton: start the embedded Triton server on loopback ports "
+                        "(or use STEERSERVE_TRITON_URL) (env STEERSERVE_BACKEND)")
     s.add_argument("--dev", action="store_true", help="create and print a development token if no keys are set")
     s.add_argument("--demo", action="store_true", help="with --dev: make one Generate call once ready, save var/demo.png")
     s.set_defaults(func=cmd_serve)

@@ -74,6 +74,9 @@ class GenerationResult:
 class AdapterHook(Protocol):
     """How adapters reach the UNet (and text encoder). The default applies none."""
 
+    def hold(self, rows: Sequence[Sequence[AdapterUse]]) -> ContextManager[object]:
+        """Keeps the rows' adapters resident for a whole request (pinned in their slots)."""
+
     def activate(self, rows: Sequence[Sequence[AdapterUse]]) -> ContextManager[None]:
         """Within the context, UNet batch row i applies the adapters in rows[i]."""
 
@@ -84,10 +87,12 @@ class AdapterHook(Protocol):
 
 
 class NoAdapters:
-    def activate(self, rows):
+    def hold(self, rows):
         if any(rows):
             raise LookupError("this engine has no adapter bank; adapters cannot be applied")
         return contextlib.nullcontext()
+
+    activate = hold
 
     def encode_prompts(self, engine, prompts, rows):
         return None
@@ -166,23 +171,25 @@ class Engine:
         seeds = [spec.seed + i for i in range(n)]
         rows = [tuple(spec.adapters)] * n
 
-        # 1. Text: [uncond x n, cond x n], each request row keeps its own adapters (CFG pair shares).
-        t0 = time.perf_counter()
-        prompt_embeds = self.encode_prompts([spec.negative_prompt] * n + [spec.prompt] * n, rows + rows)
-        t_text = time.perf_counter() - t0
+        # Pin the request's adapters for all of its steps (a per-step miss would reload them).
+        with self.adapters.hold(rows):
+            # 1. Text: [uncond x n, cond x n]; each row keeps its request's adapters (CFG pair shares).
+            t0 = time.perf_counter()
+            prompt_embeds = self.encode_prompts([spec.negative_prompt] * n + [spec.prompt] * n, rows + rows)
+            t_text = time.perf_counter() - t0
 
-        # 2. Denoise from per-image seeded noise (image i == a one-image request with seed + i).
-        t0 = time.perf_counter()
-        latents = self.initial_latents(seeds, spec.height, spec.width)
-        scheduler = self.new_scheduler(spec.steps)
-        for i, t in enumerate(scheduler.timesteps):
-            if should_stop is not None and should_stop():
-                raise GenerationCancelled(f"stopped before step {i + 1} of {spec.steps}")
-            noise = self.predict_noise_cfg(latents, t, prompt_embeds, spec.guidance_scale, rows)
-            latents = scheduler.step(noise, t, latents).prev_sample
-            if on_step is not None:
-                on_step(i + 1, spec.steps)
-        t_denoise = time.perf_counter() - t0
+            # 2. Denoise from per-image seeded noise (image i == a one-image request with seed + i).
+            t0 = time.perf_counter()
+            latents = self.initial_latents(seeds, spec.height, spec.width)
+            scheduler = self.new_scheduler(spec.steps)
+            for i, t in enumerate(scheduler.timesteps):
+                if should_stop is not None and should_stop():
+                    raise GenerationCancelled(f"stopped before step {i + 1} of {spec.steps}")
+                noise = self.predict_noise_cfg(latents, t, prompt_embeds, spec.guidance_scale, rows)
+                latents = scheduler.step(noise, t, latents).prev_sample
+                if on_step is not None:
+                    on_step(i + 1, spec.steps)
+            t_denoise = time.perf_counter() - t0
 
         # 3. Decode.
         t0 = time.perf_counter()

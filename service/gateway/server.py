@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import signal
 from dataclasses import dataclass
@@ -41,6 +42,48 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
     return InProcessBackend(engine, workers=settings.engine_workers, metrics=metrics)
 
 
+MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repo"
+TRITON_MODELS = ("text_encoder", "unet", "vae_decode", "generate")
+# An external Triton (e.g. deploy/ on GPUs) serving model_repo/; unset = start the embedded one.
+TRITON_URL_ENV = "STEERSERVE_TRITON_URL"
+
+
+def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, str]:
+    """How the models in model_repo/ are configured: environment of the server and its stubs."""
+    return {
+        "STEERSERVE_MODEL_DIR": str(model_dir.resolve()),
+        "STEERSERVE_ADAPTER_DIR": str((Path(settings.data_dir) / "adapters").resolve()),
+    }
+
+
+async def build_triton_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
+    """Connects to STEERSERVE_TRITON_URL, or starts the embedded Triton and waits until its models
+    are ready (the backend stops it on close)."""
+    from service.backends.triton import TritonBackend
+    from service.triton.launcher import TritonServer
+
+    model_dir = resolve_model_dir(settings)
+    url = os.environ.get(TRITON_URL_ENV)
+    server = None
+    if not url:
+        server = TritonServer(
+            MODEL_REPOSITORY, models=TRITON_MODELS, env=triton_model_environment(settings, model_dir),
+            work_dir=Path(settings.data_dir) / "triton",
+        )
+        await asyncio.to_thread(server.start)
+        log.info("Triton ready at %s (metrics %s)", server.grpc_url, server.metrics_url)
+        url = server.grpc_url
+    return TritonBackend(url, model_dir, metrics=metrics, server=server)
+
+
+async def build_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
+    if settings.backend == "triton":
+        return await build_triton_backend(settings, metrics)
+    if settings.backend == "inprocess":
+        return build_inprocess_backend(settings, metrics)
+    raise ValueError(f"unknown backend {settings.backend!r}; use 'inprocess' or 'triton'")
+
+
 def ensure_dev_token(settings: Settings) -> str | None:
     """Development mode: with no keys configured, mint a token for tenant 'dev' (printed at start)."""
     if settings.api_keys or not settings.dev_token:
@@ -76,7 +119,7 @@ async def start_gateway(
     settings: Settings, backend: Backend | None = None, metrics: GatewayMetrics | None = None
 ) -> Gateway:
     metrics = metrics or GatewayMetrics()
-    backend = backend or build_inprocess_backend(settings, metrics)
+    backend = backend or await build_backend(settings, metrics)
     db = open_database(Path(settings.data_dir) / "steerserve.sqlite3")
     adapters = AdapterStore(db, Path(settings.data_dir) / "adapters")
     jobs = JobStore(db)

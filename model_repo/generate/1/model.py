@@ -1,0 +1,130 @@
+"""Triton python-backend model `generate`: the sampling loop over BLS calls, many requests in flight.
+
+Decoupled with `async def execute`: the stub runs each call as a coroutine on its event loop and
+returns at once, so one instance holds many requests, each awaiting its own unet step. The loop
+itself is service.triton.library.run_generation.
+"""
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from service.engine.pipeline import GenerationSpec
+from service.triton.library import (
+    ModelFacts,
+    RemoteError,
+    configure_torch,
+    decode_adapters,
+    encode_adapters,
+    model_dir_from_env,
+    run_generation,
+    status_message,
+)
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+async def _call(model, inputs, outputs):
+    response = await pb_utils.InferenceRequest(
+        model_name=model, inputs=inputs, requested_output_names=outputs
+    ).async_exec()
+    if response.has_error():
+        raise RemoteError(response.error().message())
+    return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
+
+
+def _strings(values):
+    return np.array([v if isinstance(v, bytes) else v.encode() for v in values], dtype=np.object_)
+
+
+async def encode(prompts, rows):
+    (embeds,) = await _call(
+        "text_encoder",
+        [pb_utils.Tensor("PROMPTS", _strings(prompts)),
+         pb_utils.Tensor("ADAPTERS", _strings([encode_adapters(r) for r in rows]))],
+        ["EMBEDS"],
+    )
+    return embeds
+
+
+async def unet_step(latents, timesteps, embeds, rows):
+    noise, batch, compute_us = await _call(
+        "unet",
+        [pb_utils.Tensor("LATENTS", latents.astype(np.float32)),
+         pb_utils.Tensor("TIMESTEP", timesteps.reshape(-1, 1)),
+         pb_utils.Tensor("EMBEDS", embeds.astype(np.float32)),
+         pb_utils.Tensor("ADAPTERS", _strings([encode_adapters(r) for r in rows]).reshape(-1, 1))],
+        ["NOISE", "BATCH_SIZE", "COMPUTE_US"],
+    )
+    return noise, int(batch[0, 0]), float(compute_us[0, 0]) / 1e6
+
+
+async def decode(latents):
+    (images,) = await _call("vae_decode", [pb_utils.Tensor("LATENTS", latents.astype(np.float32))], ["IMAGES"])
+    return images
+
+
+def _spec(request) -> tuple[GenerationSpec, float, bool]:
+    def get(name):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+
+    spec = GenerationSpec(
+        prompt=get("PROMPT").decode(),
+        negative_prompt=get("NEGATIVE_PROMPT").decode(),
+        steps=int(get("STEPS")),
+        guidance_scale=float(get("GUIDANCE_SCALE")),
+        width=int(get("WIDTH")),
+        height=int(get("HEIGHT")),
+        seed=int(get("SEED")),
+        num_images=int(get("NUM_IMAGES")),
+        adapters=decode_adapters(get("ADAPTERS")),
+    )
+    if spec.steps < 1 or spec.num_images < 1 or spec.width < 1 or spec.height < 1:
+        raise ValueError("STEPS, NUM_IMAGES, WIDTH and HEIGHT must be positive")
+    timeout, progress = get("TIMEOUT_S"), get("PROGRESS")
+    return spec, float(timeout) if timeout else 0.0, bool(progress)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        configure_torch()
+        self.facts = ModelFacts.from_dir(model_dir_from_env())
+
+    async def execute(self, requests):
+        await asyncio.gather(*(self._generate(r) for r in requests))
+
+    async def _generate(self, request):
+        sender = request.get_response_sender()
+        try:
+            spec, timeout, progress = _spec(request)
+            deadline = time.monotonic() + timeout if timeout else None
+
+            def should_stop():
+                return request.is_cancelled() or (deadline is not None and time.monotonic() >= deadline)
+
+            steps = []
+
+            async def on_step(info):
+                steps.append(info)
+                if not progress:
+                    return
+                sender.send(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("STEP", np.array([info.step], dtype=np.int32)),
+                    pb_utils.Tensor("BATCH_SIZE", np.array([info.batch_size], dtype=np.int32)),
+                    pb_utils.Tensor("QUEUE_US", np.array([int(info.queue_seconds * 1e6)], dtype=np.int64)),
+                ]))
+
+            out = await run_generation(self.facts, spec, encode, unet_step, decode, should_stop, on_step)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("IMAGES", out.images),
+                pb_utils.Tensor("SEEDS", np.array(out.seeds, dtype=np.int64)),
+                pb_utils.Tensor("TIMINGS", _strings([json.dumps(out.timings)])),
+                pb_utils.Tensor("STEP_BATCH_SIZES", np.array([s.batch_size for s in steps], dtype=np.int32)),
+                pb_utils.Tensor("STEP_QUEUE_US", np.array([int(s.queue_seconds * 1e6) for s in steps], dtype=np.int64)),
+            ]), flags=FINAL)
+        except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with its status
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(status_message(exc))), flags=FINAL)

@@ -1,0 +1,190 @@
+"""The Triton backend: Generate runs as the `generate` model of a Triton server (model_repo/).
+
+One bidirectional gRPC stream per request (the model is decoupled): the final response holds the
+images and, per denoising step, the UNet batch that step ran in and its queue time; when the caller
+wants progress, Triton also streams a response per step. Errors map to
+gRPC statuses: Triton unreachable or a model not loaded -> BackendUnavailable (UNAVAILABLE), the
+caller's deadline -> GenerationCancelled (DEADLINE_EXCEEDED), a bad request -> INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import numpy as np
+from PIL import Image
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from transformers import CLIPTokenizer
+
+from service.engine.pipeline import GenerationCancelled, GenerationResult, GenerationSpec
+from service.gateway.errors import ServiceError
+from service.triton.client import InferenceServerException, aioclient, grpcclient
+from service.triton.library import ModelFacts, encode_adapters, parse_status
+
+from .base import BackendBusy, BackendUnavailable
+
+GENERATE_MODEL = "generate"
+MAX_MESSAGE_BYTES = 2**31 - 1  # tritonclient's own default: images of any allowed size
+# Phrases Triton uses when the model (or one it calls through BLS) is not loaded.
+_NOT_LOADED = ("is not ready", "unknown model", "is not found", "unavailable model")
+
+
+class TritonMetrics:
+    """Per-step series the gateway sees from Triton's responses (beside Triton's own nv_* metrics)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.step_batch_size = Histogram(
+            "steerserve_triton_step_batch_size",
+            "Samples in the UNet call a denoising step of a request ran in (step-level batching).",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=registry,
+        )
+        self.step_queue = Histogram(
+            "steerserve_triton_step_queue_seconds",
+            "Time a denoising step waited in Triton (round trip to the unet model minus its compute).",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=registry,
+        )
+        self.errors = Counter(
+            "steerserve_triton_errors", "Generate calls to Triton that failed, by mapped gRPC code.", ["code"],
+            registry=registry,
+        )
+
+
+def _tensor(name: str, values, datatype: str) -> grpcclient.InferInput:
+    array = np.asarray(values, dtype=object if datatype == "BYTES" else None)
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, url: str, model_dir: str | Path, metrics=None, server=None):
+        """`url`: Triton's gRPC address; `model_dir`: the diffusers folder the models serve (the
+        gateway reads its tokenizer and configs for validation); `server`: a TritonServer this
+        backend owns and stops on close (the embedded default), or None for an external one."""
+        self.url = url
+        self.server = server
+        facts = ModelFacts.from_dir(model_dir)
+        self.model_name = facts.name
+        self.limits = facts.limits
+        self.tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
+        self.triton_metrics = TritonMetrics(metrics.registry) if metrics is not None else None
+        self._client: aioclient.InferenceServerClient | None = None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def client(self) -> aioclient.InferenceServerClient:
+        # Created on first use so its channel belongs to the gateway's event loop.
+        if self._client is None:
+            self._client = aioclient.InferenceServerClient(self.url, channel_args=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # Channels to one address share grpc's global subchannel, and with it the reconnect
+                # backoff of a Triton that was down; a private one lets a fresh client connect at once.
+                ("grpc.use_local_subchannel_pool", 1),
+            ])
+        return self._client
+
+    async def generate(
+        self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
+    ) -> GenerationResult:
+        inputs = [
+            _tensor("PROMPT", [spec.prompt.encode()], "BYTES"),
+            _tensor("NEGATIVE_PROMPT", [spec.negative_prompt.encode()], "BYTES"),
+            _tensor("STEPS", np.array([spec.steps], np.int32), "INT32"),
+            _tensor("GUIDANCE_SCALE", np.array([spec.guidance_scale], np.float32), "FP32"),
+            _tensor("WIDTH", np.array([spec.width], np.int32), "INT32"),
+            _tensor("HEIGHT", np.array([spec.height], np.int32), "INT32"),
+            _tensor("SEED", np.array([spec.seed], np.int64), "INT64"),
+            _tensor("NUM_IMAGES", np.array([spec.num_images], np.int32), "INT32"),
+            _tensor("ADAPTERS", [encode_adapters(spec.adapters)], "BYTES"),
+            _tensor("PROGRESS", np.array([on_step is not None]), "BOOL"),
+        ]
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GenerationCancelled("deadline passed before the request reached Triton")
+            inputs.append(_tensor("TIMEOUT_S", np.array([left], np.float32), "FP32"))
+
+        async def requests():
+            yield {"model_name": GENERATE_MODEL, "inputs": inputs}
+
+        try:
+            stream = self.client().stream_infer(requests())
+        except InferenceServerException as exc:
+            raise self._unavailable(str(exc)) from exc
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return await asyncio.wait_for(self._collect(stream, spec, on_step), timeout)
+        except asyncio.TimeoutError:
+            stream.cancel()  # Triton sees the cancellation and stops the loop at its next step
+            self._count("DEADLINE_EXCEEDED")
+            raise GenerationCancelled(f"no result from Triton within the deadline ({spec.steps} steps)") from None
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            raise self._unavailable(f"{exc.code().name}: {exc.details()}") from exc
+
+    async def _collect(self, stream, spec: GenerationSpec, on_step) -> GenerationResult:
+        async for result, error in stream:
+            if error is not None:
+                raise self._mapped(str(error))
+            images = result.as_numpy("IMAGES")
+            if images is None:  # a progress response: one denoising step done
+                if on_step is not None:
+                    on_step(int(result.as_numpy("STEP")[0]), spec.steps)
+                continue
+            if self.triton_metrics is not None:
+                for size, queue_us in zip(result.as_numpy("STEP_BATCH_SIZES"), result.as_numpy("STEP_QUEUE_US")):
+                    self.triton_metrics.step_batch_size.observe(int(size))
+                    self.triton_metrics.step_queue.observe(int(queue_us) / 1e6)
+            timings = json.loads(result.as_numpy("TIMINGS")[0])
+            return GenerationResult(
+                images=[Image.fromarray(a) for a in images],
+                seeds=[int(s) for s in result.as_numpy("SEEDS")],
+                timings=timings,
+            )
+        raise self._unavailable("Triton closed the stream before the result")
+
+    def _count(self, code: str) -> None:
+        if self.triton_metrics is not None:
+            self.triton_metrics.errors.labels(code).inc()
+
+    def _unavailable(self, detail: str) -> BackendUnavailable:
+        self._count("UNAVAILABLE")
+        # A channel that failed to connect backs off for up to minutes before trying again; a fresh
+        # one connects as soon as Triton is back.
+        if self._client is not None:
+            asyncio.get_running_loop().create_task(self._client.close())
+            self._client = None
+        return BackendUnavailable(f"the Triton model server at {self.url} is unavailable ({detail}); retry later")
+
+    def _mapped(self, message: str) -> Exception:
+        if any(phrase in message.lower() for phrase in _NOT_LOADED):
+            return self._unavailable(message)
+        code, detail = parse_status(message)
+        self._count(code)
+        if code == "INVALID_ARGUMENT":
+            return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, detail)
+        if code == "NOT_FOUND":
+            return ServiceError(grpc.StatusCode.NOT_FOUND, detail)
+        if code == "RESOURCE_EXHAUSTED":
+            return BackendBusy(detail)
+        if code == "CANCELLED":
+            return GenerationCancelled(detail)
+        return RuntimeError(f"Triton: {message}")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self.server is not None:
+            await asyncio.to_thread(self.server.close)

@@ -1,0 +1,308 @@
+"""Runs the Triton Inference Server binary that the nvidia-pytriton wheel carries, on loopback ports.
+
+The wheel holds `tritonserver` (Triton 2.51), the python backend library and one
+`triton_python_backend_stub` per Python version, but no ready backend directory. `TritonServer`
+assembles one in a private work folder (links to the backend library, a copy of the stub for this
+interpreter), starts the server with explicit model control, waits until the requested models are
+ready, and stops it (SIGTERM, then SIGKILL) waiting for the PID so its ports are free again.
+
+    with TritonServer(model_repository="model_repo", env={...}) as triton:
+        triton.grpc_url   # "127.0.0.1:PORT"
+
+Nothing here imports pytriton itself: its client modules need a newer grpcio than the service pins.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+log = logging.getLogger("steerserve.triton")
+
+
+class TritonStartError(RuntimeError):
+    """The server exited or did not become ready in time; the message carries its log tail."""
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Where the pieces of the server live inside the installed nvidia-pytriton package."""
+
+    root: Path  # .../site-packages/pytriton/tritonserver
+
+    @classmethod
+    def find(cls) -> "TritonDistribution":
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise TritonStartError("nvidia-pytriton is not installed; it carries the Triton server binary")
+        root = Path(spec.submodule_search_locations[0]) / "tritonserver"
+        dist = cls(root)
+        for path in (dist.binary, dist.python_backend_library, dist.stub):
+            if not path.exists():
+                raise TritonStartError(f"the installed nvidia-pytriton lacks {path}")
+        return dist
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def python_backend_library(self) -> Path:
+        return self.root / "backends" / "python" / "libtriton_python.so"
+
+    @property
+    def stub(self) -> Path:
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+
+    @property
+    def bundled_libraries(self) -> Path:
+        # auditwheel's folder of the server's shared libraries, beside the package.
+        return self.root.parent.parent / "nvidia_pytriton.libs"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def prepare_backend_directory(dist: TritonDistribution, target: Path) -> Path:
+    """`target/python/` with the python backend; returns `target` (for --backend-directory)."""
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for source in (dist.python_backend_library, dist.python_backend_library.with_name("triton_python_backend_utils.py")):
+        link = python_dir / source.name
+        if not link.exists():
+            link.symlink_to(source)
+    # The backend starts `<dir>/triton_python_backend_stub` for each model instance; a copy (not a
+    # link) so the stub's own $ORIGIN-relative lookups are not redirected into the package.
+    stub = python_dir / "triton_python_backend_stub"
+    if not stub.exists():
+        shutil.copy2(dist.stub, stub)
+    return target
+
+
+def server_environment(dist: TritonDistribution, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # The stub embeds Python: it must load this interpreter's libpython (pyenv's), not the system's,
+    # and it finds this venv's packages through the `python3` first on PATH.
+    libs = [sysconfig.get_config_var("LIBDIR"), str(dist.bundled_libraries)]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # model.py files import the service package; make the repository importable from the stub.
+    repo_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+class TritonServer:
+    """One tritonserver process with explicit model control; a context manager.
+
+    Args:
+        model_repository: the folder of models (config.pbtxt + 1/model.py each).
+        models: models loaded at start; the server is ready once all of them are.
+        env: extra environment for the server and its python-backend stubs (how models are
+            configured: STEERSERVE_MODEL_DIR, STEERSERVE_ADAPTER_DIR, ...).
+        work_dir: where the backend directory and the log go (a temporary folder by default).
+    """
+
+    def __init__(
+        self,
+        model_repository: str | Path,
+        models: Sequence[str] = ("*",),
+        env: Mapping[str, str] | None = None,
+        work_dir: str | Path | None = None,
+        host: str = "127.0.0.1",
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        start_timeout_s: float = 120.0,
+        log_verbose: int = 0,
+        extra_args: Sequence[str] = (),
+    ):
+        self.model_repository = Path(model_repository).resolve()
+        self.models = list(models)
+        self.extra_env = dict(env or {})
+        self.host = host
+        self._own_work_dir = work_dir is None
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="steerserve-triton-"))
+        self.grpc_port = grpc_port or free_port(host)
+        self.http_port = http_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.start_timeout_s = start_timeout_s
+        self.log_verbose = log_verbose
+        self.extra_args = list(extra_args)  # e.g. --model-config-name=gpu (deploy/)
+        self.log_path = self.work_dir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, dist: TritonDistribution) -> list[str]:
+        backends = prepare_backend_directory(dist, self.work_dir / "backends")
+        cmd = [
+            str(dist.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            f"--cache-directory={dist.root / 'caches'}",
+            "--model-control-mode=explicit",
+            *[f"--load-model={m}" for m in self.models],
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            # Ready only when every loaded model is; stop waits this long for in-flight requests.
+            "--strict-readiness=true",
+            "--exit-timeout-secs=5",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+        return cmd
+
+    def start(self) -> "TritonServer":
+        dist = TritonDistribution.find()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.command(dist),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=server_environment(dist, self.extra_env),
+            start_new_session=True,  # its own process group: stubs go down with it, Ctrl-C goes to us
+        )
+        log_file.close()
+        log.info("started tritonserver pid %d (grpc %s, metrics %s)", self.process.pid, self.grpc_url, self.metrics_url)
+        try:
+            self.wait_ready(self.start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise TritonStartError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.1)
+        raise TritonStartError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the server and its stubs) and wait: a crash, for tests."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM (Triton unloads models and exits), SIGKILL past the timeout; waits for the PID."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not exit in %.0f s; killing it", timeout_s)
+            self.kill()
+        if proc is not None:
+            # Stubs left behind by a killed server would hold memory: take down the group.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def restart(self) -> "TritonServer":
+        """Starts again on the same ports (after stop() or kill())."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m service.triton.launcher`: serve a model repository in the foreground (deploy/).
+
+    Unknown arguments go to tritonserver as they are (e.g. --model-config-name=gpu).
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(description="run the Triton server nvidia-pytriton carries on a model repository")
+    ap.add_argument("--model-repository", default=str(Path(__file__).resolve().parents[2] / "model_repo"))
+    ap.add_argument("--models", nargs="+", default=["*"])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--work-dir")
+    args, extra = ap.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = TritonServer(
+        args.model_repository, models=args.models, host=args.host, grpc_port=args.grpc_port,
+        http_port=args.http_port, metrics_port=args.metrics_port, work_dir=args.work_dir,
+        start_timeout_s=600, extra_args=extra,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with server:
+        log.info("Triton ready: grpc %s, metrics %s, log %s", server.grpc_url, server.metrics_url, server.log_path)
+        while not stop.wait(1.0):
+            if server.process.poll() is not None:
+                log.error("tritonserver exited with code %s:\n%s", server.process.returncode, server.log_tail())
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

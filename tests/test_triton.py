@@ -1,0 +1,207 @@
+"""Gateway -> real Triton server serving model_repo/.
+
+One Triton for the module, started here with the gateway's own model environment; the gateway
+(backend "triton") reaches it through STEERSERVE_TRITON_URL. Starting it here rather than inside
+the gateway gives it a longer start-up allowance: each of its four python-backend stubs imports
+torch/diffusers, which on a shared 2-core machine took 30 s to over 2 minutes. The test that kills
+Triton runs last and restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save
+
+from service._generated.steerserve.v1 import steerserve_pb2 as pb
+from service.adapters import BankedAdapters
+from service.config import Settings
+from service.engine.default_model import default_model_dir
+from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
+from service.gateway.server import MODEL_REPOSITORY, TRITON_MODELS, TRITON_URL_ENV, triton_model_environment
+from service.triton.client import grpcclient
+from service.triton.launcher import TritonServer
+from service.triton.library import blob_loader
+from tests.conftest import TOKENS, auth, free_port, start_gateway_in_thread, stop_gateway
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_cache):
+    return default_model_dir(model_cache)
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory, model_dir):
+    return Settings(
+        host="127.0.0.1", grpc_port=0, metrics_port=free_port(), api_keys=dict(TOKENS), backend="triton",
+        data_dir=tmp_path_factory.mktemp("triton-data"), model_dir=model_dir, default_steps=3,
+    )
+
+
+@pytest.fixture(scope="module")
+def triton(settings, model_dir):
+    env = triton_model_environment(settings, model_dir)
+    with TritonServer(MODEL_REPOSITORY, models=TRITON_MODELS, env=env, start_timeout_s=400) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(settings, triton):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TRITON_URL_ENV, triton.grpc_url)
+        running = start_gateway_in_thread(settings)
+    yield running
+    stop_gateway(running)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """The in-process engine, for the images Triton must reproduce, with one torch thread like each
+    Triton instance (thread count changes the float summation order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Engine.from_pretrained(model_dir)
+    torch.set_num_threads(threads)
+
+
+def lora_file(engine: Engine, seed: int, rank: int = 2) -> bytes:
+    """A diffusers-format LoRA on the first cross-attention key projection of whatever UNet is served."""
+    name, linear = next((n, m) for n, m in engine.unet.named_modules() if n.endswith("attn2.to_k"))
+    g = torch.Generator().manual_seed(seed)
+    return save({
+        f"unet.{name}.lora_A.weight": torch.randn(rank, linear.in_features, generator=g),
+        f"unet.{name}.lora_B.weight": torch.randn(linear.out_features, rank, generator=g),
+    }, metadata={"format": "pt"})
+
+
+def pixels(image: pb.Image) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB"))
+
+
+def nv_metric(triton, name: str, model: str) -> float:
+    text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
+    pattern = re.compile(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', re.M)
+    return sum(float(v) for v in pattern.findall(text))
+
+
+def test_generate_through_triton_equals_inprocess(stack, reference):
+    stub = stack.stub()
+    resp = stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=4, seed=5, num_images=2), metadata=auth())
+    assert list(resp.seeds) == [5, 6]
+    expected = reference.generate(GenerationSpec(prompt="a red circle", steps=4, seed=5, num_images=2))
+    for got, want in zip(resp.images, expected.images):
+        # Bit-exact on the seeded tiny model; allow one level of PNG rounding for larger models.
+        assert np.abs(pixels(got).astype(int) - np.asarray(want).astype(int)).max() <= 1
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=auth())
+    assert info.backend == "triton" and info.base_model == reference.name
+
+
+def test_bad_request_and_deadline_statuses(stack):
+    stub = stack.stub()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(prompt="x", steps=150, seed=1), metadata=auth(), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(prompt="x", width=63), metadata=auth())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, model_dir, reference):
+    stub = stack.stub()
+    ids = [
+        stub.ImportAdapter(pb.ImportAdapterRequest(name=f"lora-{k}", safetensors=lora_file(reference, seed=k)),
+                           metadata=auth()).adapter_id
+        for k in range(3)
+    ]
+    # In-process references, one request at a time, with the same adapter bank code.
+    reference = Engine.from_pretrained(model_dir)
+    BankedAdapters.attach(reference, blob_loader(stack.settings.data_dir / "adapters"), num_slots=4, max_rank=4)
+    specs = [GenerationSpec(prompt="a dog", steps=6, seed=k, adapters=(AdapterUse(ids[k]),)) for k in range(3)]
+    specs.append(GenerationSpec(prompt="a dog", steps=6, seed=9))  # and one without adapters
+    expected = [np.asarray(reference.generate(s).images[0]) for s in specs]
+
+    count0, exec0 = nv_metric(triton, "nv_inference_count", "unet"), nv_metric(triton, "nv_inference_exec_count", "unet")
+
+    def call(spec):
+        req = pb.GenerateRequest(prompt=spec.prompt, steps=spec.steps, seed=spec.seed,
+                                 adapters=[pb.AdapterRef(adapter_id=a.key, weight=a.weight) for a in spec.adapters])
+        return pixels(stack.stub().Generate(req, metadata=auth(), timeout=120).images[0])
+
+    with ThreadPoolExecutor(len(specs)) as pool:
+        got = list(pool.map(call, specs))
+
+    inferences = nv_metric(triton, "nv_inference_count", "unet") - count0
+    executions = nv_metric(triton, "nv_inference_exec_count", "unet") - exec0
+    assert inferences == 4 * 6  # one unet inference per sample per step
+    assert executions < inferences  # ... in fewer UNet calls: steps of different requests shared calls
+    for k, (g, e) in enumerate(zip(got, expected)):
+        # Batched and single matmuls round differently; a wrong adapter would change far more.
+        assert np.abs(g.astype(int) - e.astype(int)).max() <= 2, f"request {k}"
+    assert not np.array_equal(expected[0], expected[1]) and not np.array_equal(expected[0], expected[3])
+
+    text = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
+    batch_sum = float(re.search(r"^steerserve_triton_step_batch_size_sum (\S+)$", text, re.M).group(1))
+    batch_count = float(re.search(r"^steerserve_triton_step_batch_size_count (\S+)$", text, re.M).group(1))
+    assert batch_sum > batch_count  # some steps ran in a batch of more than one sample
+    assert "steerserve_triton_step_queue_seconds_bucket" in text
+
+
+def test_progress_streams_every_step(stack):
+    backend = stack.gateway.servicer.backend
+    seen = []
+    call = backend.generate(GenerationSpec(prompt="a ring", steps=3, seed=1), None, lambda s, t: seen.append((s, t)))
+    result = asyncio.run_coroutine_threadsafe(call, stack.loop).result(60)
+    assert seen == [(1, 3), (2, 3), (3, 3)] and len(result.images) == 1
+
+
+def test_unload_and_load_a_model(stack, triton):
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    stub = stack.stub()
+    client.unload_model("vae_decode")
+    deadline = time.monotonic() + 30
+    while client.is_model_ready("vae_decode") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(prompt="a star", steps=1, seed=1), metadata=auth())
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "vae_decode" in err.value.details()
+    client.load_model("vae_decode")
+    assert client.is_model_ready("vae_decode")
+    assert len(stub.Generate(pb.GenerateRequest(prompt="a star", steps=1, seed=1), metadata=auth()).images) == 1
+
+
+def test_triton_killed_in_flight_is_unavailable_then_recovers(stack, triton):
+    stub = stack.stub()
+    box = {}
+
+    def long_call():
+        try:
+            stub.Generate(pb.GenerateRequest(prompt="a tree", steps=150, seed=1), metadata=auth(), timeout=120)
+        except grpc.RpcError as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=long_call)
+    thread.start()
+    time.sleep(1.5)  # well into the 150 steps
+    triton.kill()
+    thread.join(30)
+    assert box["error"].code() == grpc.StatusCode.UNAVAILABLE
+    assert "Triton" in box["error"].details() and "unavailable" in box["error"].details()
+    with pytest.raises(grpc.RpcError) as err:  # still down: a clear UNAVAILABLE, not a hang
+        stub.Generate(pb.GenerateRequest(prompt="a tree", steps=1, seed=1), metadata=auth(), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    triton.start()  # same ports: the gateway's channel reconnects on its own
+    assert len(stub.Generate(pb.GenerateRequest(prompt="a tree", steps=1, seed=1), metadata=auth(),
+                             timeout=60).images) == 1
