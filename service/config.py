@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     # Concurrency: engine calls run in this many worker threads.
     engine_workers: int = 1
 
+    # Adapter bank (same variable names configure the Triton model instances).
+    adapter_slots: int = 16  # slots including slot 0 (the base model)
+    adapter_max_rank: int = 16
+    adapter_host_cache: int = 64  # parsed adapters kept in host memory after eviction
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_api_keys(cls, value: Any) -> Any:

@@ -1,17 +1,28 @@
-"""Small LoRA files for tests, in the format diffusers' save_lora_weights writes."""
+"""Small LoRA files for tests, in the format diffusers' save_lora_weights writes, shaped for the
+model a test serves (the seeded tiny model and the trained world model differ in width)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import save
 
+# The mid block's cross-attention exists in every SD 1.x/2.x UNet: in = text width, out = last block width.
+MODULE = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
 
-def tiny_lora_file(rank: int = 2, seed: int = 0) -> bytes:
-    """A diffusers-format LoRA on one attn2 projection of the tiny UNet (in 32 -> out 64)."""
+
+def lora_file(model_dir: Path, rank: int = 2, seed: int = 0, scale: float = 1.0) -> bytes:
+    config = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
+    in_features, out_features = config["cross_attention_dim"], config["block_out_channels"][-1]
     g = torch.Generator().manual_seed(seed)
-    prefix = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     tensors = {
-        f"{prefix}.lora_A.weight": torch.randn(rank, 32, generator=g),
-        f"{prefix}.lora_B.weight": torch.randn(64, rank, generator=g),
+        f"{MODULE}.lora_A.weight": torch.randn(rank, in_features, generator=g) * scale,
+        f"{MODULE}.lora_B.weight": torch.randn(out_features, rank, generator=g) * scale,
     }
     return save(tensors, metadata={"format": "pt"})
+
+
+def served_model_dir(gateway) -> Path:
+    return gateway.gateway.servicer.backend.model_dir

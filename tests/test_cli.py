@@ -8,9 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+
+import torch
 from pathlib import Path
 
-from tests.adapter_files import tiny_lora_file
+from service.adapters import parse_adapter
+from service.engine.default_model import default_model_dir
+from tests.adapter_files import lora_file
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,14 +56,20 @@ def test_serve_and_client_commands(tmp_path):
         assert (tmp_path / "x-0.png").exists() and (tmp_path / "x-1.png").exists()
         assert "seeds [4, 5]" in out.stdout
 
-        (tmp_path / "lora.safetensors").write_bytes(tiny_lora_file())
+        original = lora_file(default_model_dir(tmp_path / "data" / "models"))
+        (tmp_path / "lora.safetensors").write_bytes(original)
         out = cli("adapters", "import", "lora.safetensors", "--name", "mine")
         assert out.returncode == 0, out.stderr
         adapter_id = out.stdout.split()[0]
         out = cli("adapters", "list")
         assert adapter_id in out.stdout
         out = cli("adapters", "export", adapter_id, "-o", "back.safetensors")
-        assert out.returncode == 0 and (tmp_path / "back.safetensors").read_bytes() == tiny_lora_file()
+        assert out.returncode == 0, out.stderr
+        exported, imported = parse_adapter(str(tmp_path / "back.safetensors")), parse_adapter(original)
+        assert exported.lora.keys() == imported.lora.keys()
+        for name, module in imported.lora.items():
+            assert torch.equal(exported.lora[name].down, module.down) and torch.equal(exported.lora[name].up, module.up)
+            assert exported.lora[name].scale == module.scale
 
         out = cli("generate", "x", "--width", "63")
         assert out.returncode == 1 and "INVALID_ARGUMENT: width" in out.stderr

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
-from tests.adapter_files import tiny_lora_file
+from tests.adapter_files import lora_file, served_model_dir
 from tests.conftest import auth
 
 
@@ -29,7 +29,7 @@ def test_missing_or_unknown_token_is_unauthenticated(gateway, metadata, needle):
 def test_tenant_sees_only_its_own_adapters(gateway):
     stub = gateway.stub()
     alice = stub.ImportAdapter(
-        pb.ImportAdapterRequest(name="alice-style", safetensors=tiny_lora_file()), metadata=auth("token-alice")
+        pb.ImportAdapterRequest(name="alice-style", safetensors=lora_file(served_model_dir(gateway))), metadata=auth("token-alice")
     )
     ids_alice = [a.adapter_id for a in stub.ListAdapters(pb.ListAdaptersRequest(), metadata=auth("token-alice")).adapters]
     ids_bob = [a.adapter_id for a in stub.ListAdapters(pb.ListAdaptersRequest(), metadata=auth("token-bob")).adapters]

@@ -32,7 +32,7 @@ from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 from service.gateway.server import MODEL_REPOSITORY, TRITON_MODELS, TRITON_URL_ENV, triton_model_environment
 from service.triton.client import grpcclient
 from service.triton.launcher import TritonServer
-from service.triton.library import blob_loader
+from service.adapters.loading import blob_loader
 from tests.conftest import TOKENS, auth, free_port, start_gateway_in_thread, stop_gateway
 
 

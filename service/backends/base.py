@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Protocol
 
 from service.engine.pipeline import GenerationResult, GenerationSpec, ModelLimits
@@ -16,9 +17,13 @@ class BackendUnavailable(RuntimeError):
 class Backend(Protocol):
     name: str  # "inprocess" or "triton"
     model_name: str
+    model_dir: Path  # the diffusers folder served (the gateway validates adapters against it)
     limits: ModelLimits
 
     def count_tokens(self, text: str) -> int: ...
+
+    def forget_adapter(self, key: str) -> None:
+        """The adapter was deleted from the store: drop it from any cache."""
 
     async def generate(
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None

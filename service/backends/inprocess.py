@@ -16,8 +16,9 @@ from .base import BackendBusy
 class InProcessBackend:
     name = "inprocess"
 
-    def __init__(self, engine: Engine, workers: int = 1, max_queue: int = 64, metrics=None):
+    def __init__(self, engine: Engine, model_dir, workers: int = 1, max_queue: int = 64, metrics=None):
         self.engine = engine
+        self.model_dir = model_dir
         self.model_name = engine.name
         self.limits = engine.limits
         self.metrics = metrics
@@ -28,6 +29,12 @@ class InProcessBackend:
 
     def count_tokens(self, text: str) -> int:
         return self.engine.count_tokens(text)
+
+    def forget_adapter(self, key: str) -> None:
+        """A deleted adapter leaves the bank (its slot frees once no request uses it)."""
+        manager = getattr(self.engine.adapters, "manager", None)
+        if manager is not None:
+            manager.invalidate(key)
 
     async def generate(
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None

@@ -70,6 +70,7 @@ class TritonBackend:
         backend owns and stops on close (the embedded default), or None for an external one."""
         self.url = url
         self.server = server
+        self.model_dir = Path(model_dir)
         facts = ModelFacts.from_dir(model_dir)
         self.model_name = facts.name
         self.limits = facts.limits
@@ -79,6 +80,10 @@ class TritonBackend:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def forget_adapter(self, key: str) -> None:
+        """Model instances keep a deleted adapter's slot until LRU evicts it; ids are never reused,
+        so no request can reach it again."""
 
     def client(self) -> aioclient.InferenceServerClient:
         # Created on first use so its channel belongs to the gateway's event loop.

@@ -17,6 +17,8 @@ from prometheus_client import start_http_server
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
+from service.adapters import BankedAdapters
+from service.adapters.loading import adapter_checker, blob_loader
 from service.backends import Backend, InProcessBackend
 from service.config import Settings
 from service.engine.default_model import default_model_dir
@@ -38,8 +40,18 @@ def resolve_model_dir(settings: Settings) -> Path:
 
 
 def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
-    engine = Engine.from_pretrained(resolve_model_dir(settings), device=settings.device)
-    return InProcessBackend(engine, workers=settings.engine_workers, metrics=metrics)
+    model_dir = resolve_model_dir(settings)
+    engine = Engine.from_pretrained(model_dir, device=settings.device)
+    BankedAdapters.attach(
+        engine,
+        blob_loader(Path(settings.data_dir) / "adapters"),
+        num_slots=settings.adapter_slots,
+        max_rank=settings.adapter_max_rank,
+        max_rows=4 * settings.max_num_images,  # CFG pairs of one request, with room to spare
+        host_cache_size=settings.adapter_host_cache,
+        registry=metrics.registry,
+    )
+    return InProcessBackend(engine, model_dir, workers=settings.engine_workers, metrics=metrics)
 
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repo"
@@ -123,7 +135,8 @@ async def start_gateway(
     db = open_database(Path(settings.data_dir) / "steerserve.sqlite3")
     adapters = AdapterStore(db, Path(settings.data_dir) / "adapters")
     jobs = JobStore(db)
-    servicer = SteerServeServicer(settings, backend, adapters, jobs, metrics)
+    check = adapter_checker(backend.model_dir, settings.adapter_max_rank)
+    servicer = SteerServeServicer(settings, backend, adapters, jobs, metrics, check_adapter=check)
 
     limit = settings.max_request_bytes
     server = grpc.aio.server(

@@ -11,14 +11,16 @@ import functools
 import math
 import logging
 import time
+from typing import Callable
 
 import grpc
-import safetensors
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service import __version__
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
+from service.adapters import Adapter, AdapterBankFull, AdapterFormatError, AdapterNotFoundError
+from service.adapters import parse_adapter, serialize_adapter
 from service.backends import Backend, BackendBusy, BackendUnavailable
 from service.config import Settings
 from service.engine.images import encode_png
@@ -73,8 +75,13 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, GenerationCancelled):
         return grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded: {exc}"
-    if isinstance(exc, BackendBusy):
+    if isinstance(exc, (BackendBusy, AdapterBankFull)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, AdapterNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, AdapterFormatError):
+        # Imports are validated up front, so a stored adapter that fails to load is damaged.
+        return grpc.StatusCode.FAILED_PRECONDITION, f"a stored adapter cannot be loaded: {exc}"
     if isinstance(exc, BackendUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"
@@ -120,6 +127,16 @@ def job_message(job: JobRecord) -> pb.Job:
     )
 
 
+def _imported_method(adapter: Adapter) -> str:
+    """What an imported file looks like: tokens only = Textual Inversion; LoRA on cross-attention
+    K/V only (+ tokens) = Custom Diffusion; any other LoRA = DreamBooth-LoRA."""
+    if not adapter.lora:
+        return "TEXTUAL_INVERSION"
+    if all(m.endswith(("attn2.to_k", "attn2.to_v")) for m in adapter.lora):
+        return "CUSTOM_DIFFUSION"
+    return "DREAMBOOTH_LORA"
+
+
 class SteerServeServicer(pb_grpc.SteerServeServicer):
     def __init__(
         self,
@@ -128,8 +145,10 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         adapters: AdapterStore,
         jobs: JobStore,
         metrics: GatewayMetrics,
+        check_adapter: Callable[[Adapter], Adapter],
     ):
         self.settings = settings
+        self.check_adapter = check_adapter  # raises AdapterFormatError for what the model cannot serve
         self.backend = backend
         self.adapter_store = adapters
         self.job_store = jobs
@@ -246,24 +265,25 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             raise invalid("safetensors", "must hold a LoRA safetensors file (got 0 bytes)")
         if len(request.safetensors) > self.settings.max_adapter_bytes:
             raise invalid("safetensors", f"is {len(request.safetensors)} bytes; at most {self.settings.max_adapter_bytes}")
-        info = self._inspect_adapter(request.safetensors)
+        if not math.isfinite(request.alpha) or request.alpha < 0:
+            raise invalid("alpha", f"must be a positive number (got {request.alpha})")
+        token = request.token.strip()
+        if any(c.isspace() for c in token):
+            raise invalid("token", "must be a single word")
+        try:
+            adapter = parse_adapter(request.safetensors, default_alpha=request.alpha or None, token=token or None)
+            # Checked against the exact layers the serving bank has: a file the model cannot
+            # serve is refused here, never stored and never half-loaded later.
+            adapter = self.check_adapter(adapter)
+        except AdapterFormatError as exc:
+            raise invalid("safetensors", str(exc)) from exc
+        tokens = list(adapter.token_embeddings)
         record = self.adapter_store.create(
-            tenant, name, "DREAMBOOTH_LORA", request.safetensors,
-            token=request.token, rank=info["rank"], num_parameters=info["num_parameters"], source="import",
+            tenant, name, _imported_method(adapter), serialize_adapter(adapter),
+            token=token or (tokens[0] if tokens else ""), rank=adapter.max_rank,
+            num_parameters=adapter.num_parameters, source="import",
         )
         return adapter_message(record)
-
-    def _inspect_adapter(self, data: bytes) -> dict:
-        try:
-            tensors = safetensors.deserialize(data)
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's file
-            raise invalid("safetensors", f"not a readable safetensors file ({exc})") from exc
-        lora = [(k, t) for k, t in tensors if "lora" in k]
-        if not lora:
-            raise invalid("safetensors", "holds no LoRA tensors (no key contains 'lora')")
-        rank = max(min(t["shape"]) for _, t in lora if len(t["shape"]) == 2) if lora else 0
-        num = sum(math.prod(t["shape"]) for _, t in tensors)
-        return {"rank": rank, "num_parameters": num}
 
     @_rpc
     async def ListAdapters(self, request, context, tenant: str) -> pb.ListAdaptersResponse:
@@ -275,7 +295,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
 
     @_rpc
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context, tenant: str) -> pb.DeleteAdapterResponse:
-        self.adapter_store.delete(tenant, validation.check_id("adapter_id", request.adapter_id))
+        record = self.adapter_store.delete(tenant, validation.check_id("adapter_id", request.adapter_id))
+        self.backend.forget_adapter(record.adapter_id)
         return pb.DeleteAdapterResponse()
 
     @_rpc

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,28 +62,6 @@ def model_dir_from_env() -> Path:
     return Path(value)
 
 
-_ADAPTER_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def blob_loader(adapter_dir: Path):
-    """key (adapter id) -> parsed Adapter, from the adapter store's blob folder `<tenant-hash>/<id>.safetensors`.
-
-    The gateway has already checked that the caller's tenant owns the id; ids are opaque tokens,
-    so anything else (a path, a glob) is refused before it reaches the filesystem.
-    """
-    from service.adapters import AdapterNotFoundError, parse_adapter
-
-    def load(key: str):
-        if not _ADAPTER_KEY.match(key):
-            raise AdapterNotFoundError(f"adapter key {key!r} is not an adapter id")
-        matches = list(adapter_dir.glob(f"*/{key}.safetensors"))
-        if len(matches) != 1:
-            raise AdapterNotFoundError(f"adapter {key!r} is not in the store at {adapter_dir}")
-        return parse_adapter(str(matches[0]))
-
-    return load
-
-
 def instance_device(args: dict) -> str:
     """The torch device of a model instance, from the `args` Triton passes to initialize()."""
     if args.get("model_instance_kind") == "GPU":
@@ -103,6 +80,7 @@ def load_engine_from_env(args: dict, max_rows: int, adapters: bool = True) -> En
     adapter_dir = os.environ.get(ENV_ADAPTER_DIR)
     if adapters and adapter_dir:
         from service.adapters import BankedAdapters
+        from service.adapters.loading import blob_loader
 
         BankedAdapters.attach(
             engine,

@@ -1,0 +1,50 @@
+"""The adapter bank: per-request LoRA / textual-inversion adapters served in one batched UNet call.
+
+- formats: parse diffusers/peft LoRA safetensors into an ``Adapter``, validate, export back.
+- bank: ``AdapterBank`` (preallocated slots on the UNet's attention projections, per-row routing).
+- manager: ``AdapterManager`` (slot residency, LRU eviction, pinning, loading, metrics).
+- textual_inversion: ``PromptEncoder`` (per-row learned tokens without touching shared weights).
+- serving: ``BankedAdapters``, the engine's AdapterHook built from the pieces above.
+
+See docs/adapter_bank.md.
+"""
+
+from .bank import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, AdapterBank, BankedLoRALinear, BankState
+from .errors import AdapterBankFull, AdapterError, AdapterFormatError, AdapterNotFoundError
+from .formats import (
+    Adapter,
+    LoraModule,
+    export_diffusers_lora,
+    export_textual_inversion,
+    parse_adapter,
+    serialize_adapter,
+    validate_adapter,
+    write_diffusers_lora_dir,
+)
+from .manager import AdapterManager, AdapterMetrics
+from .serving import BankedAdapters
+from .textual_inversion import PromptEncoder
+
+__all__ = [
+    "Adapter",
+    "AdapterBank",
+    "AdapterBankFull",
+    "AdapterError",
+    "AdapterFormatError",
+    "AdapterManager",
+    "AdapterMetrics",
+    "AdapterNotFoundError",
+    "BankState",
+    "BankedAdapters",
+    "BankedLoRALinear",
+    "DEFAULT_TEXT_ENCODER_TARGETS",
+    "DEFAULT_UNET_TARGETS",
+    "LoraModule",
+    "PromptEncoder",
+    "export_diffusers_lora",
+    "export_textual_inversion",
+    "parse_adapter",
+    "serialize_adapter",
+    "validate_adapter",
+    "write_diffusers_lora_dir",
+]

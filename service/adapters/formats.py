@@ -1,0 +1,419 @@
+"""LoRA / textual-inversion adapters: the canonical in-memory form, import from and export to diffusers.
+
+Accepted files (safetensors) and their key layouts, all normalized to one module path such as
+``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``:
+
+- diffusers ``save_lora_weights`` with peft keys:   ``unet.<module>.lora_A.weight`` / ``lora_B.weight``
+- diffusers' older naming:                          ``unet.<module>.lora.down.weight`` / ``lora.up.weight``
+- kohya-style suffixes with diffusers module names: ``<module>.lora_down.weight`` / ``lora_up.weight``
+- attention-processor LoRA (diffusers < 0.20):      ``unet.<...>.attn1.processor.to_q_lora.down.weight``
+- peft ``save_pretrained``:                         ``base_model.model.<module>.lora_A.weight``
+- keys without a component prefix are taken as UNet keys, as diffusers does.
+
+Alpha comes, in order of precedence, from a per-module ``<module>.alpha`` tensor, the
+``lora_adapter_metadata`` JSON that ``save_lora_weights`` writes (``unet.lora_alpha`` with
+``alpha_pattern``, ``use_rslora``), the caller's ``default_alpha``, and otherwise equals the rank
+(scale 1.0, the diffusers/peft convention for files that carry no alpha).
+
+Textual-inversion vectors travel in our own files as ``textual_inversion.<token>`` tensors of shape
+[num_vectors, hidden] (or [hidden]); a diffusers ``learned_embeds.safetensors`` ({token: vector}) is
+accepted too. diffusers' LoRA loader refuses any key without "lora" in it, so the diffusers export
+writes the LoRA and the token vectors as two separate files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .errors import AdapterFormatError
+
+COMPONENTS = ("unet", "text_encoder")
+TI_PREFIX = "textual_inversion."
+# The key diffusers' save_lora_weights uses for the JSON-serialized peft LoraConfig(s).
+LORA_METADATA_KEY = "lora_adapter_metadata"
+
+# (suffix of the down/A matrix, suffix of the up/B matrix), most specific first.
+_LORA_SUFFIXES = (
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+    ("_lora.down.weight", "_lora.up.weight"),  # attention-processor LoRA: "<...>.processor.to_q_lora"
+)
+# Attention-processor LoRA names the projection inside the processor: map it back to the Linear.
+_PROCESSOR_RE = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+
+
+@dataclass
+class LoraModule:
+    """One low-rank update W + scale * up @ down of a Linear layer."""
+
+    down: torch.Tensor  # A: [rank, in_features]
+    up: torch.Tensor  # B: [out_features, rank]
+    alpha: float
+    use_rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        # peft: lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilized LoRA.
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+@dataclass
+class Adapter:
+    """A parsed adapter: LoRA modules keyed by full module path, plus textual-inversion tokens."""
+
+    lora: dict[str, LoraModule] = field(default_factory=dict)
+    # token string -> [num_vectors, hidden] vectors that replace the token in prompts.
+    token_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.lora.values()), default=0)
+
+    @property
+    def num_parameters(self) -> int:
+        n = sum(m.down.numel() + m.up.numel() for m in self.lora.values())
+        return n + sum(v.numel() for v in self.token_embeddings.values())
+
+    def nbytes(self) -> int:
+        n = sum(
+            m.down.numel() * m.down.element_size() + m.up.numel() * m.up.element_size()
+            for m in self.lora.values()
+        )
+        return n + sum(v.numel() * v.element_size() for v in self.token_embeddings.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Import
+
+
+def _read(source: bytes | str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:  # a missing file is the caller's OSError, not a format error
+            data = f.read()
+    else:
+        data = bytes(source)
+    try:
+        # One deserialization call: reading tensor by tensor (safe_open) is slower on a cold load.
+        tensors = load_safetensors_bytes(data)
+        # The metadata lives in the JSON header: 8-byte little-endian length, then the header.
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except Exception as e:  # safetensors raises several types for truncated or garbled files
+        raise AdapterFormatError(f"not a readable safetensors file: {e}") from e
+    return tensors, metadata
+
+
+def _normalize_module(path: str) -> str:
+    """Component-prefixed module path (``unet.<module>``) from a key stripped of its LoRA suffix."""
+    path = path.removeprefix("base_model.model.")
+    m = _PROCESSOR_RE.search(path)
+    if m:
+        proj = m.group(1)
+        path = path[: m.start()] + "." + ("to_out.0" if proj == "to_out" else proj)
+    if not path.startswith(tuple(c + "." for c in COMPONENTS)):
+        path = "unet." + path
+    return path
+
+
+def _pattern_lookup(patterns: Mapping[str, float], module: str) -> float | None:
+    # peft matches rank/alpha patterns as regexes against the end of the module name.
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(value)
+    return None
+
+
+def _metadata_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
+    """Per-component peft config dicts from diffusers' ``lora_adapter_metadata``."""
+    raw = metadata.get(LORA_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"metadata '{LORA_METADATA_KEY}' is not valid JSON: {e}") from e
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, name = key.partition(".")
+        if component in COMPONENTS and name:
+            configs.setdefault(component, {})[name] = value
+    return configs
+
+
+def parse_adapter(
+    source: bytes | str,
+    *,
+    default_alpha: float | None = None,
+    token: str | None = None,
+) -> Adapter:
+    """Parse a LoRA and/or textual-inversion safetensors file (bytes or path) into an Adapter.
+
+    ``default_alpha`` applies to modules whose file carries no alpha; ``token`` names the concept
+    of a textual-inversion file that stores a single unnamed vector (A1111's ``emb_params``).
+    Raises AdapterFormatError naming the offending key on anything that cannot be served.
+    """
+    tensors, metadata = _read(source)
+    if not tensors:
+        raise AdapterFormatError("the file holds no tensors")
+    configs = _metadata_configs(metadata)
+
+    downs: dict[str, tuple[str, torch.Tensor]] = {}
+    ups: dict[str, tuple[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    tokens: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith(TI_PREFIX):
+            tokens[key[len(TI_PREFIX) :]] = value
+            continue
+        if "lora_magnitude_vector" in key:
+            raise AdapterFormatError(f"{key}: DoRA adapters are not supported")
+        if key.endswith(".alpha"):
+            alphas[_normalize_module(key.removesuffix(".alpha"))] = _scalar(key, value)
+            continue
+        for down_suffix, up_suffix in _LORA_SUFFIXES:
+            if key.endswith(down_suffix):
+                downs[_normalize_module(key.removesuffix(down_suffix))] = (key, value)
+                break
+            if key.endswith(up_suffix):
+                ups[_normalize_module(key.removesuffix(up_suffix))] = (key, value)
+                break
+        else:
+            if "lora" in key:
+                raise AdapterFormatError(f"{key}: unrecognized LoRA key (LoRA biases are not supported)")
+            # Anything else is a textual-inversion vector: diffusers' {token: vector} or emb_params.
+            name = token if key == "emb_params" else key
+            if not name:
+                raise AdapterFormatError(f"{key}: a textual-inversion vector needs a token name")
+            tokens[name] = value
+
+    for module in sorted(downs.keys() ^ ups.keys()):
+        key = (downs.get(module) or ups.get(module))[0]
+        missing = "up/B" if module in downs else "down/A"
+        raise AdapterFormatError(f"{key}: the matching {missing} matrix is missing")
+
+    adapter = Adapter()
+    for module in sorted(downs):
+        (down_key, down), (up_key, up) = downs[module], ups[module]
+        for key, t in ((down_key, down), (up_key, up)):
+            if t.ndim == 4 and t.shape[2:] == (1, 1):  # 1x1 conv LoRA stored for a Linear
+                t = t.flatten(1)
+            if t.ndim != 2:
+                raise AdapterFormatError(f"{key}: expected a 2-D matrix, got shape {tuple(t.shape)}")
+        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+        if up.shape[1] != down.shape[0]:
+            raise AdapterFormatError(
+                f"{up_key}: rank mismatch, up/B is {tuple(up.shape)} but down/A is {tuple(down.shape)}"
+            )
+        component, _, local = module.partition(".")
+        config = configs.get(component, {})
+        alpha = alphas.get(module)
+        if alpha is None and config:
+            alpha = _pattern_lookup(config.get("alpha_pattern") or {}, local)
+            if alpha is None and config.get("lora_alpha") is not None:
+                alpha = float(config["lora_alpha"])
+        if alpha is None:
+            alpha = default_alpha if default_alpha else float(down.shape[0])
+        adapter.lora[module] = LoraModule(
+            down=down, up=up, alpha=alpha, use_rslora=bool(config.get("use_rslora", False))
+        )
+
+    for name, vectors in tokens.items():
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        if vectors.ndim != 2 or not name.strip() or any(c.isspace() for c in name):
+            raise AdapterFormatError(
+                f"textual-inversion token {name!r}: expected a token without spaces and a "
+                f"[num_vectors, hidden] tensor, got shape {tuple(vectors.shape)}"
+            )
+        adapter.token_embeddings[name] = vectors
+    return adapter
+
+
+def _scalar(key: str, value: torch.Tensor) -> float:
+    if value.numel() != 1:
+        raise AdapterFormatError(f"{key}: alpha must be a scalar, got shape {tuple(value.shape)}")
+    return float(value.reshape(()).item())
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_adapter(
+    adapter: Adapter,
+    module_shapes: Mapping[str, tuple[int, int]],
+    max_rank: int,
+    dtype: torch.dtype,
+    hidden_size: int | None = None,
+) -> None:
+    """Check an adapter against the modules a bank serves; raise AdapterFormatError on the first problem.
+
+    ``module_shapes`` maps module path -> (out_features, in_features) of each served Linear;
+    values are checked finite after the cast to ``dtype`` (fp16 overflows to inf).
+    """
+    if not adapter.lora and not adapter.token_embeddings:
+        raise AdapterFormatError("the adapter holds no LoRA weights and no token embeddings")
+    for module, lora in adapter.lora.items():
+        if module not in module_shapes:
+            near = [m for m in module_shapes if m.split(".")[-1] == module.split(".")[-1]][:2]
+            raise AdapterFormatError(
+                f"{module}: not a module this model serves adapters on"
+                + (f" (e.g. {', '.join(near)})" if near else "")
+            )
+        out_features, in_features = module_shapes[module]
+        if lora.rank > max_rank:
+            raise AdapterFormatError(f"{module}: rank {lora.rank} exceeds the bank's maximum rank {max_rank}")
+        if lora.rank == 0:
+            raise AdapterFormatError(f"{module}: rank 0")
+        if lora.down.shape[1] != in_features:
+            raise AdapterFormatError(
+                f"{module}: down/A has shape {tuple(lora.down.shape)}, expected [{lora.rank}, {in_features}]"
+            )
+        if lora.up.shape[0] != out_features:
+            raise AdapterFormatError(
+                f"{module}: up/B has shape {tuple(lora.up.shape)}, expected [{out_features}, {lora.rank}]"
+            )
+        if not math.isfinite(lora.scale):
+            raise AdapterFormatError(f"{module}: alpha {lora.alpha} is not finite")
+    for token, vectors in adapter.token_embeddings.items():
+        if hidden_size is None:
+            raise AdapterFormatError(f"token {token!r}: this model does not serve textual inversion")
+        if vectors.shape[1] != hidden_size:
+            raise AdapterFormatError(
+                f"token {token!r}: vectors have shape {tuple(vectors.shape)}, expected [n, {hidden_size}]"
+            )
+    _check_values(adapter, dtype)
+
+
+def _check_values(adapter: Adapter, dtype: torch.dtype) -> None:
+    """Floating point and finite in ``dtype``, including B after the scale is folded in.
+
+    One fused check over all tensors (a cold load is on the request path); only when it fails is
+    each tensor checked on its own, to name the culprit.
+    """
+    named = [(f"{m} down/A", lora.down) for m, lora in adapter.lora.items()]
+    named += [(f"{m} up/B", lora.up) for m, lora in adapter.lora.items()]
+    named += [(f"token {t!r}", v) for t, v in adapter.token_embeddings.items()]
+    for what, t in named:
+        if not t.is_floating_point():
+            raise AdapterFormatError(f"{what}: dtype {t.dtype} is not a floating-point type")
+    flat = torch.cat([t.reshape(-1).to(dtype) for _, t in named])
+    # |scale * B| fits the dtype if the largest |B| times the largest scale does.
+    max_scale = max((abs(lora.scale) for lora in adapter.lora.values()), default=0.0)
+    up_max = max((lora.up.abs().max().item() for lora in adapter.lora.values() if lora.up.numel()), default=0.0)
+    if torch.isfinite(flat).all() and up_max * max_scale <= torch.finfo(dtype).max:
+        return
+    for what, t in named:
+        if not torch.isfinite(t.to(dtype)).all():
+            raise AdapterFormatError(f"{what}: contains NaN or Inf values (in {dtype})")
+    for module, lora in adapter.lora.items():
+        if not torch.isfinite((lora.up.double() * lora.scale).to(dtype)).all():
+            raise AdapterFormatError(f"{module} scale * up/B: overflows {dtype} (alpha {lora.alpha})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Export
+
+
+def to_diffusers_lora(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata in the layout ``save_lora_weights`` writes (peft keys + LoraConfig JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    flat_config: dict[str, object] = {}
+    for component in COMPONENTS:
+        modules = {k: v for k, v in adapter.lora.items() if k.startswith(component + ".")}
+        if not modules:
+            continue
+        for module, lora in modules.items():
+            tensors[f"{module}.lora_A.weight"] = lora.down.contiguous()
+            tensors[f"{module}.lora_B.weight"] = lora.up.contiguous()
+        local = {k[len(component) + 1 :]: v for k, v in modules.items()}
+        # The most common rank/alpha become r/lora_alpha; the rest go in full-name patterns,
+        # which is how diffusers itself describes mixed ranks to peft.
+        r = _most_common([m.rank for m in local.values()])
+        alpha = _most_common([m.alpha for m in local.values()])
+        rslora = {m.use_rslora for m in local.values()}
+        if len(rslora) > 1:
+            raise AdapterFormatError(f"{component}: mixing rsLoRA and plain LoRA modules cannot be exported")
+        config = {
+            "r": r,
+            "lora_alpha": alpha,
+            "rank_pattern": {re.escape(k): m.rank for k, m in local.items() if m.rank != r},
+            "alpha_pattern": {re.escape(k): m.alpha for k, m in local.items() if m.alpha != alpha},
+            "target_modules": sorted(local),
+            "use_rslora": rslora.pop(),
+            "use_dora": False,
+            "lora_bias": False,
+            "peft_type": "LORA",
+        }
+        flat_config.update({f"{component}.{k}": v for k, v in config.items()})
+    metadata = {"format": "pt"}
+    if flat_config:
+        metadata[LORA_METADATA_KEY] = json.dumps(flat_config, indent=2, sort_keys=True)
+    return tensors, metadata
+
+
+def _most_common(values: list):
+    return max(sorted(set(values)), key=values.count)
+
+
+def export_diffusers_lora(adapter: Adapter) -> bytes:
+    """The adapter's LoRA as a ``pytorch_lora_weights.safetensors`` that ``load_lora_weights`` reads."""
+    if not adapter.lora:
+        raise AdapterFormatError("the adapter has no LoRA weights to export")
+    tensors, metadata = to_diffusers_lora(adapter)
+    return save_safetensors_bytes(tensors, metadata=metadata)
+
+
+def export_textual_inversion(adapter: Adapter) -> bytes:
+    """The token vectors as diffusers' ``learned_embeds.safetensors`` ({token: [n, hidden]})."""
+    if not adapter.token_embeddings:
+        raise AdapterFormatError("the adapter has no textual-inversion tokens to export")
+    return save_safetensors_bytes({t: v.contiguous() for t, v in adapter.token_embeddings.items()})
+
+
+def serialize_adapter(adapter: Adapter) -> bytes:
+    """One self-contained file (LoRA in diffusers layout + ``textual_inversion.<token>`` vectors).
+
+    This is what the adapter store keeps; ``parse_adapter`` reads it back exactly.
+    """
+    tensors, metadata = to_diffusers_lora(adapter) if adapter.lora else ({}, {"format": "pt"})
+    tensors.update({TI_PREFIX + t: v.contiguous() for t, v in adapter.token_embeddings.items()})
+    if not tensors:
+        raise AdapterFormatError("the adapter is empty")
+    return save_safetensors_bytes(tensors, metadata=metadata)
+
+
+def write_diffusers_lora_dir(adapter: Adapter, directory: str) -> str:
+    """Write ``<directory>/pytorch_lora_weights.safetensors`` (the name load_lora_weights looks for)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "pytorch_lora_weights.safetensors")
+    with open(path, "wb") as f:
+        f.write(export_diffusers_lora(adapter))
+    return path
+
+
+__all__ = [
+    "Adapter",
+    "LoraModule",
+    "parse_adapter",
+    "validate_adapter",
+    "export_diffusers_lora",
+    "export_textual_inversion",
+    "serialize_adapter",
+    "write_diffusers_lora_dir",
+    "to_diffusers_lora",
+]

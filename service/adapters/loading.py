@@ -1,0 +1,53 @@
+"""Where adapters come from: the adapter store's blob folder, and a model's shapes to check them by.
+
+Both the in-process engine and the Triton model instances load by adapter id from the same blob
+folder (`<data_dir>/adapters/<tenant-hash>/<id>.safetensors`, written by service.stores); the
+gateway has already checked that the caller's tenant owns the id.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .bank import AdapterBank
+from .errors import AdapterNotFoundError
+from .formats import Adapter, parse_adapter
+
+_ADAPTER_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def blob_loader(adapter_dir: Path) -> Callable[[str], Adapter]:
+    """key (adapter id) -> parsed Adapter. Ids are opaque tokens, so anything else (a path, a glob)
+    is refused before it reaches the filesystem."""
+    adapter_dir = Path(adapter_dir)
+
+    def load(key: str) -> Adapter:
+        if not _ADAPTER_KEY.match(key):
+            raise AdapterNotFoundError(f"adapter key {key!r} is not an adapter id")
+        matches = list(adapter_dir.glob(f"*/{key}.safetensors"))
+        if len(matches) != 1:
+            raise AdapterNotFoundError(f"adapter {key!r} is not in the store at {adapter_dir}")
+        return parse_adapter(str(matches[0]))
+
+    return load
+
+
+def adapter_checker(model_dir: Path, max_rank: int) -> Callable[[Adapter], Adapter]:
+    """`prepare` of a bank built on the model's architecture on the meta device: it checks an
+    uploaded adapter against the exact layers the serving bank will have, without loading weights
+    (so the gateway can validate imports whichever backend holds the real model)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model_dir = Path(model_dir)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / "text_encoder"))
+        bank = AdapterBank(unet, 2, max_rank, text_encoder=text_encoder, max_rows=1)
+    # Values are checked in float32 (meta tensors hold none; the bank's dtype is the model's).
+    bank.dtype = torch.float32
+    return bank.prepare

@@ -1,0 +1,105 @@
+"""The engine-facing hook: requests name adapters by key; the bank serves every row in one call.
+
+Implements service.engine.pipeline.AdapterHook: ``activate(rows)`` pins each row's adapters in the
+manager and routes the UNet's rows to their slots; ``encode_prompts`` encodes each row with its
+adapters' textual-inversion tokens and, when the bank covers the text encoder, its LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from .bank import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, AdapterBank
+from .manager import AdapterManager, Loader
+from .textual_inversion import PromptEncoder
+
+
+class AdapterUseLike(Protocol):
+    key: str
+    weight: float
+
+
+class BankedAdapters:
+    """Adapters served through an AdapterBank, for an engine with ``unet``, ``text_encoder``, ``tokenizer``."""
+
+    def __init__(self, bank: AdapterBank, manager: AdapterManager, prompt_encoder: PromptEncoder | None = None):
+        self.bank = bank
+        self.manager = manager
+        self.prompt_encoder = prompt_encoder
+
+    @classmethod
+    def attach(
+        cls,
+        engine,
+        loader: Loader,
+        *,
+        num_slots: int = 16,
+        max_rank: int = 16,
+        max_rows: int = 64,
+        max_adapters_per_row: int = 4,
+        host_cache_size: int = 64,
+        acquire_timeout_s: float = 0.0,
+        text_encoder_lora: bool = True,
+        registry: CollectorRegistry | None = None,
+    ) -> "BankedAdapters":
+        """Build a bank on ``engine.unet`` (and text encoder), its manager, and set ``engine.adapters``.
+
+        Call after the engine has put its models on their device and dtype.
+        """
+        bank = AdapterBank(
+            engine.unet,
+            num_slots,
+            max_rank,
+            target_modules=DEFAULT_UNET_TARGETS,
+            text_encoder=engine.text_encoder,
+            text_encoder_target_modules=DEFAULT_TEXT_ENCODER_TARGETS if text_encoder_lora else (),
+            max_rows=max_rows,
+            max_adapters_per_row=max_adapters_per_row,
+        )
+        manager = AdapterManager(
+            bank, loader, host_cache_size=host_cache_size, acquire_timeout_s=acquire_timeout_s, registry=registry
+        )
+        hook = cls(bank, manager, PromptEncoder(engine.tokenizer, engine.text_encoder))
+        engine.adapters = hook
+        return hook
+
+    @staticmethod
+    def _keys(rows: Sequence[Sequence[AdapterUseLike]]) -> list[str]:
+        return list(dict.fromkeys(use.key for row in rows for use in row))
+
+    @contextmanager
+    def hold(self, rows: Sequence[Sequence[AdapterUseLike]]) -> Iterator[dict[str, int]]:
+        """Pin the rows' adapters for a whole request (so per-step ``activate`` calls always hit)."""
+        with self.manager.acquire(self._keys(rows)) as slots:
+            yield slots
+
+    @contextmanager
+    def activate(self, rows: Sequence[Sequence[AdapterUseLike]]) -> Iterator[None]:
+        """Within the block, model-call row i applies ``rows[i]``'s adapters with their weights."""
+        with self.manager.acquire(self._keys(rows)) as slots:
+            routed = [[(slots[use.key], float(use.weight)) for use in row] for row in rows]
+            with self.bank.activate(routed):
+                yield
+
+    def encode_prompts(
+        self, engine, prompts: Sequence[str], rows: Sequence[Sequence[AdapterUseLike]]
+    ) -> torch.Tensor | None:
+        """Prompt embeddings with each row's textual-inversion tokens and text-encoder LoRA."""
+        if self.prompt_encoder is None:
+            return None
+        with self.manager.acquire(self._keys(rows)) as slots:
+            tokens = [self._row_tokens(row, slots) for row in rows]
+            routed = [[(slots[use.key], float(use.weight)) for use in row] for row in rows]
+            with self.bank.activate(routed):
+                return self.prompt_encoder.encode(prompts, tokens)
+
+    def _row_tokens(self, row: Sequence[AdapterUseLike], slots: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        tokens: dict[str, torch.Tensor] = {}
+        for use in row:
+            tokens.update(self.manager.token_embeddings(slots[use.key]))
+        return tokens
