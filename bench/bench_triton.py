@@ -1,6 +1,6 @@
 """Gateway + Triton against the in-process engine, and step-level batching on and off, in one run.
 
-    python -m bench.bench_triton [--steps 20] [--repeats 5] [--clients 1 4 16] [--json out.json]
+    python -m bench.bench_triton [--steps 20] [--repeats 5] [--clients 1 4 16] [--out bench/results]
 
 1. Overhead: a 20-step Generate through gRPC gateway -> Triton (model_repo/) against the same
    generation by the engine in this process (one torch thread, like a Triton instance); medians of
@@ -76,12 +76,15 @@ def set_unet_batching(client, enabled: bool, config: dict) -> None:
     client.load_model("unet", config=json.dumps(override))
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for triton.json and triton.md")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="steerserve-bench-"))
@@ -154,8 +157,37 @@ def main() -> None:
     for r in results["throughput"]:
         print(f"{r['clients']:>7} {r['batched_images_per_s']:>14.3f} {r['unbatched_images_per_s']:>16.3f} "
               f"{r['speedup']:>8.2f} {int(r['batched_unet_calls']):>14}/{int(r['batched_unet_samples'])}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_results(Path(args.out), results, args)
+
+
+def write_results(out: Path, results: dict, args) -> None:
+    """bench/results/triton.{json,md}: the figures the README links to."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "triton.json").write_text(json.dumps(results, indent=2))
+    o = results["overhead"]
+    lines = [
+        "## Gateway + Triton (CPU, embedded model)",
+        "",
+        f"`python -m bench.bench_triton --steps {args.steps} --repeats {args.repeats} --clients "
+        f"{' '.join(map(str, args.clients))}` on model `{results['model']}`; one torch thread per side.",
+        "",
+        "| | median | ratio | goal |",
+        "|---|---:|---:|---|",
+        f"| {args.steps}-step Generate, in-process engine | {o['inprocess_median_s']:.3f} s | 1.00 | |",
+        f"| same through gateway + Triton | {o['gateway_triton_median_s']:.3f} s | **{o['ratio']:.3f}** | <= 1.10 |",
+        "",
+        "| clients | batched img/s | unbatched img/s | batched/unbatched | unet calls / samples (batched) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["throughput"]:
+        lines.append(
+            f"| {r['clients']} | {r['batched_images_per_s']:.3f} | {r['unbatched_images_per_s']:.3f} | "
+            f"{r['speedup']:.2f} | {int(r['batched_unet_calls'])} / {int(r['batched_unet_samples'])} |"
+        )
+    lines += ["", "unet calls < samples is Triton's nv_inference_exec_count < nv_inference_count: steps of",
+              "different requests ran in one UNet call. On a CPU a batched call costs about the sum of its rows,",
+              "so batching shows as fewer calls, not as more images per second; that gain needs a GPU."]
+    (out / "triton.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
