@@ -78,6 +78,26 @@ def stop_gateway(running: RunningGateway) -> None:
     running.loop.call_soon_threadsafe(running.loop.stop)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: the machine's 2 cores are shared, and set_flush_denormal only reaches
+    the calling thread, so a second OpenMP worker can crawl through denormals (seen: 10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from service.adapters.testing import tiny_pipeline
+
+    return tiny_pipeline()
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -21,25 +21,17 @@ from service.adapters import (
     serialize_adapter,
     write_diffusers_lora_dir,
 )
-from service.adapters.testing import tiny_pipeline, write_reference_lora
+from service.adapters.testing import write_reference_lora
 
 Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One intra-op thread: the machine's 2 cores are shared, and set_flush_denormal only reaches
-    # the calling thread, so a second OpenMP worker can crawl through denormals (seen: 10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")

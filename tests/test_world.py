@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+from service.world import HELDOUT_SHAPES, Scene, WorldObject, generate, render
+from service.world.captions import parse_caption
+from service.world.generator import COLORS, _ink, render_background, texture_pattern
+from service.world.heldout import CONCEPTS, STYLES, shapes_outside
+from service.world.vocab import HELDOUT_COMBOS
+
+
+def test_generator_is_deterministic_per_seed_and_index():
+    a, b = generate(7, 3), generate(7, 3)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
+    assert a.caption == b.caption and a.scene == b.scene
+    others = [generate(7, 4), generate(8, 3)]
+    assert all(o.caption != a.caption or not np.array_equal(o.image, a.image) for o in others)
+
+
+@pytest.mark.parametrize("index", range(24))
+def test_masks_and_captions_agree_with_pixels(index):
+    s = generate(1, index)
+    size = s.image.shape[0]
+    assert s.image.shape == (size, size, 3) and s.image.dtype == np.uint8
+    assert len(s.masks) == len(s.scene.objects) > 0
+    # Objects never overlap, and each is clearly visible.
+    assert not (s.masks.sum(0) > 1).any()
+    assert all(m.sum() > 60 for m in s.masks)
+    # Outside every mask the pixels are exactly the background the caption names.
+    background = np.rint(render_background(s.scene.background, s.scene.bg_color, size)).astype(np.uint8)
+    outside = ~s.masks.any(0)
+    assert np.array_equal(s.image[outside], background[outside])
+    # Inside an object's mask: its colour where its texture has no ink, the ink colour elsewhere.
+    for obj, mask in zip(s.scene.objects, s.masks):
+        colour = np.array(COLORS[obj.color], np.uint8)
+        ink = texture_pattern(obj.texture, size)
+        assert (s.image[mask & ~ink] == colour).all()
+        assert (s.image[mask & ink] == _ink(colour.astype(np.float32)).astype(np.uint8)).all()
+        if obj.texture != "solid":
+            assert (mask & ink).sum() > 0.15 * mask.sum()  # the texture is really there
+    # The caption says exactly what was drawn.
+    want = parse_caption(s.caption)
+    assert want["background"] == s.scene.background and want["bg_color"] == s.scene.bg_color
+    assert [(o["shape"], o["color"], o["texture"]) for o in want["objects"]] == [
+        (o.shape, o.color, o.texture) for o in s.scene.objects
+    ]
+
+
+def test_caption_wording():
+    scene = Scene("stripes", "blue", (WorldObject("star", "red", "dotted", 0.5, 0.5, 0.3),))
+    assert scene.caption == "a red dotted star on a blue striped background"
+    two = Scene("solid", "white", (WorldObject("circle", "red", "solid", 0.3, 0.3, 0.2), WorldObject("ring", "black", "striped", 0.7, 0.7, 0.15)))
+    assert two.caption == "a red circle and a black striped ring on a white background"
+    vowel = Scene("gradient", "orange", (WorldObject("ring", "orange", "striped", 0.5, 0.5, 0.3),))
+    assert vowel.caption == "an orange striped ring on an orange gradient background"
+    assert parse_caption(vowel.caption)["bg_color"] == "orange"
+
+
+def test_base_distribution_never_shows_held_out_values():
+    for i in range(600):
+        scene = generate(2, i).scene
+        for o in scene.objects:
+            assert o.shape not in HELDOUT_SHAPES
+            assert (o.color, o.texture) not in HELDOUT_COMBOS
+            assert o.color != scene.bg_color
+
+
+def test_renders_at_other_sizes():
+    scene = generate(3, 0).scene
+    big = render(scene, 128)
+    small = render(scene, 64)
+    assert big.image.shape == (128, 128, 3)
+    # Same silhouettes, up to the edge pixels of the finer grid.
+    down = big.masks[:, ::2, ::2] | big.masks[:, 1::2, 1::2]
+    assert (down == small.masks).mean() > 0.97
+
+
+def test_held_out_concepts_have_consistent_references():
+    for concept in CONCEPTS.values():
+        refs = concept.references(n=4, seed=0)
+        assert [r.caption for r in refs] == [r.caption for r in concept.references(n=4, seed=0)]
+        assert len({r.image.tobytes() for r in refs}) == 4  # varied position, size, background
+        for r in refs:
+            (obj,) = r.scene.objects
+            assert (obj.shape, obj.color, obj.texture) == (concept.shape, concept.color, concept.texture)
+            assert r.scene.bg_color != concept.color
+
+
+def test_styles_render_their_treatment_and_list_their_content():
+    outline = STYLES["neon-outline"].reference()
+    mask = outline.masks[0]
+    colour = np.array(COLORS[STYLES["neon-outline"].content[0].color], np.uint8)
+    painted = (outline.image == colour).all(-1) & mask
+    assert 0 < painted.sum() < 0.6 * mask.sum()  # a contour, not a filled shape
+    pixel = STYLES["pixel-checker"].reference().image
+    assert (pixel[::4, ::4] == pixel[3::4, 3::4]).all()  # constant 4x4 blocks
+    pastel = STYLES["pastel-gradient"].reference().image
+    assert pastel.min() > 100  # washed out towards white
+    for style in STYLES.values():
+        assert style.content and not set(shapes_outside(style)) & {o.shape for o in style.content}
