@@ -18,16 +18,15 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from service.basemodel import DEFAULT_MODEL_DIR
+from service.basemodel.config import SCHEDULER_CONFIG
+
 from .tokenizer import build_clip_tokenizer
 
 SEEDED_MODEL_NAME = "steerserve-seeded-tiny"
 
 
 def trained_model_dir() -> Path | None:
-    try:
-        from service.basemodel import DEFAULT_MODEL_DIR
-    except ImportError:
-        return None
     path = Path(DEFAULT_MODEL_DIR)
     return path if (path / "model_index.json").is_file() else None
 
@@ -76,14 +75,7 @@ def build_seeded_tiny_pipeline_components(seed: int = 0) -> dict:
             max_position_embeddings=77,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)  # SD 1.x's schedule, shared with the trained model
     return dict(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), scheduler=scheduler
     )
