@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc

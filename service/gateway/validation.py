@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.config import Settings
 from service.engine.images import ImageDecodeError, decode_image
-from service.engine.pipeline import AdapterUse, GenerationSpec, ModelLimits
+from service.engine.pipeline import GenerationSpec, ModelLimits
 
 from .errors import invalid
 
