@@ -39,6 +39,11 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Moves the unconditional prediction toward the prompt's by `scale` (1 = no guidance)."""
+    return uncond + scale * (cond - uncond)
+
+
 class GenerationCancelled(Exception):
     """Raised between denoising steps when the caller's `should_stop` says so (deadline, cancel)."""
 
@@ -268,7 +273,7 @@ class Engine:
         with self.adapters.activate(list(rows) + list(rows)):
             noise = self.unet(latent_in, t, encoder_hidden_states=prompt_embeds).sample
         uncond, cond = noise.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        return classifier_free_guidance(uncond, cond, guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

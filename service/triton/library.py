@@ -34,6 +34,7 @@ from service.engine.pipeline import (
     GenerationCancelled,
     GenerationSpec,
     ModelLimits,
+    classifier_free_guidance,
     flush_denormals,
 )
 
@@ -277,7 +278,7 @@ async def run_generation(
         round_trip = time.perf_counter() - sent
         noise = torch.from_numpy(noise_pairs)
         uncond, cond = noise[:, 0], noise[:, 1]
-        noise = uncond + spec.guidance_scale * (cond - uncond)
+        noise = classifier_free_guidance(uncond, cond, spec.guidance_scale)
         latents = scheduler.step(noise, t, latents).prev_sample
         if on_step is not None:
             await on_step(StepInfo(i + 1, spec.steps, batch_size, max(0.0, round_trip - compute_s)))
