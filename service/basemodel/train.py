@@ -8,8 +8,10 @@
 Stage 1 trains the AutoencoderKL on freshly generated world images (L1 + MSE reconstruction, a tiny
 KL term as in SD). Stage 2 encodes a fixed set of world images once (latents are cheap to reuse),
 then trains the UNet and the CLIP text encoder together with the SD epsilon objective, min-SNR(5)
-loss weighting, 10% caption dropout to "" (so classifier-free guidance works) and an EMA of the
-weights, which is what gets exported.
+loss weighting, latent cells on and around objects weighted 3x (shapes are a small part of each
+image), 10% caption dropout to "" (so classifier-free guidance works) and an EMA of the weights,
+which is what gets exported. `--init-from` may name a model whose UNet lacks attention blocks that
+config.py now has (load_grown_unet): they start as the identity and train from there.
 
 Everything is seeded: the batch at step s depends only on (seed, s), so a run resumed from a
 checkpoint continues exactly as an uninterrupted one would. Checkpoints and logs live in --workdir
@@ -137,19 +139,31 @@ def build_unet_and_text(seed: int) -> tuple[UNet2DConditionModel, CLIPTextModel]
     return unet, text_encoder
 
 
+def object_regions(samples, latent_size: int) -> torch.Tensor:
+    """Where the objects are, at latent resolution: the union of the masks, max-pooled to the latent
+    grid and grown by one cell so the band just outside the outline (what tells a star from a
+    circle) counts as object too. [N, 1, h, w] in {0, 1}."""
+    masks = torch.from_numpy(np.stack([s.masks.any(axis=0) for s in samples])).float()[:, None]
+    cells = F.adaptive_max_pool2d(masks, latent_size)
+    return F.max_pool2d(cells, 3, stride=1, padding=1)
+
+
 def encode_dataset(vae: AutoencoderKL, tokenizer, n: int, seed: int, workdir: Path) -> dict:
-    """Latents (scaled) and token ids of n world images; cached in workdir, keyed by n and seed."""
-    path = workdir / f"latents_n{n}_seed{seed}.pt"
+    """Latents (scaled), object regions and token ids of n world images; cached in workdir, keyed by
+    n and seed."""
+    path = workdir / f"latents_n{n}_seed{seed}_regions.pt"
     if path.exists():
         return torch.load(path)
-    latents, captions = [], []
+    latents, regions, captions = [], [], []
     with torch.no_grad():
         for start in range(0, n, 500):
             samples = generate_batch(seed * 1000 + UNET_STREAM, start, min(500, n - start))
-            latents.append(vae.encode(images_to_tensor(samples)).latent_dist.mode() * vae.config.scaling_factor)
+            z = vae.encode(images_to_tensor(samples)).latent_dist.mode() * vae.config.scaling_factor
+            latents.append(z)
+            regions.append(object_regions(samples, z.shape[-1]).to(torch.uint8))
             captions += [s.caption for s in samples]
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    data = {"latents": torch.cat(latents), "ids": ids}
+    data = {"latents": torch.cat(latents), "regions": torch.cat(regions), "ids": ids}
     save_atomic(data, path)
     return data
 
@@ -182,10 +196,35 @@ def export_pipeline(vae, unet, text_encoder, tokenizer, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
+def load_grown_unet(unet: UNet2DConditionModel, old: UNet2DConditionModel) -> None:
+    """Load `old` into `unet`, which may have attention blocks `old` lacks (config.py grew one).
+
+    Every weight of `old` must land; a new attention block starts as the identity (its output
+    projection zeroed; the block is residual), so the grown UNet computes exactly what `old` did
+    and training goes on from there instead of from scratch.
+    """
+    missing, unexpected = unet.load_state_dict(old.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"--init-from UNet has weights this architecture lacks: {unexpected[:5]}")
+    # "up_blocks.2.attentions.0.proj_in.weight" -> "up_blocks.2.attentions.0"
+    new_blocks = {".".join(k.split(".")[:4]) for k in missing if k.split(".")[2:3] == ["attentions"]}
+    outside = [k for k in missing if ".".join(k.split(".")[:4]) not in new_blocks]
+    if outside:
+        raise ValueError(f"--init-from UNet lacks weights outside new attention blocks: {outside[:5]}")
+    for name in sorted(new_blocks):
+        proj_out = unet.get_submodule(name).proj_out
+        torch.nn.init.zeros_(proj_out.weight)
+        torch.nn.init.zeros_(proj_out.bias)
+
+
 def train_unet(args, vae: AutoencoderKL, workdir: Path) -> None:
     tokenizer = build_clip_tokenizer()
     data = encode_dataset(vae, tokenizer, args.dataset_size, args.seed, workdir)
     latents, ids = data["latents"], data["ids"]
+    # Loss weight per latent cell: objects (and the band around them) count `object_weight` times
+    # more. Backgrounds fill most of every image, so with a plain mean the outline that makes a
+    # star a star is a sliver of the loss, and the model learned colours long before shapes.
+    cell_weight = 1.0 + (args.object_weight - 1.0) * data["regions"].float()
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
 
     unet, text_encoder = build_unet_and_text(args.seed)
@@ -202,7 +241,7 @@ def train_unet(args, vae: AutoencoderKL, workdir: Path) -> None:
         # Continue from an exported model (e.g. the shipped one) when its checkpoint is not at hand;
         # the optimizer and the step counter start afresh.
         src = Path(args.init_from)
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(src / "unet").float().state_dict())
+        load_grown_unet(unet, UNet2DConditionModel.from_pretrained(src / "unet").float())
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(src / "text_encoder").float().state_dict())
         ema_unet.load_state_dict(unet.state_dict())
         ema_text.load_state_dict(text_encoder.state_dict())
@@ -238,7 +277,7 @@ def train_unet(args, vae: AutoencoderKL, workdir: Path) -> None:
             break
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         idx = torch.randint(len(latents), (args.unet_batch,), generator=g)
-        x0, tok = latents[idx], ids[idx].clone()
+        x0, tok, w = latents[idx], ids[idx].clone(), cell_weight[idx]
         tok[torch.rand(args.unet_batch, generator=g) < args.caption_dropout] = empty_ids
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.unet_batch,), generator=g)
@@ -250,7 +289,13 @@ def train_unet(args, vae: AutoencoderKL, workdir: Path) -> None:
         # min-SNR(5): down-weights the easy low-noise steps, which speeds up convergence.
         snr = alphas[t] / (1 - alphas[t])
         weight = torch.clamp(snr, max=5.0) / snr
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        # Low-SNR boost: at SNR s the epsilon loss weighs the clean image by s, so where the noise
+        # has erased the background colour and the layout (SNR < 0.1), the steps that must take
+        # them from the caption barely train. Raise those steps' weight as 0.1/s, at most
+        # `low_snr_boost` times.
+        weight = weight * torch.clamp(0.1 / snr, min=1.0, max=args.low_snr_boost)
+        per_sample = (w * F.mse_loss(pred, noise, reduction="none")).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
+        loss = (weight * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -285,10 +330,12 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt-every-vae", type=int, default=200)
     p.add_argument("--dataset-size", type=int, default=20_000)
     p.add_argument("--unet-steps", type=int, default=5000)
-    p.add_argument("--unet-batch", type=int, default=16)
-    p.add_argument("--unet-lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--unet-lr", type=float, default=8e-4)
+    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--low-snr-boost", type=float, default=20.0, help="largest loss weight of low-SNR steps (1: plain min-SNR)")
+    p.add_argument("--object-weight", type=float, default=3.0, help="loss weight of latent cells on and around objects (background: 1)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--init-from", help="with --stage unet: start from this exported model folder (VAE, UNet, text encoder)")

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from service.basemodel import DEFAULT_MODEL_DIR
-from service.basemodel.config import SCHEDULER_CONFIG
+from service.basemodel.config import SD_SCHEDULER_CONFIG
 
 from .tokenizer import build_clip_tokenizer
 
@@ -75,7 +75,7 @@ def build_seeded_tiny_pipeline_components(seed: int = 0) -> dict:
             max_position_embeddings=77,
         )
     )
-    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)  # SD 1.x's schedule, shared with the trained model
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)  # SD 1.x's schedule
     return dict(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), scheduler=scheduler
     )
