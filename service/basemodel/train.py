@@ -8,7 +8,7 @@
 Stage 1 trains the AutoencoderKL on freshly generated world images (L1 + MSE reconstruction, a tiny
 KL term as in SD). Stage 2 encodes a fixed set of world images once (latents are cheap to reuse),
 then trains the UNet and the CLIP text encoder together with the SD epsilon objective, min-SNR(5)
-loss weighting, latent cells on and around objects weighted 3x (shapes are a small part of each
+loss weighting with a boost for the low-SNR steps (up to 20x; docs/world.md says why), latent cells on and around objects weighted 3x (shapes are a small part of each
 image), 10% caption dropout to "" (so classifier-free guidance works) and an EMA of the weights,
 which is what gets exported. `--init-from` may name a model whose UNet lacks attention blocks that
 config.py now has (load_grown_unet): they start as the identity and train from there.
