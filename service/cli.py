@@ -164,18 +164,27 @@ def cmd_generate(args) -> int:
 def cmd_personalize(args) -> int:
     stub, md = _stub(args)
     method = args.method.upper().replace("-", "_")
+    options = pb.TrainingOptions(
+        steps=args.steps, rank=args.rank, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder,
+    )
+    if args.seed is not None:
+        options.seed = args.seed
     req = pb.PersonalizeRequest(
         method=pb.PersonalizationMethod.Value(method), name=args.name, class_word=args.class_word,
         images=[_read_image(p) for p in args.images], style_phrase=args.style_phrase,
-        concepts=[pb.Concept(phrase=c) for c in args.concept or []],
-        options=pb.TrainingOptions(steps=args.steps, rank=args.rank, learning_rate=args.learning_rate),
+        concepts=[pb.Concept(phrase=c) for c in args.concept or []], token=args.concept_token or "", options=options,
     )
     job = stub.Personalize(req, metadata=md, timeout=args.timeout)
-    print(f"job {job.job_id} {pb.JobState.Name(job.state)}")
-    return _watch(stub, md, job.job_id)
+    print(f"job {job.job_id} {pb.JobState.Name(job.state)}: token {job.token!r}, "
+          f"prompt 'a {job.token} {job.class_word}'", flush=True)
+    if args.no_wait:
+        return 0
+    return _watch(stub, md, job.job_id, args.previews)
 
 
-def _watch(stub, md, job_id: str) -> int:
+def _watch(stub, md, job_id: str, previews: str | None = None) -> int:
+    """Follows WatchJob with a progress bar (step, loss, ETA) until the job ends."""
     from tqdm import tqdm
 
     bar = None
@@ -183,10 +192,16 @@ def _watch(stub, md, job_id: str) -> int:
     for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=md):
         job = event.job
         if bar is None and event.total_steps:
-            bar = tqdm(total=event.total_steps, desc="training", file=sys.stderr)
+            bar = tqdm(total=event.total_steps, desc="training", file=sys.stderr,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}{postfix}]")
         if bar is not None:
             bar.n = event.step
-            bar.set_postfix(loss=f"{event.loss:.4f}", state=pb.JobState.Name(event.state))
+            postfix = {"loss": f"{event.loss:.4f}", "state": pb.JobState.Name(event.state)}
+            if event.eta_seconds:
+                postfix["eta"] = f"{event.eta_seconds:.0f}s"
+            if event.message and event.state != pb.RUNNING or "resumed" in event.message:
+                postfix["note"] = event.message
+            bar.set_postfix(postfix)
             bar.refresh()
     if bar is not None:
         bar.close()
@@ -194,6 +209,14 @@ def _watch(stub, md, job_id: str) -> int:
         return 1
     print(f"job {job.job_id} {pb.JobState.Name(job.state)}" + (f": adapter {job.adapter_id}" if job.adapter_id else "")
           + (f": {job.error}" if job.error else ""))
+    if previews and job.previews:
+        out = Path(previews)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(job.previews):
+            (out / f"{job.job_id}-{i}.png").write_bytes(image.data)
+        print(f"wrote {len(job.previews)} previews ('a {job.token} {job.class_word}') to {out}/")
+    if job.state == pb.SUCCEEDED:
+        print(f"use it: steerserve generate \"a {job.token} {job.class_word} on a ...\" --adapter {job.adapter_id}")
     return 0 if job.state == pb.SUCCEEDED else 1
 
 
@@ -243,15 +266,21 @@ def cmd_jobs(args) -> int:
     stub, md = _stub(args)
     if args.action == "list":
         for j in stub.ListJobs(pb.ListJobsRequest(), metadata=md).jobs:
-            print(f"{j.job_id}  {j.name:<24} {pb.JobState.Name(j.state):<10} {j.progress:.0%}")
+            _print_job(j)
         return 0
     if args.action == "watch":
         return _watch(stub, md, args.id)
     call = stub.GetJob if args.action == "get" else stub.CancelJob
     request = pb.GetJobRequest(job_id=args.id) if args.action == "get" else pb.CancelJobRequest(job_id=args.id)
-    j = call(request, metadata=md)
-    print(f"{j.job_id}  {pb.JobState.Name(j.state)} {j.progress:.0%} {j.error}")
+    _print_job(call(request, metadata=md))
     return 0
+
+
+def _print_job(j: pb.Job) -> None:
+    eta = f" eta {j.eta_seconds:.0f}s" if j.eta_seconds else ""
+    print(f"{j.job_id}  {j.name:<20} {pb.PersonalizationMethod.Name(j.method):<18} {pb.JobState.Name(j.state):<10} "
+          f"{j.step}/{j.total_steps} ({j.progress:.0%}){eta}  token={j.token or '-'}"
+          + (f"  adapter={j.adapter_id}" if j.adapter_id else "") + (f"  {j.error or j.message}" if j.error or j.message else ""))
 
 
 # -- argument parsing ----------------------------------------------------------------------------
@@ -302,9 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--class-word", default="")
     t.add_argument("--style-phrase", default="")
     t.add_argument("--concept", action="append", help="FineStyle concept phrase, repeatable")
-    t.add_argument("--steps", type=int, default=0)
+    t.add_argument("--concept-token", help="the word that will invoke the concept (default: a free rare word)")
+    t.add_argument("--steps", type=int, default=0, help="0: the method's default")
     t.add_argument("--rank", type=int, default=0)
     t.add_argument("--learning-rate", type=float, default=0.0)
+    t.add_argument("--batch-size", type=int, default=0)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--prior-loss-weight", type=float, default=0.0,
+                   help="prior preservation with the base model's own class images (0: off)")
+    t.add_argument("--train-text-encoder", action="store_true", help="dreambooth-lora: LoRA on the text encoder too")
+    t.add_argument("--previews", metavar="DIR", help="save the finished job's preview images here")
+    t.add_argument("--no-wait", action="store_true", help="print the job id and return (watch with 'jobs watch')")
     t.set_defaults(func=cmd_personalize)
 
     e = client("edit", "edit a source image toward an adapter's concept")

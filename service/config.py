@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     # Concurrency: engine calls run in this many worker threads.
     engine_workers: int = 1
 
+    # Personalization jobs.
+    training_workers: int = 1  # jobs trained at once (each on its own copy of the base model)
+    max_queued_jobs: int = 16  # QUEUED jobs of all tenants; beyond: RESOURCE_EXHAUSTED
+    max_jobs_per_tenant: int = 2  # QUEUED + RUNNING jobs of one tenant; beyond: RESOURCE_EXHAUSTED
+    checkpoint_every: int = 50  # training steps between checkpoints (a restart resumes from the last)
+    job_previews: int = 4  # preview images of a finished job ("a <token> <class_word>", seeds 0..n-1)
+    job_max_attempts: int = 3  # starts of one job (restarts, model server outages) before it FAILS
+
     # Adapter bank (same variable names configure the Triton model instances).
     adapter_slots: int = 16  # slots including slot 0 (the base model)
     adapter_max_rank: int = 16

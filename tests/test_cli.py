@@ -71,6 +71,22 @@ def test_serve_and_client_commands(tmp_path):
             assert torch.equal(exported.lora[name].down, module.down) and torch.equal(exported.lora[name].up, module.up)
             assert exported.lora[name].scale == module.scale
 
+        # Personalize with a progress bar fed by WatchJob, then the job in `jobs list`.
+        from PIL import Image
+        from service.world.heldout import CONCEPTS
+
+        photos = []
+        for i, sample in enumerate(CONCEPTS["yellow-crescent"].references(3)):
+            Image.fromarray(sample.image).save(tmp_path / f"photo{i}.png")
+            photos.append(f"photo{i}.png")
+        out = cli("personalize", *photos, "--method", "dreambooth-lora", "--name", "cli-crescent", "--class-word",
+                  "circle", "--steps", "4", "--batch-size", "2", "--previews", "previews")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "SUCCEEDED: adapter ad-" in out.stdout and "training: 100%" in out.stderr
+        assert "token 'sks'" in out.stdout and len(list((tmp_path / "previews").glob("*.png"))) >= 1
+        out = cli("jobs", "list")
+        assert "cli-crescent" in out.stdout and "SUCCEEDED" in out.stdout and "4/4" in out.stdout
+
         out = cli("generate", "x", "--width", "63")
         assert out.returncode == 1 and "INVALID_ARGUMENT: width" in out.stderr
         out = cli("generate", "x", "--token", "wrong")

@@ -46,6 +46,7 @@ def settings(tmp_path_factory, model_dir):
     return Settings(
         host="127.0.0.1", grpc_port=0, metrics_port=free_port(), api_keys=dict(TOKENS), backend="triton",
         data_dir=tmp_path_factory.mktemp("triton-data"), model_dir=model_dir, default_steps=3,
+        checkpoint_every=2, job_previews=2,
     )
 
 
@@ -163,6 +164,77 @@ def test_progress_streams_every_step(stack):
     call = backend.generate(GenerationSpec(prompt="a ring", steps=3, seed=1), None, lambda s, t: seen.append((s, t)))
     result = asyncio.run_coroutine_threadsafe(call, stack.loop).result(60)
     assert seen == [(1, 3), (2, 3), (3, 3)] and len(result.images) == 1
+
+
+def _crescent_request(name: str, steps: int) -> pb.PersonalizeRequest:
+    from service.world.heldout import CONCEPTS
+
+    photos = []
+    for sample in CONCEPTS["yellow-crescent"].references(3, seed=0):
+        buf = io.BytesIO()
+        Image.fromarray(sample.image).save(buf, format="PNG")
+        photos.append(pb.Image(data=buf.getvalue()))
+    return pb.PersonalizeRequest(method=pb.CUSTOM_DIFFUSION, name=name, class_word="circle", images=photos,
+                                 options=pb.TrainingOptions(steps=steps, batch_size=2, seed=4))
+
+
+def _wait_job(stub, job_id, predicate, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=auth())
+        if predicate(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id}: {job}")
+
+
+def test_personalize_trains_on_tritons_personalize_model(stack, triton, model_dir):
+    stub = stack.stub()
+    count0 = nv_metric(triton, "nv_inference_request_success", "personalize")
+    job = stub.Personalize(_crescent_request("triton-cd", steps=6), metadata=auth())
+    events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=auth(), timeout=300))
+    done = events[-1].job
+    assert done.state == pb.SUCCEEDED, done.error
+    assert any(e.state == pb.RUNNING and 0 < e.step <= 6 for e in events)
+    assert nv_metric(triton, "nv_inference_request_success", "personalize") == count0 + 1  # it ran in Triton
+    assert len(done.previews) == 2  # made through Triton's generate model with the new adapter
+
+    # The same training as in-process (same spec, same code), to float rounding.
+    from service.adapters import parse_adapter
+    from service.jobs.requests import training_spec
+    from service.personalize import FrozenBase, train
+
+    stored = parse_adapter(stack.gateway.servicer.adapter_store.read_blob(
+        stack.gateway.servicer.adapter_store.get("alice", done.adapter_id)))
+    request = pb.PersonalizeRequest.FromString(stack.gateway.servicer.job_store.get("alice", job.job_id).request)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = train(FrozenBase.from_pretrained(model_dir), training_spec(request, 2**31, 0))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(stored.token_embeddings[done.token], local.token_embeddings[done.token], rtol=0, atol=1e-5)
+    for name, module in local.lora.items():
+        torch.testing.assert_close(stored.lora[name].up, module.up, rtol=0, atol=1e-5)
+
+    # Generate through Triton with the new adapter.
+    plain = pb.GenerateRequest(prompt=f"a {done.token} circle", steps=3, seed=2)
+    tuned = pb.GenerateRequest(prompt=plain.prompt, steps=3, seed=2, adapters=[pb.AdapterRef(adapter_id=done.adapter_id)])
+    a = pixels(stub.Generate(plain, metadata=auth()).images[0]).astype(int)
+    b = pixels(stub.Generate(tuned, metadata=auth()).images[0]).astype(int)
+    assert np.abs(a - b).mean() > 0.5
+
+
+def test_personalize_on_triton_streams_checkpoints_and_cancels(stack):
+    stub = stack.stub()
+    job = stub.Personalize(_crescent_request("triton-long", steps=3000), metadata=auth())
+    checkpoint = stack.settings.data_dir / "checkpoints" / f"{job.job_id}.ckpt"
+    _wait_job(stub, job.job_id, lambda j: j.state == pb.RUNNING and checkpoint.exists())
+    assert stub.CancelJob(pb.CancelJobRequest(job_id=job.job_id), metadata=auth()).state == pb.CANCELLED
+    _wait_job(stub, job.job_id, lambda j: not checkpoint.exists(), timeout=60)
+    # The personalize model stopped that job and is free for the next one.
+    nxt = stub.Personalize(_crescent_request("triton-after", steps=2), metadata=auth())
+    assert _wait_job(stub, nxt.job_id, lambda j: j.state not in (pb.QUEUED, pb.RUNNING)).state == pb.SUCCEEDED
 
 
 def test_unload_and_load_a_model(stack, triton):

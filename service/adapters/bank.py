@@ -117,9 +117,12 @@ class BankedLoRALinear(nn.Module):
         return f"slots={self.lora_A.shape[0]}, max_rank={self.max_rank}"
 
 
-def _replace_linears(
-    root: nn.Module, prefix: str, targets: Sequence[str], make: Callable[[nn.Linear], BankedLoRALinear]
-) -> dict[str, BankedLoRALinear]:
+def replace_linears(
+    root: nn.Module, prefix: str, targets: Sequence[str], make: Callable[[nn.Linear], nn.Module]
+) -> dict[str, nn.Module]:
+    """Replaces each nn.Linear whose path ends with a target by ``make(linear)``; returns the new
+    layers keyed ``<prefix>.<path>`` (the adapter format's module names). The trainers' LoRA layers
+    use it too, so a trained adapter names exactly the layers the bank serves."""
     replaced = {}
     for name, module in list(root.named_modules()):
         # Only whole path components match ("attn1.to_q", not "xattn1.to_q").
@@ -174,10 +177,10 @@ class AdapterBank:
         def make(linear: nn.Linear) -> BankedLoRALinear:
             return BankedLoRALinear(linear, num_slots, max_rank, self.state)
 
-        self.layers: dict[str, BankedLoRALinear] = _replace_linears(unet, "unet", target_modules, make)
+        self.layers: dict[str, BankedLoRALinear] = replace_linears(unet, "unet", target_modules, make)
         self.hidden_size: int | None = None
         if text_encoder is not None:
-            self.layers.update(_replace_linears(text_encoder, "text_encoder", text_encoder_target_modules, make))
+            self.layers.update(replace_linears(text_encoder, "text_encoder", text_encoder_target_modules, make))
             self.hidden_size = text_encoder.get_input_embeddings().embedding_dim
         if not any(k.startswith("unet.") for k in self.layers):
             raise ValueError(f"no nn.Linear in the UNet matches target_modules {tuple(target_modules)}")
@@ -301,6 +304,7 @@ class AdapterBank:
 
 
 __all__ = [
+    "replace_linears",
     "AdapterBank",
     "BankedLoRALinear",
     "BankState",

@@ -22,6 +22,15 @@ from torch import nn
 _PLACEHOLDER_ID = 0
 
 
+def _token_pattern(token: str) -> str:
+    pattern = re.escape(token)
+    if token[:1].isalnum():
+        pattern = r"(?<!\w)" + pattern
+    if token[-1:].isalnum():
+        pattern += r"(?!\w)"
+    return pattern
+
+
 class PromptEncoder:
     """Encodes a batch of prompts with per-row textual-inversion tokens, thread-safely."""
 
@@ -68,8 +77,9 @@ class PromptEncoder:
 
         if not row_tokens:
             return plain(prompt), []
-        # Longest first, so "<cat-v2>" is not matched as "<cat" + "-v2>".
-        pattern = re.compile("|".join(re.escape(t) for t in sorted(row_tokens, key=len, reverse=True)))
+        # Longest first, so "<cat-v2>" is not matched as "<cat" + "-v2>"; a token that starts or ends
+        # with a letter or digit only matches as a whole word ("sks" is not inside "asks").
+        pattern = re.compile("|".join(_token_pattern(t) for t in sorted(row_tokens, key=len, reverse=True)))
         ids: list[int] = []
         injected: list[tuple[int, torch.Tensor]] = []
         pos = 0
@@ -87,6 +97,13 @@ class PromptEncoder:
         self, prompts: Sequence[str], tokens: Sequence[Mapping[str, torch.Tensor]] | None = None
     ) -> torch.Tensor:
         """Last hidden states [B, L, D] of the text encoder, each row with its own learned tokens."""
+        return self.embed(prompts, tokens)
+
+    def embed(
+        self, prompts: Sequence[str], tokens: Sequence[Mapping[str, torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """`encode` with gradients flowing to the token vectors (training a token: Textual
+        Inversion, Custom Diffusion) and to any trainable layer of the encoder."""
         ids, mask, vectors = self.tokenize(prompts, tokens)
         device = self._embedding.weight.device
         ids, mask = ids.to(device), mask.to(device)

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from service.engine.pipeline import GenerationResult, GenerationSpec, ModelLimits
+from service.personalize import Progress, TrainingSpec
 
 
 class BackendBusy(RuntimeError):
@@ -19,6 +20,7 @@ class Backend(Protocol):
     model_name: str
     model_dir: Path  # the diffusers folder served (the gateway validates adapters against it)
     limits: ModelLimits
+    tokenizer: object  # the served model's CLIPTokenizer (prompt lengths, personalization tokens)
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -29,5 +31,10 @@ class Backend(Protocol):
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
     ) -> GenerationResult:
         """Runs a generation; raises GenerationCancelled past `deadline` (time.monotonic())."""
+
+    async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
+        """Trains an adapter (service.personalize) where the model runs; returns its serialized
+        file. Raises TrainingStopped when progress.should_stop() turns true, BackendUnavailable
+        when the model server cannot be reached."""
 
     async def close(self) -> None: ...

@@ -1,4 +1,9 @@
-"""The in-process backend: the engine in this process, behind a bounded queue of worker threads."""
+"""The in-process backend: the engine in this process, behind a bounded queue of worker threads.
+
+Training jobs run on their own threads (`training_workers`), each with a private copy of the base
+model (service.personalize.FrozenBase): a job wraps the model's layers in trainable LoRA while it
+runs, which must never reach the engine that serves Generate.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from service.adapters import serialize_adapter
 from service.engine.pipeline import Engine, GenerationCancelled, GenerationResult, GenerationSpec
+from service.personalize import FrozenBase, Progress, TrainingSpec, train
 
 from .base import BackendBusy
 
@@ -16,13 +23,18 @@ from .base import BackendBusy
 class InProcessBackend:
     name = "inprocess"
 
-    def __init__(self, engine: Engine, model_dir, workers: int = 1, max_queue: int = 64, metrics=None):
+    def __init__(
+        self, engine: Engine, model_dir, workers: int = 1, max_queue: int = 64, metrics=None, training_workers: int = 1
+    ):
         self.engine = engine
         self.model_dir = model_dir
         self.model_name = engine.name
         self.limits = engine.limits
+        self.tokenizer = engine.tokenizer
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
+        self._trainers = ThreadPoolExecutor(max_workers=training_workers, thread_name_prefix="trainer")
+        self._bases = threading.local()  # one FrozenBase per training thread, loaded on first use
         self._max_queue = max_queue
         self._waiting = 0
         self._lock = threading.Lock()
@@ -81,5 +93,17 @@ class InProcessBackend:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._waiting)
 
+    async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
+        def run() -> bytes:
+            base = getattr(self._bases, "base", None)
+            if base is None:
+                base = self._bases.base = FrozenBase.from_pretrained(
+                    self.model_dir, device=self.engine.device, dtype=self.engine.dtype
+                )
+            return serialize_adapter(train(base, spec, progress, resume))
+
+        return await asyncio.wrap_future(self._trainers.submit(run))
+
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._trainers.shutdown(wait=True, cancel_futures=True)

@@ -1,10 +1,15 @@
-"""The Triton backend: Generate runs as the `generate` model of a Triton server (model_repo/).
+"""The Triton backend: Generate runs as the `generate` model of a Triton server (model_repo/), and
+personalization jobs as its `personalize` model.
 
 One bidirectional gRPC stream per request (the model is decoupled): the final response holds the
 images and, per denoising step, the UNet batch that step ran in and its queue time; when the caller
 wants progress, Triton also streams a response per step. Errors map to
 gRPC statuses: Triton unreachable or a model not loaded -> BackendUnavailable (UNAVAILABLE), the
 caller's deadline -> GenerationCancelled (DEADLINE_EXCEEDED), a bad request -> INVALID_ARGUMENT.
+
+A training job is one stream too: a response per step (progress), per checkpoint (the state the
+job runner stores), and the adapter file last. Stopping a job cancels its stream; Triton stops the
+training loop before its next step.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from transformers import CLIPTokenizer
 
 from service.engine.pipeline import GenerationCancelled, GenerationResult, GenerationSpec
+from service.engine.sampling import ModelFacts
 from service.gateway.errors import ServiceError
+from service.personalize import Progress, TrainingSpec, TrainingStopped
 from service.triton.client import InferenceServerException, aioclient, grpcclient
-from service.triton.library import ModelFacts, encode_adapters, parse_status
+from service.triton.library import encode_adapters, parse_status, training_spec_to_wire
 
 from .base import BackendBusy, BackendUnavailable
 
 GENERATE_MODEL = "generate"
+PERSONALIZE_MODEL = "personalize"
+_STOP_POLL_SECONDS = 0.2  # how often a training stream checks whether its job must stop
 MAX_MESSAGE_BYTES = 2**31 - 1  # tritonclient's own default: images of any allowed size
 # Phrases Triton uses when the model (or one it calls through BLS) is not loaded.
 _NOT_LOADED = ("is not ready", "unknown model", "is not found", "unavailable model")
@@ -158,6 +167,56 @@ class TritonBackend:
                 timings=timings,
             )
         raise self._unavailable("Triton closed the stream before the result")
+
+    async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
+        spec_json, pngs = training_spec_to_wire(spec)
+        inputs = [_tensor("SPEC", [spec_json], "BYTES"), _tensor("IMAGES", pngs, "BYTES")]
+        if resume is not None:
+            inputs.append(_tensor("RESUME", [resume], "BYTES"))
+
+        async def requests():
+            yield {"model_name": PERSONALIZE_MODEL, "inputs": inputs}
+
+        try:
+            stream = self.client().stream_infer(requests())
+        except InferenceServerException as exc:
+            raise self._unavailable(str(exc)) from exc
+        stopped = False
+
+        async def stop_when_told():
+            nonlocal stopped
+            while not progress.should_stop():
+                await asyncio.sleep(_STOP_POLL_SECONDS)
+            stopped = True
+            stream.cancel()  # the model sees request.is_cancelled() before its next step
+
+        watcher = asyncio.get_running_loop().create_task(stop_when_told())
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    exc = self._mapped(str(error))
+                    raise TrainingStopped(str(exc)) if stopped or isinstance(exc, GenerationCancelled) else exc
+                adapter = result.as_numpy("ADAPTER")
+                if adapter is not None:
+                    return bytes(adapter[0])
+                step = int(result.as_numpy("STEP")[0])
+                checkpoint = result.as_numpy("CHECKPOINT")
+                if checkpoint is not None:
+                    await asyncio.to_thread(progress.checkpoint, step, bytes(checkpoint[0]))
+                else:
+                    progress.step(step, spec.steps, float(result.as_numpy("LOSS")[0]))
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
+            if stopped:
+                raise TrainingStopped("the job was stopped") from None
+            if isinstance(exc, asyncio.CancelledError):
+                stream.cancel()
+                raise
+            raise self._unavailable(f"{exc.code().name}: {exc.details()}") from exc
+        finally:
+            watcher.cancel()
+        if stopped:
+            raise TrainingStopped("the job was stopped")
+        raise self._unavailable("Triton closed the training stream before the adapter")
 
     def _count(self, code: str) -> None:
         if self.triton_metrics is not None:

@@ -168,8 +168,10 @@ def encode_dataset(vae: AutoencoderKL, tokenizer, n: int, seed: int, workdir: Pa
     return data
 
 
-def export_pipeline(vae, unet, text_encoder, tokenizer, out_dir: Path) -> None:
-    """Save a diffusers folder, fp16 on disk (loads back as fp32); replaced atomically."""
+def export_pipeline(vae, unet, text_encoder, tokenizer, out_dir: Path, objective: dict | None = None) -> None:
+    """Save a diffusers folder, fp16 on disk (loads back as fp32); replaced atomically. `objective`
+    (the loss weighting the UNet was trained with) goes to training_objective.json, which the
+    personalization trainers read so that fine-tuning keeps the base model's own objective."""
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(vae).half(),
         text_encoder=copy.deepcopy(text_encoder).half(),
@@ -191,6 +193,8 @@ def export_pipeline(vae, unet, text_encoder, tokenizer, out_dir: Path) -> None:
         if key in cfg:
             cfg[key] = "float32"
     te_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if objective:
+        (tmp / "training_objective.json").write_text(json.dumps(objective, indent=2, sort_keys=True) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -266,7 +270,8 @@ def train_unet(args, vae: AutoencoderKL, workdir: Path) -> None:
             },
             ckpt_path,
         )
-        export_pipeline(vae, ema_unet, ema_text, tokenizer, Path(args.out))
+        objective = {"snr_gamma": 5.0, "low_snr_boost": args.low_snr_boost if args.low_snr_boost > 1 else None}
+        export_pipeline(vae, ema_unet, ema_text, tokenizer, Path(args.out), objective)
         log(workdir, dict(stage="unet", event="checkpoint", step=step, out=str(args.out)))
 
     unet.train()

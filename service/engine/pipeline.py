@@ -1,8 +1,10 @@
 """The engine: text -> image with a Stable Diffusion 1.x/2.x-architecture model, on one device.
 
-Reads top to bottom as the algorithm (encode text, sample DDIM with classifier-free guidance, decode
-with the VAE). It is plain library code with no gRPC in it, so the in-process backend, a Triton
-`model.py` and the tests all call the same functions.
+The sampling algorithm itself is `service.engine.sampling.generation`, written once; the engine
+runs it with every model call executed here, in the caller's thread (`Engine.execute`). The Triton
+`generate` model runs the same loop with its UNet steps sent to the batched `unet` model. This is
+plain library code with no gRPC in it, so the in-process backend, the Triton models, the trainers
+and the tests all call the same functions.
 
 Per-user adapters plug in through `AdapterHook`: before each UNet call the engine tells the hook
 which batch rows belong to which request, and the hook makes the UNet apply each request's adapters
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol, Sequence
@@ -23,6 +24,28 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from .sampling import (
+    AdapterUse,
+    Decode,
+    Denoise,
+    Encode,
+    GenerationCancelled,
+    GenerationSpec,
+    ModelCall,
+    ModelFacts,
+    ModelLimits,
+    StepResult,
+    classifier_free_guidance,
+    ddim_config,
+    generation,
+    run,
+)
+
+__all__ = [
+    "AdapterHook", "AdapterUse", "Engine", "GenerationCancelled", "GenerationResult", "GenerationSpec",
+    "ModelLimits", "NoAdapters", "classifier_free_guidance", "flush_denormals",
+]
 
 
 def _place(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
@@ -37,36 +60,6 @@ def flush_denormals() -> None:
     < 1e-38 and is what GPUs do anyway. The flag lives in a per-thread CPU register, so every
     compute entry point sets it for the thread it runs on."""
     torch.set_flush_denormal(True)
-
-
-def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Moves the unconditional prediction toward the prompt's by `scale` (1 = no guidance)."""
-    return uncond + scale * (cond - uncond)
-
-
-class GenerationCancelled(Exception):
-    """Raised between denoising steps when the caller's `should_stop` says so (deadline, cancel)."""
-
-
-@dataclass(frozen=True)
-class AdapterUse:
-    """One adapter applied to one request, with its mixing weight."""
-
-    key: str
-    weight: float = 1.0
-
-
-@dataclass
-class GenerationSpec:
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    guidance_scale: float = 7.5
-    width: int = 64
-    height: int = 64
-    seed: int = 0
-    num_images: int = 1
-    adapters: tuple[AdapterUse, ...] = ()
 
 
 @dataclass
@@ -103,14 +96,6 @@ class NoAdapters:
         return None
 
 
-@dataclass(frozen=True)
-class ModelLimits:
-    """Image-size facts of the loaded model that request validation needs."""
-
-    vae_scale_factor: int
-    default_size: int  # the resolution the model was trained at
-
-
 class Engine:
     def __init__(
         self,
@@ -127,16 +112,14 @@ class Engine:
         self.text_encoder = _place(text_encoder, device, dtype)
         self.unet = _place(unet, device, dtype)
         self.vae = _place(vae, device, dtype)
-        self.scheduler_config = scheduler.config
         self.name = name
         self.device = torch.device(device)
         self.dtype = dtype
         self.adapters: AdapterHook = NoAdapters()
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.limits = ModelLimits(
-            vae_scale_factor=self.vae_scale_factor,
-            default_size=int(self.unet.config.sample_size) * self.vae_scale_factor,
-        )
+        self.facts = ModelFacts.from_configs(name, self.unet.config, self.vae.config, scheduler.config)
+        self.scheduler_config = self.facts.scheduler_config
+        self.limits = self.facts.limits
+        self.vae_scale_factor = self.limits.vae_scale_factor
         # The text encoder is cheap and shared; one lock keeps tokenizer/encoder use simple.
         self._text_lock = threading.Lock()
 
@@ -149,10 +132,7 @@ class Engine:
         if not (model_dir / "model_index.json").is_file():
             raise FileNotFoundError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
         kw = dict(local_files_only=True)
-        scheduler_config = DDIMScheduler.load_config(model_dir / "scheduler", **kw)
-        # SD checkpoints ship PNDM/others; DDIM reads the same beta schedule. steps_offset=1 matches
-        # SD's training timesteps (and silences diffusers' deprecation warning for 0).
-        scheduler = DDIMScheduler.from_config(scheduler_config, steps_offset=1, clip_sample=False)
+        scheduler = DDIMScheduler.from_config(ddim_config(DDIMScheduler.load_config(model_dir / "scheduler", **kw)))
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer", **kw),
             text_encoder=CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype, **kw),
@@ -164,60 +144,39 @@ class Engine:
             dtype=dtype,
         )
 
-    # -- the algorithm -------------------------------------------------------------------------
+    # -- the algorithm (service.engine.sampling), every model call run here ----------------------
 
     def generate(
         self, spec: GenerationSpec, should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         flush_denormals()
-        t_start = time.perf_counter()
-        n = spec.num_images
-        seeds = [spec.seed + i for i in range(n)]
-        rows = [tuple(spec.adapters)] * n
-
+        rows = [tuple(spec.adapters)] * spec.num_images
+        loop = generation(
+            spec, self.facts, should_stop or (lambda: False),
+            on_step=(lambda info: on_step(info.step, info.total)) if on_step is not None else None,
+            device=self.device, dtype=self.dtype,
+        )
         # Pin the request's adapters for all of its steps (a per-step miss would reload them).
         with self.adapters.hold(rows):
-            # 1. Text: [uncond x n, cond x n]; each row keeps its request's adapters (CFG pair shares).
-            t0 = time.perf_counter()
-            prompt_embeds = self.encode_prompts([spec.negative_prompt] * n + [spec.prompt] * n, rows + rows)
-            t_text = time.perf_counter() - t0
+            out = run(loop, self.execute)
+        return GenerationResult([Image.fromarray(a) for a in out.images], out.seeds, out.timings)
 
-            # 2. Denoise from per-image seeded noise (image i == a one-image request with seed + i).
-            t0 = time.perf_counter()
-            latents = self.initial_latents(seeds, spec.height, spec.width)
-            scheduler = self.new_scheduler(spec.steps)
-            for i, t in enumerate(scheduler.timesteps):
-                if should_stop is not None and should_stop():
-                    raise GenerationCancelled(f"stopped before step {i + 1} of {spec.steps}")
-                noise = self.predict_noise_cfg(latents, t, prompt_embeds, spec.guidance_scale, rows)
-                latents = scheduler.step(noise, t, latents).prev_sample
-                if on_step is not None:
-                    on_step(i + 1, spec.steps)
-            t_denoise = time.perf_counter() - t0
-
-        # 3. Decode.
-        t0 = time.perf_counter()
-        images = self.decode(latents)
-        t_decode = time.perf_counter() - t0
-        return GenerationResult(
-            images=images,
-            seeds=seeds,
-            timings=dict(
-                text_encode_seconds=t_text,
-                denoise_seconds=t_denoise,
-                decode_seconds=t_decode,
-                total_seconds=time.perf_counter() - t_start,
-            ),
-        )
+    def execute(self, call: ModelCall):
+        """One model call of a sampling loop, in this thread."""
+        if isinstance(call, Encode):
+            return self.encode_prompts(call.prompts, call.rows)
+        if isinstance(call, Denoise):
+            noise = self.predict_noise_pairs(call.latents, call.timesteps, call.embeds, call.rows)
+            return StepResult(noise, batch_size=call.latents.shape[0], compute_seconds=0.0)
+        if isinstance(call, Decode):
+            return self.decode_array(call.latents)
+        raise TypeError(f"unknown model call {type(call).__name__}")
 
     # -- the steps, usable on their own (batched serving, editing, training) ---------------------
 
     def new_scheduler(self, steps: int) -> DDIMScheduler:
-        """A fresh scheduler per request: set_timesteps mutates it, so it must not be shared."""
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps, device=self.device)
-        return scheduler
+        return self.facts.new_scheduler(steps, self.device)
 
     @torch.no_grad()
     def encode_prompts(
@@ -246,19 +205,31 @@ class Engine:
         return len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
 
     def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-        shape = (
-            self.unet.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
-        noise = [
-            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
-            for s in seeds
-        ]
-        # DDIM's initial sigma is 1, so no init_noise_sigma scaling is needed.
-        return torch.stack(noise).to(self.device, self.dtype)
+        return self.facts.initial_latents(seeds, height, width).to(self.device, self.dtype)
 
     @torch.no_grad()
+    def predict_noise_pairs(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        rows: Sequence[Sequence[AdapterUse]],
+    ) -> torch.Tensor:
+        """One UNet call on [unconditional of every sample; conditional of every sample].
+
+        latents [n, C, h, w], timesteps [n], embeds [n, 2, L, D], rows: n samples' adapters.
+        Returns [n, 2, C, h, w] (unconditional, conditional) per sample.
+        """
+        flush_denormals()
+        with self.adapters.activate(list(rows) + list(rows)):
+            noise = self.unet(
+                torch.cat([latents, latents]),
+                torch.cat([timesteps, timesteps]),
+                encoder_hidden_states=torch.cat([embeds[:, 0], embeds[:, 1]]),
+            ).sample
+        uncond, cond = noise.chunk(2)
+        return torch.stack([uncond, cond], dim=1)
+
     def predict_noise_cfg(
         self,
         latents: torch.Tensor,
@@ -267,21 +238,23 @@ class Engine:
         guidance_scale: float,
         rows: Sequence[Sequence[AdapterUse]],
     ) -> torch.Tensor:
-        """One UNet call on [uncond; cond] rows, combined with classifier-free guidance."""
-        flush_denormals()
-        latent_in = torch.cat([latents, latents])
-        with self.adapters.activate(list(rows) + list(rows)):
-            noise = self.unet(latent_in, t, encoder_hidden_states=prompt_embeds).sample
-        uncond, cond = noise.chunk(2)
-        return classifier_free_guidance(uncond, cond, guidance_scale)
+        """Guided noise for a hand-written loop: prompt_embeds is [uncond x n; cond x n]."""
+        n = latents.shape[0]
+        timesteps = torch.as_tensor(t, device=self.device).reshape(-1).expand(n)
+        pairs = self.predict_noise_pairs(latents, timesteps, torch.stack([prompt_embeds[:n], prompt_embeds[n:]], 1), rows)
+        return classifier_free_guidance(pairs[:, 0], pairs[:, 1], guidance_scale)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    def decode_array(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 [n, H, W, 3] images of latents."""
+        flush_denormals()
         scaling = self.vae.config.scaling_factor
-        pixels = self.vae.decode(latents / scaling).sample
+        pixels = self.vae.decode(latents.to(self.device, self.dtype) / scaling).sample
         pixels = (pixels / 2 + 0.5).clamp(0, 1)
-        arrays = (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-        return [Image.fromarray(a) for a in arrays]
+        return (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        return [Image.fromarray(a) for a in self.decode_array(latents)]
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:

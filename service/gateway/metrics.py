@@ -30,3 +30,19 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge("steerserve_engine_queue_depth", "Requests waiting for an engine worker.", registry=r)
+        # Personalization jobs.
+        self.jobs_submitted = Counter(
+            "steerserve_jobs_submitted", "Personalize jobs accepted.", ["method"], registry=r
+        )
+        self.jobs_finished = Counter(
+            "steerserve_jobs_finished", "Personalize jobs ended, by final state.", ["method", "state"], registry=r
+        )
+        self.jobs_queued = Gauge("steerserve_jobs_queued", "Personalize jobs waiting for a training worker.", registry=r)
+        self.jobs_running = Gauge("steerserve_jobs_running", "Personalize jobs training now.", registry=r)
+        self.training_steps = Counter(
+            "steerserve_training_steps", "Optimisation steps run by personalization jobs.", ["method"], registry=r
+        )
+        self.training_seconds = Histogram(
+            "steerserve_training_seconds", "Wall time of a job attempt from start to adapter and previews.",
+            ["method"], buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200), registry=r,
+        )

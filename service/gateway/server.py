@@ -23,7 +23,8 @@ from service.backends import Backend, InProcessBackend
 from service.config import Settings
 from service.engine.default_model import default_model_dir
 from service.engine.pipeline import Engine
-from service.stores import AdapterStore, JobStore, open_database
+from service.jobs import JobRunner
+from service.stores import AdapterStore, CheckpointStore, JobStore, open_database
 
 from .metrics import GatewayMetrics
 from .servicer import SteerServeServicer
@@ -51,11 +52,12 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
         host_cache_size=settings.adapter_host_cache,
         registry=metrics.registry,
     )
-    return InProcessBackend(engine, model_dir, workers=settings.engine_workers, metrics=metrics)
+    return InProcessBackend(engine, model_dir, workers=settings.engine_workers, metrics=metrics,
+                            training_workers=settings.training_workers)
 
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repo"
-TRITON_MODELS = ("text_encoder", "unet", "vae_decode", "generate")
+TRITON_MODELS = ("text_encoder", "unet", "vae_decode", "generate", "personalize")
 # An external Triton (e.g. deploy/ on GPUs) serving model_repo/; unset = start the embedded one.
 TRITON_URL_ENV = "STEERSERVE_TRITON_URL"
 
@@ -121,6 +123,8 @@ class Gateway:
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        # Running jobs stop at their next step and stay queued, to resume from their checkpoint.
+        await self.servicer.jobs.close()
         await self.servicer.backend.close()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
@@ -134,9 +138,12 @@ async def start_gateway(
     backend = backend or await build_backend(settings, metrics)
     db = open_database(Path(settings.data_dir) / "steerserve.sqlite3")
     adapters = AdapterStore(db, Path(settings.data_dir) / "adapters")
-    jobs = JobStore(db)
     check = adapter_checker(backend.model_dir, settings.adapter_max_rank)
-    servicer = SteerServeServicer(settings, backend, adapters, jobs, metrics, check_adapter=check)
+    runner = JobRunner(
+        settings, JobStore(db), adapters, CheckpointStore(Path(settings.data_dir) / "checkpoints"), backend, check, metrics
+    )
+    await runner.start()
+    servicer = SteerServeServicer(settings, backend, adapters, runner, metrics, check_adapter=check)
 
     limit = settings.max_request_bytes
     server = grpc.aio.server(

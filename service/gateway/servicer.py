@@ -25,7 +25,9 @@ from service.backends import Backend, BackendBusy, BackendUnavailable
 from service.config import Settings
 from service.engine.images import encode_png
 from service.engine.pipeline import AdapterUse, GenerationCancelled
-from service.stores import AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, JobStore, NotFound
+from service.jobs import JobRunner, NameTaken, QueueFull
+from service.personalize.tokens import TokenError
+from service.stores import AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound
 
 from . import validation
 from .auth import Authenticator
@@ -71,8 +73,12 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.message
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, AdapterAlreadyExists):
+    if isinstance(exc, (AdapterAlreadyExists, NameTaken)):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, TokenError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"token: {exc}"
     if isinstance(exc, GenerationCancelled):
         return grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded: {exc}"
     if isinstance(exc, (BackendBusy, AdapterBankFull)):
@@ -111,7 +117,7 @@ def adapter_message(record: AdapterRecord) -> pb.Adapter:
     )
 
 
-def job_message(job: JobRecord) -> pb.Job:
+def job_message(job: JobRecord, previews: list[bytes] = ()) -> pb.Job:
     return pb.Job(
         job_id=job.job_id,
         state=pb.JobState.Value(job.state.value),
@@ -124,7 +130,18 @@ def job_message(job: JobRecord) -> pb.Job:
         total_steps=job.total_steps,
         created_at=_timestamp(job.created_at),
         updated_at=_timestamp(job.updated_at),
+        loss=job.loss or 0.0,
+        eta_seconds=job.eta_seconds or 0.0,
+        token=job.token,
+        class_word=job.class_word,
+        message=job.message,
+        previews=[pb.Image(data=png, mime_type="image/png", **_png_size(png)) for png in previews],
     )
+
+
+def _png_size(png: bytes) -> dict:
+    # Width and height are the first fields of a PNG's IHDR chunk (bytes 16-24).
+    return {"width": int.from_bytes(png[16:20], "big"), "height": int.from_bytes(png[20:24], "big")}
 
 
 def _imported_method(adapter: Adapter) -> str:
@@ -143,7 +160,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         settings: Settings,
         backend: Backend,
         adapters: AdapterStore,
-        jobs: JobStore,
+        jobs: JobRunner,
         metrics: GatewayMetrics,
         check_adapter: Callable[[Adapter], Adapter],
     ):
@@ -151,7 +168,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         self.check_adapter = check_adapter  # raises AdapterFormatError for what the model cannot serve
         self.backend = backend
         self.adapter_store = adapters
-        self.job_store = jobs
+        self.jobs = jobs
+        self.job_store = jobs.store
         self.metrics = metrics
         self.auth = Authenticator(settings.api_keys)
         self.limits = validation.Limits(settings=settings, model=backend.limits)
@@ -187,15 +205,20 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
     @_rpc
     async def Personalize(self, request: pb.PersonalizeRequest, context, tenant: str) -> pb.Job:
         validation.personalize_request(request, self.limits)
-        raise ServiceError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"Personalize ({pb.PersonalizationMethod.Name(request.method)}) is not available on this "
-            "server version yet; import a trained LoRA with ImportAdapter instead",
-        )
+        if request.method == pb.FINESTYLE:
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "method: FINESTYLE (style personalization) is not available on this server version yet; "
+                "DREAMBOOTH_LORA, TEXTUAL_INVERSION and CUSTOM_DIFFUSION are",
+            )
+        # Checks the name and token against the tenant's adapters and jobs, then queues: the job
+        # row is committed before this returns.
+        return job_message(self.jobs.submit(tenant, request, self.backend.tokenizer))
 
     @_rpc
     async def GetJob(self, request: pb.GetJobRequest, context, tenant: str) -> pb.Job:
-        return job_message(self.job_store.get(tenant, validation.check_id("job_id", request.job_id)))
+        job = self.job_store.get(tenant, validation.check_id("job_id", request.job_id))
+        return job_message(job, self.job_store.previews(job.job_id))
 
     @_rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context, tenant: str) -> pb.ListJobsResponse:
@@ -203,13 +226,12 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
 
     @_rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context, tenant: str) -> pb.Job:
-        job = self.job_store.get(tenant, validation.check_id("job_id", request.job_id))
-        if not job.state.finished:
-            job = self.job_store.update(job.job_id, state="CANCELLED")
-        return job_message(job)
+        job = self.jobs.cancel(tenant, validation.check_id("job_id", request.job_id))
+        return job_message(job, self.job_store.previews(job.job_id))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext):
-        """Server-streaming: one event per observed change, then ends when the job finishes."""
+        """Server-streaming: one event per observed change (committed rows, polled), then ends when
+        the job finishes; the last event's job carries the previews."""
         name = "WatchJob"
         self.metrics.rpc_in_flight.labels(name).inc()
         started = time.perf_counter()
@@ -220,7 +242,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             last = None
             while True:
                 job = self.job_store.get(tenant, job_id)
-                seen = (job.state, job.step, job.loss, job.error)
+                seen = (job.state, job.step, job.loss, job.error, job.message)
                 if seen != last:
                     last = seen
                     yield pb.JobEvent(
@@ -229,9 +251,10 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
                         step=job.step,
                         total_steps=job.total_steps,
                         loss=job.loss or 0.0,
-                        message=job.error,
+                        message=job.error or job.message,
                         time=_timestamp(job.updated_at),
-                        job=job_message(job),
+                        job=job_message(job, self.job_store.previews(job.job_id) if job.state.finished else ()),
+                        eta_seconds=job.eta_seconds or 0.0,
                     )
                 if job.state.finished:
                     return
@@ -278,6 +301,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         except AdapterFormatError as exc:
             raise invalid("safetensors", str(exc)) from exc
         tokens = list(adapter.token_embeddings)
+        if any(j.name == name for j in self.job_store.active(tenant)):
+            raise NameTaken(f"name: a personalization job named {name!r} is queued or running")
         record = self.adapter_store.create(
             tenant, name, _imported_method(adapter), serialize_adapter(adapter),
             token=token or (tokens[0] if tokens else ""), rank=adapter.max_rank,

@@ -152,7 +152,15 @@ def check_id(field: str, value: str) -> str:
     return value
 
 
-def personalize_request(req: pb.PersonalizeRequest, limits: Limits) -> None:
+# Bounds of TrainingOptions: anything outside is a mistake, not a choice.
+MAX_TRAINING_STEPS = 5000
+MAX_BATCH_SIZE = 16
+MAX_CLASS_IMAGES = 200
+MAX_PRIOR_LOSS_WEIGHT = 10.0
+
+
+def personalize_request(req: pb.PersonalizeRequest, limits: Limits) -> list:
+    """Checks every field of a Personalize request; returns the decoded images."""
     method = pb.PersonalizationMethod.Name(req.method) if req.method in pb.PersonalizationMethod.values() else None
     if req.method == pb.PERSONALIZATION_METHOD_UNSPECIFIED or method is None:
         raise invalid("method", "must be one of DREAMBOOTH_LORA, TEXTUAL_INVERSION, CUSTOM_DIFFUSION, FINESTYLE")
@@ -163,17 +171,43 @@ def personalize_request(req: pb.PersonalizeRequest, limits: Limits) -> None:
     else:
         if not 3 <= len(req.images) <= 5:
             raise invalid("images", f"{method} takes 3 to 5 subject images (got {len(req.images)})")
-        if not req.class_word.strip():
+        class_word = req.class_word.strip()
+        if not class_word:
             raise invalid("class_word", f"{method} needs the subject's class word (e.g. 'dog')")
+        if len(class_word) > 64 or not all(c.isalnum() or c in " -'" for c in class_word):
+            raise invalid("class_word", "must be a short phrase of letters, digits, spaces, '-' or \"'\"")
+    images = []
+    # Training sees each image resized to the model's resolution: much smaller ones are noise.
+    min_side = max(16, limits.model.default_size // 2)
     for i, image in enumerate(req.images):
-        check_image(f"images[{i}]", image, limits)
+        decoded = check_image(f"images[{i}]", image, limits)
+        if min(decoded.size) < min_side:
+            raise invalid(f"images[{i}]", f"is {decoded.width}x{decoded.height}; this model needs at least "
+                                          f"{min_side} pixels on the shorter side")
+        images.append(decoded)
     o = req.options
-    if o.steps and not 1 <= o.steps <= 5000:
-        raise invalid("options.steps", f"must be between 1 and 5000 (got {o.steps})")
-    if o.rank and not 1 <= o.rank <= 64:
-        raise invalid("options.rank", f"must be between 1 and 64 (got {o.rank})")
+    if o.steps and not 1 <= o.steps <= MAX_TRAINING_STEPS:
+        raise invalid("options.steps", f"must be between 1 and {MAX_TRAINING_STEPS} (got {o.steps})")
+    max_rank = limits.settings.adapter_max_rank
+    if o.rank and req.method == pb.TEXTUAL_INVERSION:
+        raise invalid("options.rank", "TEXTUAL_INVERSION learns a token embedding, no LoRA: leave rank 0")
+    if o.rank and not 1 <= o.rank <= max_rank:
+        raise invalid("options.rank", f"must be between 1 and {max_rank}, the adapter bank's largest rank (got {o.rank})")
     if o.learning_rate and not (math.isfinite(o.learning_rate) and 0 < o.learning_rate <= 1):
         raise invalid("options.learning_rate", f"must be in (0, 1] (got {o.learning_rate})")
+    if o.HasField("seed") and not 0 <= o.seed <= MAX_SEED:
+        raise invalid("options.seed", f"must be between 0 and {MAX_SEED} (got {o.seed})")
+    if o.batch_size and not 1 <= o.batch_size <= MAX_BATCH_SIZE:
+        raise invalid("options.batch_size", f"must be between 1 and {MAX_BATCH_SIZE} (got {o.batch_size})")
+    if not (math.isfinite(o.prior_loss_weight) and 0 <= o.prior_loss_weight <= MAX_PRIOR_LOSS_WEIGHT):
+        raise invalid("options.prior_loss_weight", f"must be between 0 and {MAX_PRIOR_LOSS_WEIGHT} (got {o.prior_loss_weight})")
+    if o.prior_loss_weight and req.method == pb.TEXTUAL_INVERSION:
+        raise invalid("options.prior_loss_weight", "TEXTUAL_INVERSION has no prior preservation: leave it 0")
+    if o.num_class_images and not 1 <= o.num_class_images <= MAX_CLASS_IMAGES:
+        raise invalid("options.num_class_images", f"must be between 1 and {MAX_CLASS_IMAGES} (got {o.num_class_images})")
+    if o.train_text_encoder and req.method != pb.DREAMBOOTH_LORA:
+        raise invalid("options.train_text_encoder", "only DREAMBOOTH_LORA trains the text encoder")
+    return images
 
 
 def edit_request(req: pb.EditRequest, limits: Limits, count_tokens) -> None:

@@ -1,10 +1,11 @@
-"""Durable state: the adapter registry (+ safetensors blobs) and the job table.
+"""Durable state: the adapter registry (+ safetensors blobs), the job table and training checkpoints.
 
 The embedded default keeps both in one SQLite database (WAL) and a blob directory. The interfaces
 (`AdapterStore`, `JobStore`) are small on purpose so a server-grade store can replace them.
 """
 
 from .adapters import AdapterAlreadyExists, AdapterRecord, AdapterStore, BlobCorrupted
+from .checkpoints import CheckpointStore
 from .db import NotFound, open_database
 from .jobs import JobRecord, JobState, JobStore
 
@@ -13,6 +14,7 @@ __all__ = [
     "AdapterRecord",
     "AdapterStore",
     "BlobCorrupted",
+    "CheckpointStore",
     "JobRecord",
     "JobState",
     "JobStore",

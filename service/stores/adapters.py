@@ -98,9 +98,13 @@ class AdapterStore:
         rank: int = 0,
         num_parameters: int = 0,
         source: str = "import",
+        adapter_id: str | None = None,
     ) -> AdapterRecord:
-        """Stores the blob, then registers it; a failed registration removes the blob."""
-        adapter_id = "ad-" + uuid.uuid4().hex[:20]
+        """Stores the blob, then registers it; a failed registration removes the blob.
+
+        `adapter_id` lets a caller fix the id in advance (a training job derives it from its job
+        id, so a job interrupted after this call finds its adapter instead of training again)."""
+        adapter_id = adapter_id or "ad-" + uuid.uuid4().hex[:20]
         # Blobs live under a per-tenant folder named by a hash, so tenant names never reach paths.
         tenant_dir = hashlib.sha256(tenant.encode()).hexdigest()[:16]
         rel = f"{tenant_dir}/{adapter_id}.safetensors"
@@ -140,6 +144,12 @@ class AdapterStore:
                 path.unlink(missing_ok=True)
                 raise
         return record
+
+    def find(self, tenant: str, adapter_id: str) -> AdapterRecord | None:
+        try:
+            return self.get(tenant, adapter_id)
+        except NotFound:
+            return None
 
     def get(self, tenant: str, adapter_id: str) -> AdapterRecord:
         row = self.db.connect().execute(

@@ -7,8 +7,9 @@ so tests and the benchmark exercise the same code without a server.
 - `UNetStep` is the step-level batching point: one call runs ONE denoising step for any number of
   samples from different requests, each with its own latents, timestep, prompt embeddings and
   adapters (rows of the adapter bank), in a single UNet forward.
-- `run_generation`: the sampling loop of Engine.generate written against awaitable calls to those
-  parts, so the `generate` model can keep many requests in flight on one event loop.
+- the `generate` model runs the one sampling loop (service.engine.sampling.generation) with
+  `run_async`, each model call a BLS call to the parts above, so it keeps many requests in flight
+  on one event loop.
 
 Models are configured from the environment (see docs/triton.md): STEERSERVE_MODEL_DIR (diffusers
 folder), STEERSERVE_ADAPTER_DIR (the adapter store's blob folder), STEERSERVE_ADAPTER_SLOTS (bank
@@ -17,26 +18,20 @@ size), STEERSERVE_ADAPTER_MAX_RANK.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from service.engine.pipeline import (
-    AdapterUse,
-    Engine,
-    GenerationCancelled,
-    GenerationSpec,
-    ModelLimits,
-    classifier_free_guidance,
-    flush_denormals,
-)
+from service.adapters import serialize_adapter
+from service.engine.images import decode_image, encode_png
+from service.engine.pipeline import AdapterUse, Engine, GenerationCancelled, flush_denormals
+from service.personalize import FrozenBase, TrainingSpec, TrainingStopped, train
 
 ENV_MODEL_DIR = "STEERSERVE_MODEL_DIR"
 ENV_ADAPTER_DIR = "STEERSERVE_ADAPTER_DIR"
@@ -129,8 +124,8 @@ class StepSample:
 class UNetStep:
     """One denoising step for a batch of samples from any requests: one UNet forward per latent shape.
 
-    Rows are laid out [uncond of every sample; cond of every sample] like Engine.predict_noise_cfg,
-    so a single-sample call computes exactly what the in-process engine computes.
+    Engine.predict_noise_pairs runs each group, so a single-sample call computes exactly what the
+    in-process engine computes.
     Guidance is left to the caller (it is per request); returns per request [n, 2, C, h, w].
     """
 
@@ -152,14 +147,7 @@ class UNetStep:
             t = torch.from_numpy(np.concatenate([s.timesteps for s in group]).astype(np.int64)).to(dev)
             embeds = torch.from_numpy(np.concatenate([s.embeds for s in group])).to(dev, dt)
             rows = [row for s in group for row in s.adapters]
-            with self.engine.adapters.activate(rows + rows):
-                noise = self.engine.unet(
-                    torch.cat([latents, latents]),
-                    torch.cat([t, t]),
-                    encoder_hidden_states=torch.cat([embeds[:, 0], embeds[:, 1]]),
-                ).sample
-            uncond, cond = noise.chunk(2)
-            pairs = torch.stack([uncond, cond], dim=1).float().cpu().numpy()
+            pairs = self.engine.predict_noise_pairs(latents, t, embeds, rows).float().cpu().numpy()
             start = 0
             for i, s in zip(indices, group):
                 n = s.latents.shape[0]
@@ -173,130 +161,34 @@ class VaeDecode:
         self.engine = engine
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
+        return self.engine.decode_array(torch.from_numpy(latents))  # [n, H, W, 3] uint8
+
+
+# -- personalization: a training job on the wire ------------------------------------------------------
+
+
+def training_spec_to_wire(spec: TrainingSpec) -> tuple[bytes, list[bytes]]:
+    """(JSON of every TrainingSpec field but the images, the images as PNG bytes)."""
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "images"}
+    return json.dumps(fields).encode(), [encode_png(image) for image in spec.images]
+
+
+def training_spec_from_wire(raw: bytes | str, pngs) -> TrainingSpec:
+    fields = json.loads(raw)
+    images = [decode_image(bytes(png), max_pixels=2**31) for png in pngs]
+    return TrainingSpec(images=images, **fields)
+
+
+class Personalize:
+    """What the `personalize` model runs: one training job on this instance's private base model,
+    reporting through callbacks that the model turns into streamed responses."""
+
+    def __init__(self, model_dir: Path, device: str):
+        self.base = FrozenBase.from_pretrained(model_dir, device=device)
+
+    def __call__(self, spec: TrainingSpec, resume: bytes | None, progress) -> bytes:
         flush_denormals()
-        images = self.engine.decode(torch.from_numpy(latents).to(self.engine.device, self.engine.dtype))
-        return np.stack([np.asarray(img) for img in images])  # [n, H, W, 3] uint8
-
-
-# -- the loop ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the orchestrator and the gateway need of the model without loading its weights."""
-
-    name: str
-    scheduler_config: dict
-    latent_channels: int
-    limits: ModelLimits
-
-    @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelFacts":
-        model_dir = Path(model_dir)
-        kw = dict(local_files_only=True)
-        unet = UNet2DConditionModel.load_config(model_dir / "unet", **kw)
-        vae = AutoencoderKL.load_config(model_dir / "vae", **kw)
-        scheduler = DDIMScheduler.from_config(
-            DDIMScheduler.load_config(model_dir / "scheduler", **kw), steps_offset=1, clip_sample=False
-        )
-        vsf = 2 ** (len(vae["block_out_channels"]) - 1)
-        return cls(
-            name=model_dir.name,
-            scheduler_config=dict(scheduler.config),
-            latent_channels=int(unet["in_channels"]),
-            limits=ModelLimits(vae_scale_factor=vsf, default_size=int(unet["sample_size"]) * vsf),
-        )
-
-    def new_scheduler(self, steps: int) -> DDIMScheduler:
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        return scheduler
-
-    def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-        # Must equal Engine.initial_latents (tests compare the images of both backends).
-        vsf = self.limits.vae_scale_factor
-        shape = (self.latent_channels, height // vsf, width // vsf)
-        return torch.stack(
-            [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32) for s in seeds]
-        )
-
-
-@dataclass
-class StepInfo:
-    """What one UNet step looked like from a request: the batch it shared and its wait."""
-
-    step: int
-    total: int
-    batch_size: int  # samples in the UNet call this request's step ran in
-    queue_seconds: float  # round trip minus the UNet call's own compute time
-
-
-@dataclass
-class GenerationOutput:
-    images: np.ndarray  # [n, H, W, 3] uint8
-    seeds: list[int]
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-EncodeCall = Callable[[list[str], list[tuple[AdapterUse, ...]]], Awaitable[np.ndarray]]
-# (latents [n,C,h,w], timesteps [n], embeds [n,2,L,D], adapters) -> (noise [n,2,C,h,w], batch size, compute s)
-StepCall = Callable[[np.ndarray, np.ndarray, np.ndarray, list], Awaitable[tuple[np.ndarray, int, float]]]
-DecodeCall = Callable[[np.ndarray], Awaitable[np.ndarray]]
-
-
-async def run_generation(
-    facts: ModelFacts,
-    spec: GenerationSpec,
-    encode: EncodeCall,
-    unet_step: StepCall,
-    decode: DecodeCall,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_step: Callable[[StepInfo], Awaitable[None]] | None = None,
-) -> GenerationOutput:
-    """Engine.generate's algorithm, one awaited UNet step at a time (same numbers, same order)."""
-    flush_denormals()
-    t_start = time.perf_counter()
-    n = spec.num_images
-    seeds = [spec.seed + i for i in range(n)]
-    rows = [tuple(spec.adapters)] * n
-
-    t0 = time.perf_counter()
-    prompt_embeds = await encode([spec.negative_prompt] * n + [spec.prompt] * n, rows + rows)
-    pairs = np.stack([prompt_embeds[:n], prompt_embeds[n:]], axis=1)  # [n, 2, L, D]
-    t_text = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    latents = facts.initial_latents(seeds, spec.height, spec.width)
-    scheduler = facts.new_scheduler(spec.steps)
-    for i, t in enumerate(scheduler.timesteps):
-        if should_stop():
-            raise GenerationCancelled(f"stopped before step {i + 1} of {spec.steps}")
-        sent = time.perf_counter()
-        noise_pairs, batch_size, compute_s = await unet_step(
-            latents.numpy(), np.full((n,), int(t), dtype=np.int64), pairs, rows
-        )
-        round_trip = time.perf_counter() - sent
-        noise = torch.from_numpy(noise_pairs)
-        uncond, cond = noise[:, 0], noise[:, 1]
-        noise = classifier_free_guidance(uncond, cond, spec.guidance_scale)
-        latents = scheduler.step(noise, t, latents).prev_sample
-        if on_step is not None:
-            await on_step(StepInfo(i + 1, spec.steps, batch_size, max(0.0, round_trip - compute_s)))
-    t_denoise = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    images = await decode(latents.numpy())
-    t_decode = time.perf_counter() - t0
-    return GenerationOutput(
-        images=images,
-        seeds=seeds,
-        timings=dict(
-            text_encode_seconds=t_text,
-            denoise_seconds=t_denoise,
-            decode_seconds=t_decode,
-            total_seconds=time.perf_counter() - t_start,
-        ),
-    )
+        return serialize_adapter(train(self.base, spec, progress, resume))
 
 
 # -- errors on the wire ------------------------------------------------------------------------------
@@ -315,7 +207,7 @@ def status_message(exc: BaseException) -> str:
         code = "INVALID_ARGUMENT"
     elif isinstance(exc, AdapterBankFull):
         code = "RESOURCE_EXHAUSTED"
-    elif isinstance(exc, GenerationCancelled):
+    elif isinstance(exc, (GenerationCancelled, TrainingStopped)):
         code = "CANCELLED"
     else:
         code = "INTERNAL"

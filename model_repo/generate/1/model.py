@@ -2,7 +2,8 @@
 
 Decoupled with `async def execute`: the stub runs each call as a coroutine on its event loop and
 returns at once, so one instance holds many requests, each awaiting its own unet step. The loop
-itself is service.triton.library.run_generation.
+itself is service.engine.sampling.generation, the same one the in-process engine runs; here each
+of its model calls is a BLS call (`execute_call`).
 """
 
 import asyncio
@@ -10,17 +11,18 @@ import json
 import time
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
-from service.engine.pipeline import GenerationSpec
+from service.engine.sampling import (
+    Decode, Denoise, Encode, GenerationSpec, ModelFacts, StepResult, generation, run_async,
+)
 from service.triton.library import (
-    ModelFacts,
     RemoteError,
     configure_torch,
     decode_adapters,
     encode_adapters,
     model_dir_from_env,
-    run_generation,
     status_message,
 )
 
@@ -40,31 +42,30 @@ def _strings(values):
     return np.array([v if isinstance(v, bytes) else v.encode() for v in values], dtype=np.object_)
 
 
-async def encode(prompts, rows):
-    (embeds,) = await _call(
-        "text_encoder",
-        [pb_utils.Tensor("PROMPTS", _strings(prompts)),
-         pb_utils.Tensor("ADAPTERS", _strings([encode_adapters(r) for r in rows]))],
-        ["EMBEDS"],
-    )
-    return embeds
-
-
-async def unet_step(latents, timesteps, embeds, rows):
-    noise, batch, compute_us = await _call(
-        "unet",
-        [pb_utils.Tensor("LATENTS", latents.astype(np.float32)),
-         pb_utils.Tensor("TIMESTEP", timesteps.reshape(-1, 1)),
-         pb_utils.Tensor("EMBEDS", embeds.astype(np.float32)),
-         pb_utils.Tensor("ADAPTERS", _strings([encode_adapters(r) for r in rows]).reshape(-1, 1))],
-        ["NOISE", "BATCH_SIZE", "COMPUTE_US"],
-    )
-    return noise, int(batch[0, 0]), float(compute_us[0, 0]) / 1e6
-
-
-async def decode(latents):
-    (images,) = await _call("vae_decode", [pb_utils.Tensor("LATENTS", latents.astype(np.float32))], ["IMAGES"])
-    return images
+async def execute_call(call):
+    """One model call of the sampling loop, as a BLS call to the model that computes it."""
+    if isinstance(call, Encode):
+        (embeds,) = await _call(
+            "text_encoder",
+            [pb_utils.Tensor("PROMPTS", _strings(call.prompts)),
+             pb_utils.Tensor("ADAPTERS", _strings([encode_adapters(r) for r in call.rows]))],
+            ["EMBEDS"],
+        )
+        return torch.from_numpy(embeds)
+    if isinstance(call, Denoise):
+        noise, batch, compute_us = await _call(
+            "unet",
+            [pb_utils.Tensor("LATENTS", call.latents.numpy().astype(np.float32)),
+             pb_utils.Tensor("TIMESTEP", call.timesteps.numpy().astype(np.int64).reshape(-1, 1)),
+             pb_utils.Tensor("EMBEDS", call.embeds.numpy().astype(np.float32)),
+             pb_utils.Tensor("ADAPTERS", _strings([encode_adapters(r) for r in call.rows]).reshape(-1, 1))],
+            ["NOISE", "BATCH_SIZE", "COMPUTE_US"],
+        )
+        return StepResult(torch.from_numpy(noise), int(batch[0, 0]), float(compute_us[0, 0]) / 1e6)
+    if isinstance(call, Decode):
+        (images,) = await _call("vae_decode", [pb_utils.Tensor("LATENTS", call.latents.numpy().astype(np.float32))], ["IMAGES"])
+        return images
+    raise TypeError(f"unknown model call {type(call).__name__}")
 
 
 def _spec(request) -> tuple[GenerationSpec, float, bool]:
@@ -106,19 +107,16 @@ class TritonPythonModel:
             def should_stop():
                 return request.is_cancelled() or (deadline is not None and time.monotonic() >= deadline)
 
-            steps = []
+            def on_step(info):
+                if progress:
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor("STEP", np.array([info.step], dtype=np.int32)),
+                        pb_utils.Tensor("BATCH_SIZE", np.array([info.batch_size], dtype=np.int32)),
+                        pb_utils.Tensor("QUEUE_US", np.array([int(info.queue_seconds * 1e6)], dtype=np.int64)),
+                    ]))
 
-            async def on_step(info):
-                steps.append(info)
-                if not progress:
-                    return
-                sender.send(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("STEP", np.array([info.step], dtype=np.int32)),
-                    pb_utils.Tensor("BATCH_SIZE", np.array([info.batch_size], dtype=np.int32)),
-                    pb_utils.Tensor("QUEUE_US", np.array([int(info.queue_seconds * 1e6)], dtype=np.int64)),
-                ]))
-
-            out = await run_generation(self.facts, spec, encode, unet_step, decode, should_stop, on_step)
+            out = await run_async(generation(spec, self.facts, should_stop, on_step), execute_call)
+            steps = out.steps
             sender.send(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("IMAGES", out.images),
                 pb_utils.Tensor("SEEDS", np.array(out.seeds, dtype=np.int64)),

@@ -138,23 +138,27 @@ class Concept(_message.Message):
     def __init__(self, phrase: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
 
 class TrainingOptions(_message.Message):
-    __slots__ = ("steps", "rank", "learning_rate", "seed", "batch_size", "prior_loss_weight")
+    __slots__ = ("steps", "rank", "learning_rate", "seed", "batch_size", "prior_loss_weight", "train_text_encoder", "num_class_images")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRIOR_LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TEXT_ENCODER_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     steps: int
     rank: int
     learning_rate: float
     seed: int
     batch_size: int
     prior_loss_weight: float
-    def __init__(self, steps: _Optional[int] = ..., rank: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., prior_loss_weight: _Optional[float] = ...) -> None: ...
+    train_text_encoder: bool
+    num_class_images: int
+    def __init__(self, steps: _Optional[int] = ..., rank: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., prior_loss_weight: _Optional[float] = ..., train_text_encoder: bool = ..., num_class_images: _Optional[int] = ...) -> None: ...
 
 class PersonalizeRequest(_message.Message):
-    __slots__ = ("method", "name", "images", "class_word", "concepts", "style_phrase", "options")
+    __slots__ = ("method", "name", "images", "class_word", "concepts", "style_phrase", "options", "token")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +166,7 @@ class PersonalizeRequest(_message.Message):
     CONCEPTS_FIELD_NUMBER: _ClassVar[int]
     STYLE_PHRASE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     method: PersonalizationMethod
     name: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
@@ -169,10 +174,11 @@ class PersonalizeRequest(_message.Message):
     concepts: _containers.RepeatedCompositeFieldContainer[Concept]
     style_phrase: str
     options: TrainingOptions
-    def __init__(self, method: _Optional[_Union[PersonalizationMethod, str]] = ..., name: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., class_word: _Optional[str] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., style_phrase: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ...) -> None: ...
+    token: str
+    def __init__(self, method: _Optional[_Union[PersonalizationMethod, str]] = ..., name: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., class_word: _Optional[str] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., style_phrase: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "progress", "adapter_id", "error", "method", "name", "step", "total_steps", "created_at", "updated_at")
+    __slots__ = ("job_id", "state", "progress", "adapter_id", "error", "method", "name", "step", "total_steps", "created_at", "updated_at", "loss", "eta_seconds", "token", "class_word", "message", "previews")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +190,12 @@ class Job(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CLASS_WORD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     progress: float
@@ -195,10 +207,16 @@ class Job(_message.Message):
     total_steps: int
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., adapter_id: _Optional[str] = ..., error: _Optional[str] = ..., method: _Optional[_Union[PersonalizationMethod, str]] = ..., name: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    loss: float
+    eta_seconds: float
+    token: str
+    class_word: str
+    message: str
+    previews: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., adapter_id: _Optional[str] = ..., error: _Optional[str] = ..., method: _Optional[_Union[PersonalizationMethod, str]] = ..., name: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., loss: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., token: _Optional[str] = ..., class_word: _Optional[str] = ..., message: _Optional[str] = ..., previews: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "state", "step", "total_steps", "loss", "message", "time", "job")
+    __slots__ = ("job_id", "state", "step", "total_steps", "loss", "message", "time", "job", "eta_seconds")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +225,7 @@ class JobEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     step: int
@@ -215,7 +234,8 @@ class JobEvent(_message.Message):
     message: str
     time: _timestamp_pb2.Timestamp
     job: Job
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+    eta_seconds: float
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -114,13 +114,16 @@ class SteerServeServicer(object):
 
     def Personalize(self, request, context):
         """Starts a durable personalization (training) job; returns at once with the job in QUEUED state.
+        The request is checked in full first (INVALID_ARGUMENT naming the field, ALREADY_EXISTS for a
+        name taken); RESOURCE_EXHAUSTED when the queue or the tenant's job limit is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """Streams the job's events (progress, loss, state changes) until it ends.
+        """Streams the job's events (progress, loss, ETA, state changes) until it ends; the last event's
+        job carries the preview images.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,13 +136,15 @@ class SteerServeServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops a queued or running job within a training step; a finished job is returned unchanged.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The tenant's jobs, oldest first, without preview images (GetJob has them).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

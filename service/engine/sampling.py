@@ -1,0 +1,270 @@
+"""The sampling loop, written once for every place that generates images.
+
+`generation(spec, facts)` is the algorithm of text-to-image sampling as a generator: it *yields*
+each model call (`Encode`, `Denoise`, `Decode`) and is sent back the result; everything else
+(seeded noise, the DDIM schedule, classifier-free guidance, deadline checks, timings) it does
+itself. Who runs it decides only how a model call executes:
+
+- `run(loop, execute)`: each call in this thread (the in-process engine, which also serves the
+  trainers' class images and previews);
+- `await run_async(loop, execute)`: each call awaited (the Triton `generate` model, whose
+  `Denoise` is a BLS call to the `unet` model that batches steps of many requests).
+
+So the two paths cannot drift apart: same numbers, same order, same checks. The time a call takes
+is the time the generator is suspended at its `yield`, so timings are measured here too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Generator, Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+
+# -- what a request asks for -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """One adapter applied to one request, with its mixing weight."""
+
+    key: str
+    weight: float = 1.0
+
+
+Rows = Sequence[Sequence[AdapterUse]]
+
+
+@dataclass
+class GenerationSpec:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 7.5
+    width: int = 64
+    height: int = 64
+    seed: int = 0
+    num_images: int = 1
+    adapters: tuple[AdapterUse, ...] = ()
+
+
+class GenerationCancelled(Exception):
+    """Raised between denoising steps when the caller's `should_stop` says so (deadline, cancel)."""
+
+
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Moves the unconditional prediction toward the prompt's by `scale` (1 = no guidance)."""
+    return uncond + scale * (cond - uncond)
+
+
+# -- what the loop needs of the model without its weights ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Image-size facts of the loaded model that request validation needs."""
+
+    vae_scale_factor: int
+    default_size: int  # the resolution the model was trained at
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The schedule and latent geometry of a model: all the loop itself computes with."""
+
+    name: str
+    scheduler_config: dict
+    latent_channels: int
+    limits: ModelLimits
+
+    @classmethod
+    def from_configs(cls, name: str, unet_config, vae_config, scheduler_config) -> "ModelFacts":
+        vsf = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        return cls(
+            name=name,
+            scheduler_config=dict(scheduler_config),
+            latent_channels=int(unet_config["in_channels"]),
+            limits=ModelLimits(vae_scale_factor=vsf, default_size=int(unet_config["sample_size"]) * vsf),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelFacts":
+        """From a diffusers folder's configs alone (the gateway and the Triton orchestrator)."""
+        model_dir = Path(model_dir)
+        kw = dict(local_files_only=True)
+        return cls.from_configs(
+            model_dir.name,
+            UNet2DConditionModel.load_config(model_dir / "unet", **kw),
+            AutoencoderKL.load_config(model_dir / "vae", **kw),
+            ddim_config(DDIMScheduler.load_config(model_dir / "scheduler", **kw)),
+        )
+
+    def new_scheduler(self, steps: int, device: torch.device | str = "cpu") -> DDIMScheduler:
+        """A fresh scheduler per request: set_timesteps mutates it, so it must not be shared."""
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps, device=device)
+        return scheduler
+
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+        """Per-image seeded noise on the CPU in float32, so image i of a request equals a one-image
+        request with seed + i on any device. DDIM's initial sigma is 1: no scaling needed."""
+        vsf = self.limits.vae_scale_factor
+        shape = (self.latent_channels, height // vsf, width // vsf)
+        return torch.stack(
+            [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32) for s in seeds]
+        )
+
+
+def ddim_config(scheduler_config) -> dict:
+    """DDIM with the checkpoint's beta schedule. SD checkpoints ship PNDM and others; DDIM reads the
+    same betas. steps_offset=1 matches SD's training timesteps (and silences diffusers' warning)."""
+    return dict(DDIMScheduler.from_config(scheduler_config, steps_offset=1, clip_sample=False).config)
+
+
+# -- the model calls the loop yields ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encode:
+    """Prompt embeddings [len(prompts), L, D], row i with the adapters of rows[i]."""
+
+    prompts: list[str]
+    rows: list[tuple[AdapterUse, ...]]
+
+
+@dataclass(frozen=True)
+class Denoise:
+    """One UNet step for n samples: the unconditional and the conditional prediction of each.
+
+    latents [n, C, h, w]; timesteps [n]; embeds [n, 2, L, D] (unconditional, conditional);
+    rows: the n samples' adapters (shared by both predictions of a sample). Answered with a
+    `StepResult` whose noise is [n, 2, C, h, w].
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
+    rows: list[tuple[AdapterUse, ...]]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    noise: torch.Tensor  # [n, 2, C, h, w]
+    batch_size: int  # samples in the UNet call this step ran in (other requests' included)
+    compute_seconds: float  # the UNet call's own time (the rest of the round trip was waiting)
+
+
+@dataclass(frozen=True)
+class Decode:
+    """Images of latents: uint8 [n, H, W, 3]."""
+
+    latents: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one denoising step looked like from a request: the batch it shared and its wait."""
+
+    step: int
+    total: int
+    batch_size: int
+    queue_seconds: float  # round trip minus the UNet call's own compute time
+
+
+@dataclass
+class Generated:
+    images: np.ndarray  # [n, H, W, 3] uint8
+    seeds: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    steps: list[StepInfo] = field(default_factory=list)
+
+
+ModelCall = Encode | Denoise | Decode
+Loop = Generator[ModelCall, Any, Generated]
+
+
+# -- the algorithm --------------------------------------------------------------------------------
+
+
+def generation(
+    spec: GenerationSpec,
+    facts: ModelFacts,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_step: Callable[[StepInfo], None] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Loop:
+    """Text to image: encode, DDIM with classifier-free guidance, decode. Yields each model call."""
+    t_start = time.perf_counter()
+    n = spec.num_images
+    seeds = [spec.seed + i for i in range(n)]
+    rows = [tuple(spec.adapters)] * n
+
+    # 1. Text: [negative x n; prompt x n], each row with its request's adapters (learned tokens).
+    t0 = time.perf_counter()
+    embeds = yield Encode([spec.negative_prompt] * n + [spec.prompt] * n, rows + rows)
+    pairs = torch.stack([embeds[:n], embeds[n:]], dim=1)  # [n, 2, L, D]
+    t_text = time.perf_counter() - t0
+
+    # 2. Denoise from per-image seeded noise.
+    t0 = time.perf_counter()
+    latents = facts.initial_latents(seeds, spec.height, spec.width).to(device, dtype)
+    scheduler = facts.new_scheduler(spec.steps, device)
+    steps: list[StepInfo] = []
+    for i, t in enumerate(scheduler.timesteps):
+        if should_stop():
+            raise GenerationCancelled(f"stopped before step {i + 1} of {spec.steps}")
+        sent = time.perf_counter()
+        result: StepResult = yield Denoise(latents, t.reshape(1).expand(n), pairs, rows)
+        round_trip = time.perf_counter() - sent
+        uncond, cond = result.noise[:, 0], result.noise[:, 1]
+        latents = scheduler.step(classifier_free_guidance(uncond, cond, spec.guidance_scale), t, latents).prev_sample
+        info = StepInfo(i + 1, spec.steps, result.batch_size, max(0.0, round_trip - result.compute_seconds))
+        steps.append(info)
+        if on_step is not None:
+            on_step(info)
+    t_denoise = time.perf_counter() - t0
+
+    # 3. Decode.
+    t0 = time.perf_counter()
+    images = yield Decode(latents)
+    t_decode = time.perf_counter() - t0
+    return Generated(
+        images=images,
+        seeds=seeds,
+        timings=dict(
+            text_encode_seconds=t_text,
+            denoise_seconds=t_denoise,
+            decode_seconds=t_decode,
+            total_seconds=time.perf_counter() - t_start,
+        ),
+        steps=steps,
+    )
+
+
+# -- the two ways to run it -----------------------------------------------------------------------
+
+
+def run(loop: Generator[ModelCall, Any, Any], execute: Callable[[ModelCall], Any]):
+    """Runs a loop with each model call executed synchronously; returns the loop's result."""
+    try:
+        call = next(loop)
+        while True:
+            call = loop.send(execute(call))
+    except StopIteration as done:
+        return done.value
+
+
+async def run_async(loop: Generator[ModelCall, Any, Any], execute: Callable[[ModelCall], Awaitable[Any]]):
+    """Runs a loop with each model call awaited; returns the loop's result."""
+    try:
+        call = next(loop)
+        while True:
+            call = loop.send(await execute(call))
+    except StopIteration as done:
+        return done.value

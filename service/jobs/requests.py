@@ -1,0 +1,70 @@
+"""A Personalize request, resolved into the fixed parameters a job trains with.
+
+Everything the request leaves to the server (token, seed, the method's defaults) is decided once,
+at submission, and written into the stored request: a job resumed after a restart, or under a
+later server version with other defaults, trains with exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from service._generated.steerserve.v1 import steerserve_pb2 as pb
+from service.engine.images import decode_image
+from service.personalize import TrainingSpec, defaults
+from service.personalize.tokens import TokenError, check_token, default_token
+
+DEFAULT_NUM_CLASS_IMAGES = 16
+
+
+def method_name(request: pb.PersonalizeRequest) -> str:
+    return pb.PersonalizationMethod.Name(request.method)
+
+
+def resolve(request: pb.PersonalizeRequest, *, taken_tokens: Iterable[str], tokenizer) -> pb.PersonalizeRequest:
+    """A copy with token, seed and the method's defaults filled in. Raises TokenError for a token
+    that cannot be used (the caller maps it to INVALID_ARGUMENT on `token`)."""
+    resolved = pb.PersonalizeRequest()
+    resolved.CopyFrom(request)
+    d = defaults(method_name(request))
+    taken = list(taken_tokens)
+    token = request.token.strip()
+    resolved.token = (
+        check_token(token, learns_token=d.learns_token, class_word=request.class_word, taken=taken, tokenizer=tokenizer)
+        if token else default_token(learns_token=d.learns_token, taken=taken)
+    )
+    resolved.class_word = request.class_word.strip()
+    o = resolved.options
+    o.steps = o.steps or d.steps
+    o.learning_rate = o.learning_rate or d.learning_rate
+    o.rank = o.rank or d.rank
+    o.batch_size = o.batch_size or d.batch_size
+    if o.prior_loss_weight and not o.num_class_images:
+        o.num_class_images = DEFAULT_NUM_CLASS_IMAGES
+    if not o.HasField("seed"):
+        o.seed = random.randrange(0, 2**31)
+    return resolved
+
+
+def training_spec(request: pb.PersonalizeRequest, max_input_pixels: int, checkpoint_every: int) -> TrainingSpec:
+    """The TrainingSpec of a resolved, stored request (its images decoded again)."""
+    o = request.options
+    return TrainingSpec(
+        method=method_name(request),
+        images=[decode_image(image.data, max_input_pixels) for image in request.images],
+        token=request.token,
+        class_word=request.class_word,
+        steps=o.steps,
+        learning_rate=o.learning_rate,
+        rank=o.rank,
+        batch_size=o.batch_size,
+        seed=o.seed,
+        prior_loss_weight=o.prior_loss_weight,
+        num_class_images=o.num_class_images or DEFAULT_NUM_CLASS_IMAGES,
+        train_text_encoder=o.train_text_encoder,
+        checkpoint_every=checkpoint_every,
+    )
+
+
+__all__ = ["TokenError", "method_name", "resolve", "training_spec"]

@@ -1,0 +1,290 @@
+"""The job runner: durable personalization jobs, from Personalize to a registered adapter.
+
+    submit()  -> a QUEUED row (bounded queue, per-tenant limit), the job id on the work queue
+    worker    -> RUNNING; backend.personalize(spec, resume, progress) trains in-process or on
+                 Triton's `personalize` model; every `checkpoint_every` steps the trained
+                 parameters are written to the checkpoint store; the adapter is validated against
+                 the serving bank, written atomically and registered; previews are made through
+                 the ordinary Generate path; SUCCEEDED with them in one commit
+    cancel()  -> CANCELLED at once; a running job stops before its next step
+    restart   -> RUNNING jobs go back to QUEUED and resume from their last checkpoint
+
+Nothing is lost: a job's row is committed before Personalize answers, every state change is a
+commit, a job that fails ends FAILED with the reason, and one that keeps failing to finish (a crash
+loop, a model server that stays away) ends FAILED after `job_max_attempts` starts. The adapter id
+is derived from the job id, so a job interrupted between registering its adapter and finishing
+finds its adapter at the next start instead of training twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from typing import Callable
+
+from service._generated.steerserve.v1 import steerserve_pb2 as pb
+from service.adapters import Adapter, AdapterFormatError, parse_adapter, serialize_adapter
+from service.backends import Backend, BackendUnavailable
+from service.config import Settings
+from service.engine.images import encode_png
+from service.engine.pipeline import AdapterUse, GenerationSpec
+from service.personalize import TrainingStopped, concept_prompt
+from service.stores import AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore
+
+from . import requests
+
+log = logging.getLogger("steerserve.jobs")
+
+_PROGRESS_WRITE_SECONDS = 0.5  # progress rows are committed at most this often (state changes at once)
+_RETRY_SECONDS = 5.0  # before a job whose model server was unavailable runs again
+
+
+class QueueFull(RuntimeError):
+    """The training queue or the tenant's job limit is full (RESOURCE_EXHAUSTED)."""
+
+
+class NameTaken(ValueError):
+    """The adapter name is taken by an adapter or an active job of the tenant (ALREADY_EXISTS)."""
+
+
+def adapter_id_for(job_id: str) -> str:
+    return "ad-" + hashlib.sha256(job_id.encode()).hexdigest()[:20]
+
+
+class JobProgress:
+    """The personalize.Progress of one running job: throttled progress rows, ETA, checkpoints, stop."""
+
+    def __init__(self, runner: "JobRunner", job: JobRecord):
+        self.runner, self.job = runner, job
+        self.stop = threading.Event()
+        self.cancelled = False
+        self._first: tuple[int, float] | None = None  # (step, time) of the first step of this attempt
+        self._last_write = 0.0
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (step - 1, now - 1e-9)
+        done, started = step - self._first[0], self._first[1]
+        eta = (total - step) * (now - started) / done if done > 0 else None
+        self.runner.metrics_steps(self.job.method)
+        if step == total or now - self._last_write >= _PROGRESS_WRITE_SECONDS:
+            self._last_write = now
+            self.runner.store.update(self.job.job_id, step=step, loss=loss, eta_seconds=eta)
+
+    def checkpoint(self, step: int, state: bytes) -> None:
+        self.runner.checkpoints.write(self.job.job_id, state)
+        self.runner.store.update(self.job.job_id, checkpoint_step=step)
+
+    def should_stop(self) -> bool:
+        return self.stop.is_set()
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        adapters: AdapterStore,
+        checkpoints: CheckpointStore,
+        backend: Backend,
+        check_adapter: Callable[[Adapter], Adapter],
+        metrics=None,
+    ):
+        self.settings = settings
+        self.store, self.adapters, self.checkpoints = store, adapters, checkpoints
+        self.backend = backend
+        self.check_adapter = check_adapter
+        self.metrics = metrics
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._running: dict[str, JobProgress] = {}
+        self._workers: list[asyncio.Task] = []
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Re-queues the jobs an earlier process left unfinished, then starts the workers."""
+        for job in self.store.requeue_unfinished():
+            self._queue.put_nowait(job.job_id)
+        self._set_gauges()
+        self._workers = [asyncio.create_task(self._work(), name=f"job-worker-{i}")
+                         for i in range(max(1, self.settings.training_workers))]
+
+    async def close(self, grace: float = 30.0) -> None:
+        """Stops the workers. A running job stops at its next step and stays QUEUED in the table,
+        to resume from its checkpoint when the server starts again."""
+        self._closing = True
+        for progress in self._running.values():
+            progress.stop.set()
+        for _ in self._workers:  # wakes the idle workers, which see _closing and return
+            self._queue.put_nowait("")
+        if self._workers:
+            _, pending = await asyncio.wait(self._workers, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+
+    # -- the RPCs' side --------------------------------------------------------------------------
+
+    def submit(self, tenant: str, request: pb.PersonalizeRequest, tokenizer) -> JobRecord:
+        """Queues a validated request. Synchronous on purpose: on the gateway's one event loop the
+        checks and the insert cannot interleave with another Personalize."""
+        s = self.settings
+        active = self.store.active()
+        if sum(j.state == JobState.QUEUED for j in active) >= s.max_queued_jobs:
+            raise QueueFull(f"the training queue is full ({s.max_queued_jobs} jobs waiting); retry later")
+        mine = [j for j in active if j.tenant == tenant]
+        if len(mine) >= s.max_jobs_per_tenant:
+            raise QueueFull(f"you have {len(mine)} jobs queued or running; at most {s.max_jobs_per_tenant} "
+                            "at a time: wait for one to finish or cancel one")
+        name = request.name.strip()
+        owned = self.adapters.list(tenant)
+        if any(a.name == name for a in owned) or any(j.name == name for j in mine):
+            raise NameTaken(f"name: an adapter or job named {name!r} already exists")
+        resolved = requests.resolve(request, taken_tokens=[a.token for a in owned if a.token] + [j.token for j in mine],
+                                    tokenizer=tokenizer)
+        resolved.name = name
+        job = self.store.create(
+            tenant, requests.method_name(resolved), name, resolved.options.steps, resolved.SerializeToString(),
+            token=resolved.token, class_word=resolved.class_word,
+        )
+        self._queue.put_nowait(job.job_id)
+        self._count("submitted", job.method)
+        self._set_gauges()
+        return job
+
+    def cancel(self, tenant: str, job_id: str) -> JobRecord:
+        job = self.store.get(tenant, job_id)  # NOT_FOUND for another tenant's id
+        if job.state.finished:
+            return job
+        job = self.store.finish(job_id, JobState.CANCELLED, message="cancelled by the client")
+        progress = self._running.get(job_id)
+        if progress is not None:
+            progress.cancelled = True
+            progress.stop.set()  # the worker cleans up when training stops (within a step)
+        else:
+            self.checkpoints.delete(job_id)
+        self._count("CANCELLED", job.method)
+        self._set_gauges()
+        return job
+
+    # -- the workers -----------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while not self._closing:
+            job_id = await self._queue.get()
+            if self._closing:
+                return
+            try:
+                await self._run(job_id)
+            except Exception:  # noqa: BLE001 - a worker never dies; _run already recorded the failure
+                log.exception("job %s: unexpected error in the runner", job_id)
+            self._set_gauges()
+
+    async def _run(self, job_id: str) -> None:
+        job = self.store.get_by_id(job_id)
+        if job.state.finished:  # cancelled while it waited
+            return
+        if job.attempts >= self.settings.job_max_attempts:
+            self._fail(job, f"interrupted {job.attempts} times (restarts or model server outages); giving up")
+            return
+        job = self.store.update(job_id, state=JobState.RUNNING, attempts=job.attempts + 1, message="training")
+        progress = JobProgress(self, job)
+        self._running[job_id] = progress
+        self._set_gauges()
+        started = time.monotonic()
+        try:
+            record = self.adapters.find(job.tenant, adapter_id_for(job_id))
+            if record is None:  # not trained yet (an interrupted job may already have its adapter)
+                adapter = await self._train(job, progress)
+                self.store.update(job_id, message="storing the adapter", eta_seconds=None)
+                record = self.adapters.create(
+                    job.tenant, job.name, job.method, serialize_adapter(adapter), token=job.token,
+                    class_word=job.class_word, rank=adapter.max_rank, num_parameters=adapter.num_parameters,
+                    source="personalize", adapter_id=adapter_id_for(job_id),
+                )
+            self.store.update(job_id, adapter_id=record.adapter_id, message="making previews", eta_seconds=None)
+            previews, note = await self._previews(job, record.adapter_id)
+            self.store.finish(job_id, JobState.SUCCEEDED, adapter_id=record.adapter_id, previews=previews,
+                              step=job.total_steps, message=note)
+            self._count("SUCCEEDED", job.method)
+            if self.metrics is not None:
+                self.metrics.training_seconds.labels(job.method).observe(time.monotonic() - started)
+            log.info("job %s succeeded: adapter %s", job_id, record.adapter_id)
+        except TrainingStopped:
+            if not progress.cancelled:  # the server is stopping: resume at the next start
+                self.store.update(job_id, state=JobState.QUEUED, eta_seconds=None,
+                                  message="server stopped; resumes from its last checkpoint")
+        except BackendUnavailable as exc:
+            current = self.store.get_by_id(job_id)
+            if current.attempts >= self.settings.job_max_attempts:
+                self._fail(current, f"the model server stayed unavailable: {exc}")
+            elif not current.state.finished:
+                self.store.update(job_id, state=JobState.QUEUED, eta_seconds=None, message=f"waiting to retry: {exc}")
+                asyncio.get_running_loop().call_later(_RETRY_SECONDS, self._queue.put_nowait, job_id)
+        except AdapterAlreadyExists:
+            self._fail(job, f"name: an adapter named {job.name!r} was created while the job ran")
+        except Exception as exc:  # noqa: BLE001 - the job ends FAILED with the reason, never silently
+            log.exception("job %s failed", job_id)
+            self._fail(job, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._running.pop(job_id, None)
+            if self.store.get_by_id(job_id).state.finished:
+                self.checkpoints.delete(job_id)
+
+    async def _train(self, job: JobRecord, progress: JobProgress) -> Adapter:
+        request = pb.PersonalizeRequest.FromString(job.request)
+        spec = requests.training_spec(request, self.settings.max_input_image_pixels, self.settings.checkpoint_every)
+        resume = self.checkpoints.read(job.job_id) if job.checkpoint_step else None
+        if resume is not None:
+            self.store.update(job.job_id, message=f"training, resumed from step {job.checkpoint_step}")
+        blob = await self.backend.personalize(spec, resume, progress)
+        try:
+            # What the serving bank will load: refuse here what it could not serve.
+            return self.check_adapter(parse_adapter(blob))
+        except AdapterFormatError as exc:
+            raise RuntimeError(f"the trained adapter cannot be served: {exc}") from exc
+
+    async def _previews(self, job: JobRecord, adapter_id: str) -> tuple[list[bytes], str]:
+        """"a <token> <class_word>" through the ordinary Generate path, so a finished job shows the
+        adapter working exactly as clients will use it. A failure here does not fail the job."""
+        n = self.settings.job_previews
+        if n <= 0:
+            return [], ""
+        spec = GenerationSpec(prompt=concept_prompt(job.token, job.class_word), steps=self.settings.default_steps,
+                              seed=0, num_images=min(n, self.settings.max_num_images), adapters=(AdapterUse(adapter_id),))
+        try:
+            result = await self.backend.generate(spec, deadline=None)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("job %s: previews failed: %s", job.job_id, exc)
+            return [], f"adapter ready; previews failed ({type(exc).__name__}: {exc})"
+        return [encode_png(image) for image in result.images], ""
+
+    def _fail(self, job: JobRecord, reason: str) -> None:
+        self.store.finish(job.job_id, JobState.FAILED, error=reason, message=reason)
+        self._count("FAILED", job.method)
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def _count(self, event: str, method: str) -> None:
+        if self.metrics is None:
+            return
+        if event == "submitted":
+            self.metrics.jobs_submitted.labels(method).inc()
+        else:
+            self.metrics.jobs_finished.labels(method, event).inc()
+
+    def metrics_steps(self, method: str) -> None:
+        if self.metrics is not None:
+            self.metrics.training_steps.labels(method).inc()
+
+    def _set_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        active = self.store.active()
+        self.metrics.jobs_queued.set(sum(j.state == JobState.QUEUED for j in active))
+        self.metrics.jobs_running.set(sum(j.state == JobState.RUNNING for j in active))

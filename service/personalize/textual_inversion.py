@@ -1,0 +1,56 @@
+"""Textual Inversion: learn one new word embedding for the subject, nothing else (Gal et al., "An
+Image is Worth One Word", ICLR 2023; diffusers' examples/textual_inversion/textual_inversion.py).
+docs/personalize/textual_inversion.md says what we chose and why.
+
+    a few photos of the subject  ->  one vector v for the placeholder token, initialised from the
+                                     class word's embedding; the UNet and text encoder stay frozen
+
+The loop: each step, a batch of the subject photos (VAE posterior samples), noised at a uniform
+random timestep; the prompt "a <token> <class_word>" is encoded with v in the token's place, and
+the MSE between the UNet's prediction and the noise is minimised over v alone. Gradients reach v
+through the frozen text encoder and UNet. The tokenizer and the embedding table are never touched:
+the vector is injected per prompt (service/adapters/textual_inversion.py), as at serving time.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from service.adapters import Adapter
+
+from .common import (
+    FrozenBase,
+    Posteriors,
+    TrainingRun,
+    adamw,
+    batch_indices,
+    denoising_loss,
+    encode_text,
+    step_generator,
+    token_init,
+)
+from .spec import MethodDefaults, NoProgress, Progress, TrainingSpec
+
+DEFAULTS = MethodDefaults(steps=400, learning_rate=5e-3, rank=0, batch_size=4, learns_token=True)
+
+
+def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(), resume: bytes | None = None) -> Adapter:
+    # 1. Data: the subject photos, encoded once.
+    subject = Posteriors.of_images(base, spec.images)
+
+    # 2. Trainable: the token's vector, starting at the class word's embedding.
+    vector = nn.Parameter(token_init(base, spec.extra.get("initializer_word") or spec.class_word))
+    params = {"token": vector}
+    run = TrainingRun(spec, progress, params, adamw([vector], spec.learning_rate), resume)
+
+    # 3. The loop.
+    for step in run.steps():
+        g = step_generator(spec.seed, step)
+        latents = subject.sample(batch_indices(len(subject), spec.batch_size, g), g)
+        noisy, t, target = base.schedule.noise(latents, g)
+        text = encode_text(base, [spec.prompt], {spec.token: vector}).to(base.engine.dtype)
+        pred = base.unet(noisy, t, encoder_hidden_states=text.expand(latents.shape[0], -1, -1)).sample
+        run.update((denoising_loss(pred, target) * base.schedule.weight(t)).mean())
+
+    # 4. The adapter: the token and its vector.
+    return Adapter(token_embeddings={spec.token: vector.detach().cpu().clone()})
