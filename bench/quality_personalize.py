@@ -147,6 +147,7 @@ def main(argv=None) -> dict:
         class_word = CLASS_WORDS[concept_name]
         references = concept.references(args.references, seed=0)
         grid_rows.append((f"{concept_name}\nreferences", [r.image for r in references]))
+        before_of: dict[str, tuple] = {}  # the base model's images of a prompt, shared by the methods
         for method in args.methods:
             d = defaults(method)
             token = default_token(learns_token=d.learns_token, taken=[])
@@ -165,7 +166,9 @@ def main(argv=None) -> dict:
             trained[key] = train(base, spec)
             train_seconds = time.time() - started
             prompts = [f"a {token} {class_word} {context}" for context in CONTEXTS]
-            before, asked = sample(engine, prompts, args.seeds, None, args.steps, args.guidance)
+            if token not in before_of:
+                before_of[token] = sample(engine, prompts, args.seeds, None, args.steps, args.guidance)
+            before, asked = before_of[token]
             after, _ = sample(engine, prompts, args.seeds, key, args.steps, args.guidance)
             engine.adapters.manager.invalidate(key)
             results.append({"method": method, "concept": concept_name, "class_word": class_word, "token": token,

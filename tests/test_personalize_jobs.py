@@ -102,15 +102,29 @@ def test_personalize_watch_to_completion_then_generate(jobs_gateway):
     assert len(exported.safetensors) == adapter.size_bytes
 
 
-def test_textual_inversion_job_learns_a_placeholder_token(jobs_gateway):
+@pytest.mark.parametrize("method", [pb.TEXTUAL_INVERSION, pb.CUSTOM_DIFFUSION])
+def test_token_learning_job_serves_its_placeholder_in_generate(jobs_gateway, method):
     stub = jobs_gateway.stub()
-    job = stub.Personalize(request("crescent-ti", method=pb.TEXTUAL_INVERSION, steps=4), metadata=auth())
-    # A learned word is a placeholder, not a rare real token; "sks" is the DreamBooth adapter's already.
-    assert job.token == "<ohwx>"
+    name = f"crescent-{pb.PersonalizationMethod.Name(method).lower()}"
+    job = stub.Personalize(request(name, method=method, steps=4), metadata=auth())
+    # A learned word is a placeholder, not a rare real token; "sks" is the DreamBooth adapter's
+    # already, and each adapter of the tenant gets its own placeholder.
+    if method == pb.TEXTUAL_INVERSION:
+        assert job.token == "<ohwx>"
+    assert job.token.startswith("<") and job.token.endswith(">")
     done = wait_for(stub, job.job_id, lambda j: j.state not in (pb.QUEUED, pb.RUNNING))
     assert done.state == pb.SUCCEEDED, done.error
     adapter = stub.GetAdapter(pb.GetAdapterRequest(adapter_id=done.adapter_id), metadata=auth())
-    assert adapter.method == pb.TEXTUAL_INVERSION and adapter.rank == 0 and adapter.token == "<ohwx>"
+    assert adapter.method == method and adapter.token == job.token
+    assert (adapter.rank == 0) == (method == pb.TEXTUAL_INVERSION)
+
+    # The placeholder means something only with the adapter: Generate with it differs from without.
+    prompt = f"a {job.token} circle on a white background"
+    plain = pb.GenerateRequest(prompt=prompt, steps=4, seed=3)
+    tuned = pb.GenerateRequest(prompt=prompt, steps=4, seed=3, adapters=[pb.AdapterRef(adapter_id=done.adapter_id)])
+    a = np.asarray(Image.open(io.BytesIO(stub.Generate(plain, metadata=auth()).images[0].data)), np.int16)
+    b = np.asarray(Image.open(io.BytesIO(stub.Generate(tuned, metadata=auth()).images[0].data)), np.int16)
+    assert np.abs(a - b).mean() > 0.5
 
 
 def test_cancel_stops_a_running_job_and_frees_the_worker(jobs_gateway):

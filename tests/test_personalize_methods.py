@@ -133,7 +133,8 @@ def test_textual_inversion_starts_from_the_class_word_and_trains_only_the_vector
     table = base.text_encoder.get_input_embeddings().weight.detach().clone()
     heart = table[base.engine.tokenizer("heart", add_special_tokens=False).input_ids[0]]
     vector = train(base, spec).token_embeddings["<sks>"][0]
-    assert 0 < (vector - heart).abs().max() < 0.05  # one small step away from "heart"
+    # One Adam step away from "heart": Adam's first step moves each coordinate by about the learning rate.
+    assert 0 < (vector - heart).abs().max() < 1.5 * spec.learning_rate
     assert torch.equal(table, base.text_encoder.get_input_embeddings().weight)  # the table is untouched
 
 

@@ -166,7 +166,7 @@ def test_progress_streams_every_step(stack):
     assert seen == [(1, 3), (2, 3), (3, 3)] and len(result.images) == 1
 
 
-def _crescent_request(name: str, steps: int) -> pb.PersonalizeRequest:
+def _crescent_request(name: str, steps: int, method=pb.CUSTOM_DIFFUSION) -> pb.PersonalizeRequest:
     from service.world.heldout import CONCEPTS
 
     photos = []
@@ -174,7 +174,7 @@ def _crescent_request(name: str, steps: int) -> pb.PersonalizeRequest:
         buf = io.BytesIO()
         Image.fromarray(sample.image).save(buf, format="PNG")
         photos.append(pb.Image(data=buf.getvalue()))
-    return pb.PersonalizeRequest(method=pb.CUSTOM_DIFFUSION, name=name, class_word="circle", images=photos,
+    return pb.PersonalizeRequest(method=method, name=name, class_word="circle", images=photos,
                                  options=pb.TrainingOptions(steps=steps, batch_size=2, seed=4))
 
 
@@ -188,10 +188,12 @@ def _wait_job(stub, job_id, predicate, timeout=180.0):
     raise AssertionError(f"job {job_id}: {job}")
 
 
-def test_personalize_trains_on_tritons_personalize_model(stack, triton, model_dir):
+@pytest.mark.parametrize("method", [pb.CUSTOM_DIFFUSION, pb.DREAMBOOTH_LORA, pb.TEXTUAL_INVERSION])
+def test_personalize_trains_on_tritons_personalize_model(stack, triton, model_dir, method):
     stub = stack.stub()
     count0 = nv_metric(triton, "nv_inference_request_success", "personalize")
-    job = stub.Personalize(_crescent_request("triton-cd", steps=6), metadata=auth())
+    name = f"triton-{pb.PersonalizationMethod.Name(method).lower()}"
+    job = stub.Personalize(_crescent_request(name, steps=6, method=method), metadata=auth())
     events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=auth(), timeout=300))
     done = events[-1].job
     assert done.state == pb.SUCCEEDED, done.error
@@ -213,9 +215,12 @@ def test_personalize_trains_on_tritons_personalize_model(stack, triton, model_di
         local = train(FrozenBase.from_pretrained(model_dir), training_spec(request, 2**31, 0))
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(stored.token_embeddings[done.token], local.token_embeddings[done.token], rtol=0, atol=1e-5)
-    for name, module in local.lora.items():
-        torch.testing.assert_close(stored.lora[name].up, module.up, rtol=0, atol=1e-5)
+    assert stored.token_embeddings.keys() == local.token_embeddings.keys()
+    assert stored.lora.keys() == local.lora.keys() and (len(local.lora) > 0) == (method != pb.TEXTUAL_INVERSION)
+    for token, vector in local.token_embeddings.items():
+        torch.testing.assert_close(stored.token_embeddings[token], vector, rtol=0, atol=1e-5)
+    for module_name, module in local.lora.items():
+        torch.testing.assert_close(stored.lora[module_name].up, module.up, rtol=0, atol=1e-5)
 
     # Generate through Triton with the new adapter.
     plain = pb.GenerateRequest(prompt=f"a {done.token} circle", steps=3, seed=2)

@@ -31,7 +31,7 @@ from .common import (
 )
 from .spec import MethodDefaults, NoProgress, Progress, TrainingSpec
 
-DEFAULTS = MethodDefaults(steps=400, learning_rate=5e-3, rank=0, batch_size=4, learns_token=True)
+DEFAULTS = MethodDefaults(steps=400, learning_rate=5e-2, rank=0, batch_size=4, learns_token=True)
 
 
 def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(), resume: bytes | None = None) -> Adapter:
