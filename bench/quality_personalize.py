@@ -111,7 +111,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {METHOD_SHORT[method]} | {m['before_agreement']:.0%} → **{m['after_agreement']:.0%}** | "
                      f"{m['after_shape']:.0%} | {m['after_color']:.0%} | {m['after_context_background']:.0%} | "
                      f"{m['after_context_bg_color']:.0%} |")
-    lines += ["", f"Reproduce: `{s['command']}` ({report['seconds']:.0f} s on {report['machine']})."]
+    lines += ["", "Train s: wall seconds of each training in this run, on whatever else the machine was doing; "
+              "`python -m bench.bench_personalize` measures training speed on its own.",
+              "", f"Reproduce: `{s['command']}` ({report['seconds']:.0f} s on {report['machine']})."]
     return "\n".join(lines) + "\n"
 
 

@@ -34,7 +34,7 @@ from .common import (
 )
 from .spec import MethodDefaults, NoProgress, Progress, TrainingSpec
 
-DEFAULTS = MethodDefaults(steps=300, learning_rate=3e-3, rank=8, batch_size=2, learns_token=False)
+DEFAULTS = MethodDefaults(steps=240, learning_rate=3e-3, rank=8, batch_size=2, learns_token=False)
 
 
 def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(), resume: bytes | None = None) -> Adapter:
