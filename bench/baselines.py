@@ -75,8 +75,9 @@ def _input_ids(tokenizer, prompt: str, n: int) -> torch.Tensor:
     return ids.expand(n, -1)
 
 
-def _denoising_step(unet, vae, text_encoder, noise_scheduler, pixel_values, input_ids, g):
-    """The body every example shares: encode, noise, predict, MSE."""
+def _denoising_step(unet, vae, text_encoder, tokenizer, noise_scheduler, pixel_values, prompt: str, g):
+    """The body every example shares: encode the batch and the prompt, noise, predict, MSE."""
+    input_ids = _input_ids(tokenizer, prompt, pixel_values.shape[0])
     latents = vae.encode(pixel_values).latent_dist.sample(generator=g) * vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=g)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).long()
@@ -110,9 +111,7 @@ def dreambooth_lora(model_dir, images, prompt: str, rank: int, steps: int, learn
     unet.train()
 
     def one_step(step):
-        pixel_values = next(data)
-        loss = _denoising_step(unet, vae, text_encoder, noise_scheduler, pixel_values,
-                               _input_ids(tokenizer, prompt, pixel_values.shape[0]), g)
+        loss = _denoising_step(unet, vae, text_encoder, tokenizer, noise_scheduler, next(data), prompt, g)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -158,9 +157,7 @@ def textual_inversion(model_dir, images, placeholder_token: str, initializer_wor
     index_no_updates[token_id] = False
 
     def one_step(step):
-        pixel_values = next(data)
-        loss = _denoising_step(unet, vae, text_encoder, noise_scheduler, pixel_values,
-                               _input_ids(tokenizer, prompt, pixel_values.shape[0]), g)
+        loss = _denoising_step(unet, vae, text_encoder, tokenizer, noise_scheduler, next(data), prompt, g)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -205,9 +202,7 @@ def custom_diffusion(model_dir, images, modifier_token: str, initializer_word: s
     unet.train()
 
     def one_step(step):
-        pixel_values = next(data)
-        loss = _denoising_step(unet, vae, text_encoder, noise_scheduler, pixel_values,
-                               _input_ids(tokenizer, prompt, pixel_values.shape[0]), g)
+        loss = _denoising_step(unet, vae, text_encoder, tokenizer, noise_scheduler, next(data), prompt, g)
         loss.backward()
         # Only the modifier token's row learns: zero the other rows' gradients (as the script does).
         grads = embeddings.weight.grad

@@ -13,8 +13,8 @@ it like any other. The token starts from a rare word's embedding, as the referen
 
 Data, as in the paper when `augment` is on: each photo is also shown rescaled: shrunk onto a blank
 canvas (prompt "a far away" / "very small" when under 0.6x) or enlarged and cropped ("zoomed in" /
-"close up"), and the loss counts only the latent cells that hold the image, not the padding. With prior preservation
-(prior_loss_weight > 0) the base model's own "a <class_word>" images regularise, as DreamBooth's do
+"close up"), and the loss counts only the latent cells that hold the image, not the padding. With
+prior preservation (prior_loss_weight > 0) the base model's own "a <class_word>" images regularise, as DreamBooth's do
 (the paper retrieves real images of the class; none can be downloaded here).
 """
 
