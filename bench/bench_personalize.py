@@ -31,7 +31,7 @@ from PIL import Image
 
 from bench import baselines
 from service.basemodel import DEFAULT_MODEL_DIR
-from service.personalize import METHODS, FrozenBase, NoProgress, TrainingSpec, defaults, train
+from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, defaults, train
 from service.world.heldout import CONCEPTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(SUBJECT_METHODS))
     p.add_argument("--steps", type=int, default=30, help="steps per timing round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

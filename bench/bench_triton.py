@@ -8,7 +8,8 @@
 2. Throughput (images/s) under 1, 4, 16 concurrent gRPC clients, with the `unet` model as
    configured (dynamic batching: steps of different requests share UNet calls) and reloaded through
    Triton's load API without dynamic batching (one request per UNet call), side by side, with the
-   UNet calls Triton made (nv_inference_exec_count) against samples it ran (nv_inference_count).
+   UNet calls Triton made (nv_inference_exec_count) against the rows it ran (nv_inference_count;
+   two rows per image and step under CFG since the unet model batches rows, samples before).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def main() -> None:
                     count0, exec0 = unet_counts(triton.metrics_url)
                     row[f"{mode}_images_per_s"] = throughput(address, clients, requests, args.steps)
                     count1, exec1 = unet_counts(triton.metrics_url)
-                    row[f"{mode}_unet_samples"] = count1 - count0
+                    row[f"{mode}_unet_rows"] = count1 - count0
                     row[f"{mode}_unet_calls"] = exec1 - exec0
                 row["speedup"] = row["batched_images_per_s"] / row["unbatched_images_per_s"]
                 print(json.dumps(row), flush=True)
@@ -153,10 +154,10 @@ def main() -> None:
     print(f"{args.steps}-step Generate: in-process {o['inprocess_median_s']:.3f} s, gateway+Triton "
           f"{o['gateway_triton_median_s']:.3f} s -> overhead x{o['ratio']:.3f} "
           f"(mean step queue {o['mean_step_queue_ms']:.1f} ms)")
-    print(f"{'clients':>7} {'batched img/s':>14} {'unbatched img/s':>16} {'speedup':>8} {'unet calls/samples (batched)':>30}")
+    print(f"{'clients':>7} {'batched img/s':>14} {'unbatched img/s':>16} {'speedup':>8} {'unet calls/rows (batched)':>30}")
     for r in results["throughput"]:
         print(f"{r['clients']:>7} {r['batched_images_per_s']:>14.3f} {r['unbatched_images_per_s']:>16.3f} "
-              f"{r['speedup']:>8.2f} {int(r['batched_unet_calls']):>14}/{int(r['batched_unet_samples'])}")
+              f"{r['speedup']:>8.2f} {int(r['batched_unet_calls']):>14}/{int(r['batched_unet_rows'])}")
     write_results(Path(args.out), results, args)
 
 
@@ -176,15 +177,15 @@ def write_results(out: Path, results: dict, args) -> None:
         f"| {args.steps}-step Generate, in-process engine | {o['inprocess_median_s']:.3f} s | 1.00 | |",
         f"| same through gateway + Triton | {o['gateway_triton_median_s']:.3f} s | **{o['ratio']:.3f}** | <= 1.10 |",
         "",
-        "| clients | batched img/s | unbatched img/s | batched/unbatched | unet calls / samples (batched) |",
+        "| clients | batched img/s | unbatched img/s | batched/unbatched | unet calls / rows (batched) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for r in results["throughput"]:
         lines.append(
             f"| {r['clients']} | {r['batched_images_per_s']:.3f} | {r['unbatched_images_per_s']:.3f} | "
-            f"{r['speedup']:.2f} | {int(r['batched_unet_calls'])} / {int(r['batched_unet_samples'])} |"
+            f"{r['speedup']:.2f} | {int(r['batched_unet_calls'])} / {int(r['batched_unet_rows'])} |"
         )
-    lines += ["", "unet calls < samples is Triton's nv_inference_exec_count < nv_inference_count: steps of",
+    lines += ["", "unet calls < rows is Triton's nv_inference_exec_count < nv_inference_count: steps of",
               "different requests ran in one UNet call. On a CPU a batched call's compute grows with its rows;",
               "what batching saves is the per-call cost (python-backend hop, framework overhead), so the gain",
               "shows at high concurrency. With one client nothing can batch: any ratio far from 1.0 there is",

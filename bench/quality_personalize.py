@@ -34,7 +34,7 @@ from service.adapters import BankedAdapters
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 from service.measures import Judge
-from service.personalize import METHODS, FrozenBase, TrainingSpec, defaults, train
+from service.personalize import SUBJECT_METHODS, FrozenBase, TrainingSpec, defaults, train
 from service.personalize.tokens import default_token
 from service.world.heldout import CONCEPTS
 
@@ -120,7 +120,7 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(SUBJECT_METHODS))
     p.add_argument("--concepts", nargs="+", default=list(CONCEPTS))
     p.add_argument("--references", type=int, default=4)
     p.add_argument("--seeds", type=int, default=4, help="images per context")

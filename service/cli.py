@@ -151,7 +151,7 @@ def cmd_generate(args) -> int:
     req = pb.GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, adapters=_adapter_refs(args.adapter),
         steps=args.steps, guidance_scale=args.guidance_scale, width=args.width, height=args.height,
-        num_images=args.num_images,
+        num_images=args.num_images, style_guidance_scale=args.style_guidance_scale,
     )
     if args.seed is not None:
         req.seed = args.seed
@@ -159,6 +159,19 @@ def cmd_generate(args) -> int:
     _write_images(resp.images, args.output)
     print(f"seeds {list(resp.seeds)}; server time {resp.timings.total_seconds:.2f} s")
     return 0
+
+
+def _concept(text: str) -> pb.Concept:
+    """'a yellow star' or 'a yellow star@x0,y0,x1,y1' (its box in the image's pixels)."""
+    phrase, _, box = text.partition("@")
+    concept = pb.Concept(phrase=phrase.strip())
+    if box:
+        try:
+            x0, y0, x1, y1 = (int(v) for v in box.split(","))
+        except ValueError:
+            raise SystemExit(f"--concept {text!r}: the box must be four integers, 'PHRASE@x0,y0,x1,y1'") from None
+        concept.box.CopyFrom(pb.Box(x0=x0, y0=y0, x1=x1, y1=y1))
+    return concept
 
 
 def cmd_personalize(args) -> int:
@@ -173,11 +186,15 @@ def cmd_personalize(args) -> int:
     req = pb.PersonalizeRequest(
         method=pb.PersonalizationMethod.Value(method), name=args.name, class_word=args.class_word,
         images=[_read_image(p) for p in args.images], style_phrase=args.style_phrase,
-        concepts=[pb.Concept(phrase=c) for c in args.concept or []], token=args.concept_token or "", options=options,
+        concepts=[_concept(c) for c in args.concept or []], token=args.concept_token or "", options=options,
     )
     job = stub.Personalize(req, metadata=md, timeout=args.timeout)
-    print(f"job {job.job_id} {pb.JobState.Name(job.state)}: token {job.token!r}, "
-          f"prompt 'a {job.token} {job.class_word}'", flush=True)
+    if req.method == pb.FINESTYLE:
+        print(f"job {job.job_id} {pb.JobState.Name(job.state)}: style phrase {job.token!r}, "
+              f"prompt '<anything> {job.token}' with --style-guidance-scale 2", flush=True)
+    else:
+        print(f"job {job.job_id} {pb.JobState.Name(job.state)}: token {job.token!r}, "
+              f"prompt 'a {job.token} {job.class_word}'", flush=True)
     if args.no_wait:
         return 0
     return _watch(stub, md, job.job_id, args.previews)
@@ -214,8 +231,11 @@ def _watch(stub, md, job_id: str, previews: str | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(job.previews):
             (out / f"{job.job_id}-{i}.png").write_bytes(image.data)
-        print(f"wrote {len(job.previews)} previews ('a {job.token} {job.class_word}') to {out}/")
-    if job.state == pb.SUCCEEDED:
+        print(f"wrote {len(job.previews)} previews to {out}/")
+    if job.state == pb.SUCCEEDED and job.method == pb.FINESTYLE:
+        print(f"use it: steerserve generate \"a blue square {job.token}\" --adapter {job.adapter_id} "
+              "--style-guidance-scale 2")
+    elif job.state == pb.SUCCEEDED:
         print(f"use it: steerserve generate \"a {job.token} {job.class_word} on a ...\" --adapter {job.adapter_id}")
     return 0 if job.state == pb.SUCCEEDED else 1
 
@@ -321,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=0)
     g.add_argument("--seed", type=int)
     g.add_argument("-n", "--num-images", type=int, default=1)
+    g.add_argument("--style-guidance-scale", type=float, default=0.0,
+                   help="FineStyle adapters: > 0 separates the style's guidance from the prompt's (e.g. 2)")
     g.set_defaults(func=cmd_generate)
 
     t = client("personalize", "train an adapter from photos (subject) or one image (style)")
@@ -330,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", required=True)
     t.add_argument("--class-word", default="")
     t.add_argument("--style-phrase", default="")
-    t.add_argument("--concept", action="append", help="FineStyle concept phrase, repeatable")
+    t.add_argument("--concept", action="append",
+                   help="FineStyle: a phrase naming an object of the style image, optionally with its box "
+                        "('a yellow star@4,6,30,32'); repeatable")
     t.add_argument("--concept-token", help="the word that will invoke the concept (default: a free rare word)")
     t.add_argument("--steps", type=int, default=0, help="0: the method's default")
     t.add_argument("--rank", type=int, default=0)

@@ -45,6 +45,9 @@ GENERATE_CASES = [
     (G(adapters=[pb.AdapterRef(adapter_id="a", weight=float("inf"))]), "adapters[0].weight"),
     (G(adapters=[pb.AdapterRef(adapter_id=f"a{i}") for i in range(9)]), "adapters"),
     (G(style_guidance_scale=-1), "style_guidance_scale"),
+    (G(style_guidance_scale=float("nan")), "style_guidance_scale"),
+    # Style guidance without a style adapter has nothing to guide with.
+    (G(style_guidance_scale=2.0), "style_guidance_scale"),
 ]
 
 
@@ -71,6 +74,16 @@ def P(**kw) -> pb.PersonalizeRequest:
     return pb.PersonalizeRequest(**kw)
 
 
+def S(**kw) -> pb.PersonalizeRequest:
+    """A FINESTYLE request: one style image, its concepts, the style phrase."""
+    kw.setdefault("method", pb.FINESTYLE)
+    kw.setdefault("name", "my-style")
+    kw.setdefault("images", [pb.Image(data=_png())])
+    kw.setdefault("concepts", [pb.Concept(phrase="a yellow star")])
+    kw.setdefault("style_phrase", "in zwx style")
+    return pb.PersonalizeRequest(**kw)
+
+
 PERSONALIZE_CASES = [
     (P(method=pb.PERSONALIZATION_METHOD_UNSPECIFIED), "method"),
     (P(name=""), "name"),
@@ -78,6 +91,21 @@ PERSONALIZE_CASES = [
     (P(images=[pb.Image(data=_png())] * 2), "images"),
     (P(images=[pb.Image(data=_png())] * 6), "images"),
     (P(method=pb.FINESTYLE, images=[pb.Image(data=_png())] * 2), "images"),
+    (S(images=[pb.Image(data=_png())] * 3), "images"),
+    (S(concepts=[]), "concepts"),  # no concepts and no caption
+    (S(style_phrase=""), "style_phrase"),
+    (S(concepts=[pb.Concept(phrase="")]), "concepts[0].phrase"),
+    (S(concepts=[pb.Concept(phrase="a star"), pb.Concept(phrase="a star")]), "concepts"),
+    (S(concepts=[pb.Concept(phrase="a star", box=pb.Box(x0=10, y0=10, x1=80, y1=30))]), "concepts[0].box"),
+    (S(concepts=[pb.Concept(phrase="a star"), pb.Concept(phrase="a ring", box=pb.Box(x0=30, y0=10, x1=20, y1=30))]),
+     "concepts[1].box"),
+    (S(concepts=[pb.Concept(phrase="a star", box=pb.Box(x0=-1, y0=0, x1=20, y1=30))]), "concepts[0].box"),
+    (S(options=pb.TrainingOptions(prior_loss_weight=1.0)), "options.prior_loss_weight"),
+    (S(token="sks"), "token"),
+    (S(class_word="dog"), "class_word"),
+    (S(style_phrase="in <zwx> style!"), "style_phrase"),
+    (S(images=[pb.Image(data=_png(128, 64))],  # the centre square is x 32..96
+       concepts=[pb.Concept(phrase="a star", box=pb.Box(x0=0, y0=0, x1=30, y1=20))]), "concepts[0].box"),
     (P(class_word=""), "class_word"),
     (P(images=[pb.Image(data=_png()), pb.Image(data=b"not an image"), pb.Image(data=_png())]), "images[1]"),
     (P(images=[pb.Image(data=_png()), pb.Image(data=b""), pb.Image(data=_png())]), "images[1]"),

@@ -19,7 +19,7 @@ from PIL import Image
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from service.config import Settings
-from service.world.heldout import CONCEPTS
+from service.world.heldout import CONCEPTS, STYLES
 from tests.conftest import TOKENS, auth, free_port, start_gateway_in_thread, stop_gateway
 
 BOB = auth("token-bob")
@@ -238,11 +238,42 @@ def test_bad_personalize_requests_are_refused_before_queueing(jobs_gateway, chan
     assert len(stub.ListJobs(pb.ListJobsRequest(), metadata=auth()).jobs) == before
 
 
-def test_finestyle_is_not_served_yet(jobs_gateway):
-    req = pb.PersonalizeRequest(method=pb.FINESTYLE, name="style", images=crescent_photos(1), style_phrase="in neon")
-    with pytest.raises(grpc.RpcError) as err:
-        jobs_gateway.stub().Personalize(req, metadata=auth())
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+def style_request(name: str, steps: int = 6) -> pb.PersonalizeRequest:
+    """FINESTYLE from the ONE reference image of a held-out style: one concept with its box, one
+    to be located by cross-attention."""
+    style = STYLES["neon-outline"]
+    star = style.content[0]
+    box = pb.Box(x0=int((star.cx - star.r) * 64), y0=int((star.cy - star.r) * 64),
+                 x1=int((star.cx + star.r) * 64) + 1, y1=int((star.cy + star.r) * 64) + 1)
+    return pb.PersonalizeRequest(
+        method=pb.FINESTYLE, name=name, images=[pb.Image(data=png(style.reference().image))],
+        concepts=[pb.Concept(phrase="a yellow star", box=box), pb.Concept(phrase="a pink circle")],
+        style_phrase="in zwx style", options=pb.TrainingOptions(steps=steps, batch_size=2, seed=5))
+
+
+def test_finestyle_job_then_generate_with_both_scales(jobs_gateway):
+    stub = jobs_gateway.stub()
+    job = stub.Personalize(style_request("neon"), metadata=auth())
+    assert job.method == pb.FINESTYLE and job.token == "in zwx style" and job.class_word == ""
+    done = wait_for(stub, job.job_id, lambda j: j.state not in (pb.QUEUED, pb.RUNNING))
+    assert done.state == pb.SUCCEEDED, done.error
+    assert len(done.previews) == 2  # "a yellow star in zwx style", with style guidance
+    adapter = stub.GetAdapter(pb.GetAdapterRequest(adapter_id=done.adapter_id), metadata=auth())
+    assert adapter.method == pb.FINESTYLE and adapter.token == "in zwx style"
+
+    def image(**kw):
+        req = pb.GenerateRequest(prompt="a blue square in zwx style", steps=4, seed=3, guidance_scale=4.0,
+                                 adapters=[pb.AdapterRef(adapter_id=done.adapter_id)], **kw)
+        return np.asarray(Image.open(io.BytesIO(stub.Generate(req, metadata=auth()).images[0].data)), np.int16)
+
+    plain, styled, stronger = image(), image(style_guidance_scale=2.0), image(style_guidance_scale=6.0)
+    assert np.abs(plain - styled).mean() > 0.5 and np.abs(styled - stronger).mean() > 0.5
+
+    # Exported and imported again, it is still a style adapter (the file says so).
+    exported = stub.ExportAdapter(pb.ExportAdapterRequest(adapter_id=done.adapter_id), metadata=auth())
+    imported = stub.ImportAdapter(pb.ImportAdapterRequest(name="neon-again", safetensors=exported.safetensors),
+                                  metadata=auth())
+    assert imported.method == pb.FINESTYLE
 
 
 # -- durability across a real process crash ---------------------------------------------------------

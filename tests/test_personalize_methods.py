@@ -18,7 +18,7 @@ from service.adapters import BankedAdapters, parse_adapter, serialize_adapter
 from service.adapters.loading import adapter_checker
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
-from service.personalize import METHODS, FrozenBase, NoProgress, TrainingSpec, TrainingStopped, defaults, train
+from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, TrainingStopped, defaults, train
 from service.personalize.common import Posteriors, step_generator
 from service.personalize.custom_diffusion import scale_augmented
 from service.personalize.tokens import RARE_WORDS, TokenError, check_token, default_token, is_real_word
@@ -61,7 +61,7 @@ def served_loss(engine: Engine, spec: TrainingSpec, use_adapter: bool) -> float:
     return float(((pairs[:, 1] - noise) ** 2).mean())
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(SUBJECT_METHODS))
 def test_method_lowers_its_loss_and_writes_a_servable_adapter(base, method):
     spec = spec_for(method)
     adapter = train(base, spec)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import CollectorRegistry
 from safetensors.torch import save
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
@@ -144,7 +145,7 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
 
     inferences = nv_metric(triton, "nv_inference_count", "unet") - count0
     executions = nv_metric(triton, "nv_inference_exec_count", "unet") - exec0
-    assert inferences == 4 * 6  # one unet inference per sample per step
+    assert inferences == 4 * 6 * 2  # one unet row per CFG prediction, per request, per step
     assert executions < inferences  # ... in fewer UNet calls: steps of different requests shared calls
     for k, (g, e) in enumerate(zip(got, expected)):
         # Batched and single matmuls round differently; a wrong adapter would change far more.
@@ -154,7 +155,7 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
     text = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
     batch_sum = float(re.search(r"^steerserve_triton_step_batch_size_sum (\S+)$", text, re.M).group(1))
     batch_count = float(re.search(r"^steerserve_triton_step_batch_size_count (\S+)$", text, re.M).group(1))
-    assert batch_sum > batch_count  # some steps ran in a batch of more than one sample
+    assert batch_sum > 2 * batch_count  # some steps ran in a batch of more than one request's two rows
     assert "steerserve_triton_step_queue_seconds_bucket" in text
 
 
@@ -228,6 +229,50 @@ def test_personalize_trains_on_tritons_personalize_model(stack, triton, model_di
     a = pixels(stub.Generate(plain, metadata=auth()).images[0]).astype(int)
     b = pixels(stub.Generate(tuned, metadata=auth()).images[0]).astype(int)
     assert np.abs(a - b).mean() > 0.5
+
+
+def test_finestyle_trains_on_triton_and_generates_with_both_scales(stack, triton, model_dir):
+    """FINESTYLE through Triton: trained on the personalize model; Generate with style guidance runs
+    the three predictions of each step as three rows of ONE unet call, and equals in-process."""
+    from service.world.heldout import STYLES
+
+    stub = stack.stub()
+    style = STYLES["pixel-checker"]
+    buf = io.BytesIO()
+    Image.fromarray(style.reference().image).save(buf, format="PNG")
+    job = stub.Personalize(pb.PersonalizeRequest(
+        method=pb.FINESTYLE, name="triton-style", images=[pb.Image(data=buf.getvalue())],
+        concepts=[pb.Concept(phrase="a red heart")], style_phrase="in zwx style",
+        options=pb.TrainingOptions(steps=6, batch_size=2, seed=4)), metadata=auth())
+    done = _wait_job(stub, job.job_id, lambda j: j.state not in (pb.QUEUED, pb.RUNNING), timeout=300)
+    assert done.state == pb.SUCCEEDED, done.error
+    assert done.method == pb.FINESTYLE and len(done.previews) == 2
+
+    def generate(scale):
+        req = pb.GenerateRequest(prompt="a blue star in zwx style", steps=4, seed=2, guidance_scale=4.0,
+                                 style_guidance_scale=scale, adapters=[pb.AdapterRef(adapter_id=done.adapter_id)])
+        return pixels(stub.Generate(req, metadata=auth()).images[0])
+
+    plain = generate(0.0)
+    count0, exec0 = nv_metric(triton, "nv_inference_count", "unet"), nv_metric(triton, "nv_inference_exec_count", "unet")
+    styled = generate(3.0)
+    assert nv_metric(triton, "nv_inference_count", "unet") - count0 == 4 * 3  # three rows a step ...
+    assert nv_metric(triton, "nv_inference_exec_count", "unet") - exec0 == 4  # ... in one call a step
+    assert np.abs(plain.astype(int) - styled.astype(int)).mean() > 0.5
+
+    # The same loop in-process, with the same stored adapter, gives the same image.
+    reference = Engine.from_pretrained(model_dir)
+    BankedAdapters.attach(reference, blob_loader(stack.settings.data_dir / "adapters"), num_slots=2, max_rank=8,
+                          registry=CollectorRegistry())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = reference.generate(GenerationSpec(
+            prompt="a blue star in zwx style", steps=4, seed=2, guidance_scale=4.0, style_guidance_scale=3.0,
+            adapters=(AdapterUse(done.adapter_id, style=True),))).images[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(np.asarray(expected).astype(int) - styled.astype(int)).max() <= 2
 
 
 def test_personalize_on_triton_streams_checkpoints_and_cancels(stack):

@@ -40,6 +40,8 @@ COMPONENTS = ("unet", "text_encoder")
 TI_PREFIX = "textual_inversion."
 # The key diffusers' save_lora_weights uses for the JSON-serialized peft LoraConfig(s).
 LORA_METADATA_KEY = "lora_adapter_metadata"
+KIND_METADATA_KEY = "steerserve_adapter_kind"
+ADAPTER_KINDS = ("subject", "style")
 
 # (suffix of the down/A matrix, suffix of the up/B matrix), most specific first.
 _LORA_SUFFIXES = (
@@ -78,6 +80,9 @@ class Adapter:
     lora: dict[str, LoraModule] = field(default_factory=dict)
     # token string -> [num_vectors, hidden] vectors that replace the token in prompts.
     token_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    # "subject" (what it learned is a thing) or "style" (a FineStyle adapter: sampling may apply it
+    # to a separate, style-conditional prediction). Stored in the file's metadata.
+    kind: str = "subject"
 
     @property
     def max_rank(self) -> int:
@@ -205,7 +210,10 @@ def parse_adapter(
         missing = "up/B" if module in downs else "down/A"
         raise AdapterFormatError(f"{key}: the matching {missing} matrix is missing")
 
-    adapter = Adapter()
+    kind = metadata.get(KIND_METADATA_KEY, "subject")
+    if kind not in ADAPTER_KINDS:
+        raise AdapterFormatError(f"metadata '{KIND_METADATA_KEY}': {kind!r} is not one of {', '.join(ADAPTER_KINDS)}")
+    adapter = Adapter(kind=kind)
     for module in sorted(downs):
         (down_key, down), (up_key, up) = downs[module], ups[module]
         for key, t in ((down_key, down), (up_key, up)):
@@ -363,6 +371,8 @@ def to_diffusers_lora(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[s
     metadata = {"format": "pt"}
     if flat_config:
         metadata[LORA_METADATA_KEY] = json.dumps(flat_config, indent=2, sort_keys=True)
+    if adapter.kind != "subject":
+        metadata[KIND_METADATA_KEY] = adapter.kind
     return tensors, metadata
 
 

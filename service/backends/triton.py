@@ -49,8 +49,8 @@ class TritonMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.step_batch_size = Histogram(
             "steerserve_triton_step_batch_size",
-            "Samples in the UNet call a denoising step of a request ran in (step-level batching).",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=registry,
+            "UNet rows (predictions: 2 per image under CFG, 3 under style guidance) in the call a denoising step of a request ran in (step-level batching).",
+            buckets=(2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128), registry=registry,
         )
         self.step_queue = Histogram(
             "steerserve_triton_step_queue_seconds",
@@ -114,6 +114,7 @@ class TritonBackend:
             _tensor("NEGATIVE_PROMPT", [spec.negative_prompt.encode()], "BYTES"),
             _tensor("STEPS", np.array([spec.steps], np.int32), "INT32"),
             _tensor("GUIDANCE_SCALE", np.array([spec.guidance_scale], np.float32), "FP32"),
+            _tensor("STYLE_GUIDANCE_SCALE", np.array([spec.style_guidance_scale], np.float32), "FP32"),
             _tensor("WIDTH", np.array([spec.width], np.int32), "INT32"),
             _tensor("HEIGHT", np.array([spec.height], np.int32), "INT32"),
             _tensor("SEED", np.array([spec.seed], np.int64), "INT64"),

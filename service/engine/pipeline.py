@@ -167,7 +167,7 @@ class Engine:
         if isinstance(call, Encode):
             return self.encode_prompts(call.prompts, call.rows)
         if isinstance(call, Denoise):
-            noise = self.predict_noise_pairs(call.latents, call.timesteps, call.embeds, call.rows)
+            noise = self.predict_noise(call.latents, call.timesteps, call.embeds, call.rows)
             return StepResult(noise, batch_size=call.latents.shape[0], compute_seconds=0.0)
         if isinstance(call, Decode):
             return self.decode_array(call.latents)
@@ -208,6 +208,19 @@ class Engine:
         return self.facts.initial_latents(seeds, height, width).to(self.device, self.dtype)
 
     @torch.no_grad()
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        rows: Sequence[Sequence[AdapterUse]],
+    ) -> torch.Tensor:
+        """One UNet call on m independent rows: latents [m, C, h, w], timesteps [m], embeds
+        [m, L, D], rows: each row's adapters (the bank applies them to that row only). [m, C, h, w]."""
+        flush_denormals()
+        with self.adapters.activate(list(rows)):
+            return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
+
     def predict_noise_pairs(
         self,
         latents: torch.Tensor,
@@ -215,18 +228,14 @@ class Engine:
         embeds: torch.Tensor,
         rows: Sequence[Sequence[AdapterUse]],
     ) -> torch.Tensor:
-        """One UNet call on [unconditional of every sample; conditional of every sample].
-
-        latents [n, C, h, w], timesteps [n], embeds [n, 2, L, D], rows: n samples' adapters.
-        Returns [n, 2, C, h, w] (unconditional, conditional) per sample.
-        """
-        flush_denormals()
-        with self.adapters.activate(list(rows) + list(rows)):
-            noise = self.unet(
-                torch.cat([latents, latents]),
-                torch.cat([timesteps, timesteps]),
-                encoder_hidden_states=torch.cat([embeds[:, 0], embeds[:, 1]]),
-            ).sample
+        """CFG's two predictions of n samples in one UNet call: embeds [n, 2, L, D] (unconditional,
+        conditional), rows: the n samples' adapters (on both). Returns [n, 2, C, h, w]."""
+        noise = self.predict_noise(
+            torch.cat([latents, latents]),
+            torch.cat([timesteps, timesteps]),
+            torch.cat([embeds[:, 0], embeds[:, 1]]),
+            list(rows) + list(rows),
+        )
         uncond, cond = noise.chunk(2)
         return torch.stack([uncond, cond], dim=1)
 

@@ -31,10 +31,15 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 @dataclass(frozen=True)
 class AdapterUse:
-    """One adapter applied to one request, with its mixing weight."""
+    """One adapter applied to one request, with its mixing weight.
+
+    `style` marks a FineStyle adapter: with a request's style_guidance_scale > 0 it is applied only
+    to the third, style-conditional prediction of each step (see `style_guidance`).
+    """
 
     key: str
     weight: float = 1.0
+    style: bool = False
 
 
 Rows = Sequence[Sequence[AdapterUse]]
@@ -51,6 +56,13 @@ class GenerationSpec:
     seed: int = 0
     num_images: int = 1
     adapters: tuple[AdapterUse, ...] = ()
+    # > 0: FineStyle's two-scale guidance with the request's style adapters (0: ordinary CFG with
+    # every adapter on both predictions).
+    style_guidance_scale: float = 0.0
+
+    @property
+    def uses_style_guidance(self) -> bool:
+        return self.style_guidance_scale > 0 and any(a.style for a in self.adapters)
 
 
 class GenerationCancelled(Exception):
@@ -60,6 +72,22 @@ class GenerationCancelled(Exception):
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Moves the unconditional prediction toward the prompt's by `scale` (1 = no guidance)."""
     return uncond + scale * (cond - uncond)
+
+
+def style_guidance(
+    uncond: torch.Tensor, cond: torch.Tensor, styled: torch.Tensor, guidance_scale: float, style_scale: float
+) -> torch.Tensor:
+    """FineStyle's / StyleDrop's two-scale guidance from three predictions of one step:
+
+        eps = eps(c, style) + l1 * (eps(c, style) - eps(c)) + l2 * (eps(c) - eps(uncond))
+
+    uncond and cond are the model without the style adapter, styled the conditional one with it.
+    l1 = style_scale pushes along the style adapter's direction (more style, and more of the style
+    image's content); l2 = guidance_scale - 1 pushes along the prompt's direction as the base model
+    reads it (follows the prompt, leaks less). With l2 = g - 1, a request without a style adapter
+    (styled == cond) gets exactly ordinary CFG at scale g.
+    """
+    return styled + style_scale * (styled - cond) + (guidance_scale - 1.0) * (cond - uncond)
 
 
 # -- what the loop needs of the model without its weights ---------------------------------------
@@ -139,11 +167,14 @@ class Encode:
 
 @dataclass(frozen=True)
 class Denoise:
-    """One UNet step for n samples: the unconditional and the conditional prediction of each.
+    """One UNet call on m independent predictions: row i predicts the noise of latents[i] at
+    timesteps[i] given embeds[i], with the adapters rows[i].
 
-    latents [n, C, h, w]; timesteps [n]; embeds [n, 2, L, D] (unconditional, conditional);
-    rows: the n samples' adapters (shared by both predictions of a sample). Answered with a
-    `StepResult` whose noise is [n, 2, C, h, w].
+    latents [m, C, h, w]; timesteps [m]; embeds [m, L, D]; rows: m tuples of adapters. Answered with
+    a `StepResult` whose noise is [m, C, h, w]. A loop puts every prediction one step needs into one
+    Denoise (CFG's unconditional and conditional rows; FineStyle's third, styled row; an edit's
+    source and target rows), so they share one UNet call, and the Triton `unet` model batches the
+    rows of many requests together whatever each loop's mix.
     """
 
     latents: torch.Tensor
@@ -154,8 +185,8 @@ class Denoise:
 
 @dataclass(frozen=True)
 class StepResult:
-    noise: torch.Tensor  # [n, 2, C, h, w]
-    batch_size: int  # samples in the UNet call this step ran in (other requests' included)
+    noise: torch.Tensor  # [m, C, h, w]
+    batch_size: int  # rows in the UNet call this step ran in (other requests' included)
     compute_seconds: float  # the UNet call's own time (the rest of the round trip was waiting)
 
 
@@ -199,16 +230,27 @@ def generation(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Loop:
-    """Text to image: encode, DDIM with classifier-free guidance, decode. Yields each model call."""
+    """Text to image: encode, DDIM with classifier-free guidance (or FineStyle's two-scale
+    guidance), decode. Yields each model call."""
     t_start = time.perf_counter()
     n = spec.num_images
     seeds = [spec.seed + i for i in range(n)]
-    rows = [tuple(spec.adapters)] * n
+    adapters = tuple(spec.adapters)
 
-    # 1. Text: [negative x n; prompt x n], each row with its request's adapters (learned tokens).
+    # The predictions of every step, each a (prompt, adapters) pair for all n samples:
+    #   CFG:       (negative, adapters), (prompt, adapters)
+    #   FineStyle: (negative, without style), (prompt, without style), (prompt, all adapters)
+    if spec.uses_style_guidance:
+        plain = tuple(a for a in adapters if not a.style)
+        predictions = [(spec.negative_prompt, plain), (spec.prompt, plain), (spec.prompt, adapters)]
+    else:
+        predictions = [(spec.negative_prompt, adapters), (spec.prompt, adapters)]
+    k = len(predictions)
+    rows = [use for _, use in predictions for _ in range(n)]  # prediction-major: [k * n]
+
+    # 1. Text: every prediction's prompt for every sample, each row with its adapters (learned tokens).
     t0 = time.perf_counter()
-    embeds = yield Encode([spec.negative_prompt] * n + [spec.prompt] * n, rows + rows)
-    pairs = torch.stack([embeds[:n], embeds[n:]], dim=1)  # [n, 2, L, D]
+    embeds = yield Encode([prompt for prompt, _ in predictions for _ in range(n)], rows)
     t_text = time.perf_counter() - t0
 
     # 2. Denoise from per-image seeded noise.
@@ -220,10 +262,14 @@ def generation(
         if should_stop():
             raise GenerationCancelled(f"stopped before step {i + 1} of {spec.steps}")
         sent = time.perf_counter()
-        result: StepResult = yield Denoise(latents, t.reshape(1).expand(n), pairs, rows)
+        result: StepResult = yield Denoise(latents.repeat(k, 1, 1, 1), t.reshape(1).expand(k * n), embeds, rows)
         round_trip = time.perf_counter() - sent
-        uncond, cond = result.noise[:, 0], result.noise[:, 1]
-        latents = scheduler.step(classifier_free_guidance(uncond, cond, spec.guidance_scale), t, latents).prev_sample
+        noise = result.noise.reshape(k, n, *result.noise.shape[1:])
+        if k == 3:
+            guided = style_guidance(noise[0], noise[1], noise[2], spec.guidance_scale, spec.style_guidance_scale)
+        else:
+            guided = classifier_free_guidance(noise[0], noise[1], spec.guidance_scale)
+        latents = scheduler.step(guided, t, latents).prev_sample
         info = StepInfo(i + 1, spec.steps, result.batch_size, max(0.0, round_trip - result.compute_seconds))
         steps.append(info)
         if on_step is not None:

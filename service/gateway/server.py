@@ -48,7 +48,7 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
         blob_loader(Path(settings.data_dir) / "adapters"),
         num_slots=settings.adapter_slots,
         max_rank=settings.adapter_max_rank,
-        max_rows=4 * settings.max_num_images,  # CFG pairs of one request, with room to spare
+        max_rows=4 * settings.max_num_images,  # rows of one request (2 per image under CFG, 3 under style guidance), with room to spare
         host_cache_size=settings.adapter_host_cache,
         registry=metrics.registry,
     )

@@ -26,6 +26,7 @@ from service.config import Settings
 from service.engine.images import encode_png
 from service.engine.pipeline import AdapterUse, GenerationCancelled
 from service.jobs import JobRunner, NameTaken, QueueFull
+from service.personalize import FINESTYLE
 from service.personalize.tokens import TokenError
 from service.stores import AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound
 
@@ -145,8 +146,11 @@ def _png_size(png: bytes) -> dict:
 
 
 def _imported_method(adapter: Adapter) -> str:
-    """What an imported file looks like: tokens only = Textual Inversion; LoRA on cross-attention
-    K/V only (+ tokens) = Custom Diffusion; any other LoRA = DreamBooth-LoRA."""
+    """What an imported file looks like: a file that says it is a style adapter (our FineStyle
+    export) = FineStyle; tokens only = Textual Inversion; LoRA on cross-attention K/V only
+    (+ tokens) = Custom Diffusion; any other LoRA = DreamBooth-LoRA."""
+    if adapter.kind == "style":
+        return FINESTYLE
     if not adapter.lora:
         return "TEXTUAL_INVERSION"
     if all(m.endswith(("attn2.to_k", "attn2.to_v")) for m in adapter.lora):
@@ -180,12 +184,17 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
     async def Generate(self, request: pb.GenerateRequest, context, tenant: str) -> pb.GenerateResponse:
         spec, refs = validation.generate_spec(request, self.limits, self.backend.count_tokens)
         # Resolve adapter ids within the tenant only: another tenant's id is simply NOT_FOUND.
-        for i, (adapter_id, _) in enumerate(refs):
+        uses = []
+        for i, (adapter_id, weight) in enumerate(refs):
             try:
-                self.adapter_store.get(tenant, adapter_id)
+                record = self.adapter_store.get(tenant, adapter_id)
             except NotFound:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND, f"adapters[{i}].adapter_id: adapter {adapter_id!r} not found")
-        spec.adapters = tuple(AdapterUse(key=a, weight=w) for a, w in refs)
+            uses.append(AdapterUse(key=adapter_id, weight=weight, style=record.method == FINESTYLE))
+        spec.adapters = tuple(uses)
+        if spec.style_guidance_scale > 0 and not spec.uses_style_guidance:
+            raise invalid("style_guidance_scale", "applies to FINESTYLE adapters and none of adapters is one; "
+                                                  "leave it 0 or add a style adapter")
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         result = await self.backend.generate(spec, deadline)
@@ -204,13 +213,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
 
     @_rpc
     async def Personalize(self, request: pb.PersonalizeRequest, context, tenant: str) -> pb.Job:
-        validation.personalize_request(request, self.limits)
-        if request.method == pb.FINESTYLE:
-            raise ServiceError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "method: FINESTYLE (style personalization) is not available on this server version yet; "
-                "DREAMBOOTH_LORA, TEXTUAL_INVERSION and CUSTOM_DIFFUSION are",
-            )
+        validation.personalize_request(request, self.limits, self.backend.count_tokens)
         # Checks the name and token against the tenant's adapters and jobs, then queues: the job
         # row is committed before this returns.
         return job_message(self.jobs.submit(tenant, request, self.backend.tokenizer))

@@ -124,6 +124,7 @@ def generate_spec(req: pb.GenerateRequest, limits: Limits, count_tokens) -> tupl
         height=height,
         seed=seed,
         num_images=num_images,
+        style_guidance_scale=req.style_guidance_scale,
     )
     return spec, check_adapter_refs(req.adapters, limits)
 
@@ -159,7 +160,10 @@ MAX_CLASS_IMAGES = 200
 MAX_PRIOR_LOSS_WEIGHT = 10.0
 
 
-def personalize_request(req: pb.PersonalizeRequest, limits: Limits) -> list:
+MAX_CONCEPTS = 8
+
+
+def personalize_request(req: pb.PersonalizeRequest, limits: Limits, count_tokens=None) -> list:
     """Checks every field of a Personalize request; returns the decoded images."""
     method = pb.PersonalizationMethod.Name(req.method) if req.method in pb.PersonalizationMethod.values() else None
     if req.method == pb.PERSONALIZATION_METHOD_UNSPECIFIED or method is None:
@@ -168,6 +172,33 @@ def personalize_request(req: pb.PersonalizeRequest, limits: Limits) -> list:
     if req.method == pb.FINESTYLE:
         if len(req.images) != 1:
             raise invalid("images", f"FINESTYLE takes exactly 1 style image (got {len(req.images)})")
+        if not req.concepts:
+            raise invalid("concepts", "FINESTYLE needs the style image's caption as concepts: a phrase for each "
+                                      "object in it (e.g. 'a yellow star'), so the adapter learns them apart from the style")
+        if len(req.concepts) > MAX_CONCEPTS:
+            raise invalid("concepts", f"at most {MAX_CONCEPTS} concepts (got {len(req.concepts)})")
+        style_phrase = req.style_phrase.strip()
+        if not style_phrase:
+            raise invalid("style_phrase", "FINESTYLE needs the words that will invoke the style (e.g. 'in zwx style')")
+        if len(style_phrase) > 80 or not all(c.isalnum() or c in " -'" for c in style_phrase):
+            raise invalid("style_phrase", "must be a short phrase of letters, digits, spaces, '-' or \"'\"")
+        if req.token.strip():
+            raise invalid("token", "FINESTYLE has no token: the style_phrase invokes the style; leave token empty")
+        if req.class_word.strip():
+            raise invalid("class_word", "FINESTYLE learns a style, not a subject of a class: leave class_word empty")
+        if req.options.num_class_images:
+            raise invalid("options.num_class_images", "FINESTYLE has no prior preservation: leave it 0")
+        phrases = [c.phrase.strip() for c in req.concepts]
+        for i, phrase in enumerate(phrases):
+            if not phrase:
+                raise invalid(f"concepts[{i}].phrase", "must not be empty")
+            if len(phrase) > 80 or not all(c.isalnum() or c in " -'" for c in phrase):
+                raise invalid(f"concepts[{i}].phrase", "must be a short phrase of letters, digits, spaces, '-' or \"'\"")
+        if len(set(phrases)) != len(phrases):
+            raise invalid("concepts", "two concepts have the same phrase")
+        if count_tokens is not None:
+            caption = " and ".join(phrases) + " " + style_phrase
+            _check_prompt("style_phrase", caption, limits, count_tokens, required=True)
     else:
         if not 3 <= len(req.images) <= 5:
             raise invalid("images", f"{method} takes 3 to 5 subject images (got {len(req.images)})")
@@ -185,6 +216,20 @@ def personalize_request(req: pb.PersonalizeRequest, limits: Limits) -> list:
             raise invalid(f"images[{i}]", f"is {decoded.width}x{decoded.height}; this model needs at least "
                                           f"{min_side} pixels on the shorter side")
         images.append(decoded)
+    for i, concept in enumerate(req.concepts if req.method == pb.FINESTYLE else ()):
+        if concept.HasField("box"):
+            b, (w, h) = concept.box, images[0].size
+            where = f"({b.x0}, {b.y0}, {b.x1}, {b.y1})"
+            if not (0 <= b.x0 < b.x1 <= w and 0 <= b.y0 < b.y1 <= h):
+                raise invalid(f"concepts[{i}].box", f"{where} is not a box inside the {w}x{h} image "
+                                                    "(x0 < x1 <= width, y0 < y1 <= height)")
+            # Training sees the image's centre square (resized): most of the box must be in it.
+            side = min(w, h)
+            sx0, sy0 = (w - side) // 2, (h - side) // 2
+            inside = max(0, min(b.x1, sx0 + side) - max(b.x0, sx0)) * max(0, min(b.y1, sy0 + side) - max(b.y0, sy0))
+            if inside < 0.5 * (b.x1 - b.x0) * (b.y1 - b.y0):
+                raise invalid(f"concepts[{i}].box", f"{where} lies mostly outside the image's centre square "
+                                                    f"({sx0}, {sy0}, {sx0 + side}, {sy0 + side}), the part training sees")
     o = req.options
     if o.steps and not 1 <= o.steps <= MAX_TRAINING_STEPS:
         raise invalid("options.steps", f"must be between 1 and {MAX_TRAINING_STEPS} (got {o.steps})")
@@ -201,8 +246,8 @@ def personalize_request(req: pb.PersonalizeRequest, limits: Limits) -> list:
         raise invalid("options.batch_size", f"must be between 1 and {MAX_BATCH_SIZE} (got {o.batch_size})")
     if not (math.isfinite(o.prior_loss_weight) and 0 <= o.prior_loss_weight <= MAX_PRIOR_LOSS_WEIGHT):
         raise invalid("options.prior_loss_weight", f"must be between 0 and {MAX_PRIOR_LOSS_WEIGHT} (got {o.prior_loss_weight})")
-    if o.prior_loss_weight and req.method == pb.TEXTUAL_INVERSION:
-        raise invalid("options.prior_loss_weight", "TEXTUAL_INVERSION has no prior preservation: leave it 0")
+    if o.prior_loss_weight and req.method in (pb.TEXTUAL_INVERSION, pb.FINESTYLE):
+        raise invalid("options.prior_loss_weight", f"{method} has no prior preservation: leave it 0")
     if o.num_class_images and not 1 <= o.num_class_images <= MAX_CLASS_IMAGES:
         raise invalid("options.num_class_images", f"must be between 1 and {MAX_CLASS_IMAGES} (got {o.num_class_images})")
     if o.train_text_encoder and req.method != pb.DREAMBOOTH_LORA:

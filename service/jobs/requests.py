@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.engine.images import decode_image
-from service.personalize import TrainingSpec, defaults
+from service.personalize import Concept, TrainingSpec, concept_prompt, defaults
 from service.personalize.tokens import TokenError, check_token, default_token
 
 DEFAULT_NUM_CLASS_IMAGES = 16
@@ -28,13 +28,18 @@ def resolve(request: pb.PersonalizeRequest, *, taken_tokens: Iterable[str], toke
     resolved = pb.PersonalizeRequest()
     resolved.CopyFrom(request)
     d = defaults(method_name(request))
-    taken = list(taken_tokens)
-    token = request.token.strip()
-    resolved.token = (
-        check_token(token, learns_token=d.learns_token, class_word=request.class_word, taken=taken, tokenizer=tokenizer)
-        if token else default_token(learns_token=d.learns_token, taken=taken)
-    )
-    resolved.class_word = request.class_word.strip()
+    if request.method == pb.FINESTYLE:
+        # A style is invoked by its phrase, not by a token: the job and adapter record it as such.
+        resolved.style_phrase = request.style_phrase.strip()
+        resolved.token, resolved.class_word = resolved.style_phrase, ""
+    else:
+        taken = list(taken_tokens)
+        token = request.token.strip()
+        resolved.token = (
+            check_token(token, learns_token=d.learns_token, class_word=request.class_word, taken=taken, tokenizer=tokenizer)
+            if token else default_token(learns_token=d.learns_token, taken=taken)
+        )
+        resolved.class_word = request.class_word.strip()
     o = resolved.options
     o.steps = o.steps or d.steps
     o.learning_rate = o.learning_rate or d.learning_rate
@@ -64,7 +69,19 @@ def training_spec(request: pb.PersonalizeRequest, max_input_pixels: int, checkpo
         num_class_images=o.num_class_images or DEFAULT_NUM_CLASS_IMAGES,
         train_text_encoder=o.train_text_encoder,
         checkpoint_every=checkpoint_every,
+        concepts=[Concept(c.phrase.strip(), (c.box.x0, c.box.y0, c.box.x1, c.box.y1) if c.HasField("box") else None)
+                  for c in request.concepts],
+        style_phrase=request.style_phrase,
     )
 
 
-__all__ = ["TokenError", "method_name", "resolve", "training_spec"]
+def preview_prompt(request: pb.PersonalizeRequest) -> str:
+    """What a finished job's previews show: "a <token> <class_word>" for a subject; for a style,
+    the style image's first concept in the style (the reference's content, so the previews can be
+    put beside it)."""
+    if request.method == pb.FINESTYLE:
+        return f"{request.concepts[0].phrase.strip()} {request.style_phrase}".strip()
+    return concept_prompt(request.token, request.class_word)
+
+
+__all__ = ["TokenError", "method_name", "preview_prompt", "resolve", "training_spec"]

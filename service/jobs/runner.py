@@ -31,7 +31,7 @@ from service.backends import Backend, BackendUnavailable
 from service.config import Settings
 from service.engine.images import encode_png
 from service.engine.pipeline import AdapterUse, GenerationSpec
-from service.personalize import TrainingStopped, concept_prompt
+from service.personalize import FINESTYLE, TrainingStopped, finestyle
 from service.stores import AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore
 
 from . import requests
@@ -250,13 +250,17 @@ class JobRunner:
             raise RuntimeError(f"the trained adapter cannot be served: {exc}") from exc
 
     async def _previews(self, job: JobRecord, adapter_id: str) -> tuple[list[bytes], str]:
-        """"a <token> <class_word>" through the ordinary Generate path, so a finished job shows the
-        adapter working exactly as clients will use it. A failure here does not fail the job."""
+        """"a <token> <class_word>" (a style: its first concept in the style, with style guidance)
+        through the ordinary Generate path, so a finished job shows the adapter working exactly as
+        clients will use it. A failure here does not fail the job."""
         n = self.settings.job_previews
         if n <= 0:
             return [], ""
-        spec = GenerationSpec(prompt=concept_prompt(job.token, job.class_word), steps=self.settings.default_steps,
-                              seed=0, num_images=min(n, self.settings.max_num_images), adapters=(AdapterUse(adapter_id),))
+        style = job.method == FINESTYLE
+        spec = GenerationSpec(prompt=requests.preview_prompt(pb.PersonalizeRequest.FromString(job.request)),
+                              steps=self.settings.default_steps, seed=0, num_images=min(n, self.settings.max_num_images),
+                              adapters=(AdapterUse(adapter_id, style=style),),
+                              style_guidance_scale=finestyle.STYLE_GUIDANCE_SCALE if style else 0.0)
         try:
             result = await self.backend.generate(spec, deadline=None)
         except Exception as exc:  # noqa: BLE001

@@ -5,6 +5,8 @@ One module per method, each reading top to bottom as its algorithm:
 - dreambooth_lora:     LoRA on the UNet's attention (+ text encoder), rare token, prior preservation
 - textual_inversion:   one new token embedding, nothing else
 - custom_diffusion:    cross-attention K/V (as LoRA) + a new token, scale augmentation, masked loss
+- finestyle:           a style from ONE image: concept-oriented data scaling, LoRA on attn2 K/V,
+                       a style adapter for two-scale guidance at sampling
 
 The methods know nothing of gRPC, jobs or Triton. Whoever runs one (service/jobs through a backend,
 the Triton `personalize` model, benchmarks, tests) calls
@@ -22,13 +24,16 @@ from types import ModuleType
 
 from service.adapters import Adapter
 
-from . import custom_diffusion, dreambooth_lora, textual_inversion
+from . import custom_diffusion, dreambooth_lora, finestyle, textual_inversion
 from .common import FrozenBase
 from .spec import (
     CUSTOM_DIFFUSION,
     DREAMBOOTH_LORA,
+    FINESTYLE,
+    STYLE_METHODS,
     SUBJECT_METHODS,
     TEXTUAL_INVERSION,
+    Concept,
     MethodDefaults,
     NoProgress,
     Progress,
@@ -41,6 +46,7 @@ METHODS: dict[str, ModuleType] = {
     DREAMBOOTH_LORA: dreambooth_lora,
     TEXTUAL_INVERSION: textual_inversion,
     CUSTOM_DIFFUSION: custom_diffusion,
+    FINESTYLE: finestyle,
 }
 
 
@@ -60,7 +66,7 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
 
 
 __all__ = [
-    "CUSTOM_DIFFUSION", "DREAMBOOTH_LORA", "METHODS", "SUBJECT_METHODS", "TEXTUAL_INVERSION",
-    "FrozenBase", "MethodDefaults", "NoProgress", "Progress", "TrainingSpec", "TrainingStopped",
+    "CUSTOM_DIFFUSION", "DREAMBOOTH_LORA", "FINESTYLE", "METHODS", "STYLE_METHODS", "SUBJECT_METHODS",
+    "TEXTUAL_INVERSION", "Concept", "FrozenBase", "MethodDefaults", "NoProgress", "Progress", "TrainingSpec", "TrainingStopped",
     "concept_prompt", "defaults", "train",
 ]

@@ -18,7 +18,9 @@ from PIL import Image
 DREAMBOOTH_LORA = "DREAMBOOTH_LORA"
 TEXTUAL_INVERSION = "TEXTUAL_INVERSION"
 CUSTOM_DIFFUSION = "CUSTOM_DIFFUSION"
+FINESTYLE = "FINESTYLE"
 SUBJECT_METHODS = (DREAMBOOTH_LORA, TEXTUAL_INVERSION, CUSTOM_DIFFUSION)
+STYLE_METHODS = (FINESTYLE,)
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,18 @@ class MethodDefaults:
 
 
 @dataclass
+class Concept:
+    """A concept of a FineStyle style image: the phrase naming it ("a yellow star") and, when the
+    caller knows it, its box in the image's pixels (x0, y0, x1, y1; x1/y1 exclusive)."""
+
+    phrase: str
+    box: tuple[int, int, int, int] | None = None
+
+
+@dataclass
 class TrainingSpec:
     method: str
-    images: list[Image.Image]  # the subject photos (3-5), any size: they are resized and centre-cropped
+    images: list[Image.Image]  # the subject photos (3-5) or the one style image, any size: resized and centre-cropped
     token: str  # the word that invokes the concept ("sks", or a placeholder such as "<sks>")
     class_word: str  # the subject's class ("dog"); prompts are "a <token> <class_word>"
     steps: int
@@ -51,6 +62,9 @@ class TrainingSpec:
     num_class_images: int = 16
     train_text_encoder: bool = False  # DreamBooth-LoRA: LoRA on the text encoder's attention too
     checkpoint_every: int = 100  # steps between checkpoints handed to Progress.checkpoint
+    # FineStyle: the style image's concepts and the words that name the style ("in zwx style").
+    concepts: list[Concept] = field(default_factory=list)
+    style_phrase: str = ""
     extra: dict = field(default_factory=dict)  # method-specific switches (see each method's module)
 
     @property

@@ -31,7 +31,7 @@ import torch
 from service.adapters import serialize_adapter
 from service.engine.images import decode_image, encode_png
 from service.engine.pipeline import AdapterUse, Engine, GenerationCancelled, flush_denormals
-from service.personalize import FrozenBase, TrainingSpec, TrainingStopped, train
+from service.personalize import Concept, FrozenBase, TrainingSpec, TrainingStopped, train
 
 ENV_MODEL_DIR = "STEERSERVE_MODEL_DIR"
 ENV_ADAPTER_DIR = "STEERSERVE_ADAPTER_DIR"
@@ -69,7 +69,7 @@ def load_engine_from_env(args: dict, max_rows: int, adapters: bool = True) -> En
     """The engine of one model instance (on its instance_group's device); with an adapter bank when
     `adapters` and STEERSERVE_ADAPTER_DIR is set.
 
-    `max_rows`: the largest number of rows one model call routes (UNet: 2 x max_batch_size).
+    `max_rows`: the largest number of rows one model call routes (UNet: its max_batch_size).
     """
     configure_torch()
     engine = Engine.from_pretrained(model_dir_from_env(), device=instance_device(args))
@@ -88,15 +88,16 @@ def load_engine_from_env(args: dict, max_rows: int, adapters: bool = True) -> En
     return engine
 
 
-# -- adapters on the wire: one JSON string per sample ----------------------------------------------
+# -- adapters on the wire: one JSON string per row ----------------------------------------------
 
 
 def encode_adapters(uses: Sequence[AdapterUse]) -> bytes:
-    return json.dumps([[u.key, u.weight] for u in uses]).encode()
+    """[[key, weight], ...], with a third element 1 for a FineStyle style adapter."""
+    return json.dumps([[u.key, u.weight, 1] if u.style else [u.key, u.weight] for u in uses]).encode()
 
 
 def decode_adapters(raw: bytes | str) -> tuple[AdapterUse, ...]:
-    return tuple(AdapterUse(key=str(k), weight=float(w)) for k, w in json.loads(raw or "[]"))
+    return tuple(AdapterUse(key=str(u[0]), weight=float(u[1]), style=len(u) > 2 and bool(u[2])) for u in json.loads(raw or "[]"))
 
 
 # -- the parts ---------------------------------------------------------------------------------------
@@ -113,20 +114,21 @@ class TextEncode:
 
 @dataclass
 class StepSample:
-    """The part of one UNet call that belongs to one Triton request (n samples of one request)."""
+    """The part of one UNet call that belongs to one Triton request: m independent predictions
+    (CFG's two rows per image, FineStyle's three, an edit's source and target rows)."""
 
-    latents: np.ndarray  # [n, C, h, w]
-    timesteps: np.ndarray  # [n]
-    embeds: np.ndarray  # [n, 2, L, D]: (unconditional, conditional) prompt embeddings
-    adapters: list[tuple[AdapterUse, ...]]  # n rows
+    latents: np.ndarray  # [m, C, h, w]
+    timesteps: np.ndarray  # [m]
+    embeds: np.ndarray  # [m, L, D]
+    adapters: list[tuple[AdapterUse, ...]]  # m rows
 
 
 class UNetStep:
-    """One denoising step for a batch of samples from any requests: one UNet forward per latent shape.
+    """One denoising step for the rows of any requests: one UNet forward per latent shape.
 
-    Engine.predict_noise_pairs runs each group, so a single-sample call computes exactly what the
-    in-process engine computes.
-    Guidance is left to the caller (it is per request); returns per request [n, 2, C, h, w].
+    Engine.predict_noise runs each group, so a single-request call computes exactly what the
+    in-process engine computes. Guidance is left to the caller (it is per request); returns per
+    request its rows' noise [m, C, h, w].
     """
 
     def __init__(self, engine: Engine):
@@ -147,12 +149,12 @@ class UNetStep:
             t = torch.from_numpy(np.concatenate([s.timesteps for s in group]).astype(np.int64)).to(dev)
             embeds = torch.from_numpy(np.concatenate([s.embeds for s in group])).to(dev, dt)
             rows = [row for s in group for row in s.adapters]
-            pairs = self.engine.predict_noise_pairs(latents, t, embeds, rows).float().cpu().numpy()
+            noise = self.engine.predict_noise(latents, t, embeds, rows).float().cpu().numpy()
             start = 0
             for i, s in zip(indices, group):
-                n = s.latents.shape[0]
-                out[i] = pairs[start : start + n]
-                start += n
+                m = s.latents.shape[0]
+                out[i] = noise[start : start + m]
+                start += m
         return out  # type: ignore[return-value]
 
 
@@ -170,12 +172,15 @@ class VaeDecode:
 def training_spec_to_wire(spec: TrainingSpec) -> tuple[bytes, list[bytes]]:
     """(JSON of every TrainingSpec field but the images, the images as PNG bytes)."""
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "images"}
+    fields["concepts"] = [dataclasses.asdict(c) for c in spec.concepts]
     return json.dumps(fields).encode(), [encode_png(image) for image in spec.images]
 
 
 def training_spec_from_wire(raw: bytes | str, pngs) -> TrainingSpec:
     fields = json.loads(raw)
     images = [decode_image(bytes(png), max_pixels=2**31) for png in pngs]
+    fields["concepts"] = [Concept(c["phrase"], tuple(c["box"]) if c["box"] is not None else None)
+                          for c in fields.get("concepts", [])]
     return TrainingSpec(images=images, **fields)
 
 

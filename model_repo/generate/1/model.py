@@ -83,6 +83,7 @@ def _spec(request) -> tuple[GenerationSpec, float, bool]:
         seed=int(get("SEED")),
         num_images=int(get("NUM_IMAGES")),
         adapters=decode_adapters(get("ADAPTERS")),
+        style_guidance_scale=float(get("STYLE_GUIDANCE_SCALE") or 0.0),
     )
     if spec.steps < 1 or spec.num_images < 1 or spec.width < 1 or spec.height < 1:
         raise ValueError("STEPS, NUM_IMAGES, WIDTH and HEIGHT must be positive")
