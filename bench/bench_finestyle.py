@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
-from service.adapters import BankedAdapters
+from bench.common import png_bytes, served_gateway, serving_engine
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine
 from service.personalize import FINESTYLE, Concept, FrozenBase, TrainingSpec, defaults, finestyle, train
@@ -76,52 +75,17 @@ def step_times(engine: Engine, n: int, rounds: int) -> dict[str, float]:
 
 def job_through_api() -> dict:
     """The FINESTYLE default job as a client sees it, through a `steerserve serve` process."""
-    import io
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import tempfile
-
-    import grpc
-
-    from service._generated.steerserve.v1 import steerserve_pb2 as pb
-    from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    md = [("authorization", "Bearer bench-token")]
     spec = spec_for()
-    buf = io.BytesIO()
-    spec.images[0].save(buf, format="PNG")
-    with tempfile.TemporaryDirectory() as data:
-        env = dict(os.environ, STEERSERVE_API_KEYS="bench-token:bench", STEERSERVE_DATA_DIR=data,
-                   STEERSERVE_GRPC_PORT=str(port), STEERSERVE_METRICS_PORT="0")
-        server = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            stub = pb_grpc.SteerServeStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-            for _ in range(600):
-                try:
-                    stub.ListJobs(pb.ListJobsRequest(), metadata=md, timeout=1)
-                    break
-                except grpc.RpcError:
-                    time.sleep(0.2)
-            started = time.perf_counter()
-            job = stub.Personalize(pb.PersonalizeRequest(
-                method=pb.FINESTYLE, name="bench-style", images=[pb.Image(data=buf.getvalue())],
-                concepts=[pb.Concept(phrase=c.phrase) for c in spec.concepts], style_phrase=PHRASE), metadata=md)
-            last = None
-            for event in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=md, timeout=900):
-                last = event
-            seconds = time.perf_counter() - started
-            return {"state": pb.JobState.Name(last.state), "seconds": round(seconds, 1),
-                    "steps": last.total_steps, "previews": len(last.job.previews)}
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
+    with served_gateway() as (stub, md, pb):
+        started = time.perf_counter()
+        job = stub.Personalize(pb.PersonalizeRequest(
+            method=pb.FINESTYLE, name="bench-style", images=[pb.Image(data=png_bytes(spec.images[0]))],
+            concepts=[pb.Concept(phrase=c.phrase) for c in spec.concepts], style_phrase=PHRASE), metadata=md)
+        last = None
+        for event in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=md, timeout=900):
+            last = event
+        return {"state": pb.JobState.Name(last.state), "seconds": round(time.perf_counter() - started, 1),
+                "steps": last.total_steps, "previews": len(last.job.previews)}
 
 
 def markdown(report: dict) -> str:
@@ -185,9 +149,7 @@ def main(argv=None) -> dict:
     adapter = train(base, spec)
     finestyle_seconds = time.perf_counter() - started
 
-    engine = Engine.from_pretrained(DEFAULT_MODEL_DIR)
-    BankedAdapters.attach(engine, {"style": adapter, "plain": plain}.__getitem__, num_slots=2, max_rank=16,
-                          max_rows=3 * args.images, registry=CollectorRegistry())
+    engine = serving_engine(DEFAULT_MODEL_DIR, {"style": adapter, "plain": plain}, max_rows=3 * args.images)
     step = step_times(engine, args.images, args.rounds)
     report = {
         "training": {"steps": d.steps, "batch_size": d.batch_size, "rank": d.rank, "pairs": len(pairs.kinds),

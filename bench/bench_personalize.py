@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from PIL import Image
 
 from bench import baselines
+from bench.common import png_bytes, served_gateway
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, defaults, train
 from service.world.heldout import CONCEPTS
@@ -79,55 +79,20 @@ def theirs(method: str, images, steps: int) -> list[float]:
 def job_through_api(images) -> dict:
     """The DreamBooth-LoRA default job as a client sees it: a `steerserve serve` process (in-process
     backend, default settings), Personalize, then WatchJob until SUCCEEDED."""
-    import io
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    import grpc
-
-    from service._generated.steerserve.v1 import steerserve_pb2 as pb
-    from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    md = [("authorization", "Bearer bench-token")]
-    with tempfile.TemporaryDirectory() as data:
-        env = dict(os.environ, STEERSERVE_API_KEYS="bench-token:bench", STEERSERVE_DATA_DIR=data,
-                   STEERSERVE_GRPC_PORT=str(port), STEERSERVE_METRICS_PORT="0")
-        server = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            stub = pb_grpc.SteerServeStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-            for _ in range(600):
-                try:
-                    stub.ListJobs(pb.ListJobsRequest(), metadata=md, timeout=1)
-                    break
-                except grpc.RpcError:
-                    time.sleep(0.2)
-            photos = []
-            for image in images:
-                buf = io.BytesIO()
-                image.save(buf, format="PNG")
-                photos.append(pb.Image(data=buf.getvalue()))
-            started = time.perf_counter()
-            job = stub.Personalize(pb.PersonalizeRequest(method=pb.DREAMBOOTH_LORA, name="bench", class_word=CLASS_WORD,
-                                                         images=photos), metadata=md)
-            first_step = None
-            for event in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=md, timeout=1800):
-                if first_step is None and event.step > 0:
-                    first_step = time.perf_counter() - started
-                last = event
-            total = time.perf_counter() - started
-            assert last.state == pb.SUCCEEDED, last
-            return {"seconds_to_succeeded": round(total, 1), "seconds_to_first_step": round(first_step or 0, 1),
-                    "steps": last.total_steps, "previews": len(last.job.previews)}
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(60)
+    with served_gateway() as (stub, md, pb):
+        photos = [pb.Image(data=png_bytes(image)) for image in images]
+        started = time.perf_counter()
+        job = stub.Personalize(pb.PersonalizeRequest(method=pb.DREAMBOOTH_LORA, name="bench", class_word=CLASS_WORD,
+                                                     images=photos), metadata=md)
+        first_step = None
+        for event in stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=md, timeout=1800):
+            if first_step is None and event.step > 0:
+                first_step = time.perf_counter() - started
+            last = event
+        total = time.perf_counter() - started
+        assert last.state == pb.SUCCEEDED, last
+        return {"seconds_to_succeeded": round(total, 1), "seconds_to_first_step": round(first_step or 0, 1),
+                "steps": last.total_steps, "previews": len(last.job.previews)}
 
 
 def markdown(report: dict) -> str:

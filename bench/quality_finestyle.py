@@ -37,12 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
+from bench.common import apply_overrides, serving_engine
 from bench.quality_personalize import grid
-from service.adapters import BankedAdapters
 from service.basemodel import DEFAULT_MODEL_DIR
-from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
+from service.engine.pipeline import AdapterUse, GenerationSpec
 from service.measures import Judge
 from service.personalize import FINESTYLE, Concept, FrozenBase, TrainingSpec, defaults, finestyle, train
 from service.world.heldout import STYLES, shapes_outside
@@ -128,9 +127,7 @@ def main(argv=None) -> dict:
     judge = Judge()
     base = FrozenBase.from_pretrained(args.model)
     trained: dict[str, object] = {}
-    engine = Engine.from_pretrained(args.model)
-    BankedAdapters.attach(engine, trained.__getitem__, num_slots=4, max_rank=16, max_rows=4 * args.seeds,
-                          registry=CollectorRegistry())
+    engine = serving_engine(args.model, trained, max_rows=4 * args.seeds)
     d = defaults(FINESTYLE)
 
     results, grid_rows, train_seconds = [], [], {}
@@ -153,13 +150,7 @@ def main(argv=None) -> dict:
                                 class_word="", steps=d.steps, learning_rate=d.learning_rate, rank=d.rank,
                                 batch_size=d.batch_size, seed=0, concepts=concepts, style_phrase=STYLE_PHRASE,
                                 extra=dict(VARIANTS[variant]))
-            for item in args.set:
-                key, value = item.split("=", 1)
-                value = json.loads(value)
-                if key.startswith("extra."):
-                    spec.extra[key[6:]] = value
-                else:
-                    setattr(spec, key, value)
+            apply_overrides(spec, args.set)
             started = time.time()
             key = f"{variant}:{style_name}"
             trained[key] = train(base, spec)

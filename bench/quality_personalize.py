@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from prometheus_client import CollectorRegistry
 
-from service.adapters import BankedAdapters
+from bench.common import apply_overrides, serving_engine
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 from service.measures import Judge
@@ -139,9 +138,7 @@ def main(argv=None) -> dict:
     judge = Judge()
     base = FrozenBase.from_pretrained(args.model)
     trained: dict[str, object] = {}
-    engine = Engine.from_pretrained(args.model)
-    BankedAdapters.attach(engine, trained.__getitem__, num_slots=4, max_rank=16, max_rows=4 * args.seeds,
-                          registry=CollectorRegistry())
+    engine = serving_engine(args.model, trained, max_rows=4 * args.seeds)
 
     results, grid_rows = [], []
     for concept_name in args.concepts:
@@ -156,13 +153,7 @@ def main(argv=None) -> dict:
             spec = TrainingSpec(method=method, images=[Image.fromarray(r.image) for r in references], token=token,
                                 class_word=class_word, steps=d.steps, learning_rate=d.learning_rate, rank=d.rank,
                                 batch_size=d.batch_size, seed=0)
-            for item in args.set:
-                key, value = item.split("=", 1)
-                value = json.loads(value)
-                if key.startswith("extra."):
-                    spec.extra[key[6:]] = value
-                else:
-                    setattr(spec, key, value)
+            apply_overrides(spec, args.set)
             started = time.time()
             key = f"{method}:{concept_name}"
             trained[key] = train(base, spec)

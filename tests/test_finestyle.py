@@ -24,7 +24,7 @@ from service.measures import Judge
 from service.measures.classifier import HEADS
 from service.personalize import FINESTYLE, Concept, FrozenBase, TrainingSpec, defaults, train
 from service.personalize.attention_maps import concept_regions, cross_attention_maps
-from service.personalize.common import Posteriors, encode_text, step_generator
+from service.personalize.common import Posteriors, step_generator
 from service.personalize.finestyle import build_pairs, map_box, whole_caption
 from service.world.generator import Scene, WorldObject, render
 from service.world.heldout import STYLES

@@ -1,0 +1,83 @@
+"""What the benchmarks share: a real `steerserve serve` process to call through the public API, the
+serving engine with an adapter bank over adapters trained in the run, and `--set` overrides."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def served_gateway(ready_timeout_s: float = 120.0):
+    """A `steerserve serve` process (in-process backend, default settings, a temporary data folder)
+    on a free loopback port; yields (stub, metadata, pb) once it answers, stops it after."""
+    import grpc
+
+    from service._generated.steerserve.v1 import steerserve_pb2 as pb
+    from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    md = [("authorization", "Bearer bench-token")]
+    with tempfile.TemporaryDirectory() as data:
+        env = dict(os.environ, STEERSERVE_API_KEYS="bench-token:bench", STEERSERVE_DATA_DIR=data,
+                   STEERSERVE_GRPC_PORT=str(port), STEERSERVE_METRICS_PORT="0")
+        server = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            stub = pb_grpc.SteerServeStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                try:
+                    stub.ListJobs(pb.ListJobsRequest(), metadata=md, timeout=1)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise RuntimeError("the benchmark's steerserve process did not come up")
+                    time.sleep(0.2)
+            yield stub, md, pb
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def serving_engine(model_dir, adapters: dict, max_rows: int, num_slots: int = 4):
+    """The serving path: an Engine with the adapter bank, loading adapters from `adapters` by key."""
+    from service.adapters import BankedAdapters
+    from service.engine.pipeline import Engine
+
+    engine = Engine.from_pretrained(model_dir)
+    BankedAdapters.attach(engine, adapters.__getitem__, num_slots=num_slots, max_rank=16, max_rows=max_rows,
+                          registry=CollectorRegistry())
+    return engine
+
+
+def apply_overrides(spec, items) -> None:
+    """`--set FIELD=VALUE` (VALUE as JSON): a TrainingSpec field, or `extra.KEY` for a method switch."""
+    for item in items:
+        key, value = item.split("=", 1)
+        value = json.loads(value)
+        if key.startswith("extra."):
+            spec.extra[key[6:]] = value
+        else:
+            setattr(spec, key, value)
