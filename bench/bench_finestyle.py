@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bench.common import png_bytes, served_gateway, serving_engine
+from bench.common import add_run_arguments, png_bytes, served_gateway, serving_engine, start_run
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine
 from service.personalize import FINESTYLE, Concept, FrozenBase, TrainingSpec, defaults, finestyle, train
@@ -127,14 +127,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=4, help="images per request in the step timing")
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-api", action="store_true", help="skip the job through the public API")
-    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    add_run_arguments(p)
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    t0 = time.time()
+    t0 = start_run(args)
     base = FrozenBase.from_pretrained(DEFAULT_MODEL_DIR)
     d = defaults(FINESTYLE)
 

@@ -25,11 +25,10 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from bench import baselines
-from bench.common import png_bytes, served_gateway
+from bench.common import add_run_arguments, png_bytes, served_gateway, start_run
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, defaults, train
 from service.world.heldout import CONCEPTS
@@ -124,14 +123,11 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", default=list(SUBJECT_METHODS))
     p.add_argument("--steps", type=int, default=30, help="steps per timing round")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-api", action="store_true", help="skip the job through the public API")
-    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    add_run_arguments(p)
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    t0 = time.time()
+    t0 = start_run(args)
     images = [Image.fromarray(s.image) for s in CONCEPTS[CONCEPT].references(4, seed=0)]
     base = FrozenBase.from_pretrained(DEFAULT_MODEL_DIR)
     methods = {}

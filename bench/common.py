@@ -55,6 +55,21 @@ def served_gateway(ready_timeout_s: float = 120.0):
             server.wait(60)
 
 
+def add_run_arguments(parser) -> None:
+    """--threads and --out-dir, which every benchmark takes."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+
+
+def start_run(args) -> float:
+    """Torch set up as the benchmarks measure it (thread count, denormals flushed); the start time."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    return time.time()
+
+
 def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from bench.common import apply_overrides, serving_engine
+from bench.common import add_run_arguments, apply_overrides, serving_engine, start_run
 from bench.quality_personalize import grid
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, GenerationSpec
@@ -114,16 +113,13 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance-sweep", type=float, nargs="*", default=[2.0, 4.0, 7.5])
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    add_run_arguments(p)
     p.add_argument("--grid-path", default=str(ROOT / "docs" / "images" / "finestyle_grid.png"))
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override a TrainingSpec field for every run (e.g. steps=600, extra.crops_per_concept=16)")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    t0 = time.time()
+    t0 = start_run(args)
     judge = Judge()
     base = FrozenBase.from_pretrained(args.model)
     trained: dict[str, object] = {}

@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from bench.common import apply_overrides, serving_engine
+from bench.common import add_run_arguments, apply_overrides, serving_engine, start_run
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 from service.measures import Judge
@@ -125,16 +124,13 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=4, help="images per context")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    add_run_arguments(p)
     p.add_argument("--grid-path", default=str(ROOT / "docs" / "images" / "personalize_grid.png"))
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override a TrainingSpec field for every run (e.g. steps=600, extra.augment=0)")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    t0 = time.time()
+    t0 = start_run(args)
     judge = Judge()
     base = FrozenBase.from_pretrained(args.model)
     trained: dict[str, object] = {}
