@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -317,10 +318,14 @@ def test_killed_server_resumes_the_job_from_its_checkpoint(tmp_path):
     proc = _serve(tmp_path, port)
     try:
         stub = _stub_when_ready(port, proc)
-        resumed = wait_for(stub, job.job_id, lambda j: j.state == pb.RUNNING and "resumed" in j.message, timeout=60)
+        # Running again from its checkpoint, or already done (the rest is quick): either way it says so.
+        resumed = wait_for(stub, job.job_id, lambda j: "resumed from step" in j.message
+                           and j.state in (pb.RUNNING, pb.SUCCEEDED), timeout=180)
         # It went on from its last checkpoint (every 5 steps; it was killed past step 12), not from 0.
-        assert int(resumed.message.rsplit(" ", 1)[1]) >= 10, resumed.message
+        step = int(re.search(r"resumed from step (\d+)", resumed.message).group(1))
+        assert step >= 10, resumed.message
         done = wait_for(stub, job.job_id, lambda j: j.state == pb.SUCCEEDED, timeout=180)
+        assert f"resumed from step {step}" in done.message
         assert done.adapter_id and len(done.previews) == 1
         assert not (tmp_path / "checkpoints" / f"{job.job_id}.ckpt").exists()
     finally:

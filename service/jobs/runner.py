@@ -209,8 +209,10 @@ class JobRunner:
                 )
             self.store.update(job_id, adapter_id=record.adapter_id, message="making previews", eta_seconds=None)
             previews, note = await self._previews(job, record.adapter_id)
+            # A finished job still says it survived a restart (its RUNNING message may be missed).
+            resumed = f"resumed from step {job.checkpoint_step}" if job.checkpoint_step else ""
             self.store.finish(job_id, JobState.SUCCEEDED, adapter_id=record.adapter_id, previews=previews,
-                              step=job.total_steps, message=note)
+                              step=job.total_steps, message="; ".join(m for m in (resumed, note) if m))
             self._count("SUCCEEDED", job.method)
             if self.metrics is not None:
                 self.metrics.training_seconds.labels(job.method).observe(time.monotonic() - started)
