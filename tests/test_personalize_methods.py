@@ -56,9 +56,8 @@ def served_loss(engine: Engine, spec: TrainingSpec, use_adapter: bool) -> float:
     noise = torch.randn(latents.shape, generator=g)
     t = torch.tensor([200, 350, 500, 650, 800, 900])
     noisy = base.schedule.scheduler.add_noise(latents, noise, t)
-    embeds = engine.encode_prompts([""] * 6 + [spec.prompt] * 6, rows + rows)
-    pairs = engine.predict_noise_pairs(noisy, t, torch.stack([embeds[:6], embeds[6:]], 1), rows)
-    return float(((pairs[:, 1] - noise) ** 2).mean())
+    embeds = engine.encode_prompts([spec.prompt] * 6, rows)
+    return float(((engine.predict_noise(noisy, t, embeds, rows) - noise) ** 2).mean())
 
 
 @pytest.mark.parametrize("method", list(SUBJECT_METHODS))

@@ -221,24 +221,6 @@ class Engine:
         with self.adapters.activate(list(rows)):
             return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
 
-    def predict_noise_pairs(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        embeds: torch.Tensor,
-        rows: Sequence[Sequence[AdapterUse]],
-    ) -> torch.Tensor:
-        """CFG's two predictions of n samples in one UNet call: embeds [n, 2, L, D] (unconditional,
-        conditional), rows: the n samples' adapters (on both). Returns [n, 2, C, h, w]."""
-        noise = self.predict_noise(
-            torch.cat([latents, latents]),
-            torch.cat([timesteps, timesteps]),
-            torch.cat([embeds[:, 0], embeds[:, 1]]),
-            list(rows) + list(rows),
-        )
-        uncond, cond = noise.chunk(2)
-        return torch.stack([uncond, cond], dim=1)
-
     def predict_noise_cfg(
         self,
         latents: torch.Tensor,
@@ -249,9 +231,9 @@ class Engine:
     ) -> torch.Tensor:
         """Guided noise for a hand-written loop: prompt_embeds is [uncond x n; cond x n]."""
         n = latents.shape[0]
-        timesteps = torch.as_tensor(t, device=self.device).reshape(-1).expand(n)
-        pairs = self.predict_noise_pairs(latents, timesteps, torch.stack([prompt_embeds[:n], prompt_embeds[n:]], 1), rows)
-        return classifier_free_guidance(pairs[:, 0], pairs[:, 1], guidance_scale)
+        timesteps = torch.as_tensor(t, device=self.device).reshape(-1).expand(2 * n)
+        noise = self.predict_noise(torch.cat([latents, latents]), timesteps, prompt_embeds, list(rows) + list(rows))
+        return classifier_free_guidance(noise[:n], noise[n:], guidance_scale)
 
     @torch.no_grad()
     def decode_array(self, latents: torch.Tensor) -> np.ndarray:
