@@ -240,17 +240,45 @@ def _watch(stub, md, job_id: str, previews: str | None = None) -> int:
     return 0 if job.state == pb.SUCCEEDED else 1
 
 
+_EDIT_SWITCHES = ("edsd", "mode_shifting", "bias_correction", "use_subject_mask")
+
+
 def cmd_edit(args) -> int:
+    """Streams the edit (EditStream) with a progress bar over its phases; writes the image and,
+    with DreamSteerer's subject mask, `<output>-mask.png` beside it."""
+    from tqdm import tqdm
+
     stub, md = _stub(args)
+    options = pb.EditOptions(learning_rate=args.learning_rate, steer_steps=args.steer_steps)
+    for name in args.disable or []:
+        setattr(options, name, False)
     req = pb.EditRequest(
         source_image=_read_image(args.source), source_prompt=args.source_prompt, target_prompt=args.target_prompt,
         adapter_id=args.adapter or "", method=pb.EditMethod.Value(args.method.upper()), steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=args.guidance_scale, options=options,
     )
     if args.seed is not None:
         req.seed = args.seed
-    resp = _with_spinner("editing", lambda: stub.Edit(req, metadata=md, timeout=args.timeout))
-    _write_images([resp.image], args.output)
+    result = None
+    with tqdm(total=100, desc="editing", file=sys.stderr,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]") as bar:
+        for event in stub.EditStream(req, metadata=md, timeout=args.timeout):
+            bar.n = round(100 * event.progress)
+            bar.set_postfix({"phase": event.phase, "step": f"{event.step}/{event.total_steps}"})
+            bar.refresh()
+            if event.HasField("result"):
+                result = event.result
+    if result is None:
+        print("error: the stream ended without a result", file=sys.stderr)
+        return 1
+    _write_images([result.image], args.output)
+    if result.mask.data:
+        mask_path = Path(args.output).with_name(Path(args.output).stem + "-mask.png")
+        mask_path.write_bytes(result.mask.data)
+        print(f"wrote the subject mask to {mask_path}")
+    t = result.timings
+    print(f"seed {result.seed}; server time {t.total_seconds:.1f} s (mask {t.mask_seconds:.1f}, guided samples "
+          f"{t.guided_seconds:.1f}, steering {t.steer_seconds:.1f}, DDS {t.denoise_seconds:.1f})")
     return 0
 
 
@@ -368,14 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-wait", action="store_true", help="print the job id and return (watch with 'jobs watch')")
     t.set_defaults(func=cmd_personalize)
 
-    e = client("edit", "edit a source image toward an adapter's concept")
+    e = client("edit", "edit a source image toward an adapter's concept (progress bar)")
     e.add_argument("source")
-    e.add_argument("--source-prompt", required=True)
-    e.add_argument("--target-prompt", required=True)
-    e.add_argument("--adapter")
+    e.add_argument("--source-prompt", required=True, help="what the source shows")
+    e.add_argument("--target-prompt", required=True, help="what it should show, naming the adapter's token")
+    e.add_argument("--adapter", help="the subject adapter's id (required by dreamsteerer)")
     e.add_argument("--method", default="dreamsteerer", choices=["dds", "dreamsteerer"])
-    e.add_argument("--steps", type=int, default=0)
+    e.add_argument("--steps", type=int, default=0, help="DDS iterations (0: 200)")
     e.add_argument("--guidance-scale", type=float, default=0.0)
+    e.add_argument("--learning-rate", type=float, default=0.0, help="DDS step on the latent (0: 0.05)")
+    e.add_argument("--steer-steps", type=int, default=0, help="dreamsteerer: steering iterations (0: 30)")
+    e.add_argument("--disable", nargs="+", choices=_EDIT_SWITCHES, help="dreamsteerer: turn parts off (ablations)")
     e.add_argument("--seed", type=int)
     e.add_argument("-o", "--output", default="edited.png")
     e.set_defaults(func=cmd_edit)

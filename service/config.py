@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     max_input_image_pixels: int = 2048 * 2048
     max_adapters_per_request: int = 4
     max_adapter_bytes: int = 64 * 1024 * 1024
+    max_edit_iterations: int = 1000  # DDS iterations of one edit (EditRequest.steps)
+    max_steer_steps: int = 500  # DreamSteerer steering iterations (EditOptions.steer_steps)
 
     # Concurrency: engine calls run in this many worker threads.
     engine_workers: int = 1

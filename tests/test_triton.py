@@ -275,6 +275,50 @@ def test_finestyle_trains_on_triton_and_generates_with_both_scales(stack, triton
     assert np.abs(np.asarray(expected).astype(int) - styled.astype(int)).max() <= 2
 
 
+def test_edit_on_triton_with_each_subject_method(stack, triton, model_dir):
+    """DDS and DreamSteerer through the `edit` model, for each subject method's adapter. DDS's rows
+    go through the shared `unet` model and equal the in-process edit; DreamSteerer's steered copy
+    stays inside the edit model and the stored adapter is unchanged."""
+    from service.edit import DDS as DDS_METHOD, EditOptions, EditSpec
+    from service.edit.runner import run_edit
+    from service.personalize import FrozenBase
+    from tests.test_edit import SOURCE, SOURCE_PROMPT, edit_request, import_adapters, quick_adapter
+
+    base = FrozenBase.from_pretrained(model_dir)
+    adapters = {m: quick_adapter(base, m, steps=6) for m in ("DREAMBOOTH_LORA", "TEXTUAL_INVERSION", "CUSTOM_DIFFUSION")}
+    stub = stack.stub()
+    stored = import_adapters(stub, adapters, auth(), "triton-edit")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each Triton instance
+    try:
+        reference = Engine.from_pretrained(model_dir)
+        BankedAdapters.attach(reference, blob_loader(stack.settings.data_dir / "adapters"), num_slots=4, max_rank=16,
+                              max_rows=16, registry=CollectorRegistry())
+        for method, adapter in stored.items():
+            exec0 = nv_metric(triton, "nv_inference_exec_count", "unet")
+            dds = stub.Edit(edit_request(adapter, pb.DDS), metadata=auth(), timeout=300)
+            assert nv_metric(triton, "nv_inference_exec_count", "unet") - exec0 >= 12  # one call per iteration
+            want = run_edit(reference, None, EditSpec(
+                method=DDS_METHOD, source=SOURCE.image, source_prompt=SOURCE_PROMPT,
+                target_prompt=f"a {adapter.token} heart on a blue striped background",
+                adapter=AdapterUse(adapter.adapter_id), seed=4, options=EditOptions(iterations=12))).image
+            assert np.abs(pixels(dds.image).astype(int) - want.astype(int)).max() <= 2
+            before = stub.ExportAdapter(pb.ExportAdapterRequest(adapter_id=adapter.adapter_id), metadata=auth())
+            events = list(stub.EditStream(edit_request(adapter), metadata=auth(), timeout=300))
+            result = events[-1].result
+            assert {"steer", "dds"} <= {e.phase for e in events}
+            assert result.timings.steer_seconds > 0 and result.mask.data
+            assert np.abs(pixels(result.image).astype(int) - SOURCE.image.astype(int)).mean() > 1
+            after = stub.ExportAdapter(pb.ExportAdapterRequest(adapter_id=adapter.adapter_id), metadata=auth())
+            assert after.safetensors == before.safetensors
+    finally:
+        torch.set_num_threads(threads)
+    # A deadline stops a Triton edit too.
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Edit(edit_request(stored["DREAMBOOTH_LORA"], steps=1000), metadata=auth(), timeout=2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def test_personalize_on_triton_streams_checkpoints_and_cancels(stack):
     stub = stack.stub()
     job = stub.Personalize(_crescent_request("triton-long", steps=3000), metadata=auth())

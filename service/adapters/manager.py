@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -93,6 +94,9 @@ class AdapterManager:
         self._host: OrderedDict[str, Adapter] = OrderedDict()
         # Bumped by invalidate(key), so a load racing a delete/re-import of that key is not published.
         self._versions: dict[str, int] = {}
+        # Per-request adapters (an edit's steered copy): never stored, never in the host cache,
+        # reachable only by their random key while the request that made them runs.
+        self._ephemeral: dict[str, Adapter] = {}
 
     # --------------------------------------------------------------------------------------------
     # Acquire / release
@@ -173,7 +177,7 @@ class AdapterManager:
         t0 = time.perf_counter()
         slot = adapter = None
         try:
-            adapter = cached
+            adapter = cached if cached is not None else self._ephemeral.get(key)
             if adapter is None:
                 # Validate before any slot is touched: a bad file is refused, never half-loaded.
                 adapter = self.bank.prepare(self.loader(key))
@@ -194,7 +198,8 @@ class AdapterManager:
             self._adapter_in[slot] = adapter
             if version == self._versions.get(key, 0):
                 self._slot_of[key] = slot
-                self._remember_on_host(key, adapter)
+                if key not in self._ephemeral:
+                    self._remember_on_host(key, adapter)
             else:
                 # The adapter was invalidated (deleted/replaced) while loading: serve this request
                 # with what it asked for, but don't publish the slot to later requests.
@@ -260,6 +265,38 @@ class AdapterManager:
                     self._free.append(slot)
             self.metrics.resident.set(len(self._slot_of))
             self.metrics.host_cached.set(len(self._host))
+
+    @contextmanager
+    def ephemeral(self, adapter: Adapter, prefix: str = "request") -> Iterator[str]:
+        """A per-request adapter under a fresh random key for the block: acquire() loads it into a
+        slot like any other, nothing else can name it, and on exit it leaves its slot (once unpinned)
+        and this manager for good. Validated first: a bad one is refused before any slot changes."""
+        prepared = self.bank.prepare(adapter)
+        key = f"{prefix}:{uuid.uuid4().hex}"
+        with self._cond:
+            self._ephemeral[key] = prepared
+        try:
+            yield key
+        finally:
+            with self._cond:
+                self._ephemeral.pop(key, None)
+            self.invalidate(key)
+
+    def ephemeral_keys(self) -> list[str]:
+        with self._cond:
+            return list(self._ephemeral)
+
+    def get(self, key: str) -> Adapter:
+        """The parsed adapter of ``key`` (host cache, a per-request adapter, or the loader), without
+        making it resident: for code that needs its tensors (an edit's private model copy)."""
+        with self._cond:
+            adapter = self._host.get(key) or self._ephemeral.get(key)
+            if adapter is not None:
+                return adapter
+            slot = self._slot_of.get(key)
+            if slot is not None and slot in self._adapter_in:
+                return self._adapter_in[slot]
+        return self.bank.prepare(self.loader(key))
 
     def prefetch(self, key: str) -> None:
         """Make ``key`` resident without keeping it pinned (e.g. right after ImportAdapter)."""

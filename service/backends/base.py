@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Protocol
 
+from service.edit import Edited, EditProgress, EditSpec
 from service.engine.pipeline import GenerationResult, GenerationSpec, ModelLimits
 from service.personalize import Progress, TrainingSpec
 
@@ -31,6 +32,10 @@ class Backend(Protocol):
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
     ) -> GenerationResult:
         """Runs a generation; raises GenerationCancelled past `deadline` (time.monotonic())."""
+
+    async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
+        """Runs an edit (service.edit); raises GenerationCancelled past `deadline`. The steered
+        adapter copy of DREAMSTEERER lives only inside this call."""
 
     async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
         """Trains an adapter (service.personalize) where the model runs; returns its serialized

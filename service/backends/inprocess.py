@@ -14,6 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from service.adapters import serialize_adapter
+from service.edit import DREAMSTEERER, Edited, EditProgress, EditSpec
+from service.edit.runner import run_edit
+from service.edit.workbench import Workbench
 from service.engine.pipeline import Engine, GenerationCancelled, GenerationResult, GenerationSpec
 from service.personalize import FrozenBase, Progress, TrainingSpec, train
 
@@ -35,6 +38,7 @@ class InProcessBackend:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
         self._trainers = ThreadPoolExecutor(max_workers=training_workers, thread_name_prefix="trainer")
         self._bases = threading.local()  # one FrozenBase per training thread, loaded on first use
+        self._workbenches = threading.local()  # one Workbench (private model copy) per engine thread
         self._max_queue = max_queue
         self._waiting = 0
         self._lock = threading.Lock()
@@ -51,6 +55,33 @@ class InProcessBackend:
     async def generate(
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
     ) -> GenerationResult:
+        def work(should_stop):
+            return self.engine.generate(spec, should_stop=should_stop, on_step=on_step)
+
+        return await self._queued(work, deadline)
+
+    async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
+        """On the engine's worker threads (same queue as Generate): DDS iterations through the
+        adapter bank; DreamSteerer's model-internal steps on this thread's private Workbench."""
+
+        def work(should_stop):
+            return run_edit(self.engine, self._workbench() if spec.method == DREAMSTEERER else None, spec,
+                            should_stop, progress)
+
+        return await self._queued(work, deadline)
+
+    def _workbench(self) -> Workbench:
+        bench = getattr(self._workbenches, "bench", None)
+        if bench is None:
+            bench = self._workbenches.bench = Workbench(
+                FrozenBase.from_pretrained(self.model_dir, device=self.engine.device, dtype=self.engine.dtype))
+        return bench
+
+    async def _queued(self, work, deadline: float | None):
+        """Runs `work(should_stop)` on an engine thread behind the bounded queue; its result gets
+        `timings["queue_seconds"]`. RESOURCE_EXHAUSTED when the queue is full; DEADLINE_EXCEEDED
+        (GenerationCancelled) once the deadline passes, queued or running; a caller that goes away
+        stops it at its next step."""
         with self._lock:
             if self._waiting >= self._max_queue:
                 raise BackendBusy(f"{self._waiting} requests are already queued; retry later")
@@ -63,7 +94,7 @@ class InProcessBackend:
         def should_stop() -> bool:
             return abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline)
 
-        def run() -> GenerationResult:
+        def run():
             with self._lock:
                 self._waiting -= 1
                 self._set_depth()
@@ -73,7 +104,7 @@ class InProcessBackend:
                 self.metrics.queue_wait.observe(queued)
             if should_stop():
                 raise GenerationCancelled("deadline passed while the request was queued")
-            result = self.engine.generate(spec, should_stop=should_stop, on_step=on_step)
+            result = work(should_stop)
             result.timings["queue_seconds"] = queued
             return result
 

@@ -26,16 +26,18 @@ from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from transformers import CLIPTokenizer
 
+from service.edit import Edited, EditProgress, EditSpec
 from service.engine.pipeline import GenerationCancelled, GenerationResult, GenerationSpec
 from service.engine.sampling import ModelFacts
 from service.gateway.errors import ServiceError
 from service.personalize import Progress, TrainingSpec, TrainingStopped
 from service.triton.client import InferenceServerException, aioclient, grpcclient
-from service.triton.library import encode_adapters, parse_status, training_spec_to_wire
+from service.triton.library import edit_spec_to_wire, encode_adapters, parse_status, training_spec_to_wire
 
 from .base import BackendBusy, BackendUnavailable
 
 GENERATE_MODEL = "generate"
+EDIT_MODEL = "edit"
 PERSONALIZE_MODEL = "personalize"
 _STOP_POLL_SECONDS = 0.2  # how often a training stream checks whether its job must stop
 MAX_MESSAGE_BYTES = 2**31 - 1  # tritonclient's own default: images of any allowed size
@@ -168,6 +170,56 @@ class TritonBackend:
                 timings=timings,
             )
         raise self._unavailable("Triton closed the stream before the result")
+
+    async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
+        """One stream to the `edit` model: progress responses (when asked), then the edited image."""
+        spec_json, source = edit_spec_to_wire(spec)
+        inputs = [
+            _tensor("SPEC", [spec_json], "BYTES"),
+            _tensor("SOURCE", source, "UINT8"),
+            _tensor("PROGRESS", np.array([progress is not None]), "BOOL"),
+        ]
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GenerationCancelled("deadline passed before the edit reached Triton")
+            inputs.append(_tensor("TIMEOUT_S", np.array([left], np.float32), "FP32"))
+
+        async def requests():
+            yield {"model_name": EDIT_MODEL, "inputs": inputs}
+
+        async def collect(stream) -> Edited:
+            async for result, error in stream:
+                if error is not None:
+                    raise self._mapped(str(error))
+                image = result.as_numpy("IMAGE")
+                if image is None:
+                    if progress is not None:
+                        progress(bytes(result.as_numpy("PHASE")[0]).decode(), int(result.as_numpy("STEP")[0]),
+                                 int(result.as_numpy("TOTAL")[0]))
+                    continue
+                mask = result.as_numpy("MASK")
+                return Edited(image=image, mask=mask if mask is not None and mask.size else None, seed=spec.seed,
+                              timings=json.loads(result.as_numpy("TIMINGS")[0]),
+                              steer_losses=json.loads(result.as_numpy("STEER_LOSSES")[0]))
+            raise self._unavailable("Triton closed the edit stream before the result")
+
+        try:
+            stream = self.client().stream_infer(requests())
+        except InferenceServerException as exc:
+            raise self._unavailable(str(exc)) from exc
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return await asyncio.wait_for(collect(stream), timeout)
+        except asyncio.TimeoutError:
+            stream.cancel()
+            self._count("DEADLINE_EXCEEDED")
+            raise GenerationCancelled("no edit from Triton within the deadline") from None
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            raise self._unavailable(f"{exc.code().name}: {exc.details()}") from exc
 
     async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
         spec_json, pngs = training_spec_to_wire(spec)

@@ -30,6 +30,7 @@ from .sampling import (
     Decode,
     Denoise,
     Encode,
+    EncodeImage,
     GenerationCancelled,
     GenerationSpec,
     ModelCall,
@@ -171,6 +172,8 @@ class Engine:
             return StepResult(noise, batch_size=call.latents.shape[0], compute_seconds=0.0)
         if isinstance(call, Decode):
             return self.decode_array(call.latents)
+        if isinstance(call, EncodeImage):
+            return self.encode_image(Image.fromarray(call.image))
         raise TypeError(f"unknown model call {type(call).__name__}")
 
     # -- the steps, usable on their own (batched serving, editing, training) ---------------------

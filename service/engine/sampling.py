@@ -191,6 +191,14 @@ class StepResult:
 
 
 @dataclass(frozen=True)
+class EncodeImage:
+    """The VAE latent [1, C, h, w] (posterior mean, scaled for the UNet) of a uint8 [H, W, 3] image
+    (an edit's source)."""
+
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
 class Decode:
     """Images of latents: uint8 [n, H, W, 3]."""
 
@@ -215,7 +223,7 @@ class Generated:
     steps: list[StepInfo] = field(default_factory=list)
 
 
-ModelCall = Encode | Denoise | Decode
+ModelCall = Encode | Denoise | Decode | EncodeImage
 Loop = Generator[ModelCall, Any, Generated]
 
 

@@ -25,6 +25,7 @@ class GatewayMetrics:
         self.denoising_steps = Counter(
             "steerserve_denoising_steps", "Denoising steps run (one per UNet CFG batch per request).", registry=r
         )
+        self.edits = Counter("steerserve_edits", "Edits returned, by method (DDS, DREAMSTEERER).", ["method"], registry=r)
         self.queue_wait = Histogram(
             "steerserve_engine_queue_wait_seconds", "Time a request waited for an engine worker.",
             buckets=_LATENCY_BUCKETS, registry=r,

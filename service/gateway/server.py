@@ -57,7 +57,7 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
 
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repo"
-TRITON_MODELS = ("text_encoder", "unet", "vae_decode", "generate", "personalize")
+TRITON_MODELS = ("text_encoder", "unet", "vae_decode", "generate", "personalize", "edit")
 # An external Triton (e.g. deploy/ on GPUs) serving model_repo/; unset = start the embedded one.
 TRITON_URL_ENV = "STEERSERVE_TRITON_URL"
 

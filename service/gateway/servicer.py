@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import logging
+import math
+import re
 import time
 from typing import Callable
 
 import grpc
+import numpy as np
+from PIL import Image
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service import __version__
@@ -23,10 +26,12 @@ from service.adapters import Adapter, AdapterBankFull, AdapterFormatError, Adapt
 from service.adapters import parse_adapter, serialize_adapter
 from service.backends import Backend, BackendBusy, BackendUnavailable
 from service.config import Settings
+from service.edit import DREAMSTEERER, EditSpec
+from service.edit.spec import overall_progress, phases
 from service.engine.images import encode_png
 from service.engine.pipeline import AdapterUse, GenerationCancelled
 from service.jobs import JobRunner, NameTaken, QueueFull
-from service.personalize import FINESTYLE
+from service.personalize import FINESTYLE, SUBJECT_METHODS
 from service.personalize.tokens import TokenError
 from service.stores import AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound
 
@@ -38,6 +43,7 @@ from .metrics import GatewayMetrics
 log = logging.getLogger("steerserve.gateway")
 
 _JOB_POLL_SECONDS = 0.25
+_EDIT_EVENT_SECONDS = 0.2  # EditStream: at most ~5 progress events a second (the last of a phase always)
 
 
 def _rpc(handler):
@@ -143,6 +149,18 @@ def job_message(job: JobRecord, previews: list[bytes] = ()) -> pb.Job:
 def _png_size(png: bytes) -> dict:
     # Width and height are the first fields of a PNG's IHDR chunk (bytes 16-24).
     return {"width": int.from_bytes(png[16:20], "big"), "height": int.from_bytes(png[20:24], "big")}
+
+
+def _names_token(prompt: str, word: str) -> bool:
+    """Whether `word` occurs in `prompt` as a whole word (a placeholder such as "<sks>" as is)."""
+    if not word:
+        return False
+    pattern = re.escape(word)
+    if word[:1].isalnum():
+        pattern = r"(?<!\w)" + pattern
+    if word[-1:].isalnum():
+        pattern += r"(?!\w)"
+    return re.search(pattern, prompt) is not None
 
 
 def _imported_method(adapter: Adapter) -> str:
@@ -274,12 +292,108 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
 
     @_rpc
     async def Edit(self, request: pb.EditRequest, context, tenant: str) -> pb.EditResponse:
-        validation.edit_request(request, self.limits, self.backend.count_tokens)
-        if request.adapter_id:
-            self.adapter_store.get(tenant, request.adapter_id)
-        raise ServiceError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"Edit ({pb.EditMethod.Name(request.method)}) is not available on this server version yet",
+        spec = self._edit_spec(request, tenant)
+        return await self._edit(spec, context)
+
+    async def EditStream(self, request: pb.EditRequest, context: grpc.aio.ServicerContext):
+        """Server-streaming Edit: an event per progress report (at most a few a second), then the
+        result. Errors end the stream with the same statuses as Edit."""
+        name = "EditStream"
+        self.metrics.rpc_in_flight.labels(name).inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            tenant = self.auth.tenant_for(context.invocation_metadata())
+            spec = self._edit_spec(request, tenant)
+            plan = phases(spec)
+            events: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            last = [0.0]
+
+            def progress(phase: str, step: int, total: int) -> None:  # on the engine thread
+                now = time.monotonic()
+                if step < total and now - last[0] < _EDIT_EVENT_SECONDS:
+                    return
+                last[0] = now
+                event = pb.EditEvent(phase=phase, step=step, total_steps=total,
+                                     progress=overall_progress(plan, phase, step, total))
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+            yield pb.EditEvent(phase="queued", total_steps=0, progress=0.0)
+            task = asyncio.ensure_future(self._edit(spec, context, progress))
+            try:
+                while not task.done():
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                yield pb.EditEvent(phase="done", progress=1.0, result=task.result())
+            finally:
+                task.cancel()  # the client went away: the edit stops at its next step
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001
+            code, message = _status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", name)
+            await context.abort(code, message)
+        finally:
+            self.metrics.rpc_in_flight.labels(name).dec()
+            self.metrics.rpc_duration.labels(name).observe(time.perf_counter() - started)
+            self.metrics.rpc_requests.labels(name, code.name).inc()
+
+    def _edit_spec(self, request: pb.EditRequest, tenant: str) -> EditSpec:
+        """The validated spec with the tenant's adapter resolved: NOT_FOUND for an id the tenant
+        does not own; FAILED_PRECONDITION for an adapter DreamSteerer cannot steer."""
+        spec = validation.edit_request(request, self.limits, self.backend.count_tokens)
+        if not request.adapter_id:
+            return spec
+        try:
+            record = self.adapter_store.get(tenant, request.adapter_id)
+        except NotFound:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"adapter_id: adapter {request.adapter_id!r} not found")
+        if spec.method == DREAMSTEERER and record.method not in SUBJECT_METHODS:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, (
+                f"adapter_id: DreamSteerer steers subject adapters (DREAMBOOTH_LORA, TEXTUAL_INVERSION, "
+                f"CUSTOM_DIFFUSION); adapter {record.adapter_id!r} is {record.method}"))
+        if spec.method == DREAMSTEERER and not record.token:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, (
+                f"adapter_id: adapter {record.adapter_id!r} has no token, so no word of the target prompt names "
+                "its concept; re-import it with its token"))
+        if record.token and not _names_token(request.target_prompt, record.token):
+            raise invalid("target_prompt", f"must name the adapter's concept by its token {record.token!r} "
+                                           f"(e.g. 'a {record.token} {record.class_word or 'thing'} ...')")
+        spec.adapter = AdapterUse(key=record.adapter_id)
+        spec.adapter_method = record.method
+        spec.token = record.token
+        spec.class_word = record.class_word if _names_token(request.target_prompt, record.class_word) else ""
+        return spec
+
+    async def _edit(self, spec: EditSpec, context, progress=None) -> pb.EditResponse:
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        edited = await self.backend.edit(spec, deadline, progress)
+        self.metrics.edits.labels(spec.method).inc()
+        self.metrics.images.inc()
+        image = Image.fromarray(edited.image)
+        mask = None
+        if edited.mask is not None:
+            mask = Image.fromarray((np.asarray(edited.mask) * 255).round().astype(np.uint8), mode="L")
+        t = edited.timings
+        return pb.EditResponse(
+            image=pb.Image(data=encode_png(image), width=image.width, height=image.height, mime_type="image/png"),
+            mask=pb.Image(data=encode_png(mask), width=mask.width, height=mask.height, mime_type="image/png")
+            if mask is not None else None,
+            seed=spec.seed,
+            timings=pb.Timings(queue_seconds=t.get("queue_seconds", 0.0), denoise_seconds=t.get("dds_seconds", 0.0),
+                               decode_seconds=t.get("decode_seconds", 0.0), total_seconds=t.get("total_seconds", 0.0),
+                               mask_seconds=t.get("mask_seconds", 0.0), guided_seconds=t.get("guided_seconds", 0.0),
+                               steer_seconds=t.get("steer_seconds", 0.0)),
         )
 
     # -- Adapters ------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
+
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.config import Settings
+from service.edit import EditOptions, EditSpec
 from service.engine.images import ImageDecodeError, decode_image
 from service.engine.pipeline import GenerationSpec, ModelLimits
 
@@ -255,14 +258,82 @@ def personalize_request(req: pb.PersonalizeRequest, limits: Limits, count_tokens
     return images
 
 
-def edit_request(req: pb.EditRequest, limits: Limits, count_tokens) -> None:
-    check_image("source_image", req.source_image, limits)
+EDIT_METHODS = {pb.DDS: "DDS", pb.DREAMSTEERER: "DREAMSTEERER"}
+MAX_GUIDED_SAMPLES = 8
+MAX_GUIDED_STEPS = 100
+NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x/2.x and our world model
+
+
+def edit_request(req: pb.EditRequest, limits: Limits, count_tokens) -> EditSpec:
+    """Checks every field of an Edit request; returns its EditSpec (adapter resolved later, by id)."""
+    s = limits.settings
+    image = check_image("source_image", req.source_image, limits)
+    for field, value in (("width", image.width), ("height", image.height)):
+        multiple = max(8, limits.model.vae_scale_factor * 2)
+        if value % multiple:
+            raise invalid("source_image", f"{field} must be a multiple of {multiple} (got {image.width}x{image.height})")
+        if not s.min_size <= value <= s.max_size:
+            raise invalid("source_image", f"{field} must be between {s.min_size} and {s.max_size} "
+                                          f"(got {image.width}x{image.height})")
+    if image.width * image.height > s.max_pixels:
+        raise invalid("source_image", f"{image.width}x{image.height} exceeds {s.max_pixels} pixels")
     _check_prompt("source_prompt", req.source_prompt, limits, count_tokens, required=True)
     _check_prompt("target_prompt", req.target_prompt, limits, count_tokens, required=True)
-    if req.method not in (pb.DDS, pb.DREAMSTEERER):
+    if req.method not in EDIT_METHODS:
         raise invalid("method", "must be DDS or DREAMSTEERER")
     if req.method == pb.DREAMSTEERER:
         check_id("adapter_id", req.adapter_id)
-    _check_steps("steps", req.steps, limits)
-    _check_guidance("guidance_scale", req.guidance_scale, 7.5, limits)
-    check_seed("seed", req.HasField("seed"), req.seed)
+    elif req.adapter_id:
+        check_id("adapter_id", req.adapter_id)
+    defaults = EditOptions()
+    iterations = req.steps or defaults.iterations
+    if not 1 <= iterations <= s.max_edit_iterations:
+        raise invalid("steps", f"DDS iterations must be between 1 and {s.max_edit_iterations} (got {req.steps})")
+    guidance = _check_guidance("guidance_scale", req.guidance_scale, defaults.guidance_scale, limits)
+    seed = check_seed("seed", req.HasField("seed"), req.seed)
+    return EditSpec(
+        method=EDIT_METHODS[req.method], source=np.asarray(image, dtype=np.uint8), source_prompt=req.source_prompt,
+        target_prompt=req.target_prompt, seed=seed,
+        options=edit_options(req.options, limits, iterations=iterations, guidance_scale=guidance),
+    )
+
+
+def edit_options(o: pb.EditOptions, limits: Limits, **fixed) -> EditOptions:
+    """EditOptions from the message: zero/unset fields take the defaults, the rest are range-checked."""
+    s, d = limits.settings, EditOptions()
+
+    def number(field: str, value, default, low, high, low_open=False):
+        if value == 0:
+            return default
+        if not math.isfinite(value) or value > high or value < low or (low_open and value <= low):
+            raise invalid(f"options.{field}", f"must be in {'(' if low_open else '['}{low}, {high}] (got {value})")
+        return value
+
+    def flag(field: str, default: bool) -> bool:
+        return getattr(o, field) if o.HasField(field) else default
+
+    t_min = number("t_min", o.t_min, d.t_min, 0, NUM_TRAIN_TIMESTEPS - 1)
+    t_max = number("t_max", o.t_max, d.t_max, 1, NUM_TRAIN_TIMESTEPS)
+    if t_min >= t_max:
+        raise invalid("options.t_min", f"must be below options.t_max ({t_min} >= {t_max})")
+    preliminary = o.preliminary_iterations if o.HasField("preliminary_iterations") else d.preliminary_iterations
+    if not 0 <= preliminary <= s.max_edit_iterations:
+        raise invalid("options.preliminary_iterations", f"must be between 0 and {s.max_edit_iterations} (got {preliminary})")
+    guided = o.guided_samples if o.HasField("guided_samples") else d.guided_samples
+    if not 0 <= guided <= MAX_GUIDED_SAMPLES:
+        raise invalid("options.guided_samples", f"must be between 0 and {MAX_GUIDED_SAMPLES} (got {guided})")
+    return EditOptions(
+        learning_rate=number("learning_rate", o.learning_rate, d.learning_rate, 0, 10, low_open=True),
+        t_min=int(t_min), t_max=int(t_max),
+        edsd=flag("edsd", d.edsd), mode_shifting=flag("mode_shifting", d.mode_shifting),
+        bias_correction=flag("bias_correction", d.bias_correction),
+        use_subject_mask=flag("use_subject_mask", d.use_subject_mask),
+        steer_steps=int(number("steer_steps", o.steer_steps, d.steer_steps, 1, s.max_steer_steps)),
+        steer_learning_rate=number("steer_learning_rate", o.steer_learning_rate, d.steer_learning_rate, 0, 1, low_open=True),
+        preliminary_iterations=int(preliminary), guided_samples=int(guided),
+        guided_steps=int(number("guided_steps", o.guided_steps, d.guided_steps, 1, MAX_GUIDED_STEPS)),
+        mode_shifting_weight=number("mode_shifting_weight", o.mode_shifting_weight, d.mode_shifting_weight, 0, 100,
+                                    low_open=True),
+        mask_threshold=number("mask_threshold", o.mask_threshold, d.mask_threshold, 0, 1, low_open=True),
+        **fixed,
+    )

@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from service.adapters import serialize_adapter
 from service.engine.images import decode_image, encode_png
 from service.engine.pipeline import AdapterUse, Engine, GenerationCancelled, flush_denormals
 from service.personalize import Concept, FrozenBase, TrainingSpec, TrainingStopped, train
+
+if TYPE_CHECKING:
+    from service.edit import EditSpec
 
 ENV_MODEL_DIR = "STEERSERVE_MODEL_DIR"
 ENV_ADAPTER_DIR = "STEERSERVE_ADAPTER_DIR"
@@ -194,6 +197,75 @@ class Personalize:
     def __call__(self, spec: TrainingSpec, resume: bytes | None, progress) -> bytes:
         flush_denormals()
         return serialize_adapter(train(self.base, spec, progress, resume))
+
+
+# -- editing: an edit on the wire, and what the `edit` model runs ---------------------------------------
+
+
+def edit_spec_to_wire(spec: "EditSpec") -> tuple[bytes, np.ndarray]:
+    """(JSON of every EditSpec field but the source, the source image uint8 [H, W, 3])."""
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in ("source", "options", "adapter")}
+    fields["options"] = dataclasses.asdict(spec.options)
+    fields["adapter"] = [spec.adapter.key, spec.adapter.weight] if spec.adapter is not None else None
+    return json.dumps(fields).encode(), np.ascontiguousarray(spec.source, dtype=np.uint8)
+
+
+def edit_spec_from_wire(raw: bytes | str, source: np.ndarray) -> "EditSpec":
+    from service.edit import EditOptions, EditSpec
+
+    fields = json.loads(raw)
+    fields["options"] = EditOptions(**fields["options"])
+    adapter = fields.pop("adapter")
+    fields["adapter"] = AdapterUse(key=str(adapter[0]), weight=float(adapter[1])) if adapter else None
+    return EditSpec(source=np.asarray(source, dtype=np.uint8), **fields)
+
+
+class EditWorker:
+    """What the `edit` model runs: the edit loop (service.edit, the same one the in-process backend
+    runs), each model call executed where it can be.
+
+    - `Encode`, `Denoise`, `Decode` whose rows name only stored adapters go to the shared models
+      through `remote` (BLS): DDS iterations batch with Generate's steps in the `unet` model;
+    - DreamSteerer's workbench calls run on this instance's private model copy, and calls whose rows
+      name the request's steered copy run on this instance's own engine, whose adapter bank holds
+      that copy in a per-request slot (it exists nowhere else and is dropped when the edit ends);
+    - `EncodeImage` runs here (one VAE encoder pass).
+    """
+
+    def __init__(self, engine: Engine, workbench):
+        self.engine = engine
+        self.workbench = workbench
+
+    async def __call__(self, spec: "EditSpec", remote, should_stop, progress):
+        import asyncio
+        import contextlib
+
+        from service.edit import WORKBENCH_CALLS, Steer, editor
+        from service.edit.runner import steered_result
+        from service.engine.sampling import EncodeImage, run_async
+
+        manager = self.engine.adapters.manager
+        loop = editor(spec)(spec, self.engine.facts, should_stop, progress)
+        local_keys: set[str] = set()
+        with contextlib.ExitStack() as request:
+            async def execute(call):
+                if isinstance(call, WORKBENCH_CALLS):
+                    adapter = await asyncio.to_thread(manager.get, call.adapter.key)
+                    result = await asyncio.to_thread(self.workbench.execute, call, adapter, should_stop, progress)
+                    answer = steered_result(call, result, manager, request)
+                    if isinstance(call, Steer):
+                        local_keys.add(answer[0].key)
+                    return answer
+                rows = getattr(call, "rows", ())
+                if isinstance(call, EncodeImage) or any(use.key in local_keys for row in rows for use in row):
+                    return await asyncio.to_thread(self._local, call)
+                return await remote(call)
+
+            return await run_async(loop, execute)
+
+    def _local(self, call):
+        flush_denormals()
+        return self.engine.execute(call)
 
 
 # -- errors on the wire ------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Decoupled with `async def execute`: the stub runs each call as a coroutine on its event loop and
 returns at once, so one instance holds many requests, each awaiting its own unet step. The loop
 itself is service.engine.sampling.generation, the same one the in-process engine runs; here each
-of its model calls is a BLS call (`execute_call`).
+of its model calls is a BLS call (service.triton.bls.execute_call).
 """
 
 import asyncio
@@ -14,58 +14,11 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from service.engine.sampling import (
-    Decode, Denoise, Encode, GenerationSpec, ModelFacts, StepResult, generation, run_async,
-)
-from service.triton.library import (
-    RemoteError,
-    configure_torch,
-    decode_adapters,
-    encode_adapters,
-    model_dir_from_env,
-    status_message,
-)
+from service.engine.sampling import GenerationSpec, ModelFacts, generation, run_async
+from service.triton.bls import execute_call, strings
+from service.triton.library import configure_torch, decode_adapters, model_dir_from_env, status_message
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-async def _call(model, inputs, outputs):
-    response = await pb_utils.InferenceRequest(
-        model_name=model, inputs=inputs, requested_output_names=outputs
-    ).async_exec()
-    if response.has_error():
-        raise RemoteError(response.error().message())
-    return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
-
-
-def _strings(values):
-    return np.array([v if isinstance(v, bytes) else v.encode() for v in values], dtype=np.object_)
-
-
-async def execute_call(call):
-    """One model call of the sampling loop, as a BLS call to the model that computes it."""
-    if isinstance(call, Encode):
-        (embeds,) = await _call(
-            "text_encoder",
-            [pb_utils.Tensor("PROMPTS", _strings(call.prompts)),
-             pb_utils.Tensor("ADAPTERS", _strings([encode_adapters(r) for r in call.rows]))],
-            ["EMBEDS"],
-        )
-        return torch.from_numpy(embeds)
-    if isinstance(call, Denoise):
-        noise, batch, compute_us = await _call(
-            "unet",
-            [pb_utils.Tensor("LATENTS", call.latents.numpy().astype(np.float32)),
-             pb_utils.Tensor("TIMESTEP", call.timesteps.numpy().astype(np.int64).reshape(-1, 1)),
-             pb_utils.Tensor("EMBEDS", call.embeds.numpy().astype(np.float32)),
-             pb_utils.Tensor("ADAPTERS", _strings([encode_adapters(r) for r in call.rows]).reshape(-1, 1))],
-            ["NOISE", "BATCH_SIZE", "COMPUTE_US"],
-        )
-        return StepResult(torch.from_numpy(noise), int(batch[0, 0]), float(compute_us[0, 0]) / 1e6)
-    if isinstance(call, Decode):
-        (images,) = await _call("vae_decode", [pb_utils.Tensor("LATENTS", call.latents.numpy().astype(np.float32))], ["IMAGES"])
-        return images
-    raise TypeError(f"unknown model call {type(call).__name__}")
 
 
 def _spec(request) -> tuple[GenerationSpec, float, bool]:
@@ -121,7 +74,7 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("IMAGES", out.images),
                 pb_utils.Tensor("SEEDS", np.array(out.seeds, dtype=np.int64)),
-                pb_utils.Tensor("TIMINGS", _strings([json.dumps(out.timings)])),
+                pb_utils.Tensor("TIMINGS", strings([json.dumps(out.timings)])),
                 pb_utils.Tensor("STEP_BATCH_SIZES", np.array([s.batch_size for s in steps], dtype=np.int32)),
                 pb_utils.Tensor("STEP_QUEUE_US", np.array([int(s.queue_seconds * 1e6) for s in steps], dtype=np.int64)),
             ]), flags=FINAL)

@@ -68,20 +68,26 @@ class AdapterRef(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_seconds", "text_encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "adapter_load_seconds")
+    __slots__ = ("queue_seconds", "text_encode_seconds", "denoise_seconds", "decode_seconds", "total_seconds", "adapter_load_seconds", "mask_seconds", "guided_seconds", "steer_seconds")
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DENOISE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MASK_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     queue_seconds: float
     text_encode_seconds: float
     denoise_seconds: float
     decode_seconds: float
     total_seconds: float
     adapter_load_seconds: float
-    def __init__(self, queue_seconds: _Optional[float] = ..., text_encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., adapter_load_seconds: _Optional[float] = ...) -> None: ...
+    mask_seconds: float
+    guided_seconds: float
+    steer_seconds: float
+    def __init__(self, queue_seconds: _Optional[float] = ..., text_encode_seconds: _Optional[float] = ..., denoise_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., adapter_load_seconds: _Optional[float] = ..., mask_seconds: _Optional[float] = ..., guided_seconds: _Optional[float] = ..., steer_seconds: _Optional[float] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x0", "y0", "x1", "y1")
@@ -266,20 +272,36 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class EditOptions(_message.Message):
-    __slots__ = ("learning_rate", "steer_steps", "steer_learning_rate", "use_subject_mask", "bias_correction", "mode_shifting")
+    __slots__ = ("learning_rate", "steer_steps", "steer_learning_rate", "use_subject_mask", "bias_correction", "mode_shifting", "edsd", "t_min", "t_max", "preliminary_iterations", "guided_samples", "guided_steps", "mode_shifting_weight", "mask_threshold")
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     STEER_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     USE_SUBJECT_MASK_FIELD_NUMBER: _ClassVar[int]
     BIAS_CORRECTION_FIELD_NUMBER: _ClassVar[int]
     MODE_SHIFTING_FIELD_NUMBER: _ClassVar[int]
+    EDSD_FIELD_NUMBER: _ClassVar[int]
+    T_MIN_FIELD_NUMBER: _ClassVar[int]
+    T_MAX_FIELD_NUMBER: _ClassVar[int]
+    PRELIMINARY_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MODE_SHIFTING_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     learning_rate: float
     steer_steps: int
     steer_learning_rate: float
     use_subject_mask: bool
     bias_correction: bool
     mode_shifting: bool
-    def __init__(self, learning_rate: _Optional[float] = ..., steer_steps: _Optional[int] = ..., steer_learning_rate: _Optional[float] = ..., use_subject_mask: bool = ..., bias_correction: bool = ..., mode_shifting: bool = ...) -> None: ...
+    edsd: bool
+    t_min: int
+    t_max: int
+    preliminary_iterations: int
+    guided_samples: int
+    guided_steps: int
+    mode_shifting_weight: float
+    mask_threshold: float
+    def __init__(self, learning_rate: _Optional[float] = ..., steer_steps: _Optional[int] = ..., steer_learning_rate: _Optional[float] = ..., use_subject_mask: bool = ..., bias_correction: bool = ..., mode_shifting: bool = ..., edsd: bool = ..., t_min: _Optional[int] = ..., t_max: _Optional[int] = ..., preliminary_iterations: _Optional[int] = ..., guided_samples: _Optional[int] = ..., guided_steps: _Optional[int] = ..., mode_shifting_weight: _Optional[float] = ..., mask_threshold: _Optional[float] = ...) -> None: ...
 
 class EditRequest(_message.Message):
     __slots__ = ("source_image", "source_prompt", "target_prompt", "adapter_id", "method", "steps", "guidance_scale", "seed", "options")
@@ -314,6 +336,20 @@ class EditResponse(_message.Message):
     seed: int
     timings: Timings
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class EditEvent(_message.Message):
+    __slots__ = ("phase", "step", "total_steps", "progress", "result")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    step: int
+    total_steps: int
+    progress: float
+    result: EditResponse
+    def __init__(self, phase: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., progress: _Optional[float] = ..., result: _Optional[_Union[EditResponse, _Mapping]] = ...) -> None: ...
 
 class Adapter(_message.Message):
     __slots__ = ("adapter_id", "name", "method", "token", "class_word", "rank", "size_bytes", "num_parameters", "sha256", "created_at", "source")

@@ -70,6 +70,11 @@ class SteerServeStub(object):
                 request_serializer=steerserve_dot_v1_dot_steerserve__pb2.EditRequest.SerializeToString,
                 response_deserializer=steerserve_dot_v1_dot_steerserve__pb2.EditResponse.FromString,
                 _registered_method=True)
+        self.EditStream = channel.unary_stream(
+                '/steerserve.v1.SteerServe/EditStream',
+                request_serializer=steerserve_dot_v1_dot_steerserve__pb2.EditRequest.SerializeToString,
+                response_deserializer=steerserve_dot_v1_dot_steerserve__pb2.EditEvent.FromString,
+                _registered_method=True)
         self.ImportAdapter = channel.unary_unary(
                 '/steerserve.v1.SteerServe/ImportAdapter',
                 request_serializer=steerserve_dot_v1_dot_steerserve__pb2.ImportAdapterRequest.SerializeToString,
@@ -156,6 +161,13 @@ class SteerServeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EditStream(self, request, context):
+        """The same edit, streaming its progress (phase, iteration) and, last, the result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ImportAdapter(self, request, context):
         """Adapter registry.
         """
@@ -232,6 +244,11 @@ def add_SteerServeServicer_to_server(servicer, server):
                     servicer.Edit,
                     request_deserializer=steerserve_dot_v1_dot_steerserve__pb2.EditRequest.FromString,
                     response_serializer=steerserve_dot_v1_dot_steerserve__pb2.EditResponse.SerializeToString,
+            ),
+            'EditStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.EditStream,
+                    request_deserializer=steerserve_dot_v1_dot_steerserve__pb2.EditRequest.FromString,
+                    response_serializer=steerserve_dot_v1_dot_steerserve__pb2.EditEvent.SerializeToString,
             ),
             'ImportAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportAdapter,
@@ -453,6 +470,33 @@ class SteerServe(object):
             '/steerserve.v1.SteerServe/Edit',
             steerserve_dot_v1_dot_steerserve__pb2.EditRequest.SerializeToString,
             steerserve_dot_v1_dot_steerserve__pb2.EditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/steerserve.v1.SteerServe/EditStream',
+            steerserve_dot_v1_dot_steerserve__pb2.EditRequest.SerializeToString,
+            steerserve_dot_v1_dot_steerserve__pb2.EditEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,54 @@
+"""Runs an edit loop in this thread: sampling-loop calls on the serving engine (its adapter bank),
+DreamSteerer's model-internal steps on a private workbench, the steered copy in a per-request bank
+slot. The in-process backend, the benchmarks and the tests use it; the Triton `edit` model runs the
+same loop with its UNet rows sent to the shared `unet` model (service.triton.library.EditWorker)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from service.adapters import AdapterManager
+from service.engine.pipeline import Engine, flush_denormals
+from service.engine.sampling import AdapterUse, run
+
+from . import editor
+from .spec import Edited, EditProgress, EditSpec, Steer, WORKBENCH_CALLS
+from .workbench import Workbench
+
+
+def steered_result(call, result, manager: AdapterManager, request: contextlib.ExitStack):
+    """A workbench call's answer to the loop. For `Steer`: the steered copy goes into the bank as a
+    per-request adapter, dropped when `request` closes (however the edit ends)."""
+    if not isinstance(call, Steer):
+        return result
+    steered, losses = result
+    key = request.enter_context(manager.ephemeral(steered, prefix="steered"))
+    return AdapterUse(key), losses
+
+
+def run_edit(
+    engine: Engine, workbench: Workbench | None, spec: EditSpec, should_stop=lambda: False,
+    progress: EditProgress | None = None,
+) -> Edited:
+    """`engine` serves adapters through its bank (BankedAdapters); `workbench` is needed by
+    DreamSteerer only."""
+    flush_denormals()
+    loop = editor(spec)(spec, engine.facts, should_stop, progress)
+    manager = getattr(engine.adapters, "manager", None)
+    with contextlib.ExitStack() as request:
+        if spec.adapter is not None:
+            # Pinned for the whole edit, so no iteration reloads it.
+            request.enter_context(engine.adapters.hold([(spec.adapter,)]))
+
+        def execute(call):
+            if isinstance(call, WORKBENCH_CALLS):
+                if workbench is None or manager is None:
+                    raise RuntimeError("DreamSteerer needs a workbench and an adapter bank")
+                result = workbench.execute(call, manager.get(call.adapter.key), should_stop, progress)
+                use = steered_result(call, result, manager, request)
+                if isinstance(call, Steer):
+                    request.enter_context(engine.adapters.hold([(use[0],)]))
+                return use
+            return engine.execute(call)
+
+        return run(loop, execute)
