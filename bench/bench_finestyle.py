@@ -19,7 +19,6 @@ CPU timings on a shared machine: absolute seconds are indicative only; ratios ar
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bench.common import add_run_arguments, png_bytes, served_gateway, serving_engine, start_run
+from bench.common import add_run_arguments, png_bytes, served_gateway, serving_engine, start_run, write_results
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine
 from service.personalize import FINESTYLE, Concept, FrozenBase, TrainingSpec, defaults, finestyle, train
@@ -157,11 +156,7 @@ def main(argv=None) -> dict:
         "seconds": round(time.time() - t0, 1), "machine": f"{platform.machine()}, {args.threads} CPU threads",
         "style_guidance_scale": finestyle.STYLE_GUIDANCE_SCALE,
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "finestyle_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "finestyle_speed.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out_dir, "finestyle_speed", report, markdown(report))
     return report
 
 

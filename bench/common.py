@@ -70,6 +70,16 @@ def start_run(args) -> float:
     return time.time()
 
 
+def write_results(out_dir, stem: str, report: dict, markdown: str) -> None:
+    """`<out_dir>/<stem>.json` (the figures) and `<stem>.md` (the table the README points to);
+    prints the table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
 def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

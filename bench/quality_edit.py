@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import add_run_arguments, serving_engine, start_run
+from bench.common import add_run_arguments, serving_engine, start_run, write_results
 from bench.quality_personalize import CLASS_WORDS, METHOD_SHORT, grid
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.edit import EditOptions, EditSpec
@@ -176,12 +176,8 @@ def main(argv=None) -> dict:
         "seconds": round(time.time() - t0, 1),
         "machine": f"{platform.machine()}, {args.threads} CPU threads",
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quality_edit.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "quality_edit.md").write_text(markdown(report))
     grid(grid_rows, Path(args.grid_path))
-    print(markdown(report))
+    write_results(args.out_dir, "quality_edit", report, markdown(report))
     return report
 
 

@@ -84,8 +84,24 @@ def test_serve_and_client_commands(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         assert "SUCCEEDED: adapter ad-" in out.stdout and "training: 100%" in out.stderr
         assert "token 'sks'" in out.stdout and len(list((tmp_path / "previews").glob("*.png"))) >= 1
+        out_job = out.stdout
         out = cli("jobs", "list")
         assert "cli-crescent" in out.stdout and "SUCCEEDED" in out.stdout and "4/4" in out.stdout
+
+        # Edit with that adapter: a progress bar fed by EditStream, the image and the subject mask.
+        adapter_id = re.search(r"adapter (ad-\S+)", out_job).group(1)
+        from service.world.generator import Scene, WorldObject, render
+
+        source = render(Scene("stripes", "blue", (WorldObject("square", "red", "solid", 0.5, 0.5, 0.28),)))
+        Image.fromarray(source.image).save(tmp_path / "source.png")
+        out = cli("edit", "source.png", "--source-prompt", source.caption, "--target-prompt",
+                  "a sks circle on a blue striped background", "--adapter", adapter_id, "--steps", "6",
+                  "--steer-steps", "2", "-o", "edited.png")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "editing: 100%" in out.stderr and "phase=" in out.stderr
+        assert (tmp_path / "edited.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "edited-mask.png").exists()
+        out = cli("edit", "source.png", "--source-prompt", "x", "--target-prompt", "a circle", "--adapter", adapter_id)
+        assert out.returncode == 1 and "INVALID_ARGUMENT: target_prompt" in out.stderr
 
         out = cli("generate", "x", "--width", "63")
         assert out.returncode == 1 and "INVALID_ARGUMENT: width" in out.stderr

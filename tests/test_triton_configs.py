@@ -36,7 +36,7 @@ def test_unet_is_one_step_with_dynamic_batching_and_generate_is_decoupled():
     assert load(MODEL_REPOSITORY / "generate" / "config.pbtxt").model_transaction_policy.decoupled
 
 
-@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decode"])
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decode", "personalize", "edit"])
 def test_gpu_variant_keeps_the_interface(name):
     cpu = load(MODEL_REPOSITORY / name / "config.pbtxt")
     gpu = load(MODEL_REPOSITORY / name / "configs" / "gpu.pbtxt")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 import torch.nn.functional as F
 
 from service.engine.sampling import Decode, Encode, ModelFacts

@@ -11,7 +11,6 @@ import json
 import time
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from service.engine.sampling import GenerationSpec, ModelFacts, generation, run_async
