@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.adapters import BankedAdapters, parse_adapter, serialize_adapter
 from service.basemodel import DEFAULT_MODEL_DIR
-from service.edit import DDS, DREAMSTEERER, EditOptions, EditSpec, Steer, dds_loop
+from service.edit import DDS, DREAMSTEERER, EditOptions, EditSpec, Steer, SubjectMask, dds_loop
 from service.edit.runner import run_edit
-from service.edit.workbench import Workbench
+from service.edit.workbench import Workbench, _layer_grid
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 from service.engine.sampling import GenerationCancelled, run
 from service.personalize import FrozenBase, TrainingSpec, defaults, train
@@ -149,6 +149,22 @@ def test_dreamsteerer_edits_inside_its_subject_mask(served, workbench, adapters,
     assert moved[cells == 0].max() == 0 and moved[cells == 1].mean() > 0.05
     assert set(out.timings) >= {"mask_seconds", "guided_seconds", "steer_seconds", "dds_seconds"}
     assert all("edsd" in r and "mode_shifting" in r for r in out.steer_losses)
+
+
+def test_subject_mask_on_a_non_square_image(workbench, adapters, served):
+    """Attention layers' grids are found from the latent's own height and width (96x64 here). Where
+    the mask lands on such an image is the model's business: it never saw one."""
+    engine, _ = served
+    # A 96x96 world image cut to 64 rows: 64 x 96, the object in the left fifth.
+    source = render(Scene("solid", "green", (WorldObject("circle", "orange", "solid", 0.2, 0.5, 0.25),)), size=96).image[16:80]
+    adapter, token = adapters["CUSTOM_DIFFUSION"]
+    mask = workbench.execute(SubjectMask(AdapterUse("x"), engine.encode_image(Image.fromarray(source)),
+                                         f"a {token} heart on a green background", (token, "heart"), 0.65), adapter)
+    assert mask.shape == (16, 24)
+    assert 0 < mask.sum() < mask.numel()
+    # Each layer's query grid follows the latent's own aspect (the UNet halves it, rounding up).
+    assert [_layer_grid(16, 24, n) for n in (384, 96, 24)] == [(16, 24), (8, 12), (4, 6)]
+    assert _layer_grid(9, 13, 5 * 7) == (5, 7)
 
 
 @pytest.mark.parametrize("method", ["DREAMBOOTH_LORA", "TEXTUAL_INVERSION", "CUSTOM_DIFFUSION"])

@@ -281,6 +281,9 @@ class AdapterManager:
             with self._cond:
                 self._ephemeral.pop(key, None)
             self.invalidate(key)
+            with self._cond:
+                if key not in self._loading:
+                    self._versions.pop(key, None)  # the key is never used again
 
     def ephemeral_keys(self) -> list[str]:
         with self._cond:

@@ -293,6 +293,8 @@ class TritonBackend:
             return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, detail)
         if code == "NOT_FOUND":
             return ServiceError(grpc.StatusCode.NOT_FOUND, detail)
+        if code == "FAILED_PRECONDITION":
+            return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, detail)
         if code == "RESOURCE_EXHAUSTED":
             return BackendBusy(detail)
         if code == "CANCELLED":

@@ -17,10 +17,12 @@ UNet rows sent to the shared `unet` model. docs/edit/ explains each method and o
 
 from __future__ import annotations
 
+from service.engine.sampling import EncodeImage
+
 from .dds import dds, dds_loop
 from .dreamsteerer import dreamsteerer
 from .spec import (
-    DDS, DREAMSTEERER, EDIT_METHODS, WORKBENCH_CALLS, Edited, EditOptions, EditProgress, EditSpec, EncodeImage,
+    DDS, DREAMSTEERER, EDIT_METHODS, WORKBENCH_CALLS, Edited, EditOptions, EditRefused, EditProgress, EditSpec,
     GuidedSamples, Steer, SubjectMask,
 )
 
@@ -34,6 +36,6 @@ def editor(spec: EditSpec):
 
 
 __all__ = [
-    "DDS", "DREAMSTEERER", "EDITORS", "EDIT_METHODS", "WORKBENCH_CALLS", "Edited", "EditOptions", "EditProgress",
+    "DDS", "DREAMSTEERER", "EDITORS", "EDIT_METHODS", "WORKBENCH_CALLS", "Edited", "EditOptions", "EditProgress", "EditRefused",
     "EditSpec", "EncodeImage", "GuidedSamples", "Steer", "SubjectMask", "dds", "dds_loop", "dreamsteerer", "editor",
 ]

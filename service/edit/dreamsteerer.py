@@ -32,10 +32,10 @@ import time
 
 import torch.nn.functional as F
 
-from service.engine.sampling import Decode, Encode, ModelFacts
+from service.engine.sampling import Decode, Encode, EncodeImage, ModelFacts
 
 from .dds import dds_loop
-from .spec import Edited, EditProgress, EditSpec, EncodeImage, GuidedSamples, Steer, SubjectMask
+from .spec import Edited, EditProgress, EditSpec, GuidedSamples, Steer, SubjectMask
 
 
 def concept_words(spec: EditSpec) -> tuple[str, ...]:

@@ -17,13 +17,13 @@ The editors know nothing of gRPC, jobs or Triton.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from service.engine.sampling import AdapterUse, EncodeImage  # noqa: F401 - an edit's first call
+from service.engine.sampling import AdapterUse
 
 DDS = "DDS"
 DREAMSTEERER = "DREAMSTEERER"
@@ -65,10 +65,6 @@ class EditOptions:
     def replace(self, **changes) -> "EditOptions":
         return replace(self, **changes)
 
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
 
 @dataclass
 class EditSpec:
@@ -108,7 +104,9 @@ class EditProgress(Protocol):
     def __call__(self, phase: str, step: int, total: int) -> None: ...
 
 
-StopCheck = Callable[[], bool]
+class EditRefused(ValueError):
+    """The request cannot be edited as asked (FAILED_PRECONDITION): e.g. the adapter has nothing to
+    steer, or none of its concept's words occurs in the target prompt."""
 
 
 def phases(spec: EditSpec) -> list[tuple[str, float]]:

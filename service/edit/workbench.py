@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
@@ -29,7 +28,7 @@ from service.personalize.common import FrozenBase, adamw
 from service.personalize.lora import LoRALinear
 from service.personalize.spec import CUSTOM_DIFFUSION, DREAMBOOTH_LORA, TEXTUAL_INVERSION
 
-from .spec import GuidedSamples, Steer, SubjectMask
+from .spec import EditRefused, GuidedSamples, Steer, SubjectMask
 
 # Steering learning rates (Adam), per adapter method: about a third to a tenth of each method's
 # training rate (docs/personalize/*.md), since steering nudges a trained adapter for a few steps.
@@ -105,25 +104,22 @@ class Workbench:
         layers: dict[str, LoRALinear] = {}
         g = torch.Generator().manual_seed(0)  # unused: A and B are overwritten with the adapter's
         roots = {"unet": engine.unet, "text_encoder": engine.text_encoder}
-        wanted = {name: _local_name(name, roots) for name in adapter.lora}
-        for name, (root_name, path) in wanted.items():
-            module = adapter.lora[name]
-            made = replace_linears(roots[root_name], root_name, (path,),
-                                   lambda linear: LoRALinear(linear, module.rank, module.alpha, g))
-            if not made:
-                self._restore(layers, roots)
-                raise ValueError(f"adapter layer {name!r} is not in the model")
-            layer = next(iter(made.values()))
-            with torch.no_grad():
-                layer.lora_A.copy_(module.down.float())
-                layer.lora_B.copy_(module.up.float())
-            layer.scale = module.scale
-            layer.lora_A.requires_grad_(trainable)
-            layer.lora_B.requires_grad_(trainable)
-            layers[name] = layer
-        tokens = {t: nn.Parameter(v.detach().float().clone().to(engine.device), requires_grad=trainable)
-                  for t, v in adapter.token_embeddings.items()}
         try:
+            for name, module in adapter.lora.items():
+                root_name, path = _local_name(name, roots)
+                made = replace_linears(roots[root_name], root_name, (path,),
+                                       lambda linear: LoRALinear(linear, module.rank, module.alpha, g))
+                if not made:
+                    raise EditRefused(f"adapter layer {name!r} is not in the model")
+                layer = layers[name] = next(iter(made.values()))  # registered first: restored whatever happens
+                with torch.no_grad():
+                    layer.lora_A.copy_(module.down.float())
+                    layer.lora_B.copy_(module.up.float())
+                layer.scale = module.scale
+                layer.lora_A.requires_grad_(trainable)
+                layer.lora_B.requires_grad_(trainable)
+            tokens = {t: nn.Parameter(v.detach().float().clone().to(engine.device), requires_grad=trainable)
+                      for t, v in adapter.token_embeddings.items()}
             yield Applied(layers, dict(adapter.lora), tokens)
         finally:
             self._restore(layers, roots)
@@ -138,6 +134,14 @@ class Workbench:
 
     def embed(self, prompts: Sequence[str], tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.base.prompt_encoder.embed(list(prompts), [tokens] * len(prompts)).to(self.base.engine.dtype)
+
+    def epsilon(self, prediction: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """The noise a prediction implies: itself for epsilon models, from the velocity for
+        v-prediction ones (SD 2.x 768): eps = sqrt(abar) v + sqrt(1 - abar) x_t."""
+        if self.base.schedule.prediction_type != "v_prediction":
+            return prediction
+        alpha = self.base.schedule.scheduler.alphas_cumprod[int(t)].to(x_t)
+        return alpha.sqrt() * prediction + (1 - alpha).sqrt() * x_t
 
     def unet(self, latents, t, embeds) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.base.engine.device).reshape(-1).expand(latents.shape[0])
@@ -155,7 +159,7 @@ class Workbench:
         embeds = self.embed([call.prompt], applied.tokens)
         positions = word_positions(self.base.prompt_encoder, call.prompt, call.words, applied.tokens)
         if not positions:
-            raise ValueError(f"none of {list(call.words)} occurs in the prompt {call.prompt!r}")
+            raise EditRefused(f"none of the concept's words {list(call.words)} occurs in the target prompt {call.prompt!r}")
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0)).to(latent)
         unet = self.base.unet
         saved = unet.attn_processors
@@ -168,8 +172,8 @@ class Workbench:
                 tt = torch.tensor([t])
                 self.unet(self.base.schedule.scheduler.add_noise(latent.cpu(), noise.cpu(), tt).to(latent), tt, embeds)
                 for probs in store:
-                    side = int(round(probs.shape[1] ** 0.5))
-                    layer = probs.float().mean(0).reshape(side, side, -1)[..., positions].mean(-1).cpu()
+                    lh, lw = _layer_grid(h, w, probs.shape[1])
+                    layer = probs.float().mean(0).reshape(lh, lw, -1)[..., positions].mean(-1).cpu()
                     layer = F.interpolate(layer[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
                     total += layer / layer.max().clamp(min=1e-8)
         finally:
@@ -178,8 +182,6 @@ class Workbench:
         # Scaled to [0, 1] between its own minimum and maximum: every position attends a little to
         # every word, and on our model that floor was about 0.6 of the maximum (measured).
         total = (total - total.min()) / (total.max() - total.min()).clamp(min=1e-8)
-        if call.threshold < 0:  # the soft map (diagnostics)
-            return total
         return (total >= call.threshold).float()
 
     # -- 2. spatial-feature-guided samples ---------------------------------------------------------
@@ -204,14 +206,17 @@ class Workbench:
         t_prev = int(timesteps[-1])
         with applied.off():
             for t in reversed(timesteps.tolist()):
-                eps = self.unet(x, t_prev, source_embeds)
+                eps = self.epsilon(self.unet(x, t_prev, source_embeds), x, t_prev)
                 x0 = (x - (1 - alpha_prev).sqrt() * eps) / alpha_prev.sqrt()
                 x = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
                 trajectory[t] = x
                 alpha_prev, t_prev = alphas[t], t
 
         # Sampling with injection: row 0 the source trajectory (its features are recorded), then
-        # n unconditional and n conditional rows of the samples (features replaced by row 0's).
+        # n unconditional and n conditional rows of the samples (features replaced by row 0's). All
+        # rows are one UNet call, so row 0 runs through the personalized model too: the injected
+        # features are those of the model the samples are drawn with (the inversion above used the
+        # pre-trained one, whose score of the source is unbiased).
         n = call.n
         g = torch.Generator().manual_seed(int(call.seed))
         x_T = trajectory[int(timesteps[0])]
@@ -257,7 +262,7 @@ class Workbench:
         schedule = self.base.schedule
         params = applied.parameters()
         if not params:
-            raise ValueError("the adapter has no trainable tensors to steer")
+            raise EditRefused("the adapter has no LoRA or token tensors to steer")
         lr = o.steer_learning_rate or STEER_LR.get(call.adapter_method, DEFAULT_STEER_LR)
         optimizer = adamw(params, lr)
         g = torch.Generator().manual_seed(int(call.seed) + 17)
@@ -278,8 +283,9 @@ class Workbench:
                 noisy_src = schedule.scheduler.add_noise(z_src.cpu(), eps.cpu(), t).to(z_src)
                 noisy_edit = schedule.scheduler.add_noise(call.edited.cpu(), eps.cpu(), t).to(z_src)
                 with torch.no_grad(), applied.off():
-                    eps_pre = self.unet(noisy_src, t, source_embeds)
-                pred = self.unet(torch.cat([noisy_edit, noisy_src]), t, target_embeds.expand(2, -1, -1))
+                    eps_pre = self.epsilon(self.unet(noisy_src, t, source_embeds), noisy_src, t)
+                rows = torch.cat([noisy_edit, noisy_src])
+                pred = self.epsilon(self.unet(rows, t, target_embeds.expand(2, -1, -1)), rows, t)
                 delta = pred[:1] - eps_pre
                 alpha = schedule.scheduler.alphas_cumprod[t].to(z_src)
                 edsd = 0.5 * delta.pow(2).mean() + eta * alpha.sqrt() * (delta.detach() * pred[1:]).mean()
@@ -317,9 +323,11 @@ class Workbench:
             for _ in range(samples):
                 t = torch.randint(o.t_min, o.t_max, (1,), generator=g)
                 eps = torch.randn(call.source.shape, generator=g)
+                noisy_src = scheduler.add_noise(call.source.cpu(), eps, t)
+                noisy_edit = scheduler.add_noise(call.edited.cpu(), eps, t)
                 with applied.off():
-                    eps_pre = self.unet(scheduler.add_noise(call.source.cpu(), eps, t), t, source_embeds)
-                pred = self.unet(scheduler.add_noise(call.edited.cpu(), eps, t), t, target_embeds)
+                    eps_pre = self.epsilon(self.unet(noisy_src, t, source_embeds), noisy_src, t)
+                pred = self.epsilon(self.unet(noisy_edit, t, target_embeds), noisy_edit, t)
                 total += float(0.5 * (pred - eps_pre).pow(2).mean())
         return total / samples
 
@@ -337,6 +345,16 @@ def _local_name(name: str, roots) -> tuple[str, str]:
             if alias in modules:
                 return component, alias
     return component, path
+
+
+def _layer_grid(h: int, w: int, positions: int) -> tuple[int, int]:
+    """(rows, columns) of an attention layer's query grid over an h x w latent: the UNet halves it
+    (rounding up) per level, so the grid with `positions` cells is found by halving."""
+    while h * w > positions:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != positions:
+        raise ValueError(f"an attention layer has {positions} positions, no grid of the {h}x{w} latent")
+    return h, w
 
 
 def word_positions(prompt_encoder, prompt: str, words: Sequence[str], tokens: dict) -> list[int]:
@@ -414,7 +432,3 @@ class _FeatureInjection:
     def __exit__(self, *exc) -> None:
         self._hook.remove()
         self.unet.set_attn_processor(self._saved)
-
-
-def mask_to_pixels(mask: torch.Tensor, height: int, width: int) -> np.ndarray:
-    return F.interpolate(mask.float()[None, None].cpu(), size=(height, width), mode="nearest")[0, 0].numpy()

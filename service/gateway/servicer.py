@@ -26,7 +26,7 @@ from service.adapters import Adapter, AdapterBankFull, AdapterFormatError, Adapt
 from service.adapters import parse_adapter, serialize_adapter
 from service.backends import Backend, BackendBusy, BackendUnavailable
 from service.config import Settings
-from service.edit import DREAMSTEERER, EditSpec
+from service.edit import DREAMSTEERER, EditRefused, EditSpec
 from service.edit.spec import overall_progress, phases
 from service.engine.images import encode_png
 from service.engine.pipeline import AdapterUse, GenerationCancelled
@@ -84,6 +84,8 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, EditRefused):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, TokenError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"token: {exc}"
     if isinstance(exc, GenerationCancelled):
@@ -317,22 +319,27 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
                 last[0] = now
                 event = pb.EditEvent(phase=phase, step=step, total_steps=total,
                                      progress=overall_progress(plan, phase, step, total))
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+                except RuntimeError:  # the gateway's loop is closing: progress has no one to reach
+                    pass
 
             yield pb.EditEvent(phase="queued", total_steps=0, progress=0.0)
             task = asyncio.ensure_future(self._edit(spec, context, progress))
+            getter = None
             try:
                 while not task.done():
                     getter = asyncio.ensure_future(events.get())
                     await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
                     if getter.done():
                         yield getter.result()
-                    else:
-                        getter.cancel()
+                    getter.cancel()
                 while not events.empty():
                     yield events.get_nowait()
                 yield pb.EditEvent(phase="done", progress=1.0, result=task.result())
             finally:
+                if getter is not None:
+                    getter.cancel()
                 task.cancel()  # the client went away: the edit stops at its next step
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED

@@ -36,14 +36,14 @@ async def execute_call(call):
     if isinstance(call, Denoise):
         noise, batch, compute_us = await _call(
             "unet",
-            [pb_utils.Tensor("LATENTS", call.latents.numpy().astype(np.float32)),
-             pb_utils.Tensor("TIMESTEP", call.timesteps.numpy().astype(np.int64).reshape(-1, 1)),
-             pb_utils.Tensor("EMBEDS", call.embeds.numpy().astype(np.float32)),
+            [pb_utils.Tensor("LATENTS", call.latents.detach().float().cpu().numpy()),
+             pb_utils.Tensor("TIMESTEP", call.timesteps.detach().cpu().numpy().astype(np.int64).reshape(-1, 1)),
+             pb_utils.Tensor("EMBEDS", call.embeds.detach().float().cpu().numpy()),
              pb_utils.Tensor("ADAPTERS", strings([encode_adapters(r) for r in call.rows]).reshape(-1, 1))],
             ["NOISE", "BATCH_SIZE", "COMPUTE_US"],
         )
         return StepResult(torch.from_numpy(noise), int(batch[0, 0]), float(compute_us[0, 0]) / 1e6)
     if isinstance(call, Decode):
-        (images,) = await _call("vae_decode", [pb_utils.Tensor("LATENTS", call.latents.numpy().astype(np.float32))], ["IMAGES"])
+        (images,) = await _call("vae_decode", [pb_utils.Tensor("LATENTS", call.latents.detach().float().cpu().numpy())], ["IMAGES"])
         return images
     raise TypeError(f"unknown model call {type(call).__name__}")

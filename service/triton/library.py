@@ -31,6 +31,7 @@ import torch
 from service.adapters import serialize_adapter
 from service.engine.images import decode_image, encode_png
 from service.engine.pipeline import AdapterUse, Engine, GenerationCancelled, flush_denormals
+from service.engine.sampling import Decode, Denoise, StepResult
 from service.personalize import Concept, FrozenBase, TrainingSpec, TrainingStopped, train
 
 if TYPE_CHECKING:
@@ -240,16 +241,19 @@ class EditWorker:
         import asyncio
         import contextlib
 
-        from service.edit import WORKBENCH_CALLS, Steer, editor
+        from service.edit import WORKBENCH_CALLS, EditRefused, Steer, editor
         from service.edit.runner import steered_result
         from service.engine.sampling import EncodeImage, run_async
 
-        manager = self.engine.adapters.manager
+        # Only DreamSteerer needs this instance's bank (the steered copy); plain DDS runs without one.
+        manager = getattr(self.engine.adapters, "manager", None)
         loop = editor(spec)(spec, self.engine.facts, should_stop, progress)
         local_keys: set[str] = set()
         with contextlib.ExitStack() as request:
             async def execute(call):
                 if isinstance(call, WORKBENCH_CALLS):
+                    if manager is None:
+                        raise EditRefused("DreamSteerer needs the edit model's adapter bank (STEERSERVE_ADAPTER_DIR)")
                     adapter = await asyncio.to_thread(manager.get, call.adapter.key)
                     result = await asyncio.to_thread(self.workbench.execute, call, adapter, should_stop, progress)
                     answer = steered_result(call, result, manager, request)
@@ -264,8 +268,21 @@ class EditWorker:
             return await run_async(loop, execute)
 
     def _local(self, call):
+        """A model call on this instance's engine. The loop keeps its tensors on the CPU (they
+        also travel to the shared models over BLS): inputs move to the engine's device, results
+        come back as CPU float32."""
         flush_denormals()
-        return self.engine.execute(call)
+        engine = self.engine
+        if isinstance(call, Denoise):
+            call = dataclasses.replace(call, latents=call.latents.to(engine.device, engine.dtype),
+                                       timesteps=call.timesteps.to(engine.device),
+                                       embeds=call.embeds.to(engine.device, engine.dtype))
+        elif isinstance(call, Decode):
+            call = dataclasses.replace(call, latents=call.latents.to(engine.device, engine.dtype))
+        result = engine.execute(call)
+        if isinstance(result, StepResult):
+            return dataclasses.replace(result, noise=result.noise.float().cpu())
+        return result.float().cpu() if isinstance(result, torch.Tensor) else result
 
 
 # -- errors on the wire ------------------------------------------------------------------------------
@@ -276,9 +293,13 @@ def status_message(exc: BaseException) -> str:
     (Triton's python backend has no code for e.g. NOT_FOUND or DEADLINE_EXCEEDED)."""
     from service.adapters import AdapterBankFull, AdapterFormatError, AdapterNotFoundError
 
+    from service.edit import EditRefused
+
     if isinstance(exc, RemoteError):
         return str(exc)
-    if isinstance(exc, AdapterNotFoundError):
+    if isinstance(exc, EditRefused):
+        code = "FAILED_PRECONDITION"
+    elif isinstance(exc, AdapterNotFoundError):
         code = "NOT_FOUND"
     elif isinstance(exc, (AdapterFormatError, ValueError, LookupError)):
         code = "INVALID_ARGUMENT"
@@ -295,7 +316,8 @@ class RemoteError(RuntimeError):
     """An error a BLS call returned, already in status_message form; passed on unchanged."""
 
 
-STATUS_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "CANCELLED", "UNAVAILABLE", "INTERNAL")
+STATUS_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "CANCELLED",
+                "UNAVAILABLE", "INTERNAL")
 
 
 def parse_status(message: str) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from service.triton.library import (
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Rows of one local UNet call: an edit's four DDS rows, or a steered prompt's encodings.
 LOCAL_MAX_ROWS = 16
+PROGRESS_SECONDS = 0.2
 
 
 class TritonPythonModel:
@@ -53,8 +54,14 @@ class TritonPythonModel:
             def should_stop():
                 return request.is_cancelled() or (deadline is not None and time.monotonic() >= deadline)
 
+            last = [0.0]
+
             def on_progress(phase, step, total):
-                if streamed:
+                # At most ~5 responses a second (and the last step of every phase): the gateway
+                # throttles EditStream's events the same way.
+                now = time.monotonic()
+                if streamed and (step >= total or now - last[0] >= PROGRESS_SECONDS):
+                    last[0] = now
                     sender.send(pb_utils.InferenceResponse(output_tensors=[
                         pb_utils.Tensor("PHASE", np.array([phase.encode()], dtype=np.object_)),
                         pb_utils.Tensor("STEP", np.array([step], dtype=np.int32)),
