@@ -72,6 +72,17 @@ def _tensor(name: str, values, datatype: str) -> grpcclient.InferInput:
     return tensor
 
 
+def _time_left(deadline: float | None) -> list:
+    """The TIMEOUT_S input (seconds to the caller's deadline) the generate and edit models stop by;
+    none without a deadline. Raises GenerationCancelled when it has already passed."""
+    if deadline is None:
+        return []
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise GenerationCancelled("deadline passed before the request reached Triton")
+    return [_tensor("TIMEOUT_S", np.array([left], np.float32), "FP32")]
+
+
 class TritonBackend:
     name = "triton"
 
@@ -124,11 +135,7 @@ class TritonBackend:
             _tensor("ADAPTERS", [encode_adapters(spec.adapters)], "BYTES"),
             _tensor("PROGRESS", np.array([on_step is not None]), "BOOL"),
         ]
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GenerationCancelled("deadline passed before the request reached Triton")
-            inputs.append(_tensor("TIMEOUT_S", np.array([left], np.float32), "FP32"))
+        inputs += _time_left(deadline)
 
         async def requests():
             yield {"model_name": GENERATE_MODEL, "inputs": inputs}
@@ -179,11 +186,7 @@ class TritonBackend:
             _tensor("SOURCE", source, "UINT8"),
             _tensor("PROGRESS", np.array([progress is not None]), "BOOL"),
         ]
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GenerationCancelled("deadline passed before the edit reached Triton")
-            inputs.append(_tensor("TIMEOUT_S", np.array([left], np.float32), "FP32"))
+        inputs += _time_left(deadline)
 
         async def requests():
             yield {"model_name": EDIT_MODEL, "inputs": inputs}

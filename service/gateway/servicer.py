@@ -75,6 +75,36 @@ def _rpc(handler):
     return wrapper
 
 
+def _rpc_stream(handler):
+    """`_rpc` for a server-streaming handler `(self, request, context, tenant)`, an async generator."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(self: "SteerServeServicer", request, context: grpc.aio.ServicerContext):
+        m = self.metrics
+        m.rpc_in_flight.labels(name).inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            tenant = self.auth.tenant_for(context.invocation_metadata())
+            async for message in handler(self, request, context, tenant):
+                yield message
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
+            code, message = _status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", name)
+            await context.abort(code, message)
+        finally:
+            m.rpc_in_flight.labels(name).dec()
+            m.rpc_duration.labels(name).observe(time.perf_counter() - started)
+            m.rpc_requests.labels(name, code.name).inc()
+
+    return wrapper
+
+
 def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
@@ -252,43 +282,31 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         job = self.jobs.cancel(tenant, validation.check_id("job_id", request.job_id))
         return job_message(job, self.job_store.previews(job.job_id))
 
-    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext):
+    @_rpc_stream
+    async def WatchJob(self, request: pb.WatchJobRequest, context, tenant: str):
         """Server-streaming: one event per observed change (committed rows, polled), then ends when
         the job finishes; the last event's job carries the previews."""
-        name = "WatchJob"
-        self.metrics.rpc_in_flight.labels(name).inc()
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            tenant = self.auth.tenant_for(context.invocation_metadata())
-            job_id = validation.check_id("job_id", request.job_id)
-            last = None
-            while True:
-                job = self.job_store.get(tenant, job_id)
-                seen = (job.state, job.step, job.loss, job.error, job.message)
-                if seen != last:
-                    last = seen
-                    yield pb.JobEvent(
-                        job_id=job.job_id,
-                        state=pb.JobState.Value(job.state.value),
-                        step=job.step,
-                        total_steps=job.total_steps,
-                        loss=job.loss or 0.0,
-                        message=job.error or job.message,
-                        time=_timestamp(job.updated_at),
-                        job=job_message(job, self.job_store.previews(job.job_id) if job.state.finished else ()),
-                        eta_seconds=job.eta_seconds or 0.0,
-                    )
-                if job.state.finished:
-                    return
-                await asyncio.sleep(_JOB_POLL_SECONDS)
-        except Exception as exc:  # noqa: BLE001
-            code, message = _status_for(exc)
-            await context.abort(code, message)
-        finally:
-            self.metrics.rpc_in_flight.labels(name).dec()
-            self.metrics.rpc_duration.labels(name).observe(time.perf_counter() - started)
-            self.metrics.rpc_requests.labels(name, code.name).inc()
+        job_id = validation.check_id("job_id", request.job_id)
+        last = None
+        while True:
+            job = self.job_store.get(tenant, job_id)
+            seen = (job.state, job.step, job.loss, job.error, job.message)
+            if seen != last:
+                last = seen
+                yield pb.JobEvent(
+                    job_id=job.job_id,
+                    state=pb.JobState.Value(job.state.value),
+                    step=job.step,
+                    total_steps=job.total_steps,
+                    loss=job.loss or 0.0,
+                    message=job.error or job.message,
+                    time=_timestamp(job.updated_at),
+                    job=job_message(job, self.job_store.previews(job.job_id) if job.state.finished else ()),
+                    eta_seconds=job.eta_seconds or 0.0,
+                )
+            if job.state.finished:
+                return
+            await asyncio.sleep(_JOB_POLL_SECONDS)
 
     # -- Edit ----------------------------------------------------------------------------------
 
@@ -297,62 +315,45 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         spec = self._edit_spec(request, tenant)
         return await self._edit(spec, context)
 
-    async def EditStream(self, request: pb.EditRequest, context: grpc.aio.ServicerContext):
+    @_rpc_stream
+    async def EditStream(self, request: pb.EditRequest, context, tenant: str):
         """Server-streaming Edit: an event per progress report (at most a few a second), then the
         result. Errors end the stream with the same statuses as Edit."""
-        name = "EditStream"
-        self.metrics.rpc_in_flight.labels(name).inc()
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            tenant = self.auth.tenant_for(context.invocation_metadata())
-            spec = self._edit_spec(request, tenant)
-            plan = phases(spec)
-            events: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            last = [0.0]
+        spec = self._edit_spec(request, tenant)
+        plan = phases(spec)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        last = [0.0]
 
-            def progress(phase: str, step: int, total: int) -> None:  # on the engine thread
-                now = time.monotonic()
-                if step < total and now - last[0] < _EDIT_EVENT_SECONDS:
-                    return
-                last[0] = now
-                event = pb.EditEvent(phase=phase, step=step, total_steps=total,
-                                     progress=overall_progress(plan, phase, step, total))
-                try:
-                    loop.call_soon_threadsafe(events.put_nowait, event)
-                except RuntimeError:  # the gateway's loop is closing: progress has no one to reach
-                    pass
-
-            yield pb.EditEvent(phase="queued", total_steps=0, progress=0.0)
-            task = asyncio.ensure_future(self._edit(spec, context, progress))
-            getter = None
+        def progress(phase: str, step: int, total: int) -> None:  # on the engine thread
+            now = time.monotonic()
+            if step < total and now - last[0] < _EDIT_EVENT_SECONDS:
+                return
+            last[0] = now
+            event = pb.EditEvent(phase=phase, step=step, total_steps=total,
+                                 progress=overall_progress(plan, phase, step, total))
             try:
-                while not task.done():
-                    getter = asyncio.ensure_future(events.get())
-                    await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield getter.result()
-                    getter.cancel()
-                while not events.empty():
-                    yield events.get_nowait()
-                yield pb.EditEvent(phase="done", progress=1.0, result=task.result())
-            finally:
-                if getter is not None:
-                    getter.cancel()
-                task.cancel()  # the client went away: the edit stops at its next step
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001
-            code, message = _status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
-            await context.abort(code, message)
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the gateway's loop is closing: progress has no one to reach
+                pass
+
+        yield pb.EditEvent(phase="queued", total_steps=0, progress=0.0)
+        task = asyncio.ensure_future(self._edit(spec, context, progress))
+        getter = None
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                getter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield pb.EditEvent(phase="done", progress=1.0, result=task.result())
         finally:
-            self.metrics.rpc_in_flight.labels(name).dec()
-            self.metrics.rpc_duration.labels(name).observe(time.perf_counter() - started)
-            self.metrics.rpc_requests.labels(name, code.name).inc()
+            if getter is not None:
+                getter.cancel()
+            task.cancel()  # the client went away: the edit stops at its next step
 
     def _edit_spec(self, request: pb.EditRequest, tenant: str) -> EditSpec:
         """The validated spec with the tenant's adapter resolved: NOT_FOUND for an id the tenant
