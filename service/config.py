@@ -77,6 +77,40 @@ class Settings(BaseSettings):
     adapter_max_rank: int = 16
     adapter_host_cache: int = 64  # parsed adapters kept in host memory after eviction
 
+    # How the UNet runs (service/compiled; the same variables configure the Triton `unet` model):
+    # "eager", "compile" (torch.compile, CUDA graphs on a GPU) or "onnx" (onnxruntime, the bank as
+    # graph inputs). Adapter swaps never recompile any of them.
+    unet_runtime: str = "eager"
+    unet_batch_buckets: list[int] = Field(default_factory=list)  # "1,2,4,8"; empty = powers of two
+    unet_compile_mode: str = "auto"  # torch.compile mode; auto = reduce-overhead on CUDA
+    unet_warmup: bool = True  # compile / export every bucket at start, before serving
+
+    @field_validator("unet_batch_buckets", mode="before")
+    @classmethod
+    def _parse_buckets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return [int(part) for part in value.replace(" ", "").split(",") if part]
+            except ValueError:
+                raise ValueError(f"STEERSERVE_UNET_BATCH_BUCKETS {value!r} is not a comma-separated list of integers")
+        return value
+
+    @field_validator("unet_runtime")
+    @classmethod
+    def _check_runtime(cls, value: str) -> str:
+        from service.compiled import RUNTIMES
+
+        if value not in RUNTIMES:
+            raise ValueError(f"unet_runtime {value!r} is not one of {', '.join(RUNTIMES)}")
+        return value
+
+    def unet_runtime_options(self):
+        from service.compiled import RuntimeOptions
+
+        return RuntimeOptions(kind=self.unet_runtime, buckets=tuple(self.unet_batch_buckets),
+                              compile_mode=self.unet_compile_mode, warmup=self.unet_warmup,
+                              cache_dir=Path(self.data_dir) / "compiled")
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_api_keys(cls, value: Any) -> Any:

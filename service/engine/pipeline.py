@@ -25,6 +25,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from service.compiled.runtime import EagerUNet, UNetRuntime
+
 from .sampling import (
     AdapterUse,
     Decode,
@@ -117,6 +119,9 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.adapters: AdapterHook = NoAdapters()
+        # How a UNet forward executes (eager, torch.compile, onnxruntime): service.compiled. The
+        # trainers and the edit workbench call self.unet directly (they need gradients).
+        self.unet_runtime: UNetRuntime = EagerUNet(self.unet)
         self.facts = ModelFacts.from_configs(name, self.unet.config, self.vae.config, scheduler.config)
         self.scheduler_config = self.facts.scheduler_config
         self.limits = self.facts.limits
@@ -222,7 +227,7 @@ class Engine:
         [m, L, D], rows: each row's adapters (the bank applies them to that row only). [m, C, h, w]."""
         flush_denormals()
         with self.adapters.activate(list(rows)):
-            return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
+            return self.unet_runtime(latents, timesteps, embeds)
 
     def predict_noise_cfg(
         self,

@@ -47,3 +47,18 @@ class GatewayMetrics:
             "steerserve_training_seconds", "Wall time of a job attempt from start to adapter and previews.",
             ["method"], buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200), registry=r,
         )
+
+    def watch_unet_runtime(self, runtime) -> None:
+        """How the in-process engine's UNet runs (service.compiled): read at scrape time."""
+        r, stats = self.registry, runtime.stats
+        Gauge("steerserve_unet_runtime_info", "The UNet runtime in use (1 for the configured one).", ["runtime"],
+              registry=r).labels(runtime=runtime.name).set(1)
+        Gauge("steerserve_unet_runtime_calls", "UNet forwards run by the runtime (counter).",
+              registry=r).set_function(lambda: stats.calls)
+        Gauge("steerserve_unet_runtime_fallback_calls",
+              "UNet forwards the compiled form did not cover (shape, gradients), run eager (counter).",
+              registry=r).set_function(lambda: stats.fallback_calls)
+        Gauge("steerserve_unet_runtime_graphs", "Batch/resolution shapes compiled or exported so far.",
+              registry=r).set_function(lambda: len(stats.shapes))
+        Gauge("steerserve_unet_runtime_warmup_seconds", "Time the UNet runtime took to warm up at start.",
+              registry=r).set_function(lambda: stats.warmup_seconds)

@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from service.adapters import BankedAdapters
+from service.compiled import configure_unet_runtime
 from service.adapters.loading import adapter_checker, blob_loader
 from service.backends import Backend, InProcessBackend
 from service.config import Settings
@@ -52,6 +53,8 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
         host_cache_size=settings.adapter_host_cache,
         registry=metrics.registry,
     )
+    runtime = configure_unet_runtime(engine, settings.unet_runtime_options())
+    metrics.watch_unet_runtime(runtime)
     return InProcessBackend(engine, model_dir, workers=settings.engine_workers, metrics=metrics,
                             training_workers=settings.training_workers)
 
@@ -67,6 +70,13 @@ def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, s
     return {
         "STEERSERVE_MODEL_DIR": str(model_dir.resolve()),
         "STEERSERVE_ADAPTER_DIR": str((Path(settings.data_dir) / "adapters").resolve()),
+        "STEERSERVE_ADAPTER_SLOTS": str(settings.adapter_slots),
+        "STEERSERVE_ADAPTER_MAX_RANK": str(settings.adapter_max_rank),
+        "STEERSERVE_UNET_RUNTIME": settings.unet_runtime,
+        "STEERSERVE_UNET_BATCH_BUCKETS": ",".join(map(str, settings.unet_batch_buckets)),
+        "STEERSERVE_UNET_COMPILE_MODE": settings.unet_compile_mode,
+        "STEERSERVE_UNET_WARMUP": "1" if settings.unet_warmup else "0",
+        "STEERSERVE_COMPILED_DIR": str((Path(settings.data_dir) / "compiled").resolve()),
     }
 
 

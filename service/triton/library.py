@@ -42,6 +42,7 @@ ENV_ADAPTER_DIR = "STEERSERVE_ADAPTER_DIR"
 ENV_ADAPTER_SLOTS = "STEERSERVE_ADAPTER_SLOTS"
 ENV_ADAPTER_MAX_RANK = "STEERSERVE_ADAPTER_MAX_RANK"
 ENV_TORCH_THREADS = "STEERSERVE_TORCH_THREADS"
+ENV_COMPILED_DIR = "STEERSERVE_COMPILED_DIR"  # where exported ONNX graphs are cached
 
 Rows = Sequence[Sequence[AdapterUse]]
 
@@ -69,11 +70,13 @@ def instance_device(args: dict) -> str:
     return "cpu"
 
 
-def load_engine_from_env(args: dict, max_rows: int, adapters: bool = True) -> Engine:
+def load_engine_from_env(args: dict, max_rows: int, adapters: bool = True, unet_runtime: bool = False) -> Engine:
     """The engine of one model instance (on its instance_group's device); with an adapter bank when
     `adapters` and STEERSERVE_ADAPTER_DIR is set.
 
     `max_rows`: the largest number of rows one model call routes (UNet: its max_batch_size).
+    `unet_runtime`: run the UNet as STEERSERVE_UNET_RUNTIME says (eager, compile, onnx), warmed up
+    here, before the instance reports ready (the `unet` model: every step of every loop runs there).
     """
     configure_torch()
     engine = Engine.from_pretrained(model_dir_from_env(), device=instance_device(args))
@@ -89,7 +92,26 @@ def load_engine_from_env(args: dict, max_rows: int, adapters: bool = True) -> En
             max_rank=int(os.environ.get(ENV_ADAPTER_MAX_RANK, "16")),
             max_rows=max_rows,
         )
+    if unet_runtime:
+        from service.compiled import configure_unet_runtime
+
+        configure_unet_runtime(engine, runtime_options_from_env())
     return engine
+
+
+def runtime_options_from_env():
+    """Settings.unet_runtime_options, read from the environment the gateway passes to Triton."""
+    from service.compiled import RuntimeOptions
+
+    env = os.environ
+    buckets = tuple(int(b) for b in env.get("STEERSERVE_UNET_BATCH_BUCKETS", "").split(",") if b.strip())
+    return RuntimeOptions(
+        kind=env.get("STEERSERVE_UNET_RUNTIME", "eager"),
+        buckets=buckets,
+        compile_mode=env.get("STEERSERVE_UNET_COMPILE_MODE", "auto"),
+        warmup=env.get("STEERSERVE_UNET_WARMUP", "1").lower() not in ("0", "false", "no"),
+        cache_dir=Path(env.get(ENV_COMPILED_DIR, "var/compiled")),
+    )
 
 
 # -- adapters on the wire: one JSON string per row ----------------------------------------------

@@ -27,7 +27,7 @@ def _sample(request) -> StepSample:
 class TritonPythonModel:
     def initialize(self, args):
         max_batch = json.loads(args["model_config"])["max_batch_size"]
-        self.step = UNetStep(load_engine_from_env(args, max_rows=max_batch))
+        self.step = UNetStep(load_engine_from_env(args, max_rows=max_batch, unet_runtime=True))
 
     def execute(self, requests):
         try:

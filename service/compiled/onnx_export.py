@@ -1,0 +1,199 @@
+"""The banked UNet as ONE ONNX graph whose adapter bank is made of graph inputs.
+
+Inputs (B = rows of the call, dynamic 1..max_rows; resolution and text length fixed at export):
+
+    sample                 [B, C, h, w]    latents
+    timestep               [B]             float32
+    encoder_hidden_states  [B, L, D]
+    slot_ids               [B, K]          int64: each row's K bank slots (0 = base model)
+    coef                   [B, 1, K*r]     each row's adapter weights, repeated over the rank columns
+    bank.<i>.A             [S, r, in]      banked layer i's LoRA down stacks, every slot
+    bank.<i>.Bt            [S, r, out]     its up stacks, transposed, the alpha/r scale folded in
+    -> noise               [B, C, h, w]
+
+(`layers.json` beside the graph names layer i.) Because the slot stacks are inputs, not weights, one
+engine built from this graph -- onnxruntime here, a TensorRT plan at deploy (deploy/tensorrt) --
+serves every adapter there is: loading one is a copy into the bank's memory, which the runtime binds
+as those inputs. Exporting is slow (tens of seconds even for the embedded model), so graphs are
+cached on disk under a key of everything that shapes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the graph's interface or the export recipe changes
+GRAPH_FILE = "unet.onnx"
+LAYERS_FILE = "layers.json"
+INPUTS = ("sample", "timestep", "encoder_hidden_states", "slot_ids", "coef")
+OUTPUT = "noise"
+
+
+def bank_input_names(index: int) -> tuple[str, str]:
+    return f"bank.{index}.A", f"bank.{index}.Bt"
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    """What one exported graph is built for."""
+
+    max_rows: int  # the batch dimension's upper bound (TensorRT's profile max)
+    latent_channels: int
+    height: int  # latent height
+    width: int
+    text_length: int
+    text_width: int
+
+
+class BankedUNetGraph(nn.Module):
+    """The banked UNet with its bank tensors and routing table taken as arguments.
+
+    The banked layers read their slot stacks as module buffers and the routing from the bank's
+    shared BankState; here both are substituted by the call's arguments for the duration of the
+    forward, which is what makes them graph inputs when traced.
+    """
+
+    def __init__(self, unet: nn.Module, bank=None):
+        super().__init__()
+        self.unet = unet
+        self.bank = bank
+        # UNet-side banked layers in a fixed order: bank.<i>.* is layer_names[i].
+        self.layer_names = [n.removeprefix("unet.") for n in bank.layers if n.startswith("unet.")] if bank else []
+
+    def bank_tensors(self) -> list[torch.Tensor]:
+        layers = {n.removeprefix("unet."): layer for n, layer in self.bank.layers.items()} if self.bank else {}
+        return [t for name in self.layer_names for t in (layers[name].lora_A, layers[name].lora_Bt)]
+
+    def forward(self, sample, timestep, encoder_hidden_states, slot_ids=None, coef=None, bank_tensors=()):
+        if self.bank is None:
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+        state = self.bank.state
+        saved = state.slot_ids, state.coef
+        state.slot_ids, state.coef = slot_ids, coef
+        try:
+            buffers = {}
+            for i, name in enumerate(self.layer_names):
+                buffers[f"{name}.lora_A"], buffers[f"{name}.lora_Bt"] = bank_tensors[2 * i], bank_tensors[2 * i + 1]
+            return functional_call(
+                self.unet, buffers, (sample, timestep), {"encoder_hidden_states": encoder_hidden_states}
+            ).sample
+        finally:
+            state.slot_ids, state.coef = saved
+
+
+def graph_key(unet: nn.Module, bank, shape: GraphShape) -> str:
+    """A digest of everything the exported graph depends on: weights, config, bank layout, shape."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({
+        "format": FORMAT_VERSION, "torch": torch.__version__, "config": dict(unet.config), "shape": shape.__dict__,
+        "bank": None if bank is None else {
+            "slots": bank.num_slots, "rank": bank.max_rank, "k": bank.max_adapters_per_row,
+            "layers": {n: list(s) for n, s in bank.module_shapes.items() if n.startswith("unet.")},
+        },
+    }, sort_keys=True, default=str).encode())
+    for name, param in unet.state_dict().items():
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def example_inputs(graph: BankedUNetGraph, shape: GraphShape, rows: int = 2):
+    param = next(graph.unet.parameters())
+    like = dict(device=param.device, dtype=param.dtype)
+    args = [
+        torch.randn(rows, shape.latent_channels, shape.height, shape.width, **like),
+        torch.full((rows,), 500.0, device=param.device),
+        torch.randn(rows, shape.text_length, shape.text_width, **like),
+    ]
+    if graph.bank is not None:
+        k, r = graph.bank.max_adapters_per_row, graph.bank.max_rank
+        args += [
+            torch.zeros(rows, k, dtype=torch.long, device=param.device),
+            torch.zeros(rows, 1, k * r, **like),
+            graph.bank_tensors(),
+        ]
+    return tuple(args)
+
+
+def export_unet(unet: nn.Module, bank, shape: GraphShape, out_dir: Path) -> Path:
+    """Exports the banked UNet to ``out_dir/unet.onnx`` (+ external data, layers.json)."""
+    from torch.export import Dim
+
+    graph = BankedUNetGraph(unet, bank).eval()
+    args = example_inputs(graph, shape)
+    batch = Dim("batch", min=1, max=shape.max_rows)
+    dynamic = [{0: batch}, {0: batch}, {0: batch}]
+    names = list(INPUTS[:3])
+    if bank is not None:
+        dynamic += [{0: batch}, {0: batch}, [None] * len(args[5])]
+        names += list(INPUTS[3:]) + [n for i in range(len(graph.layer_names)) for n in bank_input_names(i)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / GRAPH_FILE
+    with torch.no_grad():
+        torch.onnx.export(
+            graph, args, str(path), dynamo=True, dynamic_shapes=tuple(dynamic), input_names=names,
+            output_names=[OUTPUT], external_data=True,
+            # onnxruntime and TensorRT optimize the graph themselves; the exporter's own pass only
+            # doubled the export time here.
+            optimize=False, verbose=False,
+        )
+    _name_batch_axis(path)
+    (out_dir / LAYERS_FILE).write_text(json.dumps({
+        "layers": graph.layer_names, "shape": shape.__dict__,
+        "bank": None if bank is None else {"slots": bank.num_slots, "rank": bank.max_rank,
+                                           "adapters_per_row": bank.max_adapters_per_row},
+    }, indent=1))
+    return path
+
+
+def _name_batch_axis(path: Path) -> None:
+    """The exporter names the batch axis after its symbol (e.g. "s33"); call it "batch"."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            dims[0].dim_param = "batch"
+    onnx.save(model, str(path))
+
+
+def exported_unet(unet: nn.Module, bank, shape: GraphShape, cache_dir: Path) -> Path:
+    """The cached graph for (weights, bank layout, shape), exporting it first if needed.
+
+    Written to a temporary folder and renamed into place, so a crash mid-export leaves no half
+    graph, and two processes exporting at once both end up with one complete copy.
+    """
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"unet-{graph_key(unet, bank, shape)}"
+    if (final / LAYERS_FILE).is_file():
+        return final / GRAPH_FILE
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=cache_dir))
+    try:
+        log.info("exporting the UNet to ONNX (%s rows max, %dx%d latents) into %s", shape.max_rows,
+                 shape.height, shape.width, final)
+        export_unet(unet, bank, shape, tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / LAYERS_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / GRAPH_FILE
