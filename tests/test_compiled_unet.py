@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,9 +51,10 @@ def adapters(model_dir, tmp_path_factory):
 
 
 def banked_engine(model_dir, adapters, slots: int = 3) -> Engine:
-    """slots=3: two adapters resident at once, so a third forces a swap into a bound slot."""
+    """slots=3: two adapters resident at once, so a third forces a swap into a bound slot. 64 rows:
+    the Triton `unet` model's max_batch_size, so the Triton test finds this bank's graph cached."""
     engine = Engine.from_pretrained(model_dir)
-    BankedAdapters.attach(engine, lambda key: adapters[key], num_slots=slots, max_rank=8, max_rows=8,
+    BankedAdapters.attach(engine, lambda key: adapters[key], num_slots=slots, max_rank=8, max_rows=64,
                            registry=CollectorRegistry())
     return engine
 
@@ -142,7 +144,7 @@ def test_onnx_hot_swap_is_a_copy_into_bound_memory_not_a_reexport(onnx_engine, e
 def test_onnx_graph_is_cached_per_model_and_bank_layout(onnx_engine, model_dir, adapters, cache_dir, monkeypatch):
     monkeypatch.setattr(onnx_export, "export_unet", lambda *a, **k: pytest.fail("exported again"))
     other = banked_engine(model_dir, adapters)
-    runtime = OnnxUNet.for_engine(other, cache_dir, max_rows=8)
+    runtime = OnnxUNet.for_engine(other, cache_dir, max_rows=64)
     assert runtime.graph_path == onnx_engine.unet_runtime.graph_path
     assert sorted(p.name for p in runtime.graph_path.parent.iterdir()) == sorted([GRAPH_FILE, GRAPH_FILE + ".data",
                                                                                   LAYERS_FILE])
@@ -166,6 +168,133 @@ def test_onnx_generation_equals_eager_and_other_sizes_fall_back(onnx_engine, eag
             assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
         # The default size runs in the graph; 96 px wide is not what it was exported for: eager.
         assert (runtime.stats.fallback_calls > fallbacks) == (engine_spec.width == 96)
+
+
+@pytest.mark.slow
+def test_triton_unet_model_runs_the_onnx_graph(onnx_engine, eager, adapters, model_dir, cache_dir, tmp_path):
+    """The `unet` model configured with STEERSERVE_UNET_RUNTIME=onnx: rows of different adapters
+    in one Triton call match the eager engine (the graph comes from the shared cache)."""
+    from service.adapters import serialize_adapter
+    from service.gateway.server import MODEL_REPOSITORY
+    from service.triton.launcher import TritonServer
+
+    for key, adapter in adapters.items():
+        (tmp_path / "adapters" / "tenant").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "adapters" / "tenant" / f"{key}.safetensors").write_bytes(serialize_adapter(adapter))
+    env = {
+        "STEERSERVE_MODEL_DIR": str(model_dir), "STEERSERVE_ADAPTER_DIR": str(tmp_path / "adapters"),
+        "STEERSERVE_ADAPTER_SLOTS": "3", "STEERSERVE_ADAPTER_MAX_RANK": "8",
+        "STEERSERVE_UNET_RUNTIME": "onnx", "STEERSERVE_COMPILED_DIR": str(cache_dir), "STEERSERVE_UNET_BATCH_BUCKETS": "4",
+    }
+    exports_before = sorted(p.name for p in cache_dir.iterdir())
+    latents, timesteps, embeds = step_inputs(eager, len(MIXED_ROWS), seed=4)
+    with TritonServer(MODEL_REPOSITORY, models=("unet",), env=env, start_timeout_s=400) as server:
+        noise = infer_unet(server, latents, timesteps, embeds, MIXED_ROWS)
+        log = server.log_path.read_text()
+    torch.testing.assert_close(torch.from_numpy(noise), eager.predict_noise(latents, timesteps, embeds, MIXED_ROWS),
+                               rtol=0, atol=ATOL)
+    assert "UNet runtime onnx warmed up" in log
+    assert sorted(p.name for p in cache_dir.iterdir()) == exports_before  # the same graph, not a new export
+
+
+def test_tensorrt_config_and_profile_match_the_graph(onnx_engine, tmp_path):
+    """deploy/tensorrt's pieces, checked without TensorRT: the unet_engine config parses as Triton's
+    ModelConfig with exactly the graph's inputs, and trtexec's profile spans 1..max rows."""
+    from google.protobuf import text_format
+
+    from service.compiled import tensorrt
+    from service.triton.client import grpcclient
+
+    graph = onnx_engine.unet_runtime.graph_path
+    session_inputs = {i.name: i for i in onnx_engine.unet_runtime.session.get_inputs()}
+    tensorrt.main(["--onnx", str(graph), "--repo", str(tmp_path)])
+    config = text_format.Parse((tmp_path / "unet_engine" / "config.pbtxt").read_text(),
+                               grpcclient.model_config_pb2.ModelConfig())
+    assert config.name == "unet_engine" and config.platform == "tensorrt_plan" and config.max_batch_size == 0
+    assert [i.name for i in config.input] == list(session_inputs)
+    for i in config.input:
+        want = [-1 if isinstance(d, str) else d for d in session_inputs[i.name].shape]
+        assert list(i.dims) == want, i.name
+    assert [(o.name, list(o.dims)) for o in config.output] == [("noise", [-1, 8, 16, 16])]
+    cmd = tensorrt.trtexec_command(graph, tmp_path / "model.plan", opt_rows=8)
+    assert "--minShapes=sample:1x8x16x16,timestep:1,encoder_hidden_states:1x77x48,slot_ids:1x4,coef:1x1x32" in cmd
+    assert "--maxShapes=sample:64x8x16x16,timestep:64,encoder_hidden_states:64x77x48,slot_ids:64x4,coef:64x1x32" in cmd
+    assert "--fp16" in cmd and not any("bank." in part for part in cmd)  # the bank's shapes are static
+
+
+def test_ahead_of_time_export_lands_where_the_unet_model_looks(onnx_engine, model_dir, cache_dir, monkeypatch,
+                                                               capsys):
+    """deploy's build step (python -m service.compiled.export) builds the bank as the Triton unet model
+    does, so its graph key is the one that model computes: here the cached graph, not a new export."""
+    from service.compiled import export
+
+    monkeypatch.setattr(onnx_export, "export_unet", lambda *a, **k: pytest.fail("exported again"))
+    for name, value in {"STEERSERVE_MODEL_DIR": str(model_dir), "STEERSERVE_COMPILED_DIR": str(cache_dir),
+                        "STEERSERVE_ADAPTER_SLOTS": "3", "STEERSERVE_ADAPTER_MAX_RANK": "8",
+                        "STEERSERVE_TORCH_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    export.main(["--max-rows", "64"])
+    assert capsys.readouterr().out.strip() == str(onnx_engine.unet_runtime.graph_path)
+
+
+@pytest.mark.slow
+def test_triton_unet_model_sends_steps_to_the_engine_model(onnx_engine, eager, adapters, model_dir, cache_dir,
+                                                            tmp_path):
+    """STEERSERVE_UNET_RUNTIME=triton_engine: the python `unet` model keeps residency and routing and
+    sends each step, bank included, to `unet_engine` over BLS. Here `unet_engine` is the generated
+    config with a python stand-in running the same graph (tests/triton_standin); at deploy it is the
+    TensorRT plan."""
+    import shutil
+
+    from service.adapters import serialize_adapter
+    from service.compiled import tensorrt
+    from service.gateway.server import MODEL_REPOSITORY
+    from service.triton.launcher import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(MODEL_REPOSITORY / "unet", repo / "unet")
+    graph = onnx_engine.unet_runtime.graph_path
+    (repo / "unet_engine" / "1").mkdir(parents=True)
+    (repo / "unet_engine" / "config.pbtxt").write_text(tensorrt.engine_config(graph, "python", "KIND_CPU"))
+    shutil.copy(Path(__file__).parent / "triton_standin" / "unet_engine_model.py", repo / "unet_engine" / "1" / "model.py")
+    adapter_dir = tmp_path / "adapters" / "tenant"
+    adapter_dir.mkdir(parents=True)
+    for key, adapter in adapters.items():
+        (adapter_dir / f"{key}.safetensors").write_bytes(serialize_adapter(adapter))
+    env = {
+        "STEERSERVE_MODEL_DIR": str(model_dir), "STEERSERVE_ADAPTER_DIR": str(tmp_path / "adapters"),
+        "STEERSERVE_ADAPTER_SLOTS": "3", "STEERSERVE_ADAPTER_MAX_RANK": "8",
+        "STEERSERVE_UNET_RUNTIME": "triton_engine", "STEERSERVE_COMPILED_DIR": str(cache_dir),
+        "STEERSERVE_UNET_ENGINE_ONNX": str(graph),
+    }
+    latents, timesteps, embeds = step_inputs(eager, len(MIXED_ROWS), seed=5)
+    with TritonServer(repo, models=("unet_engine", "unet"), env=env, start_timeout_s=400) as server:
+        noise = infer_unet(server, latents, timesteps, embeds, MIXED_ROWS)
+        swapped = [[AdapterUse("c")], [AdapterUse("b")], [], [AdapterUse("c", 0.5)]]  # evicts "a"
+        noise_swapped = infer_unet(server, latents, timesteps, embeds, swapped)
+        engine_calls = server.metric("nv_inference_count", "unet_engine")
+    torch.testing.assert_close(torch.from_numpy(noise), eager.predict_noise(latents, timesteps, embeds, MIXED_ROWS),
+                               rtol=0, atol=ATOL)
+    torch.testing.assert_close(torch.from_numpy(noise_swapped), eager.predict_noise(latents, timesteps, embeds, swapped),
+                               rtol=0, atol=ATOL)
+    assert engine_calls == 2  # one engine call per batched step
+
+
+def infer_unet(server, latents, timesteps, embeds, rows) -> np.ndarray:
+    """One call of the Triton `unet` model (its wire format: service/triton/library.py)."""
+    from service.triton.client import grpcclient
+    from service.triton.library import encode_adapters
+
+    values = {
+        "LATENTS": latents.numpy(), "TIMESTEP": timesteps.numpy().reshape(-1, 1).astype(np.int64),
+        "EMBEDS": embeds.numpy(), "ADAPTERS": np.array([[encode_adapters(tuple(row))] for row in rows], dtype=object),
+    }
+    inputs = []
+    for name, value in values.items():
+        kind = "BYTES" if value.dtype == object else {np.float32: "FP32", np.int64: "INT64"}[value.dtype.type]
+        inputs.append(grpcclient.InferInput(name, list(value.shape), kind))
+        inputs[-1].set_data_from_numpy(value)
+    return grpcclient.InferenceServerClient(server.grpc_url).infer("unet", inputs).as_numpy("NOISE")
 
 
 # -- torch.compile -----------------------------------------------------------------------------------

@@ -57,6 +57,20 @@ class GraphShape:
     text_length: int
     text_width: int
 
+    def covers(self, latents: torch.Tensor, embeds: torch.Tensor) -> bool:
+        """Whether a call of these latents and embeddings fits the graph (else it runs eager)."""
+        return (latents.shape[0] <= self.max_rows
+                and tuple(latents.shape[1:]) == (self.latent_channels, self.height, self.width)
+                and tuple(embeds.shape[1:]) == (self.text_length, self.text_width))
+
+
+def graph_shape(engine, max_rows: int) -> GraphShape:
+    """The shape an engine's graph is exported for: its default resolution, its tokenizer's length."""
+    size = engine.limits.default_size // engine.vae_scale_factor
+    config = engine.unet.config
+    return GraphShape(max_rows=max_rows, latent_channels=config.in_channels, height=size, width=size,
+                      text_length=engine.tokenizer.model_max_length, text_width=config.cross_attention_dim)
+
 
 class BankedUNetGraph(nn.Module):
     """The banked UNet with its bank tensors and routing table taken as arguments.

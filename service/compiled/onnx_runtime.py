@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .onnx_export import INPUTS, LAYERS_FILE, OUTPUT, BankedUNetGraph, GraphShape, bank_input_names, exported_unet
-from .runtime import RuntimeStats
+from .onnx_export import (
+    INPUTS, LAYERS_FILE, OUTPUT, BankedUNetGraph, GraphShape, bank_input_names, exported_unet, graph_shape,
+)
+from .runtime import RuntimeStats, row_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,7 @@ class OnnxUNet:
     def for_engine(cls, engine, cache_dir: Path, max_rows: int) -> "OnnxUNet":
         """The engine's banked UNet exported (or found in ``cache_dir``) for its default resolution."""
         bank = getattr(engine.adapters, "bank", None)
-        size = engine.limits.default_size // engine.vae_scale_factor
-        config = engine.unet.config
-        shape = GraphShape(max_rows=max_rows, latent_channels=config.in_channels, height=size, width=size,
-                           text_length=engine.tokenizer.model_max_length, text_width=config.cross_attention_dim)
-        path = exported_unet(engine.unet, bank, shape, cache_dir)
-        return cls(path, engine.unet, bank)
+        return cls(exported_unet(engine.unet, bank, graph_shape(engine, max_rows), cache_dir), engine.unet, bank)
 
     # -- binding -----------------------------------------------------------------------------------
 
@@ -94,19 +91,12 @@ class OnnxUNet:
                 self._bind(binding, name, tensor)
         return binding
 
-    def covers(self, latents: torch.Tensor, embeds: torch.Tensor) -> bool:
-        s = self.shape
-        return (latents.shape[0] <= s.max_rows and tuple(latents.shape[1:]) == (s.latent_channels, s.height, s.width)
-                and tuple(embeds.shape[1:]) == (s.text_length, s.text_width))
-
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        if not self.covers(latents, embeds) or torch.is_grad_enabled():
+        if not self.shape.covers(latents, embeds) or torch.is_grad_enabled():
             self.stats.count(fallback=True)
             return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
         rows = latents.shape[0]
-        timesteps = torch.as_tensor(timesteps, device=self.device).to(torch.float32).reshape(-1)
-        if timesteps.numel() == 1:
-            timesteps = timesteps.expand(rows)
+        timesteps = row_timesteps(timesteps, rows, self.device)
         # Keep every bound tensor referenced until the run returns.
         inputs = {
             "sample": latents.to(self.device, self.dtype).contiguous(),

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("eager", "compile", "onnx")
+# triton_engine: only inside Triton's `unet` model, each step a BLS call to `unet_engine` (the
+# graph as a TensorRT plan at deploy; see triton_engine.py).
+RUNTIMES = ("eager", "compile", "onnx", "triton_engine")
 
 
 class UNetRuntime(Protocol):
@@ -89,6 +91,13 @@ def bucket_for(rows: int, buckets: Sequence[int]) -> int | None:
     return None
 
 
+def row_timesteps(timesteps, rows: int, device) -> torch.Tensor:
+    """[rows] float32 timesteps: one dtype for every call (the UNet embeds them as float anyway; a
+    long here and a float there would be two graphs), a scalar broadcast to the rows."""
+    timesteps = torch.as_tensor(timesteps, device=device).to(torch.float32).reshape(-1)
+    return timesteps.expand(rows) if timesteps.numel() == 1 else timesteps
+
+
 def pad_rows(
     latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,11 +149,15 @@ def configure_unet_runtime(engine: "Engine", options: RuntimeOptions) -> UNetRun
 
         runtime = CompiledUNet(engine.unet, buckets, mode=options.compile_mode,
                                text_length=engine.tokenizer.model_max_length)
-    else:
+    elif options.kind == "onnx":
         from .onnx_runtime import OnnxUNet
 
-        cache_dir = options.cache_dir or Path("var") / "compiled"
-        runtime = OnnxUNet.for_engine(engine, cache_dir, max_rows=buckets[-1])
+        runtime = OnnxUNet.for_engine(engine, options.cache_dir or Path("var") / "compiled", max_rows=buckets[-1])
+    else:
+        from .triton_engine import TritonEngineUNet
+
+        runtime = TritonEngineUNet.for_engine(engine, options.cache_dir or Path("var") / "compiled",
+                                              max_rows=buckets[-1])
     engine.unet_runtime = runtime
     if options.warmup:
         started = time.perf_counter()

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .runtime import EagerUNet, RuntimeStats, bucket_for, pad_rows
+from .runtime import EagerUNet, RuntimeStats, bucket_for, pad_rows, row_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,7 @@ class CompiledUNet:
             # Beyond the largest bucket, or a call that needs gradients (the graphs are inference-only).
             self.stats.count(fallback=True)
             return self._eager.unet(latents, timesteps, encoder_hidden_states=embeds).sample
-        # One dtype for every call (the UNet embeds timesteps as float anyway): a long here and a
-        # float there would be two graphs.
-        timesteps = torch.as_tensor(timesteps, device=latents.device).to(torch.float32).reshape(-1)
-        if timesteps.numel() == 1:
-            timesteps = timesteps.expand(rows)
+        timesteps = row_timesteps(timesteps, rows, latents.device)
         padded = pad_rows(latents, timesteps, embeds, bucket)
         with self._lock:
             self.stats.shapes.add((bucket, *latents.shape[2:]))

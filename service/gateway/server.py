@@ -42,6 +42,9 @@ def resolve_model_dir(settings: Settings) -> Path:
 
 
 def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
+    if settings.unet_runtime == "triton_engine":
+        raise ValueError("unet_runtime 'triton_engine' runs only inside Triton's unet model (backend 'triton'); "
+                         "in-process, use eager, compile or onnx")
     model_dir = resolve_model_dir(settings)
     engine = Engine.from_pretrained(model_dir, device=settings.device)
     BankedAdapters.attach(

@@ -166,6 +166,15 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
+    def metric(self, name: str, model: str) -> float:
+        """A Triton metric (e.g. nv_inference_count) of one model, summed over its series."""
+        import re
+        import urllib.request
+
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        pattern = re.compile(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', re.M)
+        return sum(float(v) for v in pattern.findall(text))
+
     def command(self, dist: TritonDistribution) -> list[str]:
         backends = prepare_backend_directory(dist, self.work_dir / "backends")
         cmd = [

@@ -27,7 +27,12 @@ def _sample(request) -> StepSample:
 class TritonPythonModel:
     def initialize(self, args):
         max_batch = json.loads(args["model_config"])["max_batch_size"]
-        self.step = UNetStep(load_engine_from_env(args, max_rows=max_batch, unet_runtime=True))
+        engine = load_engine_from_env(args, max_rows=max_batch, unet_runtime=True)
+        self.step = UNetStep(engine)
+        runtime = engine.unet_runtime
+        pb_utils.Logger.log_info(
+            f"UNet runtime {runtime.name} warmed up in {runtime.stats.warmup_seconds:.1f} s "
+            f"(shapes {sorted(runtime.stats.shapes)})")
 
     def execute(self, requests):
         try:
