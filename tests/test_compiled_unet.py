@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from service.adapters import BankedAdapters, parse_adapter
 from service.adapters.testing import write_reference_lora
 from service.compiled import RuntimeOptions, batch_buckets, configure_unet_runtime
 from service.compiled import onnx_export
-from service.compiled.onnx_export import GRAPH_FILE, LAYERS_FILE
+from service.compiled.onnx_export import GRAPH_FILE, META_FILE
 from service.compiled.onnx_runtime import OnnxUNet
 from service.compiled.runtime import bucket_for, pad_rows
 from service.compiled.torch_compile import CompiledUNet
@@ -106,9 +107,8 @@ def test_onnx_graph_has_the_bank_as_inputs(onnx_engine):
     for name in ("sample", "timestep", "encoder_hidden_states", "slot_ids", "coef"):
         assert inputs[name].shape[0] == "batch"
     assert inputs["bank.0.A"].shape == [bank.num_slots, bank.max_rank, bank.layers[unet_layers[0]].in_features]
-    layers = json.loads((runtime.graph_path.parent / LAYERS_FILE).read_text())["layers"]
+    layers = json.loads((runtime.graph_path.parent / META_FILE).read_text())["layers"]
     assert layers == [n.removeprefix("unet.") for n in unet_layers]
-    # The graph's weights are the base model's: no adapter is baked in.
     assert runtime.stats.fallback_calls == 0
 
 
@@ -147,13 +147,28 @@ def test_onnx_graph_is_cached_per_model_and_bank_layout(onnx_engine, model_dir, 
     runtime = OnnxUNet.for_engine(other, cache_dir, max_rows=64)
     assert runtime.graph_path == onnx_engine.unet_runtime.graph_path
     assert sorted(p.name for p in runtime.graph_path.parent.iterdir()) == sorted([GRAPH_FILE, GRAPH_FILE + ".data",
-                                                                                  LAYERS_FILE])
+                                                                                  META_FILE])
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".export-")]  # no half-written exports
     # Other weights are another graph.
     with torch.no_grad():
         next(other.unet.parameters()).add_(1.0)
     assert onnx_export.graph_key(other.unet, other.adapters.bank, runtime.shape) != \
         onnx_export.graph_key(onnx_engine.unet, onnx_engine.adapters.bank, runtime.shape)
+
+
+def test_graph_key_is_the_weights_not_their_path(onnx_engine, model_dir, tmp_path):
+    """The deploy's build step and the serving model may mount the same weights at other paths."""
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(model_dir, moved)
+    engine = Engine.from_pretrained(moved)
+    BankedAdapters.attach(engine, lambda key: None, num_slots=3, max_rank=8, max_rows=64,
+                          registry=CollectorRegistry())
+    shape = onnx_engine.unet_runtime.shape
+    assert engine.unet.config._name_or_path != onnx_engine.unet.config._name_or_path
+    assert onnx_export.graph_key(engine.unet, engine.adapters.bank, shape) == \
+        onnx_export.graph_key(onnx_engine.unet, onnx_engine.adapters.bank, shape)
 
 
 def test_onnx_generation_equals_eager_and_other_sizes_fall_back(onnx_engine, eager):
@@ -197,6 +212,41 @@ def test_triton_unet_model_runs_the_onnx_graph(onnx_engine, eager, adapters, mod
     assert sorted(p.name for p in cache_dir.iterdir()) == exports_before  # the same graph, not a new export
 
 
+def test_gateway_serves_generate_through_the_configured_runtime(onnx_engine, model_dir, tmp_path):
+    """STEERSERVE_UNET_RUNTIME=onnx on the in-process backend: Generate answers with the same image as
+    the eager engine, through the graph (its runtime's calls in /metrics), with no export at start:
+    the graph for this bank layout is already in the data folder's cache."""
+    import io
+    import shutil
+    import urllib.request
+
+    from PIL import Image
+
+    from service._generated.steerserve.v1 import steerserve_pb2 as pb
+    from tests.conftest import TOKENS, auth, free_port, start_gateway_in_thread, stop_gateway
+
+    graph_dir = onnx_engine.unet_runtime.graph_path.parent
+    shutil.copytree(graph_dir, tmp_path / "data" / "compiled" / graph_dir.name)
+    settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=free_port(), api_keys=dict(TOKENS),
+                        data_dir=tmp_path / "data", model_dir=model_dir, unet_runtime="onnx", adapter_slots=3,
+                        adapter_max_rank=8, max_num_images=16)  # the bank's 64 rows: 4 per image
+    exports = onnx_export.exports_done
+    running = start_gateway_in_thread(settings)
+    try:
+        reply = running.stub().Generate(pb.GenerateRequest(prompt="a red circle", steps=3, seed=5), metadata=auth())
+        metrics = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    finally:
+        stop_gateway(running)
+    assert onnx_export.exports_done == exports
+    image = np.asarray(Image.open(io.BytesIO(reply.images[0].data)).convert("RGB"), np.int16)
+    want = Engine.from_pretrained(model_dir).generate(GenerationSpec(prompt="a red circle", steps=3, seed=5)).images[0]
+    assert np.abs(image - np.asarray(want, np.int16)).max() <= 1
+    assert 'steerserve_unet_runtime_info{runtime="onnx"} 1.0' in metrics
+    calls = float(re.search(r"^steerserve_unet_runtime_calls (\S+)$", metrics, re.M).group(1))
+    fallbacks = float(re.search(r"^steerserve_unet_runtime_fallback_calls (\S+)$", metrics, re.M).group(1))
+    assert calls >= 3 and fallbacks == 0  # warm-up + 3 steps, all in the graph
+
+
 def test_tensorrt_config_and_profile_match_the_graph(onnx_engine, tmp_path):
     """deploy/tensorrt's pieces, checked without TensorRT: the unet_engine config parses as Triton's
     ModelConfig with exactly the graph's inputs, and trtexec's profile spans 1..max rows."""
@@ -231,7 +281,7 @@ def test_ahead_of_time_export_lands_where_the_unet_model_looks(onnx_engine, mode
     monkeypatch.setattr(onnx_export, "export_unet", lambda *a, **k: pytest.fail("exported again"))
     for name, value in {"STEERSERVE_MODEL_DIR": str(model_dir), "STEERSERVE_COMPILED_DIR": str(cache_dir),
                         "STEERSERVE_ADAPTER_SLOTS": "3", "STEERSERVE_ADAPTER_MAX_RANK": "8",
-                        "STEERSERVE_TORCH_THREADS": "1"}.items():
+                        "STEERSERVE_TORCH_THREADS": "1", "STEERSERVE_ADAPTER_DIR": str(cache_dir)}.items():
         monkeypatch.setenv(name, value)
     export.main(["--max-rows", "64"])
     assert capsys.readouterr().out.strip() == str(onnx_engine.unet_runtime.graph_path)

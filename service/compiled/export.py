@@ -28,9 +28,9 @@ def main(argv=None) -> None:
     os.environ.setdefault(ENV_ADAPTER_DIR, tempfile.mkdtemp())
     instance = {"model_instance_kind": "GPU", "model_instance_device_id": "0"} if args.device == "cuda" else {}
     engine = load_engine_from_env(instance, max_rows=args.max_rows)
-    cache_dir = runtime_options_from_env().cache_dir if os.environ.get(ENV_COMPILED_DIR) else None
-    if cache_dir is None:
+    if not os.environ.get(ENV_COMPILED_DIR):
         parser.error(f"set {ENV_COMPILED_DIR} to the folder the unet model reads graphs from")
+    cache_dir = runtime_options_from_env().cache_dir
     print(exported_unet(engine.unet, engine.adapters.bank, graph_shape(engine, args.max_rows), cache_dir))
 
 

@@ -11,7 +11,7 @@ Inputs (B = rows of the call, dynamic 1..max_rows; resolution and text length fi
     bank.<i>.Bt            [S, r, out]     its up stacks, transposed, the alpha/r scale folded in
     -> noise               [B, C, h, w]
 
-(`layers.json` beside the graph names layer i.) Because the slot stacks are inputs, not weights, one
+(`graph.json` beside the graph names layer i.) Because the slot stacks are inputs, not weights, one
 engine built from this graph -- onnxruntime here, a TensorRT plan at deploy (deploy/tensorrt) --
 serves every adapter there is: loading one is a copy into the bank's memory, which the runtime binds
 as those inputs. Exporting is slow (tens of seconds even for the embedded model), so graphs are
@@ -20,6 +20,7 @@ cached on disk under a key of everything that shapes them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,9 +36,10 @@ from torch.func import functional_call
 
 log = logging.getLogger(__name__)
 
+exports_done = 0  # exports run by this process (benchmarks and tests read it)
 FORMAT_VERSION = 1  # bump when the graph's interface or the export recipe changes
 GRAPH_FILE = "unet.onnx"
-LAYERS_FILE = "layers.json"
+META_FILE = "graph.json"  # banked layer order, shape, bank layout
 INPUTS = ("sample", "timestep", "encoder_hidden_states", "slot_ids", "coef")
 OUTPUT = "noise"
 
@@ -112,7 +114,10 @@ def graph_key(unet: nn.Module, bank, shape: GraphShape) -> str:
     """A digest of everything the exported graph depends on: weights, config, bank layout, shape."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps({
-        "format": FORMAT_VERSION, "torch": torch.__version__, "config": dict(unet.config), "shape": shape.__dict__,
+        "format": FORMAT_VERSION, "torch": torch.__version__, "shape": shape.__dict__,
+        # diffusers' private keys (_name_or_path, _diffusers_version) say where the weights were
+        # read from, not what they are: the same weights mounted elsewhere are the same graph.
+        "config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
         "bank": None if bank is None else {
             "slots": bank.num_slots, "rank": bank.max_rank, "k": bank.max_adapters_per_row,
             "layers": {n: list(s) for n, s in bank.module_shapes.items() if n.startswith("unet.")},
@@ -158,7 +163,11 @@ def export_unet(unet: nn.Module, bank, shape: GraphShape, out_dir: Path) -> Path
         names += list(INPUTS[3:]) + [n for i in range(len(graph.layer_names)) for n in bank_input_names(i)]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / GRAPH_FILE
-    with torch.no_grad():
+    global exports_done
+    exports_done += 1
+    # Tracing swaps the bank's shared routing tensors for the call's arguments: no routed call may
+    # run meanwhile (the bank's lock serializes them).
+    with torch.no_grad(), (bank._lock if bank is not None else contextlib.nullcontext()):
         torch.onnx.export(
             graph, args, str(path), dynamo=True, dynamic_shapes=tuple(dynamic), input_names=names,
             output_names=[OUTPUT], external_data=True,
@@ -167,7 +176,7 @@ def export_unet(unet: nn.Module, bank, shape: GraphShape, out_dir: Path) -> Path
             optimize=False, verbose=False,
         )
     _name_batch_axis(path)
-    (out_dir / LAYERS_FILE).write_text(json.dumps({
+    (out_dir / META_FILE).write_text(json.dumps({
         "layers": graph.layer_names, "shape": shape.__dict__,
         "bank": None if bank is None else {"slots": bank.num_slots, "rank": bank.max_rank,
                                            "adapters_per_row": bank.max_adapters_per_row},
@@ -187,27 +196,49 @@ def _name_batch_axis(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def cached_unet(unet: nn.Module, bank, shape: GraphShape, cache_dir: Path) -> Path | None:
+    """The cached graph for (weights, bank layout, shape), or None."""
+    final = cached_unet_dir(unet, bank, shape, cache_dir)
+    return final / GRAPH_FILE if (final / META_FILE).is_file() else None
+
+
+def _remove_abandoned_exports(cache_dir: Path) -> None:
+    """Temporary folders of exports whose process died (killed mid-export): gigabytes at SD size."""
+    for tmp in cache_dir.glob(".export-*"):
+        pid = tmp.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def exported_unet(unet: nn.Module, bank, shape: GraphShape, cache_dir: Path) -> Path:
     """The cached graph for (weights, bank layout, shape), exporting it first if needed.
 
     Written to a temporary folder and renamed into place, so a crash mid-export leaves no half
-    graph, and two processes exporting at once both end up with one complete copy.
+    graph (its folder is removed by the next export), and two processes exporting at once both end
+    up with one complete copy.
     """
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"unet-{graph_key(unet, bank, shape)}"
-    if (final / LAYERS_FILE).is_file():
+    final = cached_unet_dir(unet, bank, shape, cache_dir)
+    if (final / META_FILE).is_file():
         return final / GRAPH_FILE
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=cache_dir))
+    _remove_abandoned_exports(cache_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=cache_dir))
     try:
         log.info("exporting the UNet to ONNX (%s rows max, %dx%d latents) into %s", shape.max_rows,
                  shape.height, shape.width, final)
         export_unet(unet, bank, shape, tmp)
+        if final.exists() and not (final / META_FILE).is_file():
+            shutil.rmtree(final)  # not ours to keep: a folder without its metadata is no graph
         try:
             os.replace(tmp, final)
         except OSError:
-            if not (final / LAYERS_FILE).is_file():
+            if not (final / META_FILE).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final / GRAPH_FILE
+
+
+def cached_unet_dir(unet: nn.Module, bank, shape: GraphShape, cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"unet-{graph_key(unet, bank, shape)}"

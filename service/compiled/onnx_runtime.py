@@ -9,73 +9,53 @@ moves nothing but its latents, timesteps and embeddings. Shapes the graph was no
 
 from __future__ import annotations
 
-import json
-import logging
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .onnx_export import (
-    INPUTS, LAYERS_FILE, OUTPUT, BankedUNetGraph, GraphShape, bank_input_names, exported_unet, graph_shape,
-)
-from .runtime import RuntimeStats, row_timesteps
+from .graph_runtime import GraphRuntime
+from .onnx_export import INPUTS, OUTPUT, exported_unet, graph_shape
 
-log = logging.getLogger(__name__)
-
+# onnxruntime's IOBinding takes numpy element types, and numpy has no bfloat16: export bf16 models'
+# graphs in float16 or float32.
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
-def _providers(device: torch.device) -> list[str]:
+def _providers(device: torch.device) -> list:
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
     if device.type == "cuda":
-        if "CUDAExecutionProvider" not in available:
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError("the onnx UNet runtime on a GPU needs onnxruntime-gpu (CUDAExecutionProvider)")
-        return ["CUDAExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0})]
     return ["CPUExecutionProvider"]
 
 
-class OnnxUNet:
+class OnnxUNet(GraphRuntime):
     name = "onnx"
 
     def __init__(self, graph_path: Path, unet: torch.nn.Module, bank=None, threads: int | None = None):
         import onnxruntime as ort
 
-        self.graph_path = Path(graph_path)
-        meta = json.loads((self.graph_path.parent / LAYERS_FILE).read_text())
-        self.shape = GraphShape(**meta["shape"])
-        self.unet, self.bank = unet, bank
-        param = next(unet.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        super().__init__(graph_path, unet, bank)
+        if self.dtype not in _NP_DTYPES:
+            raise ValueError(f"the onnx UNet runtime takes float32 or float16 models, not {self.dtype}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.graph_path), options, providers=_providers(self.device))
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        self._bank_inputs: list[tuple[str, torch.Tensor]] = []
-        if bank is not None:
-            wrapper = BankedUNetGraph(unet, bank)
-            if wrapper.layer_names != meta["layers"]:
-                raise ValueError(f"{self.graph_path} was exported for other banked layers than this UNet's")
-            tensors = wrapper.bank_tensors()
-            names = [n for i in range(len(wrapper.layer_names)) for n in bank_input_names(i)]
-            self._bank_inputs = list(zip(names, tensors))
-        expected = set(INPUTS[:3]) | ({*INPUTS[3:], *(n for n, _ in self._bank_inputs)} if bank is not None else set())
-        if graph_inputs != expected:
-            raise ValueError(f"{self.graph_path} has inputs {sorted(graph_inputs)[:8]}..., not the banked UNet's")
+        expected = set(INPUTS if bank is not None else INPUTS[:3]) | {n for n, _ in self.bank_inputs}
+        if {i.name for i in self.session.get_inputs()} != expected:
+            raise ValueError(f"{self.graph_path} does not have the banked UNet's inputs")
         self._local = threading.local()
-        self.stats = RuntimeStats()
 
     @classmethod
     def for_engine(cls, engine, cache_dir: Path, max_rows: int) -> "OnnxUNet":
         """The engine's banked UNet exported (or found in ``cache_dir``) for its default resolution."""
         bank = getattr(engine.adapters, "bank", None)
         return cls(exported_unet(engine.unet, bank, graph_shape(engine, max_rows), cache_dir), engine.unet, bank)
-
-    # -- binding -----------------------------------------------------------------------------------
 
     def _bind(self, binding, name: str, tensor: torch.Tensor) -> None:
         assert tensor.is_contiguous()
@@ -87,35 +67,26 @@ class OnnxUNet:
         binding = getattr(self._local, "binding", None)
         if binding is None:
             binding = self._local.binding = self.session.io_binding()
-            for name, tensor in self._bank_inputs:
+            for name, tensor in self.bank_inputs:
                 self._bind(binding, name, tensor)
         return binding
 
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        if not self.shape.covers(latents, embeds) or torch.is_grad_enabled():
-            self.stats.count(fallback=True)
-            return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
-        rows = latents.shape[0]
-        timesteps = row_timesteps(timesteps, rows, self.device)
-        # Keep every bound tensor referenced until the run returns.
-        inputs = {
-            "sample": latents.to(self.device, self.dtype).contiguous(),
-            "timestep": timesteps.contiguous(),
-            "encoder_hidden_states": embeds.to(self.device, self.dtype).contiguous(),
-        }
-        if self.bank is not None:
-            # The routing AdapterBank.activate wrote for this call's rows (contiguous leading slices).
-            inputs["slot_ids"] = self.bank.state.slot_ids[:rows]
-            inputs["coef"] = self.bank.state.coef[:rows]
+        inputs = self.row_inputs(latents, timesteps, embeds)
+        if inputs is None:
+            return self.eager(latents, timesteps, embeds)
         out = torch.empty_like(inputs["sample"])
         binding = self._binding()
-        for name, tensor in inputs.items():
+        for name, tensor in inputs.items():  # `inputs` keeps every bound tensor alive through the run
             self._bind(binding, name, tensor)
         binding.bind_output(OUTPUT, self.device.type, self.device.index or 0, _NP_DTYPES[out.dtype],
                             list(out.shape), out.data_ptr())
+        if self.device.type == "cuda":
+            # onnxruntime runs on its own stream: torch's writes (latents, the bank's routing and
+            # slots) must have landed first.
+            torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
-        self.stats.count()
-        self.stats.shapes.add((rows, self.shape.height, self.shape.width))
+        self.counted(latents.shape[0])
         return out
 
     @torch.no_grad()

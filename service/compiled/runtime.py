@@ -43,7 +43,7 @@ class RuntimeStats:
     calls: int = 0
     fallback_calls: int = 0  # shapes the compiled form does not cover, run eager
     warmup_seconds: float = 0.0
-    shapes: set = field(default_factory=set)  # (bucket rows, h, w) compiled or exported so far
+    shapes: set = field(default_factory=set)  # distinct (rows or bucket, h, w) run in the compiled form
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, fallback: bool = False) -> None:
@@ -95,7 +95,8 @@ def row_timesteps(timesteps, rows: int, device) -> torch.Tensor:
     """[rows] float32 timesteps: one dtype for every call (the UNet embeds them as float anyway; a
     long here and a float there would be two graphs), a scalar broadcast to the rows."""
     timesteps = torch.as_tensor(timesteps, device=device).to(torch.float32).reshape(-1)
-    return timesteps.expand(rows) if timesteps.numel() == 1 else timesteps
+    # contiguous: an expanded (stride-0) tensor would be another graph under Dynamo's stride guard.
+    return (timesteps.expand(rows) if timesteps.numel() == 1 else timesteps).contiguous()
 
 
 def pad_rows(

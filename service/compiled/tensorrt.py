@@ -25,10 +25,9 @@ import json
 import shlex
 from pathlib import Path
 
-from .onnx_export import LAYERS_FILE, OUTPUT
+from .onnx_export import INPUTS, META_FILE
 
 ENGINE_MODEL = "unet_engine"
-PER_ROW = ("sample", "timestep", "encoder_hidden_states", "slot_ids", "coef")
 _TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 7: "TYPE_INT64", 6: "TYPE_INT32"}
 
 
@@ -70,10 +69,10 @@ def engine_config(onnx_path: Path, platform: str = "tensorrt_plan", instance_kin
 def trtexec_command(onnx_path: Path, plan_path: Path, opt_rows: int = 8, precision: str = "fp16",
                     trtexec: str = "trtexec") -> list[str]:
     """trtexec with one optimization profile over the batch axis of the per-row inputs."""
-    meta = json.loads((onnx_path.parent / LAYERS_FILE).read_text())
+    meta = json.loads((onnx_path.parent / META_FILE).read_text())
     max_rows = meta["shape"]["max_rows"]
     inputs, _ = graph_interface(onnx_path)
-    per_row = {n: d for n, _, d in inputs if n in PER_ROW}
+    per_row = {n: d for n, _, d in inputs if n in INPUTS}  # the bank's inputs are static
 
     def shapes(rows):
         return ",".join(f"{n}:{'x'.join(str(rows if i == 0 else v) for i, v in enumerate(d))}" for n, d in per_row.items())

@@ -3,7 +3,8 @@
 Why buckets: a graph compiled for static shapes is the fastest form (and the only one CUDA graphs
 can replay), but the step batcher hands the UNet any number of rows. Padding each call to the next
 bucket (1, 2, 4, ... max_rows by default) bounds the set of graphs; `warmup` compiles them all at
-start so no request pays a compile.
+start so no request pays a compile. Once warmed up, a shape it did not cover (another resolution)
+runs eager rather than compiling in the middle of serving, with every other request waiting.
 
 Why swaps never recompile: every tensor the banked layers read (slot stacks, per-row slot ids and
 weights) is allocated once and only overwritten in place by the bank (see adapters/bank.py), so
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
 
-from .runtime import EagerUNet, RuntimeStats, bucket_for, pad_rows, row_timesteps
+from .runtime import RuntimeStats, bucket_for, pad_rows, row_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -35,57 +37,78 @@ def _raise_recompile_limit(limit: int) -> None:
             return
 
 
+def compiled_graph_count() -> int:
+    """Graphs Dynamo has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 class CompiledUNet:
     name = "compile"
 
     def __init__(self, unet: torch.nn.Module, buckets: Sequence[int], mode: str = "auto", text_length: int = 77):
         self.unet = unet
         self.text_length = text_length
-        self.buckets = tuple(buckets)
+        self.buckets = tuple(sorted(set(buckets)))
         device = next(unet.parameters()).device
         if mode == "auto":
             # CUDA graphs replay a captured step with no kernel-launch overhead: most of a small
             # batch's step time on a GPU. On CPU there is nothing to capture.
             mode = "reduce-overhead" if device.type == "cuda" else "default"
         self.mode = mode
+        self.cuda_graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
         _raise_recompile_limit(8 * len(self.buckets) + 8)
         self._forward = torch.compile(self._unet_forward, dynamic=False, mode=None if mode == "default" else mode)
-        self._eager = EagerUNet(unet)
         self.stats = RuntimeStats()
-        # Graph compilation (first call per shape) is not thread-safe; calls are serialized by the
-        # adapter bank's lock anyway when adapters are routed.
+        self.warmed: set[tuple[int, int, int]] = set()  # once non-empty, only these shapes run compiled
+        # First calls per shape compile, which is not thread-safe; routed calls are serialized by
+        # the adapter bank's lock anyway.
         self._lock = threading.Lock()
+        # CUDA graphs are recorded per thread (torch keeps one graph tree per thread): run every
+        # compiled call, warm-up included, on one thread so serving threads replay what warm-up
+        # captured instead of each capturing (and holding memory for) its own.
+        self._graph_thread = ThreadPoolExecutor(1, thread_name_prefix="cuda-graphs") if self.cuda_graphs else None
 
     def _unet_forward(self, latents, timesteps, embeds):
         return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
 
+    def _run(self, rows: int, padded) -> torch.Tensor:
+        with self._lock:
+            out = self._forward(*padded)
+            # Under CUDA graphs the output lives in the graph's memory pool and the next replay
+            # overwrites it: copy the real rows out before anyone else can replay.
+            return out[:rows].clone() if self.cuda_graphs else out[:rows]
+
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         rows = latents.shape[0]
         bucket = bucket_for(rows, self.buckets)
-        if bucket is None or torch.is_grad_enabled():
-            # Beyond the largest bucket, or a call that needs gradients (the graphs are inference-only).
+        shape = (bucket, *latents.shape[2:])
+        if bucket is None or torch.is_grad_enabled() or (self.warmed and shape not in self.warmed):
+            # Beyond the largest bucket, a call that needs gradients (the graphs are inference-only),
+            # or a shape warm-up did not compile: eager, counted.
             self.stats.count(fallback=True)
-            return self._eager.unet(latents, timesteps, encoder_hidden_states=embeds).sample
-        timesteps = row_timesteps(timesteps, rows, latents.device)
-        padded = pad_rows(latents, timesteps, embeds, bucket)
-        with self._lock:
-            self.stats.shapes.add((bucket, *latents.shape[2:]))
-            out = self._forward(*padded)
+            return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
+        padded = pad_rows(latents, row_timesteps(timesteps, rows, latents.device), embeds, bucket)
+        if self._graph_thread is not None:
+            out = self._graph_thread.submit(self._run, rows, padded).result()
+        else:
+            out = self._run(rows, padded)
         self.stats.count()
-        # Under CUDA graphs the output lives in the graph's memory pool and the next replay
-        # overwrites it: hand back a copy of the real rows.
-        return out[:rows].clone() if self.mode == "reduce-overhead" else out[:rows]
+        self.stats.shapes.add(shape)
+        return out
 
     @torch.no_grad()
     def warmup(self, shapes: Sequence[tuple[int, int, int]]) -> None:
         param = next(self.unet.parameters())
         config = self.unet.config
-        length, width = self.text_length, config.cross_attention_dim
         for rows, h, w in shapes:
             latents = torch.zeros(rows, config.in_channels, h, w, device=param.device, dtype=param.dtype)
-            embeds = torch.zeros(rows, length, width, device=param.device, dtype=param.dtype)
+            embeds = torch.zeros(rows, self.text_length, config.cross_attention_dim, device=param.device,
+                                 dtype=param.dtype)
             timesteps = torch.full((rows,), 999.0, device=param.device)
-            # CUDA graphs record on the second call of a shape; run each twice.
-            for _ in range(2 if self.mode == "reduce-overhead" else 1):
+            self.warmed.add((bucket_for(rows, self.buckets), h, w))
+            # CUDA graphs record on a later call of a shape than the first; run each a few times.
+            for _ in range(3 if self.cuda_graphs else 1):
                 self(latents, timesteps, embeds)
             log.info("compiled UNet for %d rows at %dx%d", rows, h, w)

@@ -11,61 +11,51 @@ Only importable inside a Triton python-backend process (it needs triton_python_b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from .onnx_export import LAYERS_FILE, OUTPUT, BankedUNetGraph, GraphShape, bank_input_names, exported_unet, graph_shape
-from .runtime import RuntimeStats, row_timesteps
+from .graph_runtime import GraphRuntime
+from .onnx_export import OUTPUT, cached_unet, graph_shape
 from .tensorrt import ENGINE_MODEL
 
 
-class TritonEngineUNet:
+class TritonEngineUNet(GraphRuntime):
     name = "triton_engine"
 
     def __init__(self, graph_path: Path, unet: torch.nn.Module, bank, model_name: str = ENGINE_MODEL):
         import triton_python_backend_utils as pb_utils
 
-        self.pb = pb_utils
-        meta = json.loads((Path(graph_path).parent / LAYERS_FILE).read_text())
-        self.shape = GraphShape(**meta["shape"])
-        self.unet, self.bank, self.model_name = unet, bank, model_name
-        wrapper = BankedUNetGraph(unet, bank)
-        if bank is not None and wrapper.layer_names != meta["layers"]:
-            raise ValueError(f"{graph_path} was exported for other banked layers than this UNet's")
-        names = [n for i in range(len(wrapper.layer_names)) for n in bank_input_names(i)]
-        self._bank_inputs = list(zip(names, wrapper.bank_tensors())) if bank is not None else []
-        self.stats = RuntimeStats()
+        super().__init__(graph_path, unet, bank)
+        self.pb, self.model_name = pb_utils, model_name
 
     @classmethod
     def for_engine(cls, engine, cache_dir: Path, max_rows: int) -> "TritonEngineUNet":
-        """The graph `unet_engine` was built from: found in the cache (the deploy's build step
-        exported it with the same weights and bank layout), exported here otherwise."""
+        """The graph `unet_engine` was built from, found in the cache where the deploy's build step
+        exported it. Missing means the plan was built for other weights or another bank layout (or
+        not at all): refuse to start rather than serve a stale engine."""
         bank = getattr(engine.adapters, "bank", None)
-        path = exported_unet(engine.unet, bank, graph_shape(engine, max_rows), cache_dir)
+        shape = graph_shape(engine, max_rows)
+        path = cached_unet(engine.unet, bank, shape, cache_dir)
+        if path is None:
+            raise RuntimeError(
+                f"no exported UNet graph in {cache_dir} for this model, bank layout and {max_rows} rows: "
+                "unet_engine must be (re)built from it first (deploy/tensorrt/build_unet_plan.sh)")
         return cls(path, engine.unet, bank)
 
     def __call__(self, latents, timesteps, embeds):
-        if not self.shape.covers(latents, embeds) or torch.is_grad_enabled():
-            self.stats.count(fallback=True)
-            return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
-        pb, rows = self.pb, latents.shape[0]
-        timesteps = row_timesteps(timesteps, rows, latents.device)
-        inputs = {"sample": latents, "timestep": timesteps, "encoder_hidden_states": embeds}
-        if self.bank is not None:
-            inputs["slot_ids"] = self.bank.state.slot_ids[:rows]
-            inputs["coef"] = self.bank.state.coef[:rows]
-        tensors = [pb.Tensor.from_dlpack(n, to_dlpack(t.contiguous())) for n, t in inputs.items()]
-        tensors += [pb.Tensor.from_dlpack(n, to_dlpack(t)) for n, t in self._bank_inputs]
+        inputs = self.row_inputs(latents, timesteps, embeds)
+        if inputs is None:
+            return self.eager(latents, timesteps, embeds)
+        pb = self.pb
+        tensors = [pb.Tensor.from_dlpack(n, to_dlpack(t)) for n, t in [*inputs.items(), *self.bank_inputs]]
         response = pb.InferenceRequest(model_name=self.model_name, inputs=tensors,
                                        requested_output_names=[OUTPUT]).exec()
         if response.has_error():
             raise RuntimeError(f"{self.model_name}: {response.error().message()}")
         out = from_dlpack(pb.get_output_tensor_by_name(response, OUTPUT).to_dlpack())
-        self.stats.count()
-        self.stats.shapes.add((rows, self.shape.height, self.shape.width))
+        self.counted(latents.shape[0])
         return out.to(latents.device).clone()
 
     def warmup(self, shapes) -> None:

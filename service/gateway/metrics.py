@@ -58,7 +58,7 @@ class GatewayMetrics:
         Gauge("steerserve_unet_runtime_fallback_calls",
               "UNet forwards the compiled form did not cover (shape, gradients), run eager (counter).",
               registry=r).set_function(lambda: stats.fallback_calls)
-        Gauge("steerserve_unet_runtime_graphs", "Batch/resolution shapes compiled or exported so far.",
+        Gauge("steerserve_unet_runtime_shapes", "Distinct (rows, height, width) shapes run in the compiled form.",
               registry=r).set_function(lambda: len(stats.shapes))
         Gauge("steerserve_unet_runtime_warmup_seconds", "Time the UNet runtime took to warm up at start.",
               registry=r).set_function(lambda: stats.warmup_seconds)

@@ -100,18 +100,14 @@ def load_engine_from_env(args: dict, max_rows: int, adapters: bool = True, unet_
 
 
 def runtime_options_from_env():
-    """Settings.unet_runtime_options, read from the environment the gateway passes to Triton."""
-    from service.compiled import RuntimeOptions
+    """Settings.unet_runtime_options (STEERSERVE_UNET_*, parsed and checked by Settings), with the
+    graph cache the gateway passes in STEERSERVE_COMPILED_DIR."""
+    from service.config import Settings
 
-    env = os.environ
-    buckets = tuple(int(b) for b in env.get("STEERSERVE_UNET_BATCH_BUCKETS", "").split(",") if b.strip())
-    return RuntimeOptions(
-        kind=env.get("STEERSERVE_UNET_RUNTIME", "eager"),
-        buckets=buckets,
-        compile_mode=env.get("STEERSERVE_UNET_COMPILE_MODE", "auto"),
-        warmup=env.get("STEERSERVE_UNET_WARMUP", "1").lower() not in ("0", "false", "no"),
-        cache_dir=Path(env.get(ENV_COMPILED_DIR, "var/compiled")),
-    )
+    options = Settings().unet_runtime_options()
+    if os.environ.get(ENV_COMPILED_DIR):
+        options.cache_dir = Path(os.environ[ENV_COMPILED_DIR])
+    return options
 
 
 # -- adapters on the wire: one JSON string per row ----------------------------------------------
