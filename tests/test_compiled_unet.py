@@ -242,8 +242,8 @@ def test_gateway_serves_generate_through_the_configured_runtime(onnx_engine, mod
     want = Engine.from_pretrained(model_dir).generate(GenerationSpec(prompt="a red circle", steps=3, seed=5)).images[0]
     assert np.abs(image - np.asarray(want, np.int16)).max() <= 1
     assert 'steerserve_unet_runtime_info{runtime="onnx"} 1.0' in metrics
-    calls = float(re.search(r"^steerserve_unet_runtime_calls (\S+)$", metrics, re.M).group(1))
-    fallbacks = float(re.search(r"^steerserve_unet_runtime_fallback_calls (\S+)$", metrics, re.M).group(1))
+    calls = float(re.search(r"^steerserve_unet_runtime_calls_total (\S+)$", metrics, re.M).group(1))
+    fallbacks = float(re.search(r"^steerserve_unet_runtime_fallback_calls_total (\S+)$", metrics, re.M).group(1))
     assert calls >= 3 and fallbacks == 0  # warm-up + 3 steps, all in the graph
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -174,7 +175,7 @@ def main(argv=None) -> None:
     torch.set_flush_denormal(True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     report = dict(date=time.strftime("%Y-%m-%d"), device=name, size=args.size, torch=torch.__version__,
-                  command="python -m bench.gpu.bench_unet_sd15 " + " ".join(argv or []),
+                  command=" ".join(["python -m bench.gpu.bench_unet_sd15", *(sys.argv[1:] if argv is None else argv)]),
                   runs=[run_dtype(args, device, getattr(torch, d), SIZES[args.size]) for d in dtypes.split(",")])
     lines = [f"# Serving UNet at {args.size} size on {name} ({report['date']})", ""]
     for run in report["runs"]:

@@ -49,16 +49,28 @@ class GatewayMetrics:
         )
 
     def watch_unet_runtime(self, runtime) -> None:
-        """How the in-process engine's UNet runs (service.compiled): read at scrape time."""
-        r, stats = self.registry, runtime.stats
-        Gauge("steerserve_unet_runtime_info", "The UNet runtime in use (1 for the configured one).", ["runtime"],
-              registry=r).labels(runtime=runtime.name).set(1)
-        Gauge("steerserve_unet_runtime_calls", "UNet forwards run by the runtime (counter).",
-              registry=r).set_function(lambda: stats.calls)
-        Gauge("steerserve_unet_runtime_fallback_calls",
-              "UNet forwards the compiled form did not cover (shape, gradients), run eager (counter).",
-              registry=r).set_function(lambda: stats.fallback_calls)
-        Gauge("steerserve_unet_runtime_shapes", "Distinct (rows, height, width) shapes run in the compiled form.",
-              registry=r).set_function(lambda: len(stats.shapes))
-        Gauge("steerserve_unet_runtime_warmup_seconds", "Time the UNet runtime took to warm up at start.",
-              registry=r).set_function(lambda: stats.warmup_seconds)
+        """How the in-process engine's UNet runs (service.compiled), read from the runtime at scrape time."""
+        self.registry.register(_UNetRuntimeCollector(runtime))
+
+
+class _UNetRuntimeCollector:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.runtime.stats
+        info = GaugeMetricFamily("steerserve_unet_runtime_info", "The UNet runtime in use.", labels=["runtime"])
+        info.add_metric([self.runtime.name], 1)
+        yield info
+        yield CounterMetricFamily("steerserve_unet_runtime_calls", "UNet forwards run by the runtime.",
+                                  value=stats.calls)
+        yield CounterMetricFamily(
+            "steerserve_unet_runtime_fallback_calls",
+            "UNet forwards the compiled form did not cover (shape, gradients), run eager.", value=stats.fallback_calls)
+        yield GaugeMetricFamily("steerserve_unet_runtime_shapes",
+                                "Distinct (rows, height, width) shapes run in the compiled form.",
+                                value=len(stats.shapes))
+        yield GaugeMetricFamily("steerserve_unet_runtime_warmup_seconds",
+                                "Time the UNet runtime took to warm up at start.", value=stats.warmup_seconds)
