@@ -14,6 +14,8 @@ import argparse
 import os
 import tempfile
 
+from prometheus_client import CollectorRegistry
+
 from service.triton.library import ENV_ADAPTER_DIR, ENV_COMPILED_DIR, load_engine_from_env, runtime_options_from_env
 
 from .onnx_export import exported_unet, graph_shape
@@ -27,7 +29,9 @@ def main(argv=None) -> None:
     # The bank is built only when an adapter folder is configured; its contents do not matter here.
     os.environ.setdefault(ENV_ADAPTER_DIR, tempfile.mkdtemp())
     instance = {"model_instance_kind": "GPU", "model_instance_device_id": "0"} if args.device == "cuda" else {}
-    engine = load_engine_from_env(instance, max_rows=args.max_rows)
+    # A private metrics registry: nothing is served from here (and a test calling main() must not
+    # claim the process's global metric names).
+    engine = load_engine_from_env(instance, max_rows=args.max_rows, registry=CollectorRegistry())
     if not os.environ.get(ENV_COMPILED_DIR):
         parser.error(f"set {ENV_COMPILED_DIR} to the folder the unet model reads graphs from")
     cache_dir = runtime_options_from_env().cache_dir

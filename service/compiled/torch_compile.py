@@ -74,7 +74,9 @@ class CompiledUNet:
         return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
 
     def _run(self, rows: int, padded) -> torch.Tensor:
-        with self._lock:
+        # no_grad here, not only in the caller: grad mode is per thread, and the graphs are
+        # inference-only whichever thread replays them.
+        with self._lock, torch.no_grad():
             out = self._forward(*padded)
             # Under CUDA graphs the output lives in the graph's memory pool and the next replay
             # overwrites it: copy the real rows out before anyone else can replay.

@@ -70,13 +70,17 @@ def instance_device(args: dict) -> str:
     return "cpu"
 
 
-def load_engine_from_env(args: dict, max_rows: int, adapters: bool = True, unet_runtime: bool = False) -> Engine:
+def load_engine_from_env(
+    args: dict, max_rows: int, adapters: bool = True, unet_runtime: bool = False, registry=None
+) -> Engine:
     """The engine of one model instance (on its instance_group's device); with an adapter bank when
     `adapters` and STEERSERVE_ADAPTER_DIR is set.
 
     `max_rows`: the largest number of rows one model call routes (UNet: its max_batch_size).
     `unet_runtime`: run the UNet as STEERSERVE_UNET_RUNTIME says (eager, compile, onnx), warmed up
     here, before the instance reports ready (the `unet` model: every step of every loop runs there).
+    `registry`: where the bank's metrics go (default: the process's global one, each Triton instance
+    being its own process).
     """
     configure_torch()
     engine = Engine.from_pretrained(model_dir_from_env(), device=instance_device(args))
@@ -91,6 +95,7 @@ def load_engine_from_env(args: dict, max_rows: int, adapters: bool = True, unet_
             num_slots=int(os.environ.get(ENV_ADAPTER_SLOTS, "16")),
             max_rank=int(os.environ.get(ENV_ADAPTER_MAX_RANK, "16")),
             max_rows=max_rows,
+            registry=registry,
         )
     if unet_runtime:
         from service.compiled import configure_unet_runtime
