@@ -64,6 +64,16 @@ class Settings(BaseSettings):
     # Concurrency: engine calls run in this many worker threads.
     engine_workers: int = 1
 
+    # Admission of Generate and Edit (service/admission): per-tenant queues served round robin, and
+    # RESOURCE_EXHAUSTED at once when the queue is full, a tenant is over a limit, or the estimated
+    # wait (from measured service times) would miss the request's deadline.
+    admission_slots: int = 0  # requests run at once; 0 = engine_workers in-process, 8 on Triton
+    admission_max_queue: int = 64  # requests waiting, all tenants
+    tenant_max_queued: int = 16  # requests one tenant may have waiting
+    tenant_max_running: int = 0  # slots one tenant may hold at once (0 = all of them)
+    tenant_rate_per_s: float = 0.0  # requests a second one tenant may start (0 = no limit)
+    tenant_burst: int = 10  # requests one tenant may start at once under the rate limit
+
     # Personalization jobs.
     training_workers: int = 1  # jobs trained at once (each on its own copy of the base model)
     max_queued_jobs: int = 16  # QUEUED jobs of all tenants; beyond: RESOURCE_EXHAUSTED
@@ -103,6 +113,16 @@ class Settings(BaseSettings):
         if value not in RUNTIMES:
             raise ValueError(f"unet_runtime {value!r} is not one of {', '.join(RUNTIMES)}")
         return value
+
+    def admission_limits(self, backend: str):
+        from service.admission import AdmissionLimits
+
+        # Triton overlaps the requests it holds (its step batcher puts their steps in one UNet call),
+        # so the gateway keeps several in flight there; in-process, each slot is an engine thread.
+        slots = self.admission_slots or (8 if backend == "triton" else self.engine_workers)
+        return AdmissionLimits(slots=slots, max_queue=self.admission_max_queue,
+                               tenant_max_queued=self.tenant_max_queued, tenant_max_running=self.tenant_max_running,
+                               tenant_rate=self.tenant_rate_per_s, tenant_burst=self.tenant_burst)
 
     def unet_runtime_options(self):
         from service.compiled import RuntimeOptions

@@ -31,6 +31,7 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge("steerserve_engine_queue_depth", "Requests waiting for an engine worker.", registry=r)
+        self._admission_metrics()
         # Personalization jobs.
         self.jobs_submitted = Counter(
             "steerserve_jobs_submitted", "Personalize jobs accepted.", ["method"], registry=r
@@ -47,6 +48,27 @@ class GatewayMetrics:
             "steerserve_training_seconds", "Wall time of a job attempt from start to adapter and previews.",
             ["method"], buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200), registry=r,
         )
+
+    def _admission_metrics(self) -> None:
+        r = self.registry
+        self.admission_queued = Gauge("steerserve_admission_queued_requests",
+                                      "Generate/Edit requests waiting for admission, per tenant.", ["tenant"], registry=r)
+        self.admission_running = Gauge("steerserve_admission_running_requests",
+                                       "Generate/Edit requests admitted and running, per tenant.", ["tenant"], registry=r)
+        self.admission_wait = Histogram("steerserve_admission_wait_seconds",
+                                        "Time an admitted request waited for its slot, per tenant.", ["tenant"],
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.admission_estimated_wait = Histogram(
+            "steerserve_admission_estimated_wait_seconds", "The wait estimated for each request admitted.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.admission_rejections = Counter(
+            "steerserve_admission_rejections", "Requests refused at admission (RESOURCE_EXHAUSTED), per tenant and "
+            "reason: queue_full, tenant_queue, rate, deadline (the wait would miss it), too_slow (DEADLINE_EXCEEDED: "
+            "it would miss it even unqueued).", ["tenant", "reason"], registry=r)
+        self.admission_seconds_per_unit = Gauge(
+            "steerserve_admission_seconds_per_unit", "Measured seconds per unit of work (UNet row-step), per "
+            "kind of request: what wait estimates are made of.", ["kind"], registry=r)
+        self.admission_tenants: set[str] = set()  # tenants with series, so they are set back to 0
 
     def watch_unet_runtime(self, runtime) -> None:
         """How the in-process engine's UNet runs (service.compiled), read from the runtime at scrape time."""

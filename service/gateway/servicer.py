@@ -24,6 +24,7 @@ from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from service.adapters import Adapter, AdapterBankFull, AdapterFormatError, AdapterNotFoundError
 from service.adapters import parse_adapter, serialize_adapter
+from service.admission import Admission, edit_cost, generate_cost
 from service.backends import Backend, BackendBusy, BackendUnavailable
 from service.config import Settings
 from service.edit import DREAMSTEERER, EditRefused, EditSpec
@@ -227,6 +228,23 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         self.metrics = metrics
         self.auth = Authenticator(settings.api_keys)
         self.limits = validation.Limits(settings=settings, model=backend.limits)
+        self.admission = Admission(settings.admission_limits(backend.name), metrics)
+
+    async def _admitted(self, tenant: str, kind: str, cost: float, context, work):
+        """``work(deadline)`` once admission lets it run (RESOURCE_EXHAUSTED at once if it would not
+        finish in time or the tenant is over its limits); its queue time includes admission's."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        arrived = time.monotonic()
+        started = []
+
+        async def run():
+            started.append(time.monotonic())
+            return await work(deadline)
+
+        result = await self.admission.run(tenant, kind, cost, deadline, run)
+        result.timings["queue_seconds"] = result.timings.get("queue_seconds", 0.0) + started[0] - arrived
+        return result
 
     # -- Generate ------------------------------------------------------------------------------
 
@@ -245,9 +263,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         if spec.style_guidance_scale > 0 and not spec.uses_style_guidance:
             raise invalid("style_guidance_scale", "applies to FINESTYLE adapters and none of adapters is one; "
                                                   "leave it 0 or add a style adapter")
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        result = await self.backend.generate(spec, deadline)
+        result = await self._admitted(tenant, "generate", generate_cost(spec), context,
+                                      lambda deadline: self.backend.generate(spec, deadline))
         self.metrics.images.inc(len(result.images))
         self.metrics.denoising_steps.inc(spec.steps)
         return pb.GenerateResponse(
@@ -313,7 +330,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
     @_rpc
     async def Edit(self, request: pb.EditRequest, context, tenant: str) -> pb.EditResponse:
         spec = self._edit_spec(request, tenant)
-        return await self._edit(spec, context)
+        return await self._edit(spec, context, tenant)
 
     @_rpc_stream
     async def EditStream(self, request: pb.EditRequest, context, tenant: str):
@@ -338,7 +355,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
                 pass
 
         yield pb.EditEvent(phase="queued", total_steps=0, progress=0.0)
-        task = asyncio.ensure_future(self._edit(spec, context, progress))
+        task = asyncio.ensure_future(self._edit(spec, context, tenant, progress))
         getter = None
         try:
             while not task.done():
@@ -382,10 +399,9 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         spec.class_word = record.class_word if _names_token(request.target_prompt, record.class_word) else ""
         return spec
 
-    async def _edit(self, spec: EditSpec, context, progress=None) -> pb.EditResponse:
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        edited = await self.backend.edit(spec, deadline, progress)
+    async def _edit(self, spec: EditSpec, context, tenant: str, progress=None) -> pb.EditResponse:
+        edited = await self._admitted(tenant, "edit", edit_cost(spec), context,
+                                      lambda deadline: self.backend.edit(spec, deadline, progress))
         self.metrics.edits.labels(spec.method).inc()
         self.metrics.images.inc()
         image = Image.fromarray(edited.image)

@@ -1,0 +1,223 @@
+"""Admission (service/admission): round-robin fairness between tenants, deadline-aware refusal at once,
+per-tenant limits, nothing leaked when clients give up; and through the gateway, a flood from one
+tenant against another tenant's single request on the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service._generated.steerserve.v1 import steerserve_pb2 as pb
+from service.admission import Admission, AdmissionLimits, Refused, edit_cost, generate_cost
+from service.config import Settings
+from service.edit.spec import DDS, DREAMSTEERER, EditOptions, EditSpec
+from service.engine.sampling import GenerationCancelled, GenerationSpec
+from service.gateway.metrics import GatewayMetrics
+from tests.conftest import TOKENS, auth, free_port, start_gateway_in_thread, stop_gateway
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def job(log: list, name: str, seconds: float):
+    async def work():
+        log.append(("start", name))
+        await asyncio.sleep(seconds)
+        log.append(("end", name))
+        return name
+
+    return work
+
+
+def test_a_flood_waits_behind_itself_not_in_front_of_others():
+    async def scenario():
+        admission = Admission(AdmissionLimits(slots=1))
+        log = []
+        flood = [asyncio.ensure_future(admission.run("alice", "generate", 10, None, job(log, f"a{i}", 0.02)))
+                 for i in range(6)]
+        await asyncio.sleep(0.005)  # a0 runs, a1..a5 wait
+        single = asyncio.ensure_future(admission.run("bob", "generate", 10, None, job(log, "b", 0.02)))
+        await asyncio.gather(*flood, single)
+        starts = [name for event, name in log if event == "start"]
+        return starts, admission
+
+    starts, admission = run(scenario())
+    # Bob's request starts right after the one running.
+    assert starts.index("b") == 1, starts
+    assert [s for s in starts if s != "b"] == [f"a{i}" for i in range(6)]  # alice's own order kept
+    assert admission.waiting() == 0 and admission.running() == 0
+
+
+def test_requests_that_cannot_meet_their_deadline_are_refused_at_once():
+    async def scenario():
+        metrics = GatewayMetrics(CollectorRegistry())
+        admission = Admission(AdmissionLimits(slots=1), metrics)
+        log = []
+        # Measure: one request of 10 units takes ~0.1 s.
+        await admission.run("alice", "generate", 10, None, job(log, "calibrate", 0.1))
+        assert 0.008 <= admission.rates.seconds_per_unit["generate"] <= 0.02
+        loop = asyncio.get_running_loop()
+        running = [asyncio.ensure_future(admission.run("alice", "generate", 10, None, job(log, f"a{i}", 0.1)))
+                   for i in range(3)]
+        await asyncio.sleep(0.01)
+        # alice's next request has ~0.3 s of work ahead (0.1 running + her own 0.2 queued) and takes
+        # 0.1 s: a 0.25 s deadline cannot be met.
+        t0 = loop.time()
+        with pytest.raises(Refused) as refused:
+            await admission.run("alice", "generate", 10, time.monotonic() + 0.25, job(log, "late", 0.1))
+        refused_in = loop.time() - t0
+        # A deadline shorter than the request itself: DEADLINE_EXCEEDED at once, not RESOURCE_EXHAUSTED.
+        with pytest.raises(GenerationCancelled, match="takes about 0.1 s"):
+            await admission.run("carol", "generate", 10, time.monotonic() + 0.03, job(log, "hopeless", 0.1))
+        # carol is not behind alice's queue: the same deadline is met for her (only a0 runs ahead).
+        fair = await admission.run("carol", "generate", 10, time.monotonic() + 0.35, job(log, "fair", 0.1))
+        assert fair == "fair"
+        # A generous deadline is admitted.
+        ok = await admission.run("carol", "generate", 10, time.monotonic() + 5, job(log, "fine", 0.1))
+        await asyncio.gather(*running)
+        return refused.value, refused_in, ok, metrics, log
+
+    refused, refused_in, ok, metrics, log = run(scenario())
+    assert refused.reason == "deadline" and "estimated wait" in str(refused) and "exceeds the deadline" in str(refused)
+    assert refused_in < 0.05  # at once, not after queueing
+    assert ok == "fine" and ("start", "late") not in log and ("start", "hopeless") not in log
+    assert metrics.admission_rejections.labels("alice", "deadline")._value.get() == 1
+    assert metrics.admission_rejections.labels("carol", "too_slow")._value.get() == 1
+    assert metrics.admission_queued.labels("alice")._value.get() == 0
+    assert metrics.admission_running.labels("carol")._value.get() == 0
+
+
+def test_queue_and_tenant_limits_refuse_with_their_reason():
+    async def scenario():
+        admission = Admission(AdmissionLimits(slots=1, max_queue=3, tenant_max_queued=2))
+        log = []
+        tasks = {}
+        for name, tenant in [("a0", "alice"), ("a1", "alice"), ("a2", "alice"), ("a3", "alice"), ("b", "bob"),
+                             ("c", "carol")]:
+            tasks[name] = asyncio.ensure_future(admission.run(tenant, "generate", 1, None, job(log, name, 0.02)))
+            await asyncio.sleep(0)  # admitted (or refused) in this order
+        results = dict(zip(tasks, await asyncio.gather(*tasks.values(), return_exceptions=True)))
+        return {name: (r.reason if isinstance(r, Refused) else r) for name, r in results.items()}
+
+    # a0 runs, a1 and a2 wait (alice's limit of 2), a3 is over it; bob takes the last of 3 places;
+    # carol finds the queue full.
+    assert run(scenario()) == {"a0": "a0", "a1": "a1", "a2": "a2", "a3": "tenant_queue", "b": "b",
+                               "c": "queue_full"}
+
+
+def test_rate_limit_per_tenant():
+    async def scenario():
+        admission = Admission(AdmissionLimits(slots=4, tenant_rate=1.0, tenant_burst=2))
+        log = []
+        got = []
+        for i in range(3):
+            try:
+                got.append(await admission.run("alice", "generate", 1, None, job(log, f"a{i}", 0)))
+            except Refused as exc:
+                got.append(exc.reason)
+        got.append(await admission.run("bob", "generate", 1, None, job(log, "b", 0)))  # bob has his own bucket
+        return got
+
+    assert run(scenario()) == ["a0", "a1", "rate", "b"]
+
+
+def test_deadline_while_waiting_and_cancelled_clients_leak_nothing():
+    async def scenario():
+        admission = Admission(AdmissionLimits(slots=1))
+        log = []
+        blocker = asyncio.ensure_future(admission.run("alice", "generate", 1, None, job(log, "long", 0.2)))
+        await asyncio.sleep(0.01)
+        # Nothing measured yet, so it is admitted; its deadline passes while it waits.
+        with pytest.raises(GenerationCancelled):
+            await admission.run("bob", "generate", 1, time.monotonic() + 0.05, job(log, "b", 0.01))
+        gone = asyncio.ensure_future(admission.run("carol", "generate", 1, None, job(log, "c", 0.01)))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client went away while waiting
+        await asyncio.gather(blocker, return_exceptions=True)
+        after = await admission.run("dave", "generate", 1, None, job(log, "d", 0.01))
+        return admission, log, after
+
+    admission, log, after = run(scenario())
+    assert after == "d" and ("start", "b") not in log and ("start", "c") not in log
+    assert admission.waiting() == 0 and admission.running() == 0
+
+
+def test_costs_weigh_steps_rows_and_methods():
+    small = GenerationSpec(prompt="x", steps=10, num_images=1)
+    big = GenerationSpec(prompt="x", steps=50, num_images=4)
+    assert generate_cost(small) == 10 * 2 + 1 and generate_cost(big) == 50 * 2 * 4 + 4  # CFG rows x steps + decode
+    import numpy as np
+
+    source = np.zeros((64, 64, 3), np.uint8)
+    dds = EditSpec(method=DDS, source=source, source_prompt="a", target_prompt="b", options=EditOptions(iterations=100))
+    steer = EditSpec(method=DREAMSTEERER, source=source, source_prompt="a", target_prompt="b",
+                     options=EditOptions(iterations=100))
+    assert edit_cost(dds) == 401 and edit_cost(steer) > 2 * edit_cost(dds)
+
+
+def test_settings_give_the_backend_its_slots(monkeypatch):
+    assert Settings(engine_workers=2).admission_limits("inprocess").slots == 2
+    assert Settings().admission_limits("triton").slots == 8
+    monkeypatch.setenv("STEERSERVE_ADMISSION_SLOTS", "3")
+    monkeypatch.setenv("STEERSERVE_TENANT_RATE_PER_S", "2.5")
+    limits = Settings().admission_limits("triton")
+    assert limits.slots == 3 and limits.tenant_rate == 2.5
+
+
+# -- through the gateway, on the real engine ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_flood_from_one_tenant_does_not_starve_another(tmp_path, model_cache):
+    """alice floods 24 concurrent Generate calls with a 4 s deadline; bob sends one. Bob's completes
+    within about one request's time more than unloaded; alice's excess is refused at once."""
+    settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=free_port(),
+                        api_keys={**TOKENS, "token-carol": "carol"}, data_dir=tmp_path, tenant_max_queued=64)
+    running = start_gateway_in_thread(settings)
+    try:
+        stub = running.stub()
+        request = pb.GenerateRequest(prompt="a red circle on a blue background", steps=12, seed=1)
+
+        def call(token, timeout):
+            t0 = time.monotonic()
+            try:
+                stub.Generate(request, metadata=auth(token), timeout=timeout)
+                return "ok", time.monotonic() - t0
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    print(err.code(), err.details())
+                return err.code(), time.monotonic() - t0
+
+        for _ in range(3):  # warm up, and let admission measure a request (a third tenant: bob has
+            assert call("token-carol", 30)[0] == "ok"  # not used the service before the flood)
+        solo = min(call("token-carol", 30)[1] for _ in range(3))
+        with ThreadPoolExecutor(25) as pool:
+            flood = [pool.submit(call, "token-alice", 4.0) for _ in range(24)]
+            time.sleep(0.3)  # the flood is in
+            bob = pool.submit(call, "token-bob", 30).result()
+            results = [f.result() for f in flood]
+        metrics = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
+    finally:
+        stop_gateway(running)
+    assert re.search(r'^steerserve_admission_rejections_total{reason="deadline",tenant="alice"} [1-9]', metrics, re.M)
+    assert re.search(r'^steerserve_admission_queued_requests{tenant="alice"} 0.0$', metrics, re.M)
+    assert re.search(r'^steerserve_admission_running_requests{tenant="bob"} 0.0$', metrics, re.M)
+    ok = [t for code, t in results if code == "ok"]
+    refused = [t for code, t in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    others = [code for code, _ in results if code not in ("ok", grpc.StatusCode.RESOURCE_EXHAUSTED)]
+    print(f"\nflood: solo {solo:.2f} s, bob {bob[1]:.2f} s, ok {len(ok)}, refused {len(refused)} (slowest {max(refused or [0]):.3f} s), other {others}")
+    assert bob[0] == "ok"
+    # Ahead of bob: only the request running (+ scheduling slack).
+    assert bob[1] <= 2 * solo + 0.5, (bob[1], solo)
+    assert ok and refused, (len(ok), len(refused), others)
+    assert max(refused) < 1.0  # refused at once, not queued past the deadline
+    # An estimate can be off by a request: the last one admitted may end with DEADLINE_EXCEEDED.
+    assert set(others) <= {grpc.StatusCode.DEADLINE_EXCEEDED} and len(others) <= 2, others
