@@ -64,15 +64,15 @@ class Settings(BaseSettings):
     # Concurrency: engine calls run in this many worker threads.
     engine_workers: int = 1
 
-    # Admission of Generate and Edit (service/admission): per-tenant queues served round robin, and
+    # Admission of Generate and Edit (service/admission): per-tenant queues in fair order, and
     # RESOURCE_EXHAUSTED at once when the queue is full, a tenant is over a limit, or the estimated
     # wait (from measured service times) would miss the request's deadline.
     admission_slots: int = 0  # requests run at once; 0 = engine_workers in-process, 8 on Triton
     admission_max_queue: int = 64  # requests waiting, all tenants
     tenant_max_queued: int = 16  # requests one tenant may have waiting
     tenant_max_running: int = 0  # slots one tenant may hold at once (0 = all of them)
-    tenant_rate_per_s: float = 0.0  # requests a second one tenant may start (0 = no limit)
-    tenant_burst: int = 10  # requests one tenant may start at once under the rate limit
+    tenant_rate_per_s: float = Field(0.0, ge=0)  # requests a second one tenant may send (0 = no limit)
+    tenant_burst: int = Field(10, ge=1)  # requests one tenant may send at once under the rate limit
 
     # Personalization jobs.
     training_workers: int = 1  # jobs trained at once (each on its own copy of the base model)

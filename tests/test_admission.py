@@ -56,54 +56,80 @@ def test_a_flood_waits_behind_itself_not_in_front_of_others():
     assert admission.waiting() == 0 and admission.running() == 0
 
 
+def blocked(log: list, name: str, gate: asyncio.Event):
+    """A job that runs until `gate` opens: the test, not the clock, decides when it ends."""
+
+    async def work():
+        log.append(("start", name))
+        await gate.wait()
+        log.append(("end", name))
+        return name
+
+    return work
+
+
 def test_requests_that_cannot_meet_their_deadline_are_refused_at_once():
     async def scenario():
         metrics = GatewayMetrics(CollectorRegistry())
         admission = Admission(AdmissionLimits(slots=1), metrics)
         log = []
-        # Measure: one request of 10 units takes ~0.1 s.
-        await admission.run("alice", "generate", 10, None, job(log, "calibrate", 0.1))
-        assert 0.008 <= admission.rates.seconds_per_unit["generate"] <= 0.02
-        loop = asyncio.get_running_loop()
-        running = [asyncio.ensure_future(admission.run("alice", "generate", 10, None, job(log, f"a{i}", 0.1)))
-                   for i in range(3)]
-        await asyncio.sleep(0.01)
-        # alice's next request has ~0.3 s of work ahead (0.1 running + her own 0.2 queued) and takes
-        # 0.1 s: a 0.25 s deadline cannot be met.
-        t0 = loop.time()
-        with pytest.raises(Refused) as refused:
-            await admission.run("alice", "generate", 10, time.monotonic() + 0.25, job(log, "late", 0.1))
-        refused_in = loop.time() - t0
+        # Measure: one request of 10 units takes ~0.2 s (0.02 s a unit).
+        await admission.run("alice", "generate", 10, None, job(log, "calibrate", 0.2))
+        rate = admission.rates.seconds_per_unit["generate"]
+        assert 0.02 <= rate <= 0.05
+        gate = asyncio.Event()
+        flood = [asyncio.ensure_future(admission.run("alice", "generate", 10, None, blocked(log, f"a{i}", gate)))
+                 for i in range(5)]
+        await asyncio.sleep(0.01)  # a0 runs; a1..a4 wait: 5 requests of alice's ahead of her next
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(Refused) as refused:  # ~1.0 s ahead + 0.2 s to run > 0.8 s
+            await admission.run("alice", "generate", 10, time.monotonic() + 40 * rate, job(log, "late", 0))
+        refused_in = asyncio.get_running_loop().time() - t0
+        # carol is not behind alice's queue, only behind a0: ~0.2 + 0.2 s fits the same deadline.
+        fair = asyncio.ensure_future(admission.run("carol", "generate", 10, time.monotonic() + 40 * rate,
+                                                   job(log, "fair", 0)))
         # A deadline shorter than the request itself: DEADLINE_EXCEEDED at once, not RESOURCE_EXHAUSTED.
-        with pytest.raises(GenerationCancelled, match="takes about 0.1 s"):
-            await admission.run("carol", "generate", 10, time.monotonic() + 0.03, job(log, "hopeless", 0.1))
-        # carol is not behind alice's queue: the same deadline is met for her (only a0 runs ahead).
-        fair = await admission.run("carol", "generate", 10, time.monotonic() + 0.35, job(log, "fair", 0.1))
-        assert fair == "fair"
-        # A generous deadline is admitted.
-        ok = await admission.run("carol", "generate", 10, time.monotonic() + 5, job(log, "fine", 0.1))
-        await asyncio.gather(*running)
-        return refused.value, refused_in, ok, metrics, log
+        with pytest.raises(GenerationCancelled, match="takes about"):
+            await admission.run("carol", "generate", 10, time.monotonic() + 2 * rate, job(log, "hopeless", 0))
+        gate.set()
+        await asyncio.gather(*flood)
+        return refused.value, refused_in, await fair, metrics, log
 
-    refused, refused_in, ok, metrics, log = run(scenario())
+    refused, refused_in, fair, metrics, log = run(scenario())
     assert refused.reason == "deadline" and "estimated wait" in str(refused) and "exceeds the deadline" in str(refused)
     assert refused_in < 0.05  # at once, not after queueing
-    assert ok == "fine" and ("start", "late") not in log and ("start", "hopeless") not in log
+    assert fair == "fair" and ("start", "late") not in log and ("start", "hopeless") not in log
+    starts = [name for event, name in log if event == "start"]
+    assert starts.index("fair") == starts.index("a0") + 1  # right after the running one
     assert metrics.admission_rejections.labels("alice", "deadline")._value.get() == 1
     assert metrics.admission_rejections.labels("carol", "too_slow")._value.get() == 1
     assert metrics.admission_queued.labels("alice")._value.get() == 0
     assert metrics.admission_running.labels("carol")._value.get() == 0
 
 
+def test_an_idle_service_admits_a_request_its_estimate_calls_too_slow():
+    """One slow first request must not lock short deadlines out: idle, it runs, and the estimate learns."""
+    async def scenario():
+        admission = Admission(AdmissionLimits(slots=1))
+        log = []
+        await admission.run("alice", "generate", 10, None, job(log, "slow first", 0.3))
+        high = admission.rates.seconds_per_unit["generate"]
+        await admission.run("alice", "generate", 10, time.monotonic() + 0.15, job(log, "quick", 0.01))
+        return high, admission.rates.seconds_per_unit["generate"]
+
+    high, after = run(scenario())
+    assert after < 0.8 * high
+
+
 def test_queue_and_tenant_limits_refuse_with_their_reason():
     async def scenario():
         admission = Admission(AdmissionLimits(slots=1, max_queue=3, tenant_max_queued=2))
-        log = []
-        tasks = {}
+        log, gate, tasks = [], asyncio.Event(), {}
         for name, tenant in [("a0", "alice"), ("a1", "alice"), ("a2", "alice"), ("a3", "alice"), ("b", "bob"),
                              ("c", "carol")]:
-            tasks[name] = asyncio.ensure_future(admission.run(tenant, "generate", 1, None, job(log, name, 0.02)))
+            tasks[name] = asyncio.ensure_future(admission.run(tenant, "generate", 1, None, blocked(log, name, gate)))
             await asyncio.sleep(0)  # admitted (or refused) in this order
+        gate.set()
         results = dict(zip(tasks, await asyncio.gather(*tasks.values(), return_exceptions=True)))
         return {name: (r.reason if isinstance(r, Refused) else r) for name, r in results.items()}
 
@@ -111,6 +137,32 @@ def test_queue_and_tenant_limits_refuse_with_their_reason():
     # carol finds the queue full.
     assert run(scenario()) == {"a0": "a0", "a1": "a1", "a2": "a2", "a3": "tenant_queue", "b": "b",
                                "c": "queue_full"}
+
+
+def test_a_tenant_that_gives_up_is_not_charged_for_it():
+    """Withdrawn requests give their virtual time back: alice cancels 5 queued requests; her next
+    one is served in turn with bob's, not after all of them."""
+    async def scenario():
+        admission = Admission(AdmissionLimits(slots=1))
+        log, gate = [], asyncio.Event()
+        blocker = asyncio.ensure_future(admission.run("carol", "generate", 1, None, blocked(log, "c", gate)))
+        await asyncio.sleep(0)
+        gone = [asyncio.ensure_future(admission.run("alice", "generate", 1, None, job(log, f"x{i}", 0)))
+                for i in range(5)]
+        await asyncio.sleep(0)
+        for task in gone:
+            task.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        rest = [asyncio.ensure_future(admission.run(t, "generate", 1, None, job(log, n, 0)))
+                for t, n in [("bob", "b1"), ("bob", "b2"), ("alice", "a")]]
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(blocker, *rest)
+        return [name for event, name in log if event == "start"], admission
+
+    starts, admission = run(scenario())
+    assert starts == ["c", "b1", "a", "b2"]
+    assert admission.waiting() == 0 and admission.running() == 0
 
 
 def test_rate_limit_per_tenant():
@@ -217,7 +269,8 @@ def test_flood_from_one_tenant_does_not_starve_another(tmp_path, model_cache):
     assert bob[0] == "ok"
     # Ahead of bob: only the request running (+ scheduling slack).
     assert bob[1] <= 2 * solo + 0.5, (bob[1], solo)
-    assert ok and refused, (len(ok), len(refused), others)
-    assert max(refused) < 1.0  # refused at once, not queued past the deadline
-    # An estimate can be off by a request: the last one admitted may end with DEADLINE_EXCEEDED.
-    assert set(others) <= {grpc.StatusCode.DEADLINE_EXCEEDED} and len(others) <= 2, others
+    assert ok and len(refused) >= 12, (len(ok), len(refused), others)  # most of the excess: refused ...
+    assert max(refused) < 1.0  # ... at once, not queued past the deadline
+    # Estimates move with the machine's load (2 shared cores in CI): the last few admitted may still
+    # end with DEADLINE_EXCEEDED; nothing else.
+    assert set(others) <= {grpc.StatusCode.DEADLINE_EXCEEDED} and len(others) <= 5, others

@@ -69,6 +69,11 @@ class _Rates:
         old = self.seconds_per_unit.get(kind)
         self.seconds_per_unit[kind] = rate if old is None else (1 - _EWMA) * old + _EWMA * rate
 
+    def observe_at_least(self, kind: str, cost: float, seconds: float) -> None:
+        rate = seconds / max(cost, 1e-9)
+        if rate > self.seconds_per_unit.get(kind, 0.0):
+            self.observe(kind, cost, seconds)
+
 
 class Admission:
     def __init__(self, limits: AdmissionLimits, metrics=None, clock: Callable[[], float] = time.monotonic):
@@ -106,27 +111,34 @@ class Admission:
         except BaseException:  # the client went away: give the place (or the slot) back
             self._withdraw(ticket)
             raise
-        ticket.started = self.clock()
         if self.metrics is not None:
             self.metrics.admission_wait.labels(tenant).observe(ticket.started - self._enqueued[ticket])
-        ok = False
+        outcome = "failed"
         try:
             result = await work()
-            ok = True
+            outcome = "done"
             return result
+        except GenerationCancelled:
+            outcome = "stopped"
+            raise
         finally:
-            if ok:  # a failed or cancelled request says nothing of how long one takes
-                self.rates.observe(kind, cost, self.clock() - ticket.started)
-                if self.metrics is not None:
-                    self.metrics.admission_seconds_per_unit.labels(kind).set(self.rates.seconds_per_unit[kind])
+            elapsed = self.clock() - ticket.started
+            if outcome == "done":
+                self.rates.observe(kind, cost, elapsed)
+            elif outcome == "stopped":
+                # Stopped at its deadline: it would have taken at least this long. Without this a
+                # too-low estimate would keep admitting requests that then time out.
+                self.rates.observe_at_least(kind, cost, elapsed)
+            if self.metrics is not None and kind in self.rates.seconds_per_unit:
+                self.metrics.admission_seconds_per_unit.labels(kind).set(self.rates.seconds_per_unit[kind])
             self._release(ticket)
 
     def estimated_wait(self, tenant: str) -> float:
         """Seconds until a new request of ``tenant`` would start: the running requests' remaining
-        time and the waiting requests tagged before it, over the slots."""
+        time and the waiting requests tagged before it, over the slots. (It does not model
+        tenant_max_running: with that limit set, a capped tenant's wait is underestimated.)"""
         now = self.clock()
-        ahead = sum(max(0.0, self.rates.seconds(t.kind, t.cost) - (now - t.started))
-                    for t in self._running if t.started is not None)
+        ahead = sum(max(0.0, self.rates.seconds(t.kind, t.cost) - (now - t.started)) for t in self._running)
         tag = self._next_tag(tenant)
         ahead += sum(self.rates.seconds(t.kind, t.cost) for q in self._queues.values() for t in q if t.tag <= tag)
         return ahead / self.limits.slots
@@ -161,19 +173,22 @@ class Admission:
                                              f"(burst {lim.tenant_burst}); retry in {(1 - bucket.tokens) / lim.tenant_rate:.1f} s")
         wait = self.estimated_wait(tenant)
         run = self.rates.seconds(kind, cost)
-        if deadline is not None and now + run > deadline:
+        idle = not self._running and not self._queues
+        if deadline is not None and now + run > deadline and not idle:
             # Too slow even on an idle service: retrying later would not help (DEADLINE_EXCEEDED,
-            # answered now rather than when the deadline has passed).
+            # answered now rather than when the deadline has passed). On an idle service it runs
+            # anyway: an estimate that is too high (one slow first request) must be able to learn
+            # it was wrong, or short deadlines would be refused for good.
             if self.metrics is not None:
                 self.metrics.admission_rejections.labels(tenant, "too_slow").inc()
             raise GenerationCancelled(
                 f"this request takes about {run:.1f} s by the service's measurements and its deadline is "
                 f"{deadline - now:.1f} s away; allow more time or ask for fewer steps, images or pixels")
-        if deadline is not None and now + wait + run > deadline:
+        if deadline is not None and now + wait + run > deadline and not idle:
             self._refuse(tenant, "deadline", (
                 f"estimated wait {wait:.1f} s + {run:.1f} s to run exceeds the deadline in {deadline - now:.1f} s; "
                 "retry later or with a longer deadline"))
-        if lim.tenant_rate > 0:
+        if lim.tenant_rate > 0:  # admitted: it takes its token (refusals take none)
             self._buckets[tenant].tokens -= 1.0
         tag = self._next_tag(tenant)
         ticket = _Ticket(tenant, kind, cost, asyncio.get_running_loop().create_future(), tag)
@@ -206,13 +221,20 @@ class Admission:
             self._virtual_time = max(self._virtual_time, ticket.tag)
             self._running.add(ticket)
             self._running_by_tenant[ticket.tenant] += 1
+            ticket.started = self.clock()  # now, not when its task wakes: estimates count it as running
             ticket.granted.set_result(None)
         self._export()
 
     def _withdraw(self, ticket: _Ticket) -> None:
         queue = self._queues.get(ticket.tenant)
         if queue is not None and ticket in queue:
+            # Give back its place in virtual time: the tenant's later requests move up by its
+            # cost, so a client that gives up is not charged for work never done.
+            later = list(queue)[list(queue).index(ticket) + 1:]
             queue.remove(ticket)
+            for t in later:
+                t.tag -= ticket.cost
+            self._finish[ticket.tenant] -= ticket.cost
             if not queue:
                 del self._queues[ticket.tenant]
             self._enqueued.pop(ticket, None)

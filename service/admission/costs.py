@@ -9,11 +9,15 @@ from service.engine.sampling import GenerationSpec
 _BACKWARD = 3
 
 
+# A unit is one UNet row-step at 64x64 pixels; the UNet's cost grows about with the pixel count.
+_UNIT_PIXELS = 64 * 64
+
+
 def generate_cost(spec: GenerationSpec) -> float:
     """steps x UNet rows (2 per image under classifier-free guidance, 3 under style guidance), plus
-    one unit per image for the text encoder and the VAE decode."""
+    one unit per image for the text encoder and the VAE decode, scaled by the pixel count."""
     rows = 3 if spec.uses_style_guidance else 2
-    return spec.steps * rows * spec.num_images + spec.num_images
+    return (spec.steps * rows * spec.num_images + spec.num_images) * spec.width * spec.height / _UNIT_PIXELS
 
 
 def edit_cost(spec: EditSpec) -> float:
@@ -24,4 +28,4 @@ def edit_cost(spec: EditSpec) -> float:
     if spec.method == DREAMSTEERER:
         cost += 2 * o.guided_steps * (1 + o.guided_samples) + 4 * o.preliminary_iterations
         cost += _BACKWARD * (4 + o.guided_samples) * o.steer_steps
-    return float(cost)
+    return float(cost) * spec.width * spec.height / _UNIT_PIXELS
