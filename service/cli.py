@@ -71,7 +71,7 @@ def cmd_serve(args) -> int:
 def _demo_call(address: str, token: str, data_dir) -> None:
     """Shows the service working: one Generate through the public gRPC API, like any client."""
     prompt = "a red dotted star on a blue striped background"
-    stub = pb_grpc.SteerServeStub(grpc.insecure_channel(address))
+    stub = pb_grpc.SteerServeStub(_channel(address))
     try:
         resp = stub.Generate(pb.GenerateRequest(prompt=prompt, seed=0), metadata=[("authorization", f"Bearer {token}")],
                              timeout=300)
@@ -87,15 +87,26 @@ def _demo_call(address: str, token: str, data_dir) -> None:
 # -- client plumbing -----------------------------------------------------------------------------
 
 
+def _channel(address: str, options=()) -> grpc.Channel:
+    """Plaintext, or TLS when STEERSERVE_CLIENT_CA_FILE names the CA that signed the server's
+    certificate; STEERSERVE_CLIENT_CERT_FILE and _KEY_FILE add a client certificate (mutual TLS)."""
+    ca = os.environ.get("STEERSERVE_CLIENT_CA_FILE")
+    if not ca:
+        return grpc.insecure_channel(address, options=list(options))
+    cert, key = os.environ.get("STEERSERVE_CLIENT_CERT_FILE"), os.environ.get("STEERSERVE_CLIENT_KEY_FILE")
+    credentials = grpc.ssl_channel_credentials(
+        Path(ca).read_bytes(), private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None)
+    return grpc.secure_channel(address, credentials, options=list(options))
+
+
 def _stub(args) -> tuple[pb_grpc.SteerServeStub, list[tuple[str, str]]]:
     token = args.token or os.environ.get("STEERSERVE_TOKEN")
     if not token:
         raise SystemExit("error: no token; pass --token or set STEERSERVE_TOKEN")
     limit = 64 * 1024 * 1024
-    channel = grpc.insecure_channel(
-        args.address,
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-    )
+    channel = _channel(args.address,
+                       options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
     return pb_grpc.SteerServeStub(channel), [("authorization", f"Bearer {token}")]
 
 
@@ -334,6 +345,17 @@ def _print_job(j: pb.Job) -> None:
 # -- argument parsing ----------------------------------------------------------------------------
 
 
+def cmd_hash_token(args) -> int:
+    from service.gateway.auth import DIGEST_PREFIX, token_digest
+
+    token = sys.stdin.readline().strip()
+    if not token:
+        print("error: give the token on standard input", file=sys.stderr)
+        return 2
+    print(DIGEST_PREFIX + token_digest(token).hex())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="steerserve", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -350,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dev", action="store_true", help="create and print a development token if no keys are set")
     s.add_argument("--demo", action="store_true", help="with --dev: make one Generate call once ready, save var/demo.png")
     s.set_defaults(func=cmd_serve)
+
+    h = sub.add_parser("hash-token", help="print the sha256 digest of an API token (read from stdin) for "
+                                          "STEERSERVE_API_KEYS, so configs need not hold the token itself")
+    h.set_defaults(func=cmd_hash_token)
 
     def client(name, help_text):
         c = sub.add_parser(name, help=help_text)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -36,7 +36,14 @@ class Settings(BaseSettings):
     metrics_port: int = 9464  # 0 disables the Prometheus endpoint
 
     # token -> tenant. Parsed from "token:tenant,..." in the environment or a JSON object in the file.
+    # A key may be a digest instead of the token: "sha256:<64 hex>" (steerserve hash-token).
     api_keys: dict[str, str] = Field(default_factory=dict)
+
+    # TLS on the gRPC port (PEM files): cert + key serve TLS; a client CA as well requires and
+    # verifies client certificates (mutual TLS). Unset: plaintext (loopback / behind a mesh).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     # Development mode: when no api_keys are configured, create a token for tenant "dev" and print it.
     dev_token: bool = False
 
@@ -95,6 +102,18 @@ class Settings(BaseSettings):
     unet_compile_mode: str = "auto"  # torch.compile mode; auto = reduce-overhead on CUDA
     unet_warmup: bool = True  # compile / export every bucket at start, before serving
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("STEERSERVE_TLS_CERT_FILE and STEERSERVE_TLS_KEY_FILE go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("STEERSERVE_TLS_CLIENT_CA_FILE (mutual TLS) needs STEERSERVE_TLS_CERT_FILE and _KEY_FILE")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"STEERSERVE_{name.upper()}: {path} is not a readable file")
+        return self
+
     @field_validator("unet_batch_buckets", mode="before")
     @classmethod
     def _parse_buckets(cls, value: Any) -> Any:
@@ -137,7 +156,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             keys: dict[str, str] = {}
             for item in filter(None, (part.strip() for part in value.split(","))):
-                token, sep, tenant = item.partition(":")
+                token, sep, tenant = item.rpartition(":")  # a token may hold ":" (sha256:<hex>), a tenant not
                 if not sep or not token or not tenant:
                     raise ValueError(f"STEERSERVE_API_KEYS entry {item!r} is not 'token:tenant'")
                 keys[token] = tenant

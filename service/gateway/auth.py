@@ -1,7 +1,14 @@
-"""Bearer-token authentication: `authorization: Bearer <token>` -> tenant."""
+"""Bearer-token authentication: `authorization: Bearer <token>` -> tenant.
+
+Configured keys are tokens or their digests: `sha256:<64 hex digits>` (`steerserve hash-token`
+prints one), so a config file need not hold usable secrets. Every presented token is hashed and
+compared with every configured digest in constant time (hmac.compare_digest on equal-length
+digests): neither a prefix nor a length shows in the response time.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Mapping, Sequence
 
@@ -10,9 +17,30 @@ import grpc
 from .errors import ServiceError
 
 
+DIGEST_PREFIX = "sha256:"
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def key_digest(key: str) -> bytes:
+    """A configured key as a digest: `sha256:<hex>` as given, a plain token hashed."""
+    if key.startswith(DIGEST_PREFIX):
+        value = key[len(DIGEST_PREFIX):]
+        try:
+            digest = bytes.fromhex(value)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ValueError(f"API key {key[:16]}...: a digest must be 'sha256:' and 64 hex digits")
+        return digest
+    return token_digest(key)
+
+
 class Authenticator:
     def __init__(self, api_keys: Mapping[str, str]):
-        self._keys = dict(api_keys)
+        self._keys = [(key_digest(key), tenant) for key, tenant in api_keys.items()]
 
     def tenant_for(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         header = next((v for k, v in (metadata or ()) if k == "authorization"), None)
@@ -23,11 +51,11 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'")
-        token = token.strip()
+        presented = token_digest(token.strip())
         tenant = None
-        # Compare against every key in constant time so response timing does not reveal prefixes.
-        for known, known_tenant in self._keys.items():
-            if hmac.compare_digest(known.encode(), token.encode()):
+        # Every key, no early exit, equal-length digests: the time does not depend on which matched.
+        for known, known_tenant in self._keys:
+            if hmac.compare_digest(known, presented):
                 tenant = known_tenant
         if tenant is None:
             raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "unknown API token")

@@ -144,6 +144,18 @@ class Gateway:
             self.metrics_http.server_close()
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from the configured PEM files; with a client CA, clients must present a certificate it
+    signed (mutual TLS). None: plaintext."""
+    if settings.tls_cert_file is None:
+        return None
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+        root_certificates=client_ca, require_client_auth=client_ca is not None,
+    )
+
+
 async def start_gateway(
     settings: Settings, backend: Backend | None = None, metrics: GatewayMetrics | None = None
 ) -> Gateway:
@@ -168,7 +180,9 @@ async def start_gateway(
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    credentials = server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC port {settings.host}:{settings.grpc_port}")
     await server.start()
