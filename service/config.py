@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     training_workers: int = 1  # jobs trained at once (each on its own copy of the base model)
     max_queued_jobs: int = 16  # QUEUED jobs of all tenants; beyond: RESOURCE_EXHAUSTED
     max_jobs_per_tenant: int = 2  # QUEUED + RUNNING jobs of one tenant; beyond: RESOURCE_EXHAUSTED
+    # Per-tenant adapter quota (imports and finished jobs; RESOURCE_EXHAUSTED beyond it). A job
+    # counts against the count from the moment it is queued.
+    tenant_max_adapters: int = Field(100, ge=1)
+    tenant_max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
     checkpoint_every: int = 50  # training steps between checkpoints (a restart resumes from the last)
     job_previews: int = 4  # preview images of a finished job ("a <token> <class_word>", seeds 0..n-1)
     job_max_attempts: int = 3  # starts of one job (restarts, model server outages) before it FAILS

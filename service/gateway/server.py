@@ -162,7 +162,8 @@ async def start_gateway(
     metrics = metrics or GatewayMetrics()
     backend = backend or await build_backend(settings, metrics)
     db = open_database(Path(settings.data_dir) / "steerserve.sqlite3")
-    adapters = AdapterStore(db, Path(settings.data_dir) / "adapters")
+    adapters = AdapterStore(db, Path(settings.data_dir) / "adapters", max_adapters=settings.tenant_max_adapters,
+                            max_bytes=settings.tenant_max_adapter_bytes)
     check = adapter_checker(backend.model_dir, settings.adapter_max_rank)
     runner = JobRunner(
         settings, JobStore(db), adapters, CheckpointStore(Path(settings.data_dir) / "checkpoints"), backend, check, metrics

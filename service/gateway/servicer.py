@@ -34,7 +34,7 @@ from service.engine.pipeline import AdapterUse, GenerationCancelled
 from service.jobs import JobRunner, NameTaken, QueueFull
 from service.personalize import FINESTYLE, SUBJECT_METHODS
 from service.personalize.tokens import TokenError
-from service.stores import AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound
+from service.stores import AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound, QuotaExceeded
 
 from . import validation
 from .auth import Authenticator
@@ -113,7 +113,7 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (AdapterAlreadyExists, NameTaken)):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, QuotaExceeded)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, EditRefused):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)

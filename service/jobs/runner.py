@@ -143,6 +143,9 @@ class JobRunner:
                             "at a time: wait for one to finish or cancel one")
         name = request.name.strip()
         owned = self.adapters.list(tenant)
+        if len(owned) + len(mine) >= s.tenant_max_adapters:
+            raise QueueFull(f"adapter quota: {len(owned)} adapters + {len(mine)} jobs in progress reach this tenant's "
+                            f"{s.tenant_max_adapters}; delete an adapter first")
         if any(a.name == name for a in owned) or any(j.name == name for j in mine):
             raise NameTaken(f"name: an adapter or job named {name!r} already exists")
         resolved = requests.resolve(request, taken_tokens=[a.token for a in owned if a.token] + [j.token for j in mine],

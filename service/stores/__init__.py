@@ -4,7 +4,7 @@ The embedded default keeps both in one SQLite database (WAL) and a blob director
 (`AdapterStore`, `JobStore`) are small on purpose so a server-grade store can replace them.
 """
 
-from .adapters import AdapterAlreadyExists, AdapterRecord, AdapterStore, BlobCorrupted
+from .adapters import AdapterAlreadyExists, AdapterRecord, AdapterStore, BlobCorrupted, QuotaExceeded
 from .checkpoints import CheckpointStore
 from .db import NotFound, open_database
 from .jobs import JobRecord, JobState, JobStore
@@ -19,5 +19,6 @@ __all__ = [
     "JobState",
     "JobStore",
     "NotFound",
+    "QuotaExceeded",
     "open_database",
 ]

@@ -41,6 +41,10 @@ class AdapterAlreadyExists(ValueError):
     pass
 
 
+class QuotaExceeded(RuntimeError):
+    """The tenant's adapter quota (count or bytes) would be exceeded (RESOURCE_EXHAUSTED)."""
+
+
 class BlobCorrupted(IOError):
     pass
 
@@ -80,7 +84,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class AdapterStore:
-    def __init__(self, db: Database, blob_root: Path):
+    def __init__(self, db: Database, blob_root: Path, *, max_adapters: int | None = None,
+                 max_bytes: int | None = None):
+        """``max_adapters`` / ``max_bytes``: each tenant's quota (None: unlimited)."""
+        self.max_adapters, self.max_bytes = max_adapters, max_bytes
         self.db = db
         self.blob_root = Path(blob_root)
         self.blob_root.mkdir(parents=True, exist_ok=True)
@@ -115,6 +122,16 @@ class AdapterStore:
                 "SELECT 1 FROM adapters WHERE tenant=? AND name=?", (tenant, name)
             ).fetchone():
                 raise AdapterAlreadyExists(f"an adapter named {name!r} already exists")
+            # In the same transaction as the insert: two concurrent creates cannot both squeeze in.
+            count, used = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant=?", (tenant,)
+            ).fetchone()
+            if self.max_adapters is not None and count + 1 > self.max_adapters:
+                raise QuotaExceeded(f"adapter quota: this tenant has {count} adapters, at most {self.max_adapters}; "
+                                    "delete one first")
+            if self.max_bytes is not None and used + len(data) > self.max_bytes:
+                raise QuotaExceeded(f"adapter quota: {used} bytes stored + {len(data)} would exceed this tenant's "
+                                    f"{self.max_bytes} bytes; delete adapters first")
             _write_atomically(path, data)
             record = AdapterRecord(
                 adapter_id=adapter_id,
