@@ -88,14 +88,17 @@ def _demo_call(address: str, token: str, data_dir) -> None:
 
 
 def _channel(address: str, options=()) -> grpc.Channel:
-    """Plaintext, or TLS when STEERSERVE_CLIENT_CA_FILE names the CA that signed the server's
-    certificate; STEERSERVE_CLIENT_CERT_FILE and _KEY_FILE add a client certificate (mutual TLS)."""
-    ca = os.environ.get("STEERSERVE_CLIENT_CA_FILE")
-    if not ca:
+    """TLS when STEERSERVE_CLIENT_TLS=1 or any STEERSERVE_CLIENT_* file is set (the CA that signed the
+    server's certificate, else the system's roots; a client certificate and key for mutual TLS);
+    plaintext otherwise."""
+    env = os.environ
+    ca, cert, key = (env.get(f"STEERSERVE_CLIENT_{n}_FILE") for n in ("CA", "CERT", "KEY"))
+    if bool(cert) != bool(key):
+        raise SystemExit("error: STEERSERVE_CLIENT_CERT_FILE and STEERSERVE_CLIENT_KEY_FILE go together")
+    if not (ca or cert or env.get("STEERSERVE_CLIENT_TLS", "") in ("1", "true", "yes")):
         return grpc.insecure_channel(address, options=list(options))
-    cert, key = os.environ.get("STEERSERVE_CLIENT_CERT_FILE"), os.environ.get("STEERSERVE_CLIENT_KEY_FILE")
     credentials = grpc.ssl_channel_credentials(
-        Path(ca).read_bytes(), private_key=Path(key).read_bytes() if key else None,
+        Path(ca).read_bytes() if ca else None, private_key=Path(key).read_bytes() if key else None,
         certificate_chain=Path(cert).read_bytes() if cert else None)
     return grpc.secure_channel(address, credentials, options=list(options))
 

@@ -160,12 +160,30 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             keys: dict[str, str] = {}
             for item in filter(None, (part.strip() for part in value.split(","))):
-                token, sep, tenant = item.rpartition(":")  # a token may hold ":" (sha256:<hex>), a tenant not
+                if item.startswith("sha256:"):  # a digest holds one ":" of its own
+                    token, sep, tenant = item[:71], item[71:72], item[72:]
+                else:
+                    token, sep, tenant = item.partition(":")
                 if not sep or not token or not tenant:
                     raise ValueError(f"STEERSERVE_API_KEYS entry {item!r} is not 'token:tenant'")
                 keys[token] = tenant
             return keys
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        """Digests well-formed, and no token configured twice (as itself and as its digest)."""
+        from service.gateway.auth import key_digest
+
+        seen: dict[bytes, str] = {}
+        for key in keys:
+            digest = key_digest(key)  # ValueError for a malformed sha256: key
+            if digest in seen:
+                raise ValueError(f"STEERSERVE_API_KEYS configures one token twice ({seen[digest][:12]}... and "
+                                 f"{key[:12]}...)")
+            seen[digest] = key
+        return keys
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.config import Settings
 from tests.adapter_files import lora_file, served_model_dir
-from tests.conftest import TOKENS, auth, free_port, start_gateway_in_thread, stop_gateway
+from tests.conftest import TOKENS, auth, start_gateway_in_thread, stop_gateway
 from tests.rpc_fuzz import SERVICE, call, message_strategy, metadata_for, tokens
 
 EXAMPLES = 20
@@ -22,7 +22,7 @@ EXAMPLES = 20
 def fuzzed(tmp_path_factory):
     """A gateway of its own (fuzzed jobs and adapters stay out of other tests' data), its stub and a
     real LoRA file for the byte strategies."""
-    settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=free_port(), api_keys=dict(TOKENS),
+    settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, api_keys=dict(TOKENS),
                         data_dir=tmp_path_factory.mktemp("fuzz-data"), default_steps=2, max_steps=8, max_size=128,
                         max_edit_iterations=8, max_steer_steps=4)
     running = start_gateway_in_thread(settings)
@@ -54,4 +54,4 @@ def test_any_request_gets_a_deliberate_status(fuzzed, method):
     finally:
         cancel_jobs(stub)
     # Still serving.
-    assert stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=auth()).backend == "inprocess"
+    assert stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=auth(), timeout=30).backend == "inprocess"

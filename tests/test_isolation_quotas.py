@@ -12,7 +12,7 @@ from PIL import Image
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.stores import AdapterStore, QuotaExceeded, open_database
 from tests.adapter_files import lora_file, served_model_dir
-from tests.conftest import TOKENS, auth, free_port, start_gateway_in_thread, stop_gateway
+from tests.conftest import TOKENS, auth, start_gateway_in_thread, stop_gateway
 
 
 def png(size: int = 64) -> pb.Image:
@@ -81,7 +81,7 @@ def test_every_rpc_that_takes_an_id_answers_not_found_for_another_tenants_and_ch
 def test_adapter_count_quota_per_tenant(tmp_path, model_cache):
     from service.config import Settings
 
-    settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=free_port(), api_keys=dict(TOKENS),
+    settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, api_keys=dict(TOKENS),
                         data_dir=tmp_path, tenant_max_adapters=2)
     running = start_gateway_in_thread(settings)
     try:

@@ -143,3 +143,23 @@ def test_hash_token_command_prints_the_digest(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("token-carol\n"))
     assert main(["hash-token"]) == 0
     assert capsys.readouterr().out.strip() == "sha256:" + hashlib.sha256(b"token-carol").hexdigest()
+
+
+def test_api_key_entries_parse_as_before_and_are_checked(monkeypatch):
+    monkeypatch.setenv("STEERSERVE_API_KEYS", "tok:org:team")  # the first ":" ends a plain token
+    assert Settings().api_keys == {"tok": "org:team"}
+    digest = hashlib.sha256(b"tok").hexdigest()
+    monkeypatch.setenv("STEERSERVE_API_KEYS", f"tok:a,sha256:{digest}:b")  # one token twice
+    with pytest.raises(ValueError, match="one token twice"):
+        Settings()
+    monkeypatch.setenv("STEERSERVE_API_KEYS", "sha256:abcd:a")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_cli_client_certificate_needs_its_key(monkeypatch, certs):
+    from service.cli import main
+
+    monkeypatch.setenv("STEERSERVE_CLIENT_CERT_FILE", str(certs / "client.pem"))
+    with pytest.raises(SystemExit, match="go together"):
+        main(["adapters", "--address", "127.0.0.1:1", "--token", "t", "list"])

@@ -64,18 +64,17 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
 @pytest.mark.parametrize("name", ["../../escaped", "/etc/passwd", "..\\..\\escaped", "a/../../b", "~root"])
 def test_adapter_names_never_become_paths(gateway, name):
     data_dir = Path(gateway.settings.data_dir)
-    before = {p for p in data_dir.parent.rglob("*")}
     stub = gateway.stub()
     adapter = stub.ImportAdapter(pb.ImportAdapterRequest(name=name, safetensors=lora_file(served_model_dir(gateway))),
                                  metadata=auth())
     try:
         assert adapter.name == name  # a label, stored as given
-        created = {p for p in data_dir.parent.rglob("*")} - before
-        assert created, "the import wrote its blob somewhere"
-        for path in created:
-            assert data_dir in path.parents, path  # nothing outside the data folder
-            assert "escaped" not in path.name and "passwd" not in path.name
-        blob = [p for p in created if p.suffix == ".safetensors"]
-        assert [p.name for p in blob] == [f"{adapter.adapter_id}.safetensors"]
+        # Its blob: named by the server's id, inside the data folder.
+        blobs = [p for p in data_dir.parent.rglob(f"*{adapter.adapter_id}*")]
+        assert len(blobs) == 1 and blobs[0].name == f"{adapter.adapter_id}.safetensors"
+        assert data_dir / "adapters" in blobs[0].parents
+        # Nothing named after the label anywhere (outside the data folder or in it).
+        assert not [p for p in Path("/").joinpath(data_dir.parent).rglob("*") if "escaped" in p.name]
+        assert not (data_dir.parent.parent / "escaped").exists() and not (data_dir.parent / "escaped").exists()
     finally:
         stub.DeleteAdapter(pb.DeleteAdapterRequest(adapter_id=adapter.adapter_id), metadata=auth())

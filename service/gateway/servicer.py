@@ -442,8 +442,15 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         except AdapterFormatError as exc:
             raise invalid("safetensors", str(exc)) from exc
         tokens = list(adapter.token_embeddings)
-        if any(j.name == name for j in self.job_store.active(tenant)):
+        active = self.job_store.active(tenant)
+        if any(j.name == name for j in active):
             raise NameTaken(f"name: a personalization job named {name!r} is queued or running")
+        quota = self.settings.tenant_max_adapters
+        owned = len(self.adapter_store.list(tenant))
+        if owned + len(active) >= quota:
+            # Jobs in progress hold their future adapter's place (no await between this and create).
+            raise QuotaExceeded(f"adapter quota: {owned} adapters + {len(active)} jobs in progress; at most {quota} "
+                                "per tenant; delete an adapter first")
         record = self.adapter_store.create(
             tenant, name, _imported_method(adapter), serialize_adapter(adapter),
             token=token or (tokens[0] if tokens else ""), rank=adapter.max_rank,
