@@ -70,7 +70,10 @@ _STRINGS = st.one_of(
 )
 _INT32 = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, 1, 2, 3, 8, 20, 64, 512, 513, 4096, -1]))
 _INT64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 1, 42, -1]))
-_FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1.0, 7.5, -1.0]))
+# No subnormals from the strategy: hypothesis refuses to run them when a test before has set the
+# CPU to flush denormals (the engine does, for speed); tiny values still come from the constants.
+_FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False, width=32),
+                   st.sampled_from([0.0, -0.0, 1.0, 7.5, -1.0, 1e-40, 3.4e38]))
 
 
 def _scalar(field, lora):
