@@ -230,9 +230,9 @@ class Admission:
         if queue is not None and ticket in queue:
             # Give back its place in virtual time: the tenant's later requests move up by its
             # cost, so a client that gives up is not charged for work never done.
-            later = list(queue)[list(queue).index(ticket) + 1:]
-            queue.remove(ticket)
-            for t in later:
+            position = queue.index(ticket)
+            del queue[position]
+            for t in list(queue)[position:]:
                 t.tag -= ticket.cost
             self._finish[ticket.tenant] -= ticket.cost
             if not queue:

@@ -17,6 +17,7 @@ import torch
 
 from .graph_runtime import GraphRuntime
 from .onnx_export import INPUTS, OUTPUT, exported_unet, graph_shape
+from .runtime import warmup_inputs
 
 # onnxruntime's IOBinding takes numpy element types, and numpy has no bfloat16: export bf16 models'
 # graphs in float16 or float32.
@@ -96,6 +97,4 @@ class OnnxUNet(GraphRuntime):
         for rows, h, w in shapes:
             if rows > s.max_rows or (h, w) != (s.height, s.width):
                 continue
-            latents = torch.zeros(rows, s.latent_channels, h, w, device=self.device, dtype=self.dtype)
-            embeds = torch.zeros(rows, s.text_length, s.text_width, device=self.device, dtype=self.dtype)
-            self(latents, torch.full((rows,), 999.0), embeds)
+            self(*warmup_inputs(self.unet, rows, h, w, s.text_length))

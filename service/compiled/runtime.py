@@ -102,16 +102,25 @@ def row_timesteps(timesteps, rows: int, device) -> torch.Tensor:
 def pad_rows(
     latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pads a call to ``rows`` rows (zeros; the bank routes rows past the real ones to slot 0)."""
+    """Pads a call to ``rows`` rows (zeros; the bank routes rows past the real ones to slot 0).
+    ``timesteps``: one per row (row_timesteps)."""
     extra = rows - latents.shape[0]
     if extra <= 0:
         return latents, timesteps, embeds
-    timesteps = timesteps.reshape(-1).expand(latents.shape[0]) if timesteps.numel() == 1 else timesteps.reshape(-1)
     return (
         torch.cat([latents, latents.new_zeros((extra, *latents.shape[1:]))]),
         torch.cat([timesteps, timesteps[:1].expand(extra)]),
         torch.cat([embeds, embeds.new_zeros((extra, *embeds.shape[1:]))]),
     )
+
+
+def warmup_inputs(unet: torch.nn.Module, rows: int, height: int, width: int, text_length: int):
+    """Zero latents and embeddings and a late timestep for a warm-up call of this shape."""
+    param, config = next(unet.parameters()), unet.config
+    like = dict(device=param.device, dtype=param.dtype)
+    return (torch.zeros(rows, config.in_channels, height, width, **like),
+            torch.full((rows,), 999.0, device=param.device),
+            torch.zeros(rows, text_length, config.cross_attention_dim, **like))
 
 
 @dataclass

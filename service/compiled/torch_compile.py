@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .runtime import RuntimeStats, bucket_for, pad_rows, row_timesteps
+from .runtime import RuntimeStats, bucket_for, pad_rows, row_timesteps, warmup_inputs
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,8 @@ class CompiledUNet:
 
     @torch.no_grad()
     def warmup(self, shapes: Sequence[tuple[int, int, int]]) -> None:
-        param = next(self.unet.parameters())
-        config = self.unet.config
         for rows, h, w in shapes:
-            latents = torch.zeros(rows, config.in_channels, h, w, device=param.device, dtype=param.dtype)
-            embeds = torch.zeros(rows, self.text_length, config.cross_attention_dim, device=param.device,
-                                 dtype=param.dtype)
-            timesteps = torch.full((rows,), 999.0, device=param.device)
+            latents, timesteps, embeds = warmup_inputs(self.unet, rows, h, w, self.text_length)
             self.warmed.add((bucket_for(rows, self.buckets), h, w))
             # CUDA graphs record on a later call of a shape than the first; run each a few times.
             for _ in range(3 if self.cuda_graphs else 1):
