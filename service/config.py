@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     model_dir: Path | None = None  # a diffusers SD 1.x/2.x folder; None = the embedded default
     device: str = "cpu"
     backend: str = "inprocess"  # "inprocess" or "triton"
+    # Backend "triton": how long the embedded server may take to load its models (each python-backend
+    # stub imports torch; 30 s to 2 min on 2 shared cores), at start and at each supervised restart.
+    triton_start_timeout_s: float = Field(300.0, gt=0)
+    triton_restart_backoff_max_s: float = Field(30.0, gt=0)  # restarts back off 1, 2, 4 ... up to this
 
     # Request limits.
     default_steps: int = 20

@@ -42,7 +42,7 @@ def auth(token: str = "token-alice") -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
-def start_gateway_in_thread(settings: Settings, backend=None) -> RunningGateway:
+def start_gateway_in_thread(settings: Settings, backend=None, metrics=None) -> RunningGateway:
     from service.gateway.server import start_gateway
 
     loop = asyncio.new_event_loop()
@@ -52,7 +52,7 @@ def start_gateway_in_thread(settings: Settings, backend=None) -> RunningGateway:
     def run():
         asyncio.set_event_loop(loop)
         try:
-            box["gateway"] = loop.run_until_complete(start_gateway(settings, backend=backend))
+            box["gateway"] = loop.run_until_complete(start_gateway(settings, backend=backend, metrics=metrics))
         except BaseException as exc:  # noqa: BLE001 - surfaced to the test
             box["error"] = exc
         ready.set()

@@ -1,10 +1,10 @@
 """Gateway -> real Triton server serving model_repo/.
 
-One Triton for the module, started here with the gateway's own model environment; the gateway
-(backend "triton") reaches it through STEERSERVE_TRITON_URL. Starting it here rather than inside
-the gateway gives it a longer start-up allowance: each of its four python-backend stubs imports
-torch/diffusers, which on a shared 2-core machine took 30 s to over 2 minutes. The test that kills
-Triton runs last and restarts it.
+One Triton for the module, started here with the gateway's own model environment and handed to the
+gateway's backend as its child, as `--backend triton` does with the embedded server: the gateway
+supervises it. Starting it here rather than inside the gateway gives it a longer start-up allowance:
+each of its python-backend stubs imports torch/diffusers, which on a shared 2-core machine took 30 s
+to over 2 minutes. The test that kills Triton runs last: the gateway's supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from service.adapters import BankedAdapters
 from service.config import Settings
 from service.engine.default_model import default_model_dir
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
-from service.gateway.server import MODEL_REPOSITORY, TRITON_MODELS, TRITON_URL_ENV, triton_model_environment
+from service.backends.triton import TritonBackend
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.server import MODEL_REPOSITORY, TRITON_MODELS, triton_model_environment
 from service.triton.client import grpcclient
 from service.triton.launcher import TritonServer
 from service.adapters.loading import blob_loader
@@ -59,10 +61,10 @@ def triton(settings, model_dir):
 
 
 @pytest.fixture(scope="module")
-def stack(settings, triton):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(TRITON_URL_ENV, triton.grpc_url)
-        running = start_gateway_in_thread(settings)
+def stack(settings, triton, model_dir):
+    metrics = GatewayMetrics()
+    backend = TritonBackend(triton.grpc_url, model_dir, metrics=metrics, server=triton)
+    running = start_gateway_in_thread(settings, backend=backend, metrics=metrics)
     yield running
     stop_gateway(running)
 
@@ -345,27 +347,90 @@ def test_unload_and_load_a_model(stack, triton):
     assert len(stub.Generate(pb.GenerateRequest(prompt="a star", steps=1, seed=1), metadata=auth()).images) == 1
 
 
-def test_triton_killed_in_flight_is_unavailable_then_recovers(stack, triton):
+def _health(stack) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    return health_pb2_grpc.HealthStub(stack.channel()).Check(
+        health_pb2.HealthCheckRequest(service="steerserve.v1.SteerServe"), timeout=5).status
+
+
+def _metric(stack, name: str) -> float:
+    text = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
+    found = re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found[0]) if found else 0.0
+
+
+def test_supervisor_restarts_a_killed_triton_and_jobs_resume(stack, triton, model_dir):
+    """kill -9 of the Triton process group: in-flight requests fail UNAVAILABLE, health turns
+    NOT_SERVING, the gateway restarts Triton, health is SERVING within 5 s of Triton being ready,
+    and the training job that was running resumes from its checkpoint."""
+    from grpc_health.v1 import health_pb2
+
     stub = stack.stub()
+    servicer = stack.gateway.servicer
+    job = stub.Personalize(_crescent_request("triton-survivor", steps=400), metadata=auth())
+    _wait_job(stub, job.job_id, lambda j: j.state == pb.RUNNING and
+              servicer.job_store.get("alice", job.job_id).checkpoint_step >= 2)
     box = {}
 
     def long_call():
         try:
-            stub.Generate(pb.GenerateRequest(prompt="a tree", steps=150, seed=1), metadata=auth(), timeout=120)
+            box["answer"] = stub.Generate(pb.GenerateRequest(prompt="a tree", steps=150, seed=1, width=256, height=256),
+                                          metadata=auth(), timeout=120)
         except grpc.RpcError as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=long_call)
     thread.start()
-    time.sleep(1.5)  # well into the 150 steps
-    triton.kill()
+    deadline = time.monotonic() + 30
+    while _metric(stack, 'steerserve_rpc_in_flight_requests{method="Generate"}') < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # into its 150 steps at 256x256 (many seconds on a CPU)
+
+    def external_probe() -> bool:  # how an external Triton (STEERSERVE_TRITON_URL) is watched: gRPC readiness
+        async def probe():
+            backend = TritonBackend(triton.grpc_url, model_dir)
+            try:
+                return await backend._probe()
+            finally:
+                await backend.close()
+        return asyncio.run(probe())
+
+    assert external_probe() is True
+    assert _health(stack) == health_pb2.HealthCheckResponse.SERVING
+    triton.kill()  # SIGKILL to the server and its stubs
+
     thread.join(30)
+    assert not thread.is_alive() and "answer" not in box, "the in-flight Generate did not fail"
     assert box["error"].code() == grpc.StatusCode.UNAVAILABLE
     assert "Triton" in box["error"].details() and "unavailable" in box["error"].details()
-    with pytest.raises(grpc.RpcError) as err:  # still down: a clear UNAVAILABLE, not a hang
+    assert external_probe() is False
+    deadline = time.monotonic() + 5
+    while _health(stack) != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "health still SERVING 5 s after Triton died"
+        time.sleep(0.1)
+    with pytest.raises(grpc.RpcError) as err:  # down: a clear UNAVAILABLE at once, not a hang
         stub.Generate(pb.GenerateRequest(prompt="a tree", steps=1, seed=1), metadata=auth(), timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "exited" in err.value.details() and "restart" in err.value.details(), err.value.details()
+    assert _metric(stack, "steerserve_triton_up") == 0
 
-    triton.start()  # same ports: the gateway's channel reconnects on its own
+    # The supervisor restarts it on the same ports; health follows within 5 s of readiness.
+    deadline = time.monotonic() + 400
+    while not triton.is_ready():
+        assert time.monotonic() < deadline, triton.log_tail()
+        time.sleep(0.05)
+    ready_at = time.monotonic()
+    while _health(stack) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() - ready_at < 5, "health not SERVING 5 s after Triton was ready again"
+        time.sleep(0.05)
+    assert _metric(stack, 'steerserve_triton_restarts_total{outcome="succeeded"}') == 1
+    assert _metric(stack, "steerserve_triton_up") == 1
     assert len(stub.Generate(pb.GenerateRequest(prompt="a tree", steps=1, seed=1), metadata=auth(),
                              timeout=60).images) == 1
+
+    done = _wait_job(stub, job.job_id, lambda j: j.state not in (pb.QUEUED, pb.RUNNING), timeout=600)
+    assert done.state == pb.SUCCEEDED, done.error
+    assert "resumed from step" in done.message, done.message
+    assert servicer.job_store.get("alice", job.job_id).attempts == 2

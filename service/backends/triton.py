@@ -33,6 +33,7 @@ from service.gateway.errors import ServiceError
 from service.personalize import Progress, TrainingSpec, TrainingStopped
 from service.triton.client import InferenceServerException, aioclient, grpcclient
 from service.triton.library import edit_spec_to_wire, encode_adapters, parse_status, training_spec_to_wire
+from service.triton.supervisor import OnChange, SupervisorMetrics, TritonSupervisor
 
 from .base import BackendBusy, BackendUnavailable
 
@@ -98,7 +99,58 @@ class TritonBackend:
         self.limits = facts.limits
         self.tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
         self.triton_metrics = TritonMetrics(metrics.registry) if metrics is not None else None
+        self._registry = metrics.registry if metrics is not None else None
         self._client: aioclient.InferenceServerClient | None = None
+        self.supervisor: TritonSupervisor | None = None
+        self._probe_client: aioclient.InferenceServerClient | None = None
+
+    # -- supervision -----------------------------------------------------------------------------
+
+    def start_supervision(self, on_change: OnChange | None = None, **options) -> TritonSupervisor:
+        """Watches the server (and restarts it, when this backend owns it) from the running event
+        loop; `on_change(up, reason)` hears every change (the gateway's health)."""
+        metrics = SupervisorMetrics(self._registry) if self._registry is not None else None
+
+        async def changed(up: bool, reason: str) -> None:
+            if up and self._client is not None:
+                # The old channel may sit in reconnect backoff from the outage: start a fresh one.
+                client, self._client = self._client, None
+                await client.close()
+            if on_change is not None:
+                result = on_change(up, reason)
+                if asyncio.iscoroutine(result):
+                    await result
+
+        self.supervisor = TritonSupervisor(self._probe, self.server, changed, metrics, **options).start()
+        return self.supervisor
+
+    async def _probe(self) -> bool:
+        if self.server is not None:  # our child: its HTTP readiness endpoint
+            return await asyncio.to_thread(self.server.is_ready)
+        if self._probe_client is None:
+            # Its own channel, retrying every second at most: readiness is seen within a second of
+            # the server coming back, not after grpc's default reconnect backoff (up to 2 minutes).
+            self._probe_client = aioclient.InferenceServerClient(self.url, channel_args=[
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ])
+        try:
+            return bool(await self._probe_client.is_server_ready(client_timeout=2.0))
+        except Exception:  # noqa: BLE001 - any failure to answer is "not ready"
+            return False
+
+    async def wait_available(self) -> None:
+        """Returns once the server is ready (at once when no supervisor watches it)."""
+        if self.supervisor is not None:
+            await self.supervisor.wait_up()
+
+    def _ensure_available(self) -> None:
+        """Fails at once while the supervised child is down or restarting, rather than on a dead channel."""
+        if self.supervisor is not None and self.supervisor.exited:
+            self._count("UNAVAILABLE")
+            raise BackendUnavailable(f"the Triton model server at {self.url} is unavailable: "
+                                     f"{self.supervisor.reason}; retry later")
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
@@ -122,6 +174,7 @@ class TritonBackend:
     async def generate(
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
     ) -> GenerationResult:
+        self._ensure_available()
         inputs = [
             _tensor("PROMPT", [spec.prompt.encode()], "BYTES"),
             _tensor("NEGATIVE_PROMPT", [spec.negative_prompt.encode()], "BYTES"),
@@ -180,6 +233,7 @@ class TritonBackend:
 
     async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
         """One stream to the `edit` model: progress responses (when asked), then the edited image."""
+        self._ensure_available()
         spec_json, source = edit_spec_to_wire(spec)
         inputs = [
             _tensor("SPEC", [spec_json], "BYTES"),
@@ -225,6 +279,7 @@ class TritonBackend:
             raise self._unavailable(f"{exc.code().name}: {exc.details()}") from exc
 
     async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
+        self._ensure_available()
         spec_json, pngs = training_spec_to_wire(spec)
         inputs = [_tensor("SPEC", [spec_json], "BYTES"), _tensor("IMAGES", pngs, "BYTES")]
         if resume is not None:
@@ -305,8 +360,11 @@ class TritonBackend:
         return RuntimeError(f"Triton: {message}")
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        if self.supervisor is not None:  # first: it must not restart the server closed below
+            await self.supervisor.stop()
+        for client in (self._client, self._probe_client):
+            if client is not None:
+                await client.close()
+        self._client = self._probe_client = None
         if self.server is not None:
             await asyncio.to_thread(self.server.close)

@@ -95,7 +95,7 @@ async def build_triton_backend(settings: Settings, metrics: GatewayMetrics) -> B
     if not url:
         server = TritonServer(
             MODEL_REPOSITORY, models=TRITON_MODELS, env=triton_model_environment(settings, model_dir),
-            work_dir=Path(settings.data_dir) / "triton",
+            work_dir=Path(settings.data_dir) / "triton", start_timeout_s=settings.triton_start_timeout_s,
         )
         await asyncio.to_thread(server.start)
         log.info("Triton ready at %s (metrics %s)", server.grpc_url, server.metrics_url)
@@ -164,6 +164,9 @@ async def start_gateway(
     db = open_database(Path(settings.data_dir) / "steerserve.sqlite3")
     adapters = AdapterStore(db, Path(settings.data_dir) / "adapters", max_adapters=settings.tenant_max_adapters,
                             max_bytes=settings.tenant_max_adapter_bytes)
+    swept = adapters.sweep()  # files a crash left between writing a blob and registering it
+    if swept:
+        log.warning("removed %d unregistered adapter files left by an interrupted write", len(swept))
     check = adapter_checker(backend.model_dir, settings.adapter_max_rank)
     runner = JobRunner(
         settings, JobStore(db), adapters, CheckpointStore(Path(settings.data_dir) / "checkpoints"), backend, check, metrics
@@ -189,6 +192,15 @@ async def start_gateway(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    start_supervision = getattr(backend, "start_supervision", None)
+    if start_supervision is not None:  # backend "triton": health follows the model server
+
+        async def triton_changed(up: bool, reason: str) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+
+        start_supervision(triton_changed, backoff_s=(1.0, settings.triton_restart_backoff_max_s))
 
     metrics_http = None
     if settings.metrics_port:

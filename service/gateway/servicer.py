@@ -34,7 +34,9 @@ from service.engine.pipeline import AdapterUse, GenerationCancelled
 from service.jobs import JobRunner, NameTaken, QueueFull
 from service.personalize import FINESTYLE, SUBJECT_METHODS
 from service.personalize.tokens import TokenError
-from service.stores import AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound, QuotaExceeded
+from service.stores import (
+    AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound, QuotaExceeded, is_disk_full,
+)
 
 from . import validation
 from .auth import Authenticator
@@ -130,6 +132,8 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, f"a stored adapter cannot be loaded: {exc}"
     if isinstance(exc, BackendUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if is_disk_full(exc):  # the stores removed what they had begun to write
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server's storage is full ({exc}); nothing was stored"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"
 
 

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Callable
 
+from service import crashpoints
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.adapters import Adapter, AdapterFormatError, parse_adapter, serialize_adapter
 from service.backends import Backend, BackendUnavailable
@@ -32,7 +33,10 @@ from service.config import Settings
 from service.engine.images import encode_png
 from service.engine.pipeline import AdapterUse, GenerationSpec
 from service.personalize import FINESTYLE, TrainingStopped, finestyle
-from service.stores import AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore
+from service.personalize.spec import unpack_checkpoint
+from service.stores import (
+    AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore, is_disk_full,
+)
 
 from . import requests
 
@@ -61,6 +65,7 @@ class JobProgress:
         self.runner, self.job = runner, job
         self.stop = threading.Event()
         self.cancelled = False
+        self.resumed_from = 0  # the step this attempt's training resumed from (0: from the start)
         self._first: tuple[int, float] | None = None  # (step, time) of the first step of this attempt
         self._last_write = 0.0
 
@@ -77,6 +82,7 @@ class JobProgress:
 
     def checkpoint(self, step: int, state: bytes) -> None:
         self.runner.checkpoints.write(self.job.job_id, state)
+        crashpoints.reached("checkpoint.written")
         self.runner.store.update(self.job.job_id, checkpoint_step=step)
 
     def should_stop(self) -> bool:
@@ -102,13 +108,19 @@ class JobRunner:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._running: dict[str, JobProgress] = {}
         self._workers: list[asyncio.Task] = []
+        self._retries: set[asyncio.Task] = set()  # jobs waiting for the model server (still QUEUED rows)
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Re-queues the jobs an earlier process left unfinished, then starts the workers."""
-        for job in self.store.requeue_unfinished():
+        unfinished = self.store.requeue_unfinished()
+        # What a crash left: temp files, checkpoints of jobs that had ended.
+        swept = self.checkpoints.sweep(keep={job.job_id for job in unfinished})
+        if swept or unfinished:
+            log.info("resuming %d unfinished jobs; removed %d stale checkpoint files", len(unfinished), len(swept))
+        for job in unfinished:
             self._queue.put_nowait(job.job_id)
         self._set_gauges()
         self._workers = [asyncio.create_task(self._work(), name=f"job-worker-{i}")
@@ -118,6 +130,8 @@ class JobRunner:
         """Stops the workers. A running job stops at its next step and stays QUEUED in the table,
         to resume from its checkpoint when the server starts again."""
         self._closing = True
+        for task in list(self._retries):  # their jobs stay QUEUED and run at the next start
+            task.cancel()
         for progress in self._running.values():
             progress.stop.set()
         for _ in self._workers:  # wakes the idle workers, which see _closing and return
@@ -210,10 +224,12 @@ class JobRunner:
                     class_word=job.class_word, rank=adapter.max_rank, num_parameters=adapter.num_parameters,
                     source="personalize", adapter_id=adapter_id_for(job_id),
                 )
+                crashpoints.reached("job.adapter_registered")
             self.store.update(job_id, adapter_id=record.adapter_id, message="making previews", eta_seconds=None)
             previews, note = await self._previews(job, record.adapter_id)
             # A finished job still says it survived a restart (its RUNNING message may be missed).
-            resumed = f"resumed from step {job.checkpoint_step}" if job.checkpoint_step else ""
+            resumed_from = progress.resumed_from or job.checkpoint_step
+            resumed = f"resumed from step {resumed_from}" if resumed_from else ""
             self.store.finish(job_id, JobState.SUCCEEDED, adapter_id=record.adapter_id, previews=previews,
                               step=job.total_steps, message="; ".join(m for m in (resumed, note) if m))
             self._count("SUCCEEDED", job.method)
@@ -230,23 +246,56 @@ class JobRunner:
                 self._fail(current, f"the model server stayed unavailable: {exc}")
             elif not current.state.finished:
                 self.store.update(job_id, state=JobState.QUEUED, eta_seconds=None, message=f"waiting to retry: {exc}")
-                asyncio.get_running_loop().call_later(_RETRY_SECONDS, self._queue.put_nowait, job_id)
+                self._retry_when_available(job_id)
         except AdapterAlreadyExists:
             self._fail(job, f"name: an adapter named {job.name!r} was created while the job ran")
         except Exception as exc:  # noqa: BLE001 - the job ends FAILED with the reason, never silently
             log.exception("job %s failed", job_id)
-            self._fail(job, f"{type(exc).__name__}: {exc}")
+            if is_disk_full(exc):
+                self._fail(job, f"the server's storage is full ({exc}); no adapter was stored")
+            else:
+                self._fail(job, f"{type(exc).__name__}: {exc}")
         finally:
             self._running.pop(job_id, None)
             if self.store.get_by_id(job_id).state.finished:
                 self.checkpoints.delete(job_id)
 
+    def _retry_when_available(self, job_id: str) -> None:
+        """Re-queues the job once the model server is back: after a pause, and then (when a
+        supervisor watches Triton) not before it answers ready, so an outage that lasts a whole
+        restart costs the job one attempt, not one per pause."""
+
+        async def retry() -> None:
+            await asyncio.sleep(_RETRY_SECONDS)
+            wait_available = getattr(self.backend, "wait_available", None)
+            if wait_available is not None:
+                await wait_available()
+            if not self._closing:
+                self._queue.put_nowait(job_id)
+
+        task = asyncio.get_running_loop().create_task(retry(), name=f"retry-{job_id}")
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    def _checkpoint(self, job: JobRecord) -> tuple[bytes | None, int]:
+        """The job's checkpoint file, whatever its row says: the file is written atomically before
+        its step is recorded, so after a crash in between it is one checkpoint ahead of the row."""
+        data = self.checkpoints.read(job.job_id)
+        if data is None:
+            return None, 0
+        try:
+            return data, int(unpack_checkpoint(data)["step"])
+        except Exception as exc:  # noqa: BLE001 - damaged on disk: train from the start rather than fail
+            log.warning("job %s: checkpoint unreadable (%s); training from the start", job.job_id, exc)
+            return None, 0
+
     async def _train(self, job: JobRecord, progress: JobProgress) -> Adapter:
         request = pb.PersonalizeRequest.FromString(job.request)
         spec = requests.training_spec(request, self.settings.max_input_image_pixels, self.settings.checkpoint_every)
-        resume = self.checkpoints.read(job.job_id) if job.checkpoint_step else None
+        resume, progress.resumed_from = self._checkpoint(job)
         if resume is not None:
-            self.store.update(job.job_id, message=f"training, resumed from step {job.checkpoint_step}")
+            self.store.update(job.job_id, checkpoint_step=progress.resumed_from,
+                              message=f"training, resumed from step {progress.resumed_from}")
         blob = await self.backend.personalize(spec, resume, progress)
         try:
             # What the serving bank will load: refuse here what it could not serve.

@@ -6,7 +6,7 @@ The embedded default keeps both in one SQLite database (WAL) and a blob director
 
 from .adapters import AdapterAlreadyExists, AdapterRecord, AdapterStore, BlobCorrupted, QuotaExceeded
 from .checkpoints import CheckpointStore
-from .db import NotFound, open_database
+from .db import NotFound, is_disk_full, open_database
 from .jobs import JobRecord, JobState, JobStore
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "JobState",
     "JobStore",
     "NotFound",
+    "is_disk_full",
     "QuotaExceeded",
     "open_database",
 ]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from service import crashpoints
 
 from .db import Database, NotFound
 
@@ -73,6 +74,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        crashpoints.reached("atomic_write.temp_written")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -107,7 +109,8 @@ class AdapterStore:
         source: str = "import",
         adapter_id: str | None = None,
     ) -> AdapterRecord:
-        """Stores the blob, then registers it; a failed registration removes the blob.
+        """Stores the blob, then registers it, in one transaction; a failed registration removes
+        the blob.
 
         `adapter_id` lets a caller fix the id in advance (a training job derives it from its job
         id, so a job interrupted after this call finds its adapter instead of training again)."""
@@ -117,38 +120,47 @@ class AdapterStore:
         rel = f"{tenant_dir}/{adapter_id}.safetensors"
         path = self.blob_root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self.db.transaction() as conn:
-            if conn.execute(
-                "SELECT 1 FROM adapters WHERE tenant=? AND name=?", (tenant, name)
-            ).fetchone():
-                raise AdapterAlreadyExists(f"an adapter named {name!r} already exists")
-            # In the same transaction as the insert: two concurrent creates cannot both squeeze in.
-            count, used = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant=?", (tenant,)
-            ).fetchone()
-            if self.max_adapters is not None and count + 1 > self.max_adapters:
-                raise QuotaExceeded(f"adapter quota: this tenant has {count} adapters, at most {self.max_adapters}; "
-                                    "delete one first")
-            if self.max_bytes is not None and used + len(data) > self.max_bytes:
-                raise QuotaExceeded(f"adapter quota: {used} bytes stored + {len(data)} would exceed this tenant's "
-                                    f"{self.max_bytes} bytes; delete adapters first")
-            _write_atomically(path, data)
-            record = AdapterRecord(
-                adapter_id=adapter_id,
-                tenant=tenant,
-                name=name,
-                method=method,
-                token=token,
-                class_word=class_word,
-                rank=rank,
-                size_bytes=len(data),
-                num_parameters=num_parameters,
-                sha256=hashlib.sha256(data).hexdigest(),
-                blob=rel,
-                source=source,
-                created_at=time.time(),
-            )
-            try:
+        # The blob is renamed into place inside the transaction; if anything after that fails
+        # (the insert, the COMMIT on a full disk) it is removed, so no file outlives a failed create.
+        # A SIGKILL in that gap leaves an unreferenced file, which sweep() removes at the next start.
+        written = committed = False
+        try:
+            with self.db.transaction() as conn:
+                if conn.execute(
+                    "SELECT 1 FROM adapters WHERE tenant=? AND name=?", (tenant, name)
+                ).fetchone():
+                    raise AdapterAlreadyExists(f"an adapter named {name!r} already exists")
+                if conn.execute("SELECT 1 FROM adapters WHERE adapter_id=?", (adapter_id,)).fetchone():
+                    # Never overwrite (or, failing, remove) a registered adapter's blob.
+                    raise AdapterAlreadyExists(f"adapter {adapter_id!r} already exists")
+                # In the same transaction as the insert: two concurrent creates cannot both squeeze in.
+                count, used = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant=?", (tenant,)
+                ).fetchone()
+                if self.max_adapters is not None and count + 1 > self.max_adapters:
+                    raise QuotaExceeded(f"adapter quota: this tenant has {count} adapters, at most {self.max_adapters}; "
+                                        "delete one first")
+                if self.max_bytes is not None and used + len(data) > self.max_bytes:
+                    raise QuotaExceeded(f"adapter quota: {used} bytes stored + {len(data)} would exceed this tenant's "
+                                        f"{self.max_bytes} bytes; delete adapters first")
+                _write_atomically(path, data)
+                written = True
+                crashpoints.reached("adapter.blob_written")
+                record = AdapterRecord(
+                    adapter_id=adapter_id,
+                    tenant=tenant,
+                    name=name,
+                    method=method,
+                    token=token,
+                    class_word=class_word,
+                    rank=rank,
+                    size_bytes=len(data),
+                    num_parameters=num_parameters,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    blob=rel,
+                    source=source,
+                    created_at=time.time(),
+                )
                 conn.execute(
                     "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
@@ -157,10 +169,28 @@ class AdapterStore:
                         record.sha256, record.blob, record.source, record.created_at,
                     ),
                 )
-            except sqlite3.Error:
+                crashpoints.reached("adapter.row_inserted")
+            committed = True
+        finally:
+            if written and not committed:
                 path.unlink(missing_ok=True)
-                raise
+        crashpoints.reached("adapter.committed")
         return record
+
+    def sweep(self) -> list[Path]:
+        """Removes what a crash can leave behind and no row refers to: temp files of interrupted
+        writes, and blobs renamed into place whose registration never committed. Run at start,
+        before anything writes (one gateway process per data folder)."""
+        referenced = {row["blob"] for row in self.db.connect().execute("SELECT blob FROM adapters")}
+        removed = []
+        for path in self.blob_root.rglob("*"):
+            if not path.is_file():
+                continue
+            rel = path.relative_to(self.blob_root).as_posix()
+            if path.name.endswith(".tmp") or (path.suffix == ".safetensors" and rel not in referenced):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     def find(self, tenant: str, adapter_id: str) -> AdapterRecord | None:
         try:

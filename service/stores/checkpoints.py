@@ -33,3 +33,13 @@ class CheckpointStore:
 
     def delete(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)
+
+    def sweep(self, keep: set[str]) -> list[Path]:
+        """Removes temp files of interrupted writes and checkpoints of jobs not in `keep` (the
+        unfinished ones); run at start."""
+        removed = []
+        for path in self.root.iterdir():
+            if path.is_file() and (path.name.endswith(".tmp") or path.name.removesuffix(".ckpt") not in keep):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed

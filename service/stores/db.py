@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import threading
 from pathlib import Path
+
+# Out of space, out of quota, or past the process's file-size limit (RLIMIT_FSIZE).
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write failed for lack of space: the service answers RESOURCE_EXHAUSTED, not INTERNAL."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL_ERRNOS
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return False
 
 
 class NotFound(KeyError):
@@ -47,7 +60,16 @@ class _Transaction:
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type:
+            self.conn.execute("ROLLBACK")
+            return False
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error:
+            # A failed COMMIT (disk full) may leave the transaction open on this thread's connection.
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
         return False
 
 

@@ -153,6 +153,7 @@ class TritonServer:
         self.extra_args = list(extra_args)  # e.g. --model-config-name=gpu (deploy/)
         self.log_path = self.work_dir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        self._closed = False  # after close(), start() refuses (a supervisor's restart may race it)
 
     @property
     def grpc_url(self) -> str:
@@ -197,6 +198,8 @@ class TritonServer:
         return cmd
 
     def start(self) -> "TritonServer":
+        if self._closed:
+            raise TritonStartError("the server was closed")
         dist = TritonDistribution.find()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")
@@ -268,6 +271,7 @@ class TritonServer:
         return self.start()
 
     def close(self) -> None:
+        self._closed = True
         self.stop()
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
