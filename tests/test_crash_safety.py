@@ -296,11 +296,12 @@ def test_a_full_disk_answers_resource_exhausted_and_stores_nothing(tmp_path, mod
         small = lora_file(model_dir, rank=2)
         gateway.stub.ImportAdapter(pb.ImportAdapterRequest(name="small", safetensors=small), metadata=auth())
 
-        # A job whose checkpoint does not fit ends FAILED with the reason, leaving no file behind.
+        # A job whose checkpoint does not fit (custom diffusion's K/V + AdamW state is larger than the
+        # limit) ends FAILED with the reason, leaving no file behind.
         job = gateway.stub.Personalize(personalize_request("crescent", steps=4), metadata=auth())
         done = wait_finished(gateway.stub, job.job_id)
-        if done.state == pb.FAILED:
-            assert "storage is full" in done.error, done.error
+        assert done.state == pb.FAILED and "storage is full" in done.error, (done.state, done.error)
+        assert [a.name for a in gateway.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=auth()).adapters] == ["small"]
         assert gateway.proc.poll() is None
         assert_consistent(data)
     finally:
