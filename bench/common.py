@@ -80,6 +80,20 @@ def write_results(out_dir, stem: str, report: dict, markdown: str) -> None:
     print(markdown)
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MB (Linux /proc)."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def slope(xs, ys) -> float:
+    """Least-squares slope of ys over xs (how fast memory grows per request)."""
+    import statistics
+
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
 def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -18,7 +18,6 @@ import collections
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,20 +27,10 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.common import ROOT, write_results
+from bench.common import ROOT, rss_mb, slope, write_results
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from tests.rpc_fuzz import BAD_CODES, SERVICE, message_strategy, metadata_for, tokens
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def slope(xs, ys) -> float:
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def main(argv=None) -> None:

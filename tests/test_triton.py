@@ -158,6 +158,12 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
     assert batch_sum > 2 * batch_count  # some steps ran in a batch of more than one request's two rows
     assert "steerserve_triton_step_queue_seconds_bucket" in text
 
+    # The unet instances' adapter banks, through Triton's own /metrics: the three adapters were
+    # loaded (misses), are resident, and no slot stays pinned once the requests are answered.
+    assert nv_metric(triton, "steerserve_triton_adapter_cache_misses_total", "unet") >= 3
+    assert nv_metric(triton, "steerserve_triton_adapter_resident", "unet") >= 3
+    assert nv_metric(triton, "steerserve_triton_adapter_pinned_slots", "unet") == 0
+
 
 def test_progress_streams_every_step(stack):
     backend = stack.gateway.servicer.backend

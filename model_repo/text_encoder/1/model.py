@@ -2,12 +2,17 @@
 
 import triton_python_backend_utils as pb_utils
 
-from service.triton.library import TextEncode, decode_adapters, load_engine_from_env, status_message
+from prometheus_client import CollectorRegistry
+
+from service.triton.library import BankMetrics, TextEncode, decode_adapters, load_engine_from_env, status_message
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.encode = TextEncode(load_engine_from_env(args, max_rows=64))
+        registry = CollectorRegistry()  # this instance's bank series, exported through Triton below
+        engine = load_engine_from_env(args, max_rows=64, registry=registry)
+        self.encode = TextEncode(engine)
+        self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if hasattr(engine.adapters, "manager") else None
 
     def execute(self, requests):
         responses = []
@@ -19,4 +24,13 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDS", embeds)]))
             except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(status_message(exc))))
+        self._update_bank_metrics()
         return responses
+
+    def _update_bank_metrics(self):
+        if self.bank_metrics is None:
+            return
+        try:
+            self.bank_metrics.update()
+        except Exception as exc:  # noqa: BLE001 - a metrics failure must never fail the requests
+            pb_utils.Logger.log_warn(f"adapter bank metrics not updated: {exc}")

@@ -9,7 +9,9 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from service.triton.library import StepSample, UNetStep, decode_adapters, load_engine_from_env, status_message
+from prometheus_client import CollectorRegistry
+
+from service.triton.library import BankMetrics, StepSample, UNetStep, decode_adapters, load_engine_from_env, status_message
 
 
 def _sample(request) -> StepSample:
@@ -27,8 +29,10 @@ def _sample(request) -> StepSample:
 class TritonPythonModel:
     def initialize(self, args):
         max_batch = json.loads(args["model_config"])["max_batch_size"]
-        engine = load_engine_from_env(args, max_rows=max_batch, unet_runtime=True)
+        registry = CollectorRegistry()  # this instance's bank series, exported through Triton below
+        engine = load_engine_from_env(args, max_rows=max_batch, unet_runtime=True, registry=registry)
         self.step = UNetStep(engine)
+        self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if hasattr(engine.adapters, "manager") else None
         runtime = engine.unet_runtime
         pb_utils.Logger.log_info(
             f"UNet runtime {runtime.name} warmed up in {runtime.stats.warmup_seconds:.1f} s "
@@ -46,6 +50,7 @@ class TritonPythonModel:
             # One bad request (unknown adapter, odd shape) must not fail the others it was batched
             # with: run each alone so the error lands on its own request.
             results = [self._alone(r) for r in requests]
+        self._update_bank_metrics()
         return [self._response(r) for r in results]
 
     def _alone(self, request):
@@ -68,3 +73,11 @@ class TritonPythonModel:
             pb_utils.Tensor("BATCH_SIZE", np.full((n, 1), batch_size, dtype=np.int32)),
             pb_utils.Tensor("COMPUTE_US", np.full((n, 1), int(seconds * 1e6), dtype=np.int64)),
         ])
+
+    def _update_bank_metrics(self):
+        if self.bank_metrics is None:
+            return
+        try:
+            self.bank_metrics.update()
+        except Exception as exc:  # noqa: BLE001 - a metrics failure must never fail the requests
+            pb_utils.Logger.log_warn(f"adapter bank metrics not updated: {exc}")
