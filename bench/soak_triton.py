@@ -1,16 +1,22 @@
-"""Soak: 1,000 Generate requests through the gateway and its Triton child, mixed adapters, random
+"""Soak: 3,000 Generate requests through the gateway and its Triton child, mixed adapters, random
 client cancellations; memory of every process and the adapter banks' state at the end.
 
-    python -m bench.soak_triton [--requests 1000] [--clients 8] [--cancel 0.15] [--out-dir bench/results]
+    python -m bench.soak_triton [--requests 3000] [--clients 8] [--cancel 0.15] [--out-dir bench/results]
 
 The real deployment shape: `python -m service serve --backend triton` (gateway + embedded Triton,
 whose python-backend stubs run the models) in its own process group. The Triton banks get 4 slots
 (3 for adapters) against 6 imported adapters, so requests keep evicting and reloading. Each request
 uses no adapter, one, or two; a fraction are cancelled by the client after a random delay.
 
+Why 3,000 (the issue asks at least 1,000): the unet stub's RSS rises in one or two steps of 2-12 MB
+at random moments (the allocator keeping a larger arena after some batch composition) and then stays
+level -- four runs ended at 553-556 MB whatever their length -- so over 1,000 requests one late step
+can look like a slope; over 3,000 the second half shows whether anything still grows.
+
 Reports: answers by status (every request must get one: OK, or CANCELLED where the client
 cancelled); RSS of the gateway, tritonserver and each stub process sampled along the run, with the
-least-squares slope over the part after warm-up (MB per 1,000 requests); and, once idle, Triton's
+least-squares slopes (MB per 1,000 requests) over the soak (after `--warmup` uncounted requests)
+and over its second half; "flat" is judged on the second; and, once idle, Triton's
 bank metrics (pinned slots must be 0), pending requests, and the gateway's in-flight and admission
 gauges (all 0). Writes bench/results/soak_triton.{json,md}; exits 1 when a check fails.
 """
@@ -46,10 +52,17 @@ MAX_SLOPE_MB_PER_1000 = 2.0  # "flat": what allocator noise allows, far below an
 
 
 def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """Child processes of `pid` (by parent pid: a child started from any of its threads)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # the field after the parenthesised command name: state, then ppid
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return sorted(found)
 
 
 def processes(gateway_pid: int) -> dict[str, int]:
@@ -58,11 +71,14 @@ def processes(gateway_pid: int) -> dict[str, int]:
     for child in children(gateway_pid):
         if Path(f"/proc/{child}/comm").read_text().strip() == "tritonserver":
             found["tritonserver"] = child
-            for i, stub in enumerate(children(child)):
-                # the stub's command line names its model instance (e.g. .../unet_0_0)
-                cmdline = Path(f"/proc/{stub}/cmdline").read_bytes().split(b"\0")
-                name = next((a.decode() for a in cmdline if b"_0_" in a or b"_1_" in a), f"stub{i}")
-                found[f"stub:{Path(name).name}"] = stub
+            for stub in children(child):
+                # the stub's arguments include its model's path (.../model_repo/unet/1/model.py)
+                args = Path(f"/proc/{stub}/cmdline").read_bytes().split(b"\0")
+                model = next((Path(a.decode()).parent.parent.name for a in args if a.endswith(b"model.py")), str(stub))
+                name = f"stub:{model}"
+                while name in found:
+                    name += "'"
+                found[name] = stub
     return found
 
 
@@ -77,8 +93,10 @@ def metric_sum(text: str, name: str, where: str = "") -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=200,
+                    help="requests sent first, not counted: allocators grow until the batch compositions repeat")
     ap.add_argument("--cancel", type=float, default=0.15, help="fraction of requests the client cancels")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -121,6 +139,7 @@ def main(argv=None) -> int:
         samples: list[tuple[int, dict[str, float]]] = []
         lock = threading.Lock()
         pids = processes(server.pid)
+        print(f"watching {pids}", flush=True)
 
         def sample():
             rss = {}
@@ -159,6 +178,12 @@ def main(argv=None) -> int:
                     if done[0] % 100 == 0:
                         print(f"{done[0]} answered; {dict(outcomes)}", flush=True)
 
+        with ThreadPoolExecutor(args.clients) as pool:  # warm-up, same mix, seeds apart from the soak's
+            list(pool.map(lambda i: stub.Generate(pb.GenerateRequest(
+                prompt=PROMPTS[i % len(PROMPTS)], steps=args.steps, seed=1_000_000 + i,
+                adapters=[pb.AdapterRef(adapter_id=a) for a in random.Random(i).sample(adapters, i % 3)]),
+                metadata=MD, timeout=300), range(args.warmup)))
+        print(f"warmed up with {args.warmup} requests", flush=True)
         sample()
         with ThreadPoolExecutor(args.clients) as pool:
             list(pool.map(one, range(args.requests)))
@@ -187,33 +212,43 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
 
-    warm = [s for s in samples if s[0] >= args.requests // 5]  # after warm-up (first fifth)
-    slopes = {}
-    for name in samples[-1][1]:
-        points = [(n, rss[name]) for n, rss in warm if name in rss]
-        if len(points) > 2:
-            slopes[name] = slope([p[0] for p in points], [p[1] for p in points]) * 1000
+    def slopes_from(first: int) -> dict[str, float]:
+        """MB per 1,000 requests, least squares over the samples from request `first` on."""
+        out = {}
+        for name in samples[-1][1]:
+            points = [(n, rss[name]) for n, rss in samples if n >= first and name in rss]
+            if len(points) > 2:
+                out[name] = slope([p[0] for p in points], [p[1] for p in points]) * 1000
+        return out
+
+    # Over the whole soak (after the warm-up requests) and over its second half: allocators grow in
+    # steps while new batch compositions appear (a one-off step weighs on the first figure); a leak
+    # per request shows in both.
+    slopes, late_slopes = slopes_from(0), slopes_from(args.requests // 2)
     answered = sum(outcomes.values())
     checks = {
         "every request answered": answered == args.requests,
         "no unexpected status": not unexpected,
         "server alive throughout": still_up,
-        f"RSS slopes within {MAX_SLOPE_MB_PER_1000} MB per 1,000": all(abs(v) <= MAX_SLOPE_MB_PER_1000 for v in slopes.values()),
+        f"RSS flat: second-half slopes within {MAX_SLOPE_MB_PER_1000} MB per 1,000":
+            all(abs(v) <= MAX_SLOPE_MB_PER_1000 for v in late_slopes.values()),
         "idle afterwards (no pinned slot, nothing pending or in flight)": all(v == 0 for v in idle.values()),
         "adapters were evicted and reloaded": bank["evictions"] > 0,
     }
     report = dict(requests=args.requests, clients=args.clients, cancel_fraction=args.cancel, steps=args.steps,
                   seconds=soak_seconds, outcomes=dict(outcomes), unexpected=unexpected[:20], rss_mb=samples,
-                  rss_slope_mb_per_1000_requests=slopes, idle=idle, unet_bank=bank, checks=checks)
+                  rss_slope_mb_per_1000_requests=slopes,
+                  rss_slope_second_half_mb_per_1000_requests=late_slopes, idle=idle, unet_bank=bank, checks=checks)
     rows = "\n".join(f"| {name} | {samples[0][1].get(name, float('nan')):.0f} | {samples[-1][1].get(name, float('nan')):.0f} "
-                     f"| {slopes.get(name, float('nan')):+.2f} |" for name in samples[-1][1])
+                     f"| {slopes.get(name, float('nan')):+.2f} | {late_slopes.get(name, float('nan')):+.2f} |"
+                     for name in samples[-1][1])
     markdown = (
         f"# Soak: {args.requests} Generate through gateway + Triton\n\n"
-        f"{args.clients} clients, {args.steps} steps, 6 adapters over 3 bank slots (0-2 per request), "
+        f"After {args.warmup} uncounted warm-up requests: {args.clients} clients, {args.steps} steps, 6 adapters over 3 bank slots (0-2 per request), "
         f"{args.cancel:.0%} cancelled by the client at a random moment; {soak_seconds:.0f} s on this machine.\n\n"
         f"Answers: {', '.join(f'{k} {v}' for k, v in sorted(outcomes.items()))}.\n\n"
-        "| process | RSS at start (MB) | RSS at end (MB) | slope after warm-up (MB per 1,000 requests) |\n"
-        "|---|---|---|---|\n" + rows + "\n\n"
+        "| process | RSS at start (MB) | RSS at end (MB) | slope over the soak (MB per 1,000 requests) "
+        "| slope over the second half |\n|---|---|---|---|---|\n" + rows + "\n\n"
         f"unet bank: {bank['hits']:.0f} hits, {bank['misses']:.0f} misses, {bank['evictions']:.0f} evictions, "
         f"{bank['resident']:.0f} resident at the end. Idle afterwards: "
         + ", ".join(f"{k} {v:.0f}" for k, v in idle.items()) + ".\n\n"
