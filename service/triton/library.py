@@ -125,6 +125,7 @@ class BankMetrics:
     }
 
     def __init__(self, pb_utils, engine: Engine, registry, args: dict):
+        self._pb_utils = pb_utils
         self.manager = engine.adapters.manager
         self.registry = registry
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
@@ -153,6 +154,12 @@ class BankMetrics:
         return values
 
     def update(self) -> None:
+        try:
+            self._update()
+        except Exception as exc:  # noqa: BLE001 - a metrics failure must never fail the requests
+            self._pb_utils.Logger.log_warn(f"adapter bank metrics not updated: {exc}")
+
+    def _update(self) -> None:
         values = self.values()
         for name, gauge in self._gauges.items():
             gauge.set(values[name])

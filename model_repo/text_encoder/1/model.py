@@ -1,7 +1,6 @@
 """Triton python-backend model `text_encoder`: a thin wrapper over service.triton.library.TextEncode."""
 
 import triton_python_backend_utils as pb_utils
-
 from prometheus_client import CollectorRegistry
 
 from service.triton.library import BankMetrics, TextEncode, decode_adapters, load_engine_from_env, status_message
@@ -24,13 +23,6 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDS", embeds)]))
             except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(status_message(exc))))
-        self._update_bank_metrics()
-        return responses
-
-    def _update_bank_metrics(self):
-        if self.bank_metrics is None:
-            return
-        try:
+        if self.bank_metrics is not None:
             self.bank_metrics.update()
-        except Exception as exc:  # noqa: BLE001 - a metrics failure must never fail the requests
-            pb_utils.Logger.log_warn(f"adapter bank metrics not updated: {exc}")
+        return responses

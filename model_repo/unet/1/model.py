@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
 from prometheus_client import CollectorRegistry
 
 from service.triton.library import BankMetrics, StepSample, UNetStep, decode_adapters, load_engine_from_env, status_message
@@ -50,7 +49,8 @@ class TritonPythonModel:
             # One bad request (unknown adapter, odd shape) must not fail the others it was batched
             # with: run each alone so the error lands on its own request.
             results = [self._alone(r) for r in requests]
-        self._update_bank_metrics()
+        if self.bank_metrics is not None:
+            self.bank_metrics.update()
         return [self._response(r) for r in results]
 
     def _alone(self, request):
@@ -73,11 +73,3 @@ class TritonPythonModel:
             pb_utils.Tensor("BATCH_SIZE", np.full((n, 1), batch_size, dtype=np.int32)),
             pb_utils.Tensor("COMPUTE_US", np.full((n, 1), int(seconds * 1e6), dtype=np.int64)),
         ])
-
-    def _update_bank_metrics(self):
-        if self.bank_metrics is None:
-            return
-        try:
-            self.bank_metrics.update()
-        except Exception as exc:  # noqa: BLE001 - a metrics failure must never fail the requests
-            pb_utils.Logger.log_warn(f"adapter bank metrics not updated: {exc}")
