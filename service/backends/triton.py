@@ -111,11 +111,19 @@ class TritonBackend:
         loop; `on_change(up, reason)` hears every change (the gateway's health)."""
         metrics = SupervisorMetrics(self._registry) if self._registry is not None else None
 
+        stale = False  # the child exited: the channel to it is dead, and may sit in reconnect backoff
+
         async def changed(up: bool, reason: str) -> None:
-            if up and self._client is not None:
-                # The old channel may sit in reconnect backoff from the outage: start a fresh one.
-                client, self._client = self._client, None
-                await client.close()
+            nonlocal stale
+            if not up and self.supervisor.exited:
+                stale = True
+            if up and stale:
+                # Nothing can be in flight on the dead server's channel: replace it with a fresh one.
+                # (A server that was only "not ready" keeps its channel: requests may be running on it.)
+                stale = False
+                if self._client is not None:
+                    client, self._client = self._client, None
+                    await client.close()
             if on_change is not None:
                 result = on_change(up, reason)
                 if asyncio.iscoroutine(result):

@@ -216,7 +216,8 @@ class JobRunner:
         started = time.monotonic()
         try:
             record = self.adapters.find(job.tenant, adapter_id_for(job_id))
-            if record is None:  # not trained yet (an interrupted job may already have its adapter)
+            trained_now = record is None
+            if trained_now:  # not trained yet (an interrupted job may already have its adapter)
                 adapter = await self._train(job, progress)
                 self.store.update(job_id, message="storing the adapter", eta_seconds=None)
                 record = self.adapters.create(
@@ -228,7 +229,7 @@ class JobRunner:
             self.store.update(job_id, adapter_id=record.adapter_id, message="making previews", eta_seconds=None)
             previews, note = await self._previews(job, record.adapter_id)
             # A finished job still says it survived a restart (its RUNNING message may be missed).
-            resumed_from = progress.resumed_from or job.checkpoint_step
+            resumed_from = progress.resumed_from if trained_now else job.checkpoint_step
             resumed = f"resumed from step {resumed_from}" if resumed_from else ""
             self.store.finish(job_id, JobState.SUCCEEDED, adapter_id=record.adapter_id, previews=previews,
                               step=job.total_steps, message="; ".join(m for m in (resumed, note) if m))
@@ -292,7 +293,8 @@ class JobRunner:
     async def _train(self, job: JobRecord, progress: JobProgress) -> Adapter:
         request = pb.PersonalizeRequest.FromString(job.request)
         spec = requests.training_spec(request, self.settings.max_input_image_pixels, self.settings.checkpoint_every)
-        resume, progress.resumed_from = self._checkpoint(job)
+        # Off the event loop: a real model's checkpoint (adapter + optimizer state) is tens of MB.
+        resume, progress.resumed_from = await asyncio.to_thread(self._checkpoint, job)
         if resume is not None:
             self.store.update(job.job_id, checkpoint_step=progress.resumed_from,
                               message=f"training, resumed from step {progress.resumed_from}")

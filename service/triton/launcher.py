@@ -211,6 +211,9 @@ class TritonServer:
             start_new_session=True,  # its own process group: stubs go down with it, Ctrl-C goes to us
         )
         log_file.close()
+        if self._closed:  # close() ran while this start was on its way: take the new child down too
+            self.stop()
+            raise TritonStartError("the server was closed")
         log.info("started tritonserver pid %d (grpc %s, metrics %s)", self.process.pid, self.grpc_url, self.metrics_url)
         try:
             self.wait_ready(self.start_timeout_s)
