@@ -440,3 +440,15 @@ def test_supervisor_restarts_a_killed_triton_and_jobs_resume(stack, triton, mode
     assert done.state == pb.SUCCEEDED, done.error
     assert "resumed from step" in done.message, done.message
     assert servicer.job_store.get("alice", job.job_id).attempts == 2
+
+
+def test_every_metric_the_shipped_rules_read_exists(stack, triton):
+    """deploy/observability/prometheus-rules.yaml reads only metrics this gateway + Triton export
+    (after the module's requests, jobs and the restart above; GPU-only ones aside)."""
+    from tests.test_observability_rules import GPU_ONLY, metric_names
+
+    exposed = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
+    exposed += urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
+    present = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", exposed, re.M))
+    missing = metric_names() - GPU_ONLY - present
+    assert not missing, f"rules read metrics nobody exports: {sorted(missing)}"
