@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     # Development mode: when no api_keys are configured, create a token for tenant "dev" and print it.
     dev_token: bool = False
 
-    data_dir: Path = Path("var")  # SQLite database + adapter blobs + model cache
+    data_dir: Path = Path("var")  # SQLite database + adapter blobs + checkpoints + model cache
+    # postgresql://user:password@host:5432/db: adapters and jobs in PostgreSQL, shared by every gateway
+    # replica (data_dir then is one ReadWriteMany volume they all mount). Unset: SQLite in data_dir.
+    database_url: str | None = None
     model_dir: Path | None = None  # a diffusers SD 1.x/2.x folder; None = the embedded default
     device: str = "cpu"
     backend: str = "inprocess"  # "inprocess" or "triton"
@@ -96,6 +99,10 @@ class Settings(BaseSettings):
     checkpoint_every: int = 50  # training steps between checkpoints (a restart resumes from the last)
     job_previews: int = 4  # preview images of a finished job ("a <token> <class_word>", seeds 0..n-1)
     job_max_attempts: int = 3  # starts of one job (restarts, model server outages) before it FAILS
+    # A running job's lease: renewed every third of it; a runner that stops renewing (its gateway
+    # died) loses the job to another replica once it expires. Shorter: faster takeover, more writes.
+    job_lease_s: float = Field(30.0, gt=0)
+    job_poll_interval_s: float = Field(1.0, gt=0)  # idle runners look for claimable jobs this often
 
     # Adapter bank (same variable names configure the Triton model instances).
     adapter_slots: int = 16  # slots including slot 0 (the base model)
@@ -121,6 +128,15 @@ class Settings(BaseSettings):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"STEERSERVE_{name.upper()}: {path} is not a readable file")
         return self
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("STEERSERVE_DATABASE_URL must be a postgresql:// URL (unset: SQLite in the data folder)")
+        return value
 
     @field_validator("unet_batch_buckets", mode="before")
     @classmethod

@@ -117,3 +117,15 @@ def gateway(tmp_path_factory, model_cache):
     running = start_gateway_in_thread(settings)
     yield running
     stop_gateway(running)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 15 on a loopback port for the session (tests/postgres_server.py)."""
+    from tests.postgres_server import PostgresServer
+
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -44,8 +44,9 @@ class GatewayProcess:
     """`python -m service serve` on a data folder, in-process backend, as a child process."""
 
     def __init__(self, data_dir: Path, model_dir: Path, crash_point: str | None = None,
-                 file_size_limit: int | None = None):
+                 file_size_limit: int | None = None, env: dict[str, str] | None = None):
         self.data_dir, self.port = data_dir, free_port()
+        extra_env = env or {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("STEERSERVE_")}
         env.update(
             STEERSERVE_API_KEYS=",".join(f"{t}:{n}" for t, n in TOKENS.items()),
@@ -54,6 +55,7 @@ class GatewayProcess:
         )
         if crash_point:
             env["STEERSERVE_CRASH_POINT"] = crash_point
+        env.update(extra_env)
 
         def limit_file_size():  # Python ignores SIGXFSZ, so an oversized write fails with EFBIG
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))

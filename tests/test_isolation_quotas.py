@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 
 import grpc
@@ -10,7 +12,7 @@ import pytest
 from PIL import Image
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
-from service.stores import AdapterStore, QuotaExceeded, open_database
+from service.stores import AdapterStore, QuotaExceeded, blob_path_for, open_database
 from tests.adapter_files import lora_file, served_model_dir
 from tests.conftest import TOKENS, auth, start_gateway_in_thread, stop_gateway
 
@@ -103,17 +105,23 @@ def test_adapter_count_quota_per_tenant(tmp_path, model_cache):
         first = stub.ListAdapters(pb.ListAdaptersRequest(), metadata=auth()).adapters[0]
         stub.DeleteAdapter(pb.DeleteAdapterRequest(adapter_id=first.adapter_id), metadata=auth())
         stub.ImportAdapter(pb.ImportAdapterRequest(name="q2", safetensors=data), metadata=auth())
+        registered = [a for token in ("token-alice", "token-bob")
+                      for a in stub.ListAdapters(pb.ListAdaptersRequest(), metadata=auth(token)).adapters]
     finally:
         stop_gateway(running)
-    blobs = list((tmp_path / "adapters").glob("*/*.safetensors"))
-    assert len(blobs) == 3  # alice's 2 + bob's 1: the refused imports wrote nothing
+    # Exactly the registered adapters' blobs (identical bytes share one): nothing of the refused
+    # imports, no temp file.
+    assert len(registered) == 3  # alice's 2 + bob's 1
+    files = {p.relative_to(tmp_path / "adapters").as_posix() for p in (tmp_path / "adapters").rglob("*") if p.is_file()}
+    assert files == {blob_path_for(a.sha256) for a in registered}
 
 
 def test_adapter_bytes_quota_refuses_before_writing(tmp_path):
     store = AdapterStore(open_database(tmp_path / "db.sqlite3"), tmp_path / "blobs", max_bytes=1000)
-    store.create("alice", "a", "IMPORT", b"x" * 600)
+    store.create("alice", "a", "IMPORT", b"a" * 600)
     with pytest.raises(QuotaExceeded, match="would exceed this tenant's 1000 bytes"):
-        store.create("alice", "b", "IMPORT", b"x" * 600)
-    store.create("bob", "b", "IMPORT", b"x" * 600)
+        store.create("alice", "b", "IMPORT", b"b" * 600)
+    store.create("bob", "b", "IMPORT", b"c" * 600)
     assert [r.name for r in store.list("alice")] == ["a"]
-    assert len(list((tmp_path / "blobs").glob("*/*.safetensors"))) == 2
+    stored = sorted(p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file())
+    assert stored == sorted(f"{hashlib.sha256(b * 600).hexdigest()}.safetensors" for b in (b"a", b"c"))

@@ -3,6 +3,8 @@ reaches a filesystem path."""
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 import pickle
 import re
@@ -65,14 +67,16 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
 def test_adapter_names_never_become_paths(gateway, name):
     data_dir = Path(gateway.settings.data_dir)
     stub = gateway.stub()
-    adapter = stub.ImportAdapter(pb.ImportAdapterRequest(name=name, safetensors=lora_file(served_model_dir(gateway))),
-                                 metadata=auth())
+    data = lora_file(served_model_dir(gateway))
+    adapter = stub.ImportAdapter(pb.ImportAdapterRequest(name=name, safetensors=data), metadata=auth())
     try:
         assert adapter.name == name  # a label, stored as given
-        # Its blob: named by the server's id, inside the data folder.
-        blobs = [p for p in data_dir.parent.rglob(f"*{adapter.adapter_id}*")]
-        assert len(blobs) == 1 and blobs[0].name == f"{adapter.adapter_id}.safetensors"
+        # Its blob: named by its content hash, inside the data folder.
+        sha = adapter.sha256
+        blobs = [p for p in data_dir.parent.rglob(f"*{sha}*")]
+        assert len(blobs) == 1 and blobs[0].name == f"{sha}.safetensors"
         assert data_dir / "adapters" in blobs[0].parents
+        assert hashlib.sha256(blobs[0].read_bytes()).hexdigest() == sha
         # Nothing named after the label anywhere (outside the data folder or in it).
         assert not [p for p in Path("/").joinpath(data_dir.parent).rglob("*") if "escaped" in p.name]
         assert not (data_dir.parent.parent / "escaped").exists() and not (data_dir.parent / "escaped").exists()

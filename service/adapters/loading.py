@@ -1,12 +1,15 @@
 """Where adapters come from: the adapter store's blob folder, and a model's shapes to check them by.
 
-Both the in-process engine and the Triton model instances load by adapter id from the same blob
-folder (`<data_dir>/adapters/<tenant-hash>/<id>.safetensors`, written by service.stores); the
-gateway has already checked that the caller's tenant owns the id.
+Both the in-process engine and the Triton model instances load by content key (the blob's sha256)
+from the same blob folder (`<data_dir>/adapters/sha256/<2 hex>/<sha256>.safetensors`, written by
+service.stores; one volume shared by every replica), so a model server needs no database; the
+gateway has already checked that the caller's tenant owns the adapter behind the key. The bytes are
+checked against the key when loaded: a damaged file is refused, never served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Callable
@@ -14,10 +17,11 @@ from typing import Callable
 import torch
 
 from .bank import AdapterBank
-from .errors import AdapterNotFoundError
+from .errors import AdapterFormatError, AdapterNotFoundError
 from .formats import Adapter, parse_adapter
 
 _ADAPTER_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_CONTENT_KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
 def blob_loader(adapter_dir: Path) -> Callable[[str], Adapter]:
@@ -26,6 +30,16 @@ def blob_loader(adapter_dir: Path) -> Callable[[str], Adapter]:
     adapter_dir = Path(adapter_dir)
 
     def load(key: str) -> Adapter:
+        if _CONTENT_KEY.match(key):
+            path = adapter_dir / "sha256" / key[:2] / f"{key}.safetensors"
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise AdapterNotFoundError(f"adapter {key[:12]}... is not in the store at {adapter_dir}") from None
+            if hashlib.sha256(data).hexdigest() != key:
+                raise AdapterFormatError(f"adapter {key[:12]}...: the stored file fails its checksum")
+            return parse_adapter(data)
+        # Files written under an adapter id (tests and tools that place one by hand).
         if not _ADAPTER_KEY.match(key):
             raise AdapterNotFoundError(f"adapter key {key!r} is not an adapter id")
         matches = list(adapter_dir.glob(f"*/{key}.safetensors"))

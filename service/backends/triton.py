@@ -10,6 +10,9 @@ caller's deadline -> GenerationCancelled (DEADLINE_EXCEEDED), a bad request -> I
 A training job is one stream too: a response per step (progress), per checkpoint (the state the
 job runner stores), and the adapter file last. Stopping a job cancels its stream; Triton stops the
 training loop before its next step.
+
+Several Triton replicas (a headless Service, or a list of addresses) are one backend: each request
+goes to the replica its adapters are most likely resident on, within a load bound (triton_replicas.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from service.triton.library import edit_spec_to_wire, encode_adapters, parse_sta
 from service.triton.supervisor import OnChange, SupervisorMetrics, TritonSupervisor
 
 from .base import BackendBusy, BackendUnavailable
+from .triton_replicas import Replica, ReplicaRouter
 
 GENERATE_MODEL = "generate"
 EDIT_MODEL = "edit"
@@ -87,10 +91,12 @@ def _time_left(deadline: float | None) -> list:
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, url: str, model_dir: str | Path, metrics=None, server=None):
-        """`url`: Triton's gRPC address; `model_dir`: the diffusers folder the models serve (the
-        gateway reads its tokenizer and configs for validation); `server`: a TritonServer this
-        backend owns and stops on close (the embedded default), or None for an external one."""
+    def __init__(self, url: str, model_dir: str | Path, metrics=None, server=None, adapter_slots: int = 16):
+        """`url`: Triton's gRPC address, or several (host:port,...; a name with several addresses
+        is several replicas); `model_dir`: the diffusers folder the models serve (the gateway reads
+        its tokenizer and configs for validation); `server`: a TritonServer this backend owns and
+        stops on close (the embedded default), or None for external ones; `adapter_slots`: each
+        replica's adapter bank size (what the router's affinity remembers per replica)."""
         self.url = url
         self.server = server
         self.model_dir = Path(model_dir)
@@ -100,9 +106,9 @@ class TritonBackend:
         self.tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
         self.triton_metrics = TritonMetrics(metrics.registry) if metrics is not None else None
         self._registry = metrics.registry if metrics is not None else None
-        self._client: aioclient.InferenceServerClient | None = None
+        self.router = ReplicaRouter(url, adapter_slots, registry=self._registry)
+        self.router.on_removed = self._close_replica
         self.supervisor: TritonSupervisor | None = None
-        self._probe_client: aioclient.InferenceServerClient | None = None
 
     # -- supervision -----------------------------------------------------------------------------
 
@@ -121,32 +127,52 @@ class TritonBackend:
                 # Nothing can be in flight on the dead server's channel: replace it with a fresh one.
                 # (A server that was only "not ready" keeps its channel: requests may be running on it.)
                 stale = False
-                if self._client is not None:
-                    client, self._client = self._client, None
-                    await client.close()
+                for replica in list(self.router.replicas.values()):
+                    if replica.client is not None:
+                        client, replica.client = replica.client, None
+                        await client.close()
             if on_change is not None:
                 result = on_change(up, reason)
                 if asyncio.iscoroutine(result):
                     await result
 
         self.supervisor = TritonSupervisor(self._probe, self.server, changed, metrics, **options).start()
+        if self.server is None:  # external replicas: follow the names as pods come and go
+            self.router.start()
         return self.supervisor
 
     async def _probe(self) -> bool:
+        """Up when any replica is ready; each replica's readiness steers the router."""
         if self.server is not None:  # our child: its HTTP readiness endpoint
-            return await asyncio.to_thread(self.server.is_ready)
-        if self._probe_client is None:
+            ready = await asyncio.to_thread(self.server.is_ready)
+            for replica in self.router.replicas.values():
+                self.router.set_ready(replica, ready)
+            return ready
+        replicas = list(self.router.replicas.values())
+        answers = await asyncio.gather(*(self._probe_replica(r) for r in replicas))
+        for replica, ready in zip(replicas, answers):
+            self.router.set_ready(replica, ready)
+        return any(answers)
+
+    async def _probe_replica(self, replica: Replica) -> bool:
+        if replica.probe is None:
             # Its own channel, retrying every second at most: readiness is seen within a second of
             # the server coming back, not after grpc's default reconnect backoff (up to 2 minutes).
-            self._probe_client = aioclient.InferenceServerClient(self.url, channel_args=[
+            replica.probe = aioclient.InferenceServerClient(replica.address, channel_args=[
                 ("grpc.use_local_subchannel_pool", 1),
                 ("grpc.initial_reconnect_backoff_ms", 250),
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ])
         try:
-            return bool(await self._probe_client.is_server_ready(client_timeout=2.0))
+            return bool(await replica.probe.is_server_ready(client_timeout=2.0))
         except Exception:  # noqa: BLE001 - any failure to answer is "not ready"
             return False
+
+    async def _close_replica(self, replica: Replica) -> None:
+        for client in (replica.client, replica.probe):
+            if client is not None:
+                await client.close()
+        replica.client = replica.probe = None
 
     async def wait_available(self) -> None:
         """Returns once the server is ready (at once when no supervisor watches it)."""
@@ -167,17 +193,17 @@ class TritonBackend:
         """Model instances keep a deleted adapter's slot until LRU evicts it; ids are never reused,
         so no request can reach it again."""
 
-    def client(self) -> aioclient.InferenceServerClient:
+    def client(self, replica: Replica) -> aioclient.InferenceServerClient:
         # Created on first use so its channel belongs to the gateway's event loop.
-        if self._client is None:
-            self._client = aioclient.InferenceServerClient(self.url, channel_args=[
+        if replica.client is None:
+            replica.client = aioclient.InferenceServerClient(replica.address, channel_args=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # Channels to one address share grpc's global subchannel, and with it the reconnect
                 # backoff of a Triton that was down; a private one lets a fresh client connect at once.
                 ("grpc.use_local_subchannel_pool", 1),
             ])
-        return self._client
+        return replica.client
 
     async def generate(
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
@@ -201,27 +227,29 @@ class TritonBackend:
         async def requests():
             yield {"model_name": GENERATE_MODEL, "inputs": inputs}
 
-        try:
-            stream = self.client().stream_infer(requests())
-        except InferenceServerException as exc:
-            raise self._unavailable(str(exc)) from exc
-        try:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return await asyncio.wait_for(self._collect(stream, spec, on_step), timeout)
-        except asyncio.TimeoutError:
-            stream.cancel()  # Triton sees the cancellation and stops the loop at its next step
-            self._count("DEADLINE_EXCEEDED")
-            raise GenerationCancelled(f"no result from Triton within the deadline ({spec.steps} steps)") from None
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-        except grpc.aio.AioRpcError as exc:
-            raise self._unavailable(f"{exc.code().name}: {exc.details()}") from exc
+        replica = self.router.pick([use.key for use in spec.adapters])
+        with self.router.using(replica):
+            try:
+                stream = self.client(replica).stream_infer(requests())
+            except InferenceServerException as exc:
+                raise self._unavailable(str(exc), replica) from exc
+            try:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return await asyncio.wait_for(self._collect(stream, spec, on_step, replica), timeout)
+            except asyncio.TimeoutError:
+                stream.cancel()  # Triton sees the cancellation and stops the loop at its next step
+                self._count("DEADLINE_EXCEEDED")
+                raise GenerationCancelled(f"no result from Triton within the deadline ({spec.steps} steps)") from None
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
+            except grpc.aio.AioRpcError as exc:
+                raise self._unavailable(f"{exc.code().name}: {exc.details()}", replica) from exc
 
-    async def _collect(self, stream, spec: GenerationSpec, on_step) -> GenerationResult:
+    async def _collect(self, stream, spec: GenerationSpec, on_step, replica: Replica) -> GenerationResult:
         async for result, error in stream:
             if error is not None:
-                raise self._mapped(str(error))
+                raise self._mapped(str(error), replica)
             images = result.as_numpy("IMAGES")
             if images is None:  # a progress response: one denoising step done
                 if on_step is not None:
@@ -237,7 +265,7 @@ class TritonBackend:
                 seeds=[int(s) for s in result.as_numpy("SEEDS")],
                 timings=timings,
             )
-        raise self._unavailable("Triton closed the stream before the result")
+        raise self._unavailable("Triton closed the stream before the result", replica)
 
     async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
         """One stream to the `edit` model: progress responses (when asked), then the edited image."""
@@ -253,10 +281,12 @@ class TritonBackend:
         async def requests():
             yield {"model_name": EDIT_MODEL, "inputs": inputs}
 
+        replica = self.router.pick([spec.adapter.key] if spec.adapter is not None else [])
+
         async def collect(stream) -> Edited:
             async for result, error in stream:
                 if error is not None:
-                    raise self._mapped(str(error))
+                    raise self._mapped(str(error), replica)
                 image = result.as_numpy("IMAGE")
                 if image is None:
                     if progress is not None:
@@ -267,27 +297,33 @@ class TritonBackend:
                 return Edited(image=image, mask=mask if mask is not None and mask.size else None, seed=spec.seed,
                               timings=json.loads(result.as_numpy("TIMINGS")[0]),
                               steer_losses=json.loads(result.as_numpy("STEER_LOSSES")[0]))
-            raise self._unavailable("Triton closed the edit stream before the result")
+            raise self._unavailable("Triton closed the edit stream before the result", replica)
 
-        try:
-            stream = self.client().stream_infer(requests())
-        except InferenceServerException as exc:
-            raise self._unavailable(str(exc)) from exc
-        try:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return await asyncio.wait_for(collect(stream), timeout)
-        except asyncio.TimeoutError:
-            stream.cancel()
-            self._count("DEADLINE_EXCEEDED")
-            raise GenerationCancelled("no edit from Triton within the deadline") from None
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-        except grpc.aio.AioRpcError as exc:
-            raise self._unavailable(f"{exc.code().name}: {exc.details()}") from exc
+        with self.router.using(replica):
+            try:
+                stream = self.client(replica).stream_infer(requests())
+            except InferenceServerException as exc:
+                raise self._unavailable(str(exc), replica) from exc
+            try:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return await asyncio.wait_for(collect(stream), timeout)
+            except asyncio.TimeoutError:
+                stream.cancel()
+                self._count("DEADLINE_EXCEEDED")
+                raise GenerationCancelled("no edit from Triton within the deadline") from None
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
+            except grpc.aio.AioRpcError as exc:
+                raise self._unavailable(f"{exc.code().name}: {exc.details()}", replica) from exc
 
     async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
         self._ensure_available()
+        replica = self.router.pick()  # no adapter to be near: the least loaded
+        with self.router.using(replica):
+            return await self._personalize(replica, spec, resume, progress)
+
+    async def _personalize(self, replica: Replica, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
         spec_json, pngs = training_spec_to_wire(spec)
         inputs = [_tensor("SPEC", [spec_json], "BYTES"), _tensor("IMAGES", pngs, "BYTES")]
         if resume is not None:
@@ -297,9 +333,9 @@ class TritonBackend:
             yield {"model_name": PERSONALIZE_MODEL, "inputs": inputs}
 
         try:
-            stream = self.client().stream_infer(requests())
+            stream = self.client(replica).stream_infer(requests())
         except InferenceServerException as exc:
-            raise self._unavailable(str(exc)) from exc
+            raise self._unavailable(str(exc), replica) from exc
         stopped = False
 
         async def stop_when_told():
@@ -313,7 +349,7 @@ class TritonBackend:
         try:
             async for result, error in stream:
                 if error is not None:
-                    exc = self._mapped(str(error))
+                    exc = self._mapped(str(error), replica)
                     raise TrainingStopped(str(exc)) if stopped or isinstance(exc, GenerationCancelled) else exc
                 adapter = result.as_numpy("ADAPTER")
                 if adapter is not None:
@@ -330,29 +366,32 @@ class TritonBackend:
             if isinstance(exc, asyncio.CancelledError):
                 stream.cancel()
                 raise
-            raise self._unavailable(f"{exc.code().name}: {exc.details()}") from exc
+            raise self._unavailable(f"{exc.code().name}: {exc.details()}", replica) from exc
         finally:
             watcher.cancel()
         if stopped:
             raise TrainingStopped("the job was stopped")
-        raise self._unavailable("Triton closed the training stream before the adapter")
+        raise self._unavailable("Triton closed the training stream before the adapter", replica)
 
     def _count(self, code: str) -> None:
         if self.triton_metrics is not None:
             self.triton_metrics.errors.labels(code).inc()
 
-    def _unavailable(self, detail: str) -> BackendUnavailable:
+    def _unavailable(self, detail: str, replica: Replica) -> BackendUnavailable:
         self._count("UNAVAILABLE")
         # A channel that failed to connect backs off for up to minutes before trying again; a fresh
-        # one connects as soon as Triton is back.
-        if self._client is not None:
-            asyncio.get_running_loop().create_task(self._client.close())
-            self._client = None
-        return BackendUnavailable(f"the Triton model server at {self.url} is unavailable ({detail}); retry later")
+        # one connects as soon as Triton is back. Other replicas take the new requests until the
+        # probe sees this one ready again.
+        if replica.client is not None:
+            asyncio.get_running_loop().create_task(replica.client.close())
+            replica.client = None
+        if len(self.router.replicas) > 1:
+            self.router.set_ready(replica, False)
+        return BackendUnavailable(f"the Triton model server at {replica.address} is unavailable ({detail}); retry later")
 
-    def _mapped(self, message: str) -> Exception:
+    def _mapped(self, message: str, replica: Replica) -> Exception:
         if any(phrase in message.lower() for phrase in _NOT_LOADED):
-            return self._unavailable(message)
+            return self._unavailable(message, replica)
         code, detail = parse_status(message)
         self._count(code)
         if code == "INVALID_ARGUMENT":
@@ -370,9 +409,8 @@ class TritonBackend:
     async def close(self) -> None:
         if self.supervisor is not None:  # first: it must not restart the server closed below
             await self.supervisor.stop()
-        for client in (self._client, self._probe_client):
-            if client is not None:
-                await client.close()
-        self._client = self._probe_client = None
+        await self.router.stop()
+        for replica in list(self.router.replicas.values()):
+            await self._close_replica(replica)
         if self.server is not None:
             await asyncio.to_thread(self.server.close)

@@ -100,7 +100,7 @@ async def build_triton_backend(settings: Settings, metrics: GatewayMetrics) -> B
         await asyncio.to_thread(server.start)
         log.info("Triton ready at %s (metrics %s)", server.grpc_url, server.metrics_url)
         url = server.grpc_url
-    return TritonBackend(url, model_dir, metrics=metrics, server=server)
+    return TritonBackend(url, model_dir, metrics=metrics, server=server, adapter_slots=settings.adapter_slots)
 
 
 async def build_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
@@ -161,10 +161,15 @@ async def start_gateway(
 ) -> Gateway:
     metrics = metrics or GatewayMetrics()
     backend = backend or await build_backend(settings, metrics)
-    db = open_database(Path(settings.data_dir) / "steerserve.sqlite3")
+    # SQLite in the data folder (one gateway), or PostgreSQL shared by every replica (the data
+    # folder then is one volume they all mount: adapter blobs and training checkpoints).
+    db = open_database(settings.database_url or Path(settings.data_dir) / "steerserve.sqlite3")
+    log.info("stores: %r, blobs and checkpoints in %s", db, settings.data_dir)
     adapters = AdapterStore(db, Path(settings.data_dir) / "adapters", max_adapters=settings.tenant_max_adapters,
                             max_bytes=settings.tenant_max_adapter_bytes)
-    swept = adapters.sweep()  # files a crash left between writing a blob and registering it
+    # Files a crash left between writing a blob and registering it (on a shared volume, only old
+    # ones: a young one may be another replica's create in progress).
+    swept = adapters.sweep(min_age_s=600.0 if db.shared else 0.0)
     if swept:
         log.warning("removed %d unregistered adapter files left by an interrupted write", len(swept))
     check = adapter_checker(backend.model_dir, settings.adapter_max_rank)

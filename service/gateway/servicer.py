@@ -35,7 +35,8 @@ from service.jobs import JobRunner, NameTaken, QueueFull
 from service.personalize import FINESTYLE, SUBJECT_METHODS
 from service.personalize.tokens import TokenError
 from service.stores import (
-    AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound, QuotaExceeded, is_disk_full,
+    AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound, QuotaExceeded, is_database_unavailable,
+    is_disk_full,
 )
 
 from . import validation
@@ -132,6 +133,8 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, f"a stored adapter cannot be loaded: {exc}"
     if isinstance(exc, BackendUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if is_database_unavailable(exc):  # PostgreSQL restarting or unreachable: nothing was committed
+        return grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry later"
     if is_disk_full(exc):  # the stores removed what they had begun to write
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server's storage is full ({exc}); nothing was stored"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"
@@ -262,7 +265,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
                 record = self.adapter_store.get(tenant, adapter_id)
             except NotFound:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND, f"adapters[{i}].adapter_id: adapter {adapter_id!r} not found")
-            uses.append(AdapterUse(key=adapter_id, weight=weight, style=record.method == FINESTYLE))
+            uses.append(AdapterUse(key=record.key, weight=weight, style=record.method == FINESTYLE))
         spec.adapters = tuple(uses)
         if spec.style_guidance_scale > 0 and not spec.uses_style_guidance:
             raise invalid("style_guidance_scale", "applies to FINESTYLE adapters and none of adapters is one; "
@@ -397,7 +400,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         if record.token and not _names_token(request.target_prompt, record.token):
             raise invalid("target_prompt", f"must name the adapter's concept by its token {record.token!r} "
                                            f"(e.g. 'a {record.token} {record.class_word or 'thing'} ...')")
-        spec.adapter = AdapterUse(key=record.adapter_id)
+        spec.adapter = AdapterUse(key=record.key)
         spec.adapter_method = record.method
         spec.token = record.token
         spec.class_word = record.class_word if _names_token(request.target_prompt, record.class_word) else ""
@@ -473,7 +476,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
     @_rpc
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context, tenant: str) -> pb.DeleteAdapterResponse:
         record = self.adapter_store.delete(tenant, validation.check_id("adapter_id", request.adapter_id))
-        self.backend.forget_adapter(record.adapter_id)
+        # Its slot can go (another tenant holding the same bytes just loads them again).
+        self.backend.forget_adapter(record.key)
         return pb.DeleteAdapterResponse()
 
     @_rpc

@@ -1,13 +1,17 @@
 """The job runner: durable personalization jobs, from Personalize to a registered adapter.
 
-    submit()  -> a QUEUED row (bounded queue, per-tenant limit), the job id on the work queue
-    worker    -> RUNNING; backend.personalize(spec, resume, progress) trains in-process or on
+    submit()  -> a QUEUED row (bounded queue, per-tenant limit); idle workers are woken
+    worker    -> claims the oldest ready job (RUNNING under this runner's lease, renewed by a
+                 heartbeat); backend.personalize(spec, resume, progress) trains in-process or on
                  Triton's `personalize` model; every `checkpoint_every` steps the trained
                  parameters are written to the checkpoint store; the adapter is validated against
                  the serving bank, written atomically and registered; previews are made through
                  the ordinary Generate path; SUCCEEDED with them in one commit
-    cancel()  -> CANCELLED at once; a running job stops before its next step
-    restart   -> RUNNING jobs go back to QUEUED and resume from their last checkpoint
+    cancel()  -> CANCELLED at once; a running job stops before its next step (on another
+                 replica: at its runner's next heartbeat)
+    restart   -> RUNNING jobs go back to QUEUED and resume from their last checkpoint; with
+                 several gateway replicas on one PostgreSQL, a dead runner's jobs are claimed by
+                 any replica once their lease expires (checkpoints live on the shared volume)
 
 Nothing is lost: a job's row is committed before Personalize answers, every state change is a
 commit, a job that fails ends FAILED with the reason, and one that keeps failing to finish (a crash
@@ -21,8 +25,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from typing import Callable
 
 from service import crashpoints
@@ -35,7 +42,7 @@ from service.engine.pipeline import AdapterUse, GenerationSpec
 from service.personalize import FINESTYLE, TrainingStopped, finestyle
 from service.personalize.spec import unpack_checkpoint
 from service.stores import (
-    AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore, is_disk_full,
+    AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore, LeaseLost, is_disk_full,
 )
 
 from . import requests
@@ -44,6 +51,7 @@ log = logging.getLogger("steerserve.jobs")
 
 _PROGRESS_WRITE_SECONDS = 0.5  # progress rows are committed at most this often (state changes at once)
 _RETRY_SECONDS = 5.0  # before a job whose model server was unavailable runs again
+_SHARED_SWEEP_MIN_AGE_S = 600.0  # shared volume: files this young may be another replica's work in progress
 
 
 class QueueFull(RuntimeError):
@@ -65,6 +73,7 @@ class JobProgress:
         self.runner, self.job = runner, job
         self.stop = threading.Event()
         self.cancelled = False
+        self.lost = False  # the lease passed to another runner: stop without writing
         self.resumed_from = 0  # the step this attempt's training resumed from (0: from the start)
         self._first: tuple[int, float] | None = None  # (step, time) of the first step of this attempt
         self._last_write = 0.0
@@ -78,12 +87,26 @@ class JobProgress:
         self.runner.metrics_steps(self.job.method)
         if step == total or now - self._last_write >= _PROGRESS_WRITE_SECONDS:
             self._last_write = now
-            self.runner.store.update(self.job.job_id, step=step, loss=loss, eta_seconds=eta)
+            self._write(step=step, loss=loss, eta_seconds=eta)
 
     def checkpoint(self, step: int, state: bytes) -> None:
+        if self.stop.is_set():  # cancelled or lost: the file may be another runner's now
+            return
         self.runner.checkpoints.write(self.job.job_id, state)
         crashpoints.reached("checkpoint.written")
-        self.runner.store.update(self.job.job_id, checkpoint_step=step)
+        self._write(checkpoint_step=step)
+
+    def _write(self, **fields) -> None:
+        try:
+            self.runner.store.update(self.job.job_id, owner=self.runner.owner, **fields)
+        except LeaseLost:
+            self.lose()
+
+    def lose(self) -> None:
+        if not self.lost:
+            log.warning("job %s: its lease passed to another runner; stopping here", self.job.job_id)
+        self.lost = True
+        self.stop.set()
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
@@ -105,42 +128,50 @@ class JobRunner:
         self.backend = backend
         self.check_adapter = check_adapter
         self.metrics = metrics
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        # Who holds a lease: unique per process (a restarted gateway is a new runner).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._running: dict[str, JobProgress] = {}
         self._workers: list[asyncio.Task] = []
-        self._retries: set[asyncio.Task] = set()  # jobs waiting for the model server (still QUEUED rows)
+        self._heartbeat: asyncio.Task | None = None
+        self._wake = asyncio.Event()  # a job was queued: idle workers look at once, not at the next poll
+        self._closed = asyncio.Event()
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Re-queues the jobs an earlier process left unfinished, then starts the workers."""
-        unfinished = self.store.requeue_unfinished()
-        # What a crash left: temp files, checkpoints of jobs that had ended.
-        swept = self.checkpoints.sweep(keep={job.job_id for job in unfinished})
+        shared = self.store.db.shared
+        if not shared:  # alone on the database: every RUNNING job was our previous process's
+            self.store.requeue_unfinished()
+        # On a shared database a dead replica's jobs wait out their lease, then any runner claims them.
+        unfinished = self.store.active()
+        # What a crash left: temp files, checkpoints of jobs that have ended.
+        swept = self.checkpoints.sweep(keep={job.job_id for job in unfinished},
+                                       min_age_s=_SHARED_SWEEP_MIN_AGE_S if shared else 0.0)
         if swept or unfinished:
-            log.info("resuming %d unfinished jobs; removed %d stale checkpoint files", len(unfinished), len(swept))
-        for job in unfinished:
-            self._queue.put_nowait(job.job_id)
+            log.info("%d unfinished jobs; removed %d stale checkpoint files", len(unfinished), len(swept))
         self._set_gauges()
         self._workers = [asyncio.create_task(self._work(), name=f"job-worker-{i}")
                          for i in range(max(1, self.settings.training_workers))]
+        self._heartbeat = asyncio.create_task(self._beat(), name="job-heartbeat")
 
     async def close(self, grace: float = 30.0) -> None:
-        """Stops the workers. A running job stops at its next step and stays QUEUED in the table,
-        to resume from its checkpoint when the server starts again."""
+        """Stops the workers. A running job stops at its next step and goes back to QUEUED, to
+        resume from its checkpoint on another replica, or here when the server starts again."""
         self._closing = True
-        for task in list(self._retries):  # their jobs stay QUEUED and run at the next start
-            task.cancel()
+        self._closed.set()
+        self._wake.set()
         for progress in self._running.values():
             progress.stop.set()
-        for _ in self._workers:  # wakes the idle workers, which see _closing and return
-            self._queue.put_nowait("")
         if self._workers:
             _, pending = await asyncio.wait(self._workers, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
 
     # -- the RPCs' side --------------------------------------------------------------------------
 
@@ -169,7 +200,7 @@ class JobRunner:
             tenant, requests.method_name(resolved), name, resolved.options.steps, resolved.SerializeToString(),
             token=resolved.token, class_word=resolved.class_word,
         )
-        self._queue.put_nowait(job.job_id)
+        self._wake.set()
         self._count("submitted", job.method)
         self._set_gauges()
         return job
@@ -183,8 +214,9 @@ class JobRunner:
         if progress is not None:
             progress.cancelled = True
             progress.stop.set()  # the worker cleans up when training stops (within a step)
-        else:
+        elif job.lease_owner == "":
             self.checkpoints.delete(job_id)
+        # else another replica runs it: its heartbeat sees CANCELLED, it stops and cleans up
         self._count("CANCELLED", job.method)
         self._set_gauges()
         return job
@@ -193,61 +225,120 @@ class JobRunner:
 
     async def _work(self) -> None:
         while not self._closing:
-            job_id = await self._queue.get()
-            if self._closing:
+            if not await self._backend_ready():
                 return
             try:
-                await self._run(job_id)
+                claimed = self.store.claim(self.owner, self.settings.job_lease_s)
+            except Exception:  # noqa: BLE001 - the database is away: try again at the next poll
+                log.exception("could not claim a job; retrying")
+                claimed = None
+            if claimed is None:
+                await self._idle()
+                continue
+            job, previous = claimed
+            try:
+                await self._run(job, previous)
             except Exception:  # noqa: BLE001 - a worker never dies; _run already recorded the failure
-                log.exception("job %s: unexpected error in the runner", job_id)
+                log.exception("job %s: unexpected error in the runner", job.job_id)
             self._set_gauges()
 
-    async def _run(self, job_id: str) -> None:
-        job = self.store.get_by_id(job_id)
-        if job.state.finished:  # cancelled while it waited
+    async def _idle(self) -> None:
+        """Until a job is submitted here, or the next poll (jobs submitted on other replicas,
+        retries whose pause ended, leases that expired)."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.settings.job_poll_interval_s)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _backend_ready(self) -> bool:
+        """Waits until the model server is up (when a supervisor watches it), so an outage that
+        lasts a whole restart costs a waiting job one attempt, not one per retry; False when the
+        runner closes meanwhile."""
+        wait_available = getattr(self.backend, "wait_available", None)
+        if wait_available is not None:
+            waiting = asyncio.ensure_future(wait_available())
+            closing = asyncio.ensure_future(self._closed.wait())
+            _, pending = await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        return not self._closing
+
+    async def _beat(self) -> None:
+        """Renews this runner's leases every third of the lease, and stops the jobs it lost:
+        cancelled from another replica, or taken over while this process stalled."""
+        interval = min(self.settings.job_lease_s / 3, 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                rows = self.store.heartbeat(self.owner, list(self._running), self.settings.job_lease_s)
+            except Exception:  # noqa: BLE001 - the database is away; the lease may lapse, fencing holds
+                log.exception("job heartbeat failed")
+                continue
+            for job_id, row in rows.items():
+                progress = self._running.get(job_id)
+                if progress is None:
+                    continue
+                if row.state.finished:
+                    progress.cancelled = row.state == JobState.CANCELLED
+                    progress.stop.set()
+                elif row.lease_owner != self.owner:
+                    progress.lose()
+            self._set_gauges()
+
+    async def _run(self, job: JobRecord, previous_owner: str = "") -> None:
+        job_id = job.job_id
+        if job.attempts > self.settings.job_max_attempts:
+            self._fail(job, f"interrupted {job.attempts - 1} times (restarts or model server outages); giving up")
             return
-        if job.attempts >= self.settings.job_max_attempts:
-            self._fail(job, f"interrupted {job.attempts} times (restarts or model server outages); giving up")
-            return
-        job = self.store.update(job_id, state=JobState.RUNNING, attempts=job.attempts + 1, message="training")
+        message = "training"
+        if previous_owner:
+            message = f"taken over from runner {previous_owner} (it stopped renewing its lease); training"
+            log.warning("job %s: %s", job_id, message)
         progress = JobProgress(self, job)
         self._running[job_id] = progress
         self._set_gauges()
         started = time.monotonic()
         try:
+            job = self.store.update(job_id, owner=self.owner, message=message)
+            progress.job = job
             record = self.adapters.find(job.tenant, adapter_id_for(job_id))
             trained_now = record is None
             if trained_now:  # not trained yet (an interrupted job may already have its adapter)
                 adapter = await self._train(job, progress)
-                self.store.update(job_id, message="storing the adapter", eta_seconds=None)
+                self.store.update(job_id, owner=self.owner, message="storing the adapter", eta_seconds=None)
                 record = self.adapters.create(
                     job.tenant, job.name, job.method, serialize_adapter(adapter), token=job.token,
                     class_word=job.class_word, rank=adapter.max_rank, num_parameters=adapter.num_parameters,
                     source="personalize", adapter_id=adapter_id_for(job_id),
                 )
                 crashpoints.reached("job.adapter_registered")
-            self.store.update(job_id, adapter_id=record.adapter_id, message="making previews", eta_seconds=None)
-            previews, note = await self._previews(job, record.adapter_id)
+            self.store.update(job_id, owner=self.owner, adapter_id=record.adapter_id, message="making previews",
+                              eta_seconds=None)
+            previews, note = await self._previews(job, record.key)
             # A finished job still says it survived a restart (its RUNNING message may be missed).
             resumed_from = progress.resumed_from if trained_now else job.checkpoint_step
             resumed = f"resumed from step {resumed_from}" if resumed_from else ""
-            self.store.finish(job_id, JobState.SUCCEEDED, adapter_id=record.adapter_id, previews=previews,
-                              step=job.total_steps, message="; ".join(m for m in (resumed, note) if m))
+            self.store.finish(job_id, JobState.SUCCEEDED, owner=self.owner, adapter_id=record.adapter_id,
+                              previews=previews, step=job.total_steps,
+                              message="; ".join(m for m in (resumed, note) if m))
             self._count("SUCCEEDED", job.method)
             if self.metrics is not None:
                 self.metrics.training_seconds.labels(job.method).observe(time.monotonic() - started)
             log.info("job %s succeeded: adapter %s", job_id, record.adapter_id)
+        except LeaseLost:
+            progress.lose()
         except TrainingStopped:
-            if not progress.cancelled:  # the server is stopping: resume at the next start
-                self.store.update(job_id, state=JobState.QUEUED, eta_seconds=None,
-                                  message="server stopped; resumes from its last checkpoint")
+            if not (progress.cancelled or progress.lost):  # the server is stopping: resume elsewhere or later
+                self._release(job_id, "server stopped; resumes from its last checkpoint")
         except BackendUnavailable as exc:
             current = self.store.get_by_id(job_id)
             if current.attempts >= self.settings.job_max_attempts:
                 self._fail(current, f"the model server stayed unavailable: {exc}")
             elif not current.state.finished:
-                self.store.update(job_id, state=JobState.QUEUED, eta_seconds=None, message=f"waiting to retry: {exc}")
-                self._retry_when_available(job_id)
+                # Not claimed again before the pause, and (see _backend_ready) not before the model
+                # server answers ready.
+                self._release(job_id, f"waiting to retry: {exc}", not_before=time.time() + _RETRY_SECONDS)
         except AdapterAlreadyExists:
             self._fail(job, f"name: an adapter named {job.name!r} was created while the job ran")
         except Exception as exc:  # noqa: BLE001 - the job ends FAILED with the reason, never silently
@@ -258,25 +349,18 @@ class JobRunner:
                 self._fail(job, f"{type(exc).__name__}: {exc}")
         finally:
             self._running.pop(job_id, None)
-            if self.store.get_by_id(job_id).state.finished:
-                self.checkpoints.delete(job_id)
+            try:
+                if self.store.get_by_id(job_id).state.finished:
+                    self.checkpoints.delete(job_id)
+            except Exception:  # noqa: BLE001 - the database is away: the next start's sweep removes it
+                log.exception("job %s: could not check whether its checkpoint can go", job_id)
 
-    def _retry_when_available(self, job_id: str) -> None:
-        """Re-queues the job once the model server is back: after a pause, and then (when a
-        supervisor watches Triton) not before it answers ready, so an outage that lasts a whole
-        restart costs the job one attempt, not one per pause."""
-
-        async def retry() -> None:
-            await asyncio.sleep(_RETRY_SECONDS)
-            wait_available = getattr(self.backend, "wait_available", None)
-            if wait_available is not None:
-                await wait_available()
-            if not self._closing:
-                self._queue.put_nowait(job_id)
-
-        task = asyncio.get_running_loop().create_task(retry(), name=f"retry-{job_id}")
-        self._retries.add(task)
-        task.add_done_callback(self._retries.discard)
+    def _release(self, job_id: str, message: str, not_before: float = 0.0) -> None:
+        try:
+            self.store.release(job_id, self.owner, message=message, not_before=not_before)
+        except LeaseLost:
+            pass  # another runner has it already
+        self._wake.set()
 
     def _checkpoint(self, job: JobRecord) -> tuple[bytes | None, int]:
         """The job's checkpoint file, whatever its row says: the file is written atomically before
@@ -296,7 +380,7 @@ class JobRunner:
         # Off the event loop: a real model's checkpoint (adapter + optimizer state) is tens of MB.
         resume, progress.resumed_from = await asyncio.to_thread(self._checkpoint, job)
         if resume is not None:
-            self.store.update(job.job_id, checkpoint_step=progress.resumed_from,
+            self.store.update(job.job_id, owner=self.owner, checkpoint_step=progress.resumed_from,
                               message=f"training, resumed from step {progress.resumed_from}")
         blob = await self.backend.personalize(spec, resume, progress)
         try:
@@ -305,7 +389,7 @@ class JobRunner:
         except AdapterFormatError as exc:
             raise RuntimeError(f"the trained adapter cannot be served: {exc}") from exc
 
-    async def _previews(self, job: JobRecord, adapter_id: str) -> tuple[list[bytes], str]:
+    async def _previews(self, job: JobRecord, adapter_key: str) -> tuple[list[bytes], str]:
         """"a <token> <class_word>" (a style: its first concept in the style, with style guidance)
         through the ordinary Generate path, so a finished job shows the adapter working exactly as
         clients will use it. A failure here does not fail the job."""
@@ -315,7 +399,7 @@ class JobRunner:
         style = job.method == FINESTYLE
         spec = GenerationSpec(prompt=requests.preview_prompt(pb.PersonalizeRequest.FromString(job.request)),
                               steps=self.settings.default_steps, seed=0, num_images=min(n, self.settings.max_num_images),
-                              adapters=(AdapterUse(adapter_id, style=style),),
+                              adapters=(AdapterUse(adapter_key, style=style),),
                               style_guidance_scale=finestyle.STYLE_GUIDANCE_SCALE if style else 0.0)
         try:
             result = await self.backend.generate(spec, deadline=None)
@@ -325,7 +409,10 @@ class JobRunner:
         return [encode_png(image) for image in result.images], ""
 
     def _fail(self, job: JobRecord, reason: str) -> None:
-        self.store.finish(job.job_id, JobState.FAILED, error=reason, message=reason)
+        try:
+            self.store.finish(job.job_id, JobState.FAILED, owner=self.owner, error=reason, message=reason)
+        except LeaseLost:
+            return  # another runner has it: its outcome, not ours
         self._count("FAILED", job.method)
 
     # -- metrics ---------------------------------------------------------------------------------
@@ -343,8 +430,16 @@ class JobRunner:
             self.metrics.training_steps.labels(method).inc()
 
     def _set_gauges(self) -> None:
+        """Store-wide figures (every replica on one database reports the same: aggregate with max)."""
         if self.metrics is None:
             return
-        active = self.store.active()
-        self.metrics.jobs_queued.set(sum(j.state == JobState.QUEUED for j in active))
-        self.metrics.jobs_running.set(sum(j.state == JobState.RUNNING for j in active))
+        try:
+            queued, running, oldest_age = self.store.queue_stats()
+        except Exception:  # noqa: BLE001 - a gauge never fails a job
+            log.exception("could not read the job queue")
+            return
+        self.metrics.jobs_queued.set(queued)
+        self.metrics.jobs_running.set(running)
+        age_gauge = getattr(self.metrics, "jobs_oldest_queued_age", None)
+        if age_gauge is not None:
+            age_gauge.set(oldest_age)

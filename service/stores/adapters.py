@@ -1,8 +1,14 @@
-"""Adapter registry: metadata rows in SQLite, weights as safetensors files in a blob directory.
+"""Adapter registry: metadata rows in the database, weights as safetensors files in a blob folder.
 
-A blob is written atomically (temp file in the same directory, fsync, rename, fsync the directory)
-and its sha256 recorded, so a crash never leaves a half-written adapter under a registered id, and a
-file damaged on disk is detected when it is read.
+Blobs are addressed by content: `sha256/<2 hex>/<sha256>.safetensors`. The folder can be one volume
+shared by every gateway replica and every Triton replica (ReadWriteMany): a model server loads an
+adapter by its content key alone, without the database, and checks the bytes against the key. Two
+adapters with the same bytes (one tenant's import of another's export) share one file, which is
+removed when its last row is.
+
+A blob is written atomically (temp file in the same directory, fsync, rename, fsync the directory),
+so a crash never leaves a half-written adapter under a registered id, and a file damaged on disk is
+detected when it is read.
 """
 
 from __future__ import annotations
@@ -17,26 +23,6 @@ from pathlib import Path
 from service import crashpoints
 
 from .db import Database, NotFound
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    adapter_id     TEXT PRIMARY KEY,
-    tenant         TEXT NOT NULL,
-    name           TEXT NOT NULL,
-    method         TEXT NOT NULL,
-    token          TEXT NOT NULL DEFAULT '',
-    class_word     TEXT NOT NULL DEFAULT '',
-    rank           INTEGER NOT NULL DEFAULT 0,
-    size_bytes     INTEGER NOT NULL,
-    num_parameters INTEGER NOT NULL DEFAULT 0,
-    sha256         TEXT NOT NULL,
-    blob           TEXT NOT NULL,
-    source         TEXT NOT NULL,
-    created_at     REAL NOT NULL,
-    UNIQUE (tenant, name)
-);
-"""
-
 
 class AdapterAlreadyExists(ValueError):
     pass
@@ -66,6 +52,18 @@ class AdapterRecord:
     source: str
     created_at: float
 
+    @property
+    def key(self) -> str:
+        """What the serving layers (adapter banks, Triton) know the adapter by: its content hash,
+        so any replica finds its file without the database. Tenancy is checked before a key is
+        handed out; a key names bytes, not an owner."""
+        return self.sha256
+
+
+def blob_path_for(sha256: str) -> str:
+    """The blob's path under the blob root, from its content hash alone."""
+    return f"sha256/{sha256[:2]}/{sha256}.safetensors"
+
 
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -93,7 +91,23 @@ class AdapterStore:
         self.db = db
         self.blob_root = Path(blob_root)
         self.blob_root.mkdir(parents=True, exist_ok=True)
-        self.db.connect().executescript(_SCHEMA)
+        self._adopt_legacy_blobs()
+
+    def _adopt_legacy_blobs(self) -> None:
+        """Moves blobs stored by builds before content addressing (`<tenant hash>/<adapter id>`)
+        to their content path. Idempotent, and safe to interrupt: the row moves only once the
+        content file is in place, the old file goes only after the row has moved."""
+        rows = self.db.connect().execute("SELECT adapter_id, sha256, blob FROM adapters WHERE blob NOT LIKE 'sha256/%'")
+        for row in rows.fetchall():
+            old, rel = self.blob_root / row["blob"], blob_path_for(row["sha256"])
+            with self.db.transaction() as conn:
+                conn.lock(f"steerserve:blob:{row['sha256']}")
+                new = self.blob_root / rel
+                if not new.is_file() and old.is_file():
+                    new.parent.mkdir(parents=True, exist_ok=True)
+                    _write_atomically(new, old.read_bytes())
+                conn.execute("UPDATE adapters SET blob=? WHERE adapter_id=?", (rel, row["adapter_id"]))
+            old.unlink(missing_ok=True)
 
     def create(
         self,
@@ -115,17 +129,23 @@ class AdapterStore:
         `adapter_id` lets a caller fix the id in advance (a training job derives it from its job
         id, so a job interrupted after this call finds its adapter instead of training again)."""
         adapter_id = adapter_id or "ad-" + uuid.uuid4().hex[:20]
-        # Blobs live under a per-tenant folder named by a hash, so tenant names never reach paths.
-        tenant_dir = hashlib.sha256(tenant.encode()).hexdigest()[:16]
-        rel = f"{tenant_dir}/{adapter_id}.safetensors"
+        sha = hashlib.sha256(data).hexdigest()
+        # Paths come from the content hash only: no tenant name or client string reaches a path.
+        rel = blob_path_for(sha)
         path = self.blob_root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         # The blob is renamed into place inside the transaction; if anything after that fails
-        # (the insert, the COMMIT on a full disk) it is removed, so no file outlives a failed create.
-        # A SIGKILL in that gap leaves an unreferenced file, which sweep() removes at the next start.
+        # (the insert, the COMMIT on a full disk) a file this call created is removed, so no file
+        # outlives a failed create. A SIGKILL in that gap leaves an unreferenced file, which sweep()
+        # removes at the next start. A file that was already there belongs to another row: kept.
         written = committed = False
         try:
             with self.db.transaction() as conn:
+                # Serializes this tenant's creates (the quota check and the insert), and every
+                # create and delete of these bytes (a delete cannot remove the file under us), on
+                # every replica.
+                conn.lock(f"steerserve:tenant:{tenant}")
+                conn.lock(f"steerserve:blob:{sha}")
                 if conn.execute(
                     "SELECT 1 FROM adapters WHERE tenant=? AND name=?", (tenant, name)
                 ).fetchone():
@@ -143,8 +163,9 @@ class AdapterStore:
                 if self.max_bytes is not None and used + len(data) > self.max_bytes:
                     raise QuotaExceeded(f"adapter quota: {used} bytes stored + {len(data)} would exceed this tenant's "
                                         f"{self.max_bytes} bytes; delete adapters first")
-                _write_atomically(path, data)
-                written = True
+                if not path.is_file():
+                    _write_atomically(path, data)
+                    written = True
                 crashpoints.reached("adapter.blob_written")
                 record = AdapterRecord(
                     adapter_id=adapter_id,
@@ -156,13 +177,14 @@ class AdapterStore:
                     rank=rank,
                     size_bytes=len(data),
                     num_parameters=num_parameters,
-                    sha256=hashlib.sha256(data).hexdigest(),
+                    sha256=sha,
                     blob=rel,
                     source=source,
                     created_at=time.time(),
                 )
                 conn.execute(
-                    "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO adapters (adapter_id, tenant, name, method, token, class_word, rank, size_bytes, "
+                    "num_parameters, sha256, blob, source, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         record.adapter_id, record.tenant, record.name, record.method, record.token,
                         record.class_word, record.rank, record.size_bytes, record.num_parameters,
@@ -177,14 +199,18 @@ class AdapterStore:
         crashpoints.reached("adapter.committed")
         return record
 
-    def sweep(self) -> list[Path]:
+    def sweep(self, min_age_s: float = 0.0) -> list[Path]:
         """Removes what a crash can leave behind and no row refers to: temp files of interrupted
-        writes, and blobs renamed into place whose registration never committed. Run at start,
-        before anything writes (one gateway process per data folder)."""
-        referenced = {row["blob"] for row in self.db.connect().execute("SELECT blob FROM adapters")}
-        removed = []
+        writes, and blobs renamed into place whose registration never committed. Run at start.
+        `min_age_s`: files younger than this are kept, as another replica sharing the folder may be
+        between writing one and committing its row (0: this process is the folder's only writer)."""
+        referenced = {row["blob"] for row in self.db.connect().execute("SELECT blob FROM adapters").fetchall()}
+        removed, now = [], time.time()
         for path in self.blob_root.rglob("*"):
-            if not path.is_file():
+            try:
+                if not path.is_file() or now - path.stat().st_mtime < min_age_s:
+                    continue
+            except FileNotFoundError:  # removed by another replica meanwhile
                 continue
             rel = path.relative_to(self.blob_root).as_posix()
             if path.name.endswith(".tmp") or (path.suffix == ".safetensors" and rel not in referenced):
@@ -215,10 +241,18 @@ class AdapterStore:
     def delete(self, tenant: str, adapter_id: str) -> AdapterRecord:
         record = self.get(tenant, adapter_id)
         with self.db.transaction() as conn:
-            conn.execute("DELETE FROM adapters WHERE adapter_id=?", (adapter_id,))
+            conn.execute("DELETE FROM adapters WHERE adapter_id=? AND tenant=?", (adapter_id, tenant))
         # The row is gone first: a crash here leaves an orphan file, never a row without its file.
-        (self.blob_root / record.blob).unlink(missing_ok=True)
+        # The file goes with its last row, under the lock creates of the same bytes take.
+        with self.db.transaction() as conn:
+            conn.lock(f"steerserve:blob:{record.sha256}")
+            if conn.execute("SELECT 1 FROM adapters WHERE sha256=?", (record.sha256,)).fetchone() is None:
+                (self.blob_root / record.blob).unlink(missing_ok=True)
         return record
+
+    def keys_in_use(self) -> int:
+        """Distinct blobs registered (what a replica's adapter cache could hold at most)."""
+        return int(self.db.connect().execute("SELECT COUNT(DISTINCT sha256) AS n FROM adapters").fetchone()["n"])
 
     def blob_path(self, record: AdapterRecord) -> Path:
         return self.blob_root / record.blob

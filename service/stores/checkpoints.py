@@ -7,6 +7,7 @@ previous checkpoint intact; removed when the job ends.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 from .adapters import _write_atomically
@@ -34,12 +35,18 @@ class CheckpointStore:
     def delete(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)
 
-    def sweep(self, keep: set[str]) -> list[Path]:
+    def sweep(self, keep: set[str], min_age_s: float = 0.0) -> list[Path]:
         """Removes temp files of interrupted writes and checkpoints of jobs not in `keep` (the
-        unfinished ones); run at start."""
-        removed = []
+        unfinished ones); run at start. `min_age_s`: younger files are kept (on a volume shared by
+        replicas, another runner may be writing one right now)."""
+        removed, now = [], time.time()
         for path in self.root.iterdir():
-            if path.is_file() and (path.name.endswith(".tmp") or path.name.removesuffix(".ckpt") not in keep):
+            try:
+                if not path.is_file() or now - path.stat().st_mtime < min_age_s:
+                    continue
+            except FileNotFoundError:
+                continue
+            if path.name.endswith(".tmp") or path.name.removesuffix(".ckpt") not in keep:
                 path.unlink(missing_ok=True)
                 removed.append(path)
         return removed
