@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     metrics_port: int = 9464  # 0 disables the Prometheus endpoint
+    # On SIGTERM: not ready at once, then in-flight RPCs get this long to finish (keep it below the
+    # pod's terminationGracePeriodSeconds); running jobs go back to the queue for another replica.
+    shutdown_grace_s: float = Field(30.0, ge=0)
 
     # token -> tenant. Parsed from "token:tenant,..." in the environment or a JSON object in the file.
     # A key may be a digest instead of the token: "sha256:<64 hex>" (steerserve hash-token).

@@ -9,7 +9,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 def test_health_serving(gateway):
     stub = health_pb2_grpc.HealthStub(gateway.channel())
-    for service in ("", "steerserve.v1.SteerServe"):
+    # "": readiness (follows the model server on Triton); "liveness": the process answers.
+    for service in ("", "steerserve.v1.SteerServe", "liveness"):
         resp = stub.Check(health_pb2.HealthCheckRequest(service=service))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 

@@ -33,6 +33,7 @@ from .servicer import SteerServeServicer
 log = logging.getLogger("steerserve.gateway")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteerServe"].full_name
+LIVENESS = "liveness"  # the health service name Kubernetes probes liveness with
 
 
 def resolve_model_dir(settings: Settings) -> Path:
@@ -197,6 +198,10 @@ async def start_gateway(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # "liveness": this process answers (Kubernetes' liveness and startup probes). It never follows
+    # Triton: a model server that is down makes the gateway not ready (""), not dead, so it is
+    # taken out of the Service rather than restarted in a loop.
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     start_supervision = getattr(backend, "start_supervision", None)
     if start_supervision is not None:  # backend "triton": health follows the model server
 
@@ -223,5 +228,5 @@ async def serve(settings: Settings, on_ready=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down")
-    await gateway.stop()
+    log.info("shutting down: draining in-flight RPCs for up to %.0f s", settings.shutdown_grace_s)
+    await gateway.stop(settings.shutdown_grace_s)
