@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import shutil
+import subprocess
 import threading
 import time
 import urllib.request
@@ -21,6 +23,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from prometheus_client import CollectorRegistry
 from safetensors.torch import save
@@ -121,15 +124,17 @@ def test_bad_request_and_deadline_statuses(stack):
 
 def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, model_dir, reference):
     stub = stack.stub()
-    ids = [
+    imported = [
         stub.ImportAdapter(pb.ImportAdapterRequest(name=f"lora-{k}", safetensors=lora_file(reference, seed=k)),
-                           metadata=auth()).adapter_id
+                           metadata=auth())
         for k in range(3)
     ]
+    ids = {a.sha256: a.adapter_id for a in imported}  # content key (what banks load by) -> API id
     # In-process references, one request at a time, with the same adapter bank code.
     reference = Engine.from_pretrained(model_dir)
     BankedAdapters.attach(reference, blob_loader(stack.settings.data_dir / "adapters"), num_slots=4, max_rank=4)
-    specs = [GenerationSpec(prompt="a dog", steps=6, seed=k, adapters=(AdapterUse(ids[k]),)) for k in range(3)]
+    specs = [GenerationSpec(prompt="a dog", steps=6, seed=k, adapters=(AdapterUse(imported[k].sha256),))
+             for k in range(3)]
     specs.append(GenerationSpec(prompt="a dog", steps=6, seed=9))  # and one without adapters
     expected = [np.asarray(reference.generate(s).images[0]) for s in specs]
 
@@ -137,7 +142,7 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
 
     def call(spec):
         req = pb.GenerateRequest(prompt=spec.prompt, steps=spec.steps, seed=spec.seed,
-                                 adapters=[pb.AdapterRef(adapter_id=a.key, weight=a.weight) for a in spec.adapters])
+                                 adapters=[pb.AdapterRef(adapter_id=ids[a.key], weight=a.weight) for a in spec.adapters])
         return pixels(stack.stub().Generate(req, metadata=auth(), timeout=120).images[0])
 
     with ThreadPoolExecutor(len(specs)) as pool:
@@ -275,7 +280,8 @@ def test_finestyle_trains_on_triton_and_generates_with_both_scales(stack, triton
     try:
         expected = reference.generate(GenerationSpec(
             prompt="a blue star in zwx style", steps=4, seed=2, guidance_scale=4.0, style_guidance_scale=3.0,
-            adapters=(AdapterUse(done.adapter_id, style=True),))).images[0]
+            adapters=(AdapterUse(stack.gateway.servicer.adapter_store.get("alice", done.adapter_id).key, style=True),),
+        )).images[0]
     finally:
         torch.set_num_threads(threads)
     assert np.abs(np.asarray(expected).astype(int) - styled.astype(int)).max() <= 2
@@ -307,7 +313,7 @@ def test_edit_on_triton_with_each_subject_method(stack, triton, model_dir):
             want = run_edit(reference, None, EditSpec(
                 method=DDS_METHOD, source=SOURCE.image, source_prompt=SOURCE_PROMPT,
                 target_prompt=f"a {adapter.token} heart on a blue striped background",
-                adapter=AdapterUse(adapter.adapter_id), seed=4, options=EditOptions(iterations=12))).image
+                adapter=AdapterUse(adapter.sha256), seed=4, options=EditOptions(iterations=12))).image
             assert np.abs(pixels(dds.image).astype(int) - want.astype(int)).max() <= 2
             before = stub.ExportAdapter(pb.ExportAdapterRequest(adapter_id=adapter.adapter_id), metadata=auth())
             events = list(stub.EditStream(edit_request(adapter), metadata=auth(), timeout=300))
@@ -442,13 +448,152 @@ def test_supervisor_restarts_a_killed_triton_and_jobs_resume(stack, triton, mode
     assert servicer.job_store.get("alice", job.job_id).attempts == 2
 
 
+def _exported_names(text: str) -> set[str]:
+    """Metric names on a /metrics page: every sample's, and every family declared by `# TYPE` (a
+    labelled family whose label values have not occurred yet, e.g. rejections by reason, has no
+    sample but is exported), with a histogram's/summary's sample suffixes."""
+    names = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, re.M))
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        names.add(name)
+        if kind in ("histogram", "summary"):
+            names |= {f"{name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+    return names
+
+
 def test_every_metric_the_shipped_rules_read_exists(stack, triton):
-    """deploy/observability/prometheus-rules.yaml reads only metrics this gateway + Triton export
-    (after the module's requests, jobs and the restart above; GPU-only ones aside)."""
-    from tests.test_observability_rules import GPU_ONLY, metric_names
+    """deploy/observability/prometheus-rules.yaml, the Grafana dashboard (grafana/steerserve.json) and
+    the autoscalers (prometheus-adapter rules, KEDA triggers) under deploy/ read only metrics this
+    gateway + Triton export (after the module's requests, jobs and the restart above; a family counts
+    once declared, see _exported_names). Listed exceptions: GPU-only names (Triton's
+    nv_gpu_*, our NVML steerserve_gpu_*) and the gateway's own adapter bank (--backend inprocess);
+    tests/test_observability_rules.py checks those against our collectors' output."""
+    from tests.test_observability_rules import GPU_ONLY, INPROCESS_ONLY, all_metric_names
 
     exposed = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
     exposed += urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
-    present = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", exposed, re.M))
-    missing = metric_names() - GPU_ONLY - present
-    assert not missing, f"rules read metrics nobody exports: {sorted(missing)}"
+    present = _exported_names(exposed)
+    consumers = all_metric_names()
+    assert consumers["rules"] and consumers["dashboard"]
+    for consumer, names in consumers.items():
+        missing = names - GPU_ONLY - INPROCESS_ONLY - present
+        assert not missing, f"{consumer} read metrics nobody exports: {sorted(missing)}"
+    # The store-wide job gauges the rules aggregate with max() are there (0: nothing queued now).
+    assert {"steerserve_jobs_queued", "steerserve_jobs_oldest_queued_age_seconds"} <= present
+
+
+def _prometheus_api(base: str, path: str, **params) -> dict:
+    import json
+    import urllib.parse
+
+    url = f"{base}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+    body = json.loads(urllib.request.urlopen(url, timeout=10).read().decode())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus missing: scripts/setup.sh --test installs it")
+def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(stack, triton, tmp_path):
+    """A real Prometheus server (1 s scrapes and evaluations) scrapes this gateway's and Triton's
+    metrics ports with the shipped rules (the PrometheusRule's groups as a plain rule file, group
+    intervals set to 1 s): both targets are up, every rule evaluates without error, the recording rules
+    the dashboard and autoscaling read have series after a few Generate calls, and every dashboard
+    query is accepted. Not on a GPU: the GPU rules have no input here."""
+    import math
+    import urllib.parse
+
+    from tests.test_observability_rules import alerts, autoscaling_promql, dashboard_exprs, recorded, rule_file
+
+    rule_file(tmp_path, interval="1s")
+    port = free_port()
+    targets = {"steerserve-gateway": urllib.parse.urlsplit(stack.metrics_url).netloc,
+               "steerserve-triton": urllib.parse.urlsplit(triton.metrics_url).netloc}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["steerserve.rules.yml"],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
+                           for job, target in targets.items()],
+    }))
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "prometheus.log", "w")
+    proc = subprocess.Popen(
+        [shutil.which("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+
+    def wait(what, check, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            try:
+                result = check()
+            except (OSError, ValueError):  # not listening yet / not ready
+                result = None
+            if result:
+                return result
+            assert time.monotonic() < deadline, f"{what}: {last.get(what)}"
+            time.sleep(0.5)
+
+    last: dict = {}
+    try:
+        wait("ready", lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=5).status == 200)
+
+        def targets_up():
+            active = _prometheus_api(base, "/api/v1/targets")["activeTargets"]
+            last["targets"] = [(t["labels"]["job"], t["health"], t["lastError"]) for t in active]
+            return sorted(t["labels"]["job"] for t in active if t["health"] == "up") == sorted(targets)
+
+        # Prometheus starts scraping a few seconds after it is ready (its target updates are batched
+        # every 5 s): scraped before the requests, so rates see the counters move.
+        wait("targets", targets_up)
+        stub = stack.stub()
+        for k in range(3):  # spread over a few scrapes
+            assert len(stub.Generate(pb.GenerateRequest(prompt="a blue square", steps=2, seed=k), metadata=auth(),
+                                     timeout=120).images) == 1
+            time.sleep(1.5)
+
+        def rules_healthy():
+            groups = _prometheus_api(base, "/api/v1/rules")["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            last["rules"] = [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+            return ({g["name"] for g in groups} == {"steerserve.recording", "steerserve.alerts"}
+                    and {r["name"] for r in rules} == recorded() | set(alerts())
+                    and all(r["health"] == "ok" and not r.get("lastError") for r in rules))
+
+        wait("rules", rules_healthy)
+
+        def series(query, positive=False):
+            def check():
+                result = _prometheus_api(base, "/api/v1/query", query=query)["result"]
+                last[query] = result
+                values = [float(r["value"][1]) for r in result]
+                return bool(values) and (not positive or any(v > 0 and math.isfinite(v) for v in values))
+            wait(query, check)
+            return last[query]
+
+        series("steerserve:images_generated:rate1m", positive=True)
+        series('steerserve:rpc_requests:rate1m{method="Generate",code="OK"}', positive=True)
+        series('steerserve:rpc_duration_seconds:p95_5m{method="Generate"}', positive=True)
+        assert float(series("steerserve:rpc_errors:ratio_rate5m")[0]["value"][1]) == 0  # no error since it started
+        series('steerserve:triton_queue_compute:ratio_rate1m{model="unet"}')
+        series("steerserve:adapter_cache_hit:ratio_rate5m")
+        assert {r["metric"]["model"] for r in series("steerserve:triton_adapter_cache_hit:ratio_rate5m")} >= {"unet"}
+        series("steerserve:jobs_queued:max")
+        series("steerserve:jobs_oldest_queued_age_seconds:max")
+        series('up{job="steerserve-triton"} == 1')
+        series('steerserve_triton_up == 1')
+
+        # Every panel query and autoscaler query runs (an empty result is fine: GPU panels, and the
+        # autoscalers' namespace/pod matchers, which only Kubernetes service discovery adds).
+        for expr in dashboard_exprs() + autoscaling_promql():
+            _prometheus_api(base, "/api/v1/query", query=expr)
+        # Every alert needs a minute or more (`for:`) to fire: none fires on this healthy stack.
+        firing = [a for a in _prometheus_api(base, "/api/v1/alerts")["alerts"] if a["state"] == "firing"]
+        assert not firing, firing
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()

@@ -96,8 +96,10 @@ class RouterMetrics:
 
 class ReplicaRouter:
     def __init__(self, url: str, slots: int, *, affinity_slack: int = 4, resolve_every_s: float = 10.0,
-                 resolver: Resolver = resolve_dns, registry: CollectorRegistry | None = None):
+                 resolver: Resolver = resolve_dns, registry: CollectorRegistry | None = None, affinity: bool = True):
+        """`affinity` False: least loaded, round robin among equals (the baseline bench/ compares)."""
         self.targets = parse_targets(url)
+        self.affinity = affinity
         self.slots, self.affinity_slack, self.resolve_every_s = max(1, slots), affinity_slack, resolve_every_s
         self.resolver = resolver
         self.metrics = RouterMetrics(registry) if registry is not None else None
@@ -168,7 +170,7 @@ class ReplicaRouter:
 
         def rank(indexed: tuple[int, Replica]):
             i, r = indexed
-            hits = r.hits(keys) if r.in_flight <= least + self.affinity_slack else 0
+            hits = r.hits(keys) if self.affinity and r.in_flight <= least + self.affinity_slack else 0
             return (-hits, r.in_flight, (i - turn) % n)
 
         _, chosen = min(enumerate(pool), key=rank)

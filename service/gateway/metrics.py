@@ -8,7 +8,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, *, watch_gpus: bool = True):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.rpc_duration = Histogram(
@@ -41,6 +41,11 @@ class GatewayMetrics:
         )
         self.jobs_queued = Gauge("steerserve_jobs_queued", "Personalize jobs waiting for a training worker.", registry=r)
         self.jobs_running = Gauge("steerserve_jobs_running", "Personalize jobs training now.", registry=r)
+        # With the job table shared by all gateway replicas, jobs_queued and this report the same
+        # store-wide value on each replica: aggregate them with max(), not sum().
+        self.jobs_oldest_queued_age = Gauge(
+            "steerserve_jobs_oldest_queued_age_seconds",
+            "Age of the oldest Personalize job still QUEUED (0 when none is), store-wide.", registry=r)
         self.training_steps = Counter(
             "steerserve_training_steps", "Optimisation steps run by personalization jobs.", ["method"], registry=r
         )
@@ -48,6 +53,8 @@ class GatewayMetrics:
             "steerserve_training_seconds", "Wall time of a job attempt from start to adapter and previews.",
             ["method"], buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200), registry=r,
         )
+        if watch_gpus:
+            self.watch_gpus()
 
     def _admission_metrics(self) -> None:
         r = self.registry
@@ -69,6 +76,13 @@ class GatewayMetrics:
             "steerserve_admission_seconds_per_unit", "Measured seconds per unit of work (UNet row-step), per "
             "kind of request: what wait estimates are made of.", ["kind"], registry=r)
         self.admission_tenants: set[str] = set()  # tenants with series, so they are set back to 0
+
+    def watch_gpus(self, nvml=None) -> None:
+        """steerserve_gpu_* per GPU of this node, read through NVML at scrape time (gpu_metrics.py);
+        nothing where NVML cannot initialise (no GPU). Done by the constructor unless watch_gpus=False."""
+        from .gpu_metrics import NvmlCollector
+
+        self.registry.register(NvmlCollector(nvml))
 
     def watch_unet_runtime(self, runtime) -> None:
         """How the in-process engine's UNet runs (service.compiled), read from the runtime at scrape time."""
