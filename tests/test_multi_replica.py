@@ -123,3 +123,20 @@ def test_a_killed_runners_job_is_taken_over_and_finishes(replicas):
     assert hashlib.sha256(blobs[0].read_bytes()).hexdigest() == adapter.sha256
     # Its checkpoint is gone with the job.
     assert not list((shared / "checkpoints").glob(f"{job.job_id}*"))
+
+
+def test_a_job_survives_the_database_dropping_every_connection(replicas):
+    """PostgreSQL restarts or a proxy cuts idle connections mid-training: the runner reconnects, the
+    job is not failed for it."""
+    import psycopg
+
+    url, _, gateways = replicas
+    job = gateways[0].stub.Personalize(personalize_request("db-blip", steps=60), metadata=auth())
+    wait_until(lambda: (r := _row(url, job.job_id)) is not None and r["state"] == "RUNNING" and r["step"] >= 2,
+               timeout=180, interval=0.05, what="the job training")
+    with psycopg.connect(url, autocommit=True) as conn:
+        killed = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+    assert len(killed) >= 2  # both gateways' connections
+    finished = wait_finished(gateways[0].stub, job.job_id, timeout=300)
+    assert finished.state == pb.SUCCEEDED, finished

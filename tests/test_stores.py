@@ -271,3 +271,59 @@ def test_a_database_from_before_migrations_is_adopted(tmp_path):
     jobs = JobStore(open_database(path))
     [job] = jobs.requeue_unfinished()
     assert job.job_id == "job-0123" and job.attempts == 0 and job.lease_owner == ""
+
+
+def test_sweep_rechecks_under_the_lock_before_removing(stores, monkeypatch):
+    """The sweep's snapshot of referenced blobs is old by the time it removes a file: a create of
+    the same bytes may reuse the orphan file in between. The file must stay."""
+    adapters, _, root = stores
+    data = b"bytes first orphaned, then imported again"
+    first = adapters.create("t1", "dog", "DREAMBOOTH_LORA", data)
+    with adapters.db.transaction() as conn:  # a delete interrupted between its row and its file
+        conn.execute("DELETE FROM adapters WHERE adapter_id=?", (first.adapter_id,))
+    original = AdapterStore._remove_if_unreferenced
+    raced = []
+
+    def create_meanwhile(self, sha, path):
+        if not raced:  # another replica registers the same bytes after the snapshot
+            raced.append(adapters.create("t2", "cat", "DREAMBOOTH_LORA", data))
+        return original(self, sha, path)
+
+    monkeypatch.setattr(AdapterStore, "_remove_if_unreferenced", create_meanwhile)
+    assert adapters.sweep() == []
+    assert adapters.read_blob(raced[0]) == data
+
+
+def test_a_runner_never_reclaims_its_own_expired_job(stores):
+    _, jobs, _ = stores
+    job = jobs.create("t1", "DREAMBOOTH_LORA", "dog", 10, b"r")
+    jobs.claim("me", lease_s=0.1)
+    time.sleep(0.2)  # my heartbeat is late
+    assert jobs.claim("me", lease_s=60) is None  # not a second run of my own job
+    taken, previous = jobs.claim("other", lease_s=60)
+    assert taken.job_id == job.job_id and previous == "me"
+
+
+def test_nested_transactions_join_the_outer_one(stores):
+    adapters, jobs, _ = stores
+    with pytest.raises(RuntimeError):
+        with jobs.db.transaction() as conn:
+            conn.lock("test")
+            jobs.create("t1", "DREAMBOOTH_LORA", "inner", 10, b"r")  # its own block joins ours
+            raise RuntimeError("the outer block fails")
+    assert jobs.list("t1") == []  # rolled back with it
+    with jobs.db.transaction():
+        jobs.create("t1", "DREAMBOOTH_LORA", "kept", 10, b"r")
+    assert [j.name for j in jobs.list("t1")] == ["kept"]
+
+
+def test_migrations_ignore_tables_of_other_schemas(postgres):
+    """A `jobs` table in another schema must not make the migrations think columns exist."""
+    import psycopg
+
+    url = postgres.new_database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA other; CREATE TABLE other.jobs (token TEXT, attempts INTEGER, lease_owner TEXT)")
+    jobs = JobStore(open_database(url))
+    job = jobs.create("t1", "DREAMBOOTH_LORA", "dog", 10, b"r", token="sks")
+    assert jobs.get("t1", job.job_id).token == "sks"

@@ -359,11 +359,11 @@ def test_unload_and_load_a_model(stack, triton):
     assert len(stub.Generate(pb.GenerateRequest(prompt="a star", steps=1, seed=1), metadata=auth()).images) == 1
 
 
-def _health(stack) -> int:
+def _health(stack, service: str = "steerserve.v1.SteerServe") -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     return health_pb2_grpc.HealthStub(stack.channel()).Check(
-        health_pb2.HealthCheckRequest(service="steerserve.v1.SteerServe"), timeout=5).status
+        health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 def _metric(stack, name: str) -> float:
@@ -422,6 +422,8 @@ def test_supervisor_restarts_a_killed_triton_and_jobs_resume(stack, triton, mode
     while _health(stack) != health_pb2.HealthCheckResponse.NOT_SERVING:
         assert time.monotonic() < deadline, "health still SERVING 5 s after Triton died"
         time.sleep(0.1)
+    # Not ready, but alive: Kubernetes takes the gateway out of its Service, it does not restart it.
+    assert _health(stack, "liveness") == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.RpcError) as err:  # down: a clear UNAVAILABLE at once, not a hang
         stub.Generate(pb.GenerateRequest(prompt="a tree", steps=1, seed=1), metadata=auth(), timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -234,3 +234,31 @@ def test_backend_routes_by_adapter_across_real_grpc_replicas(model_dir):
     assert router.replicas[f"127.0.0.1:{p1}"].ready is False and router.replicas[f"127.0.0.1:{p2}"].ready
     routed = router.metrics.routed
     assert routed.labels(f"127.0.0.1:{p2}", "hit")._value.get() >= 4
+
+
+def test_a_replica_leaving_dns_drains_before_its_channel_closes():
+    answers = {"now": ["10.0.0.1:8001", "10.0.0.2:8001"]}
+    closed = []
+
+    async def resolver(host, port):
+        return answers["now"]
+
+    async def scenario():
+        router = ReplicaRouter("steerserve-triton:8001", 4, resolver=resolver, registry=CollectorRegistry())
+
+        async def on_removed(replica):
+            closed.append(replica.address)
+
+        router.on_removed = on_removed
+        await router.refresh()
+        leaving = router.replicas["10.0.0.1:8001"]
+        with router.using(leaving):  # a long stream (a training job) runs on it
+            answers["now"] = ["10.0.0.2:8001"]  # its pod is terminating
+            await router.refresh()
+            assert all(router.pick([k]).address == "10.0.0.2:8001" for k in ("a", "b", "c"))
+            await asyncio.sleep(0)
+            assert "10.0.0.1:8001" not in closed  # the stream still runs on its channel
+        await asyncio.sleep(0)  # the close scheduled when the stream ended
+        assert closed == ["steerserve-triton:8001", "10.0.0.1:8001"]
+
+    run(scenario())

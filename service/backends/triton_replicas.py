@@ -65,6 +65,7 @@ class Replica:
         self.in_flight = 0
         self.slots = slots
         self.recent: OrderedDict[str, None] = OrderedDict()  # adapter keys routed here, oldest first
+        self.gone = False  # left the Service: no new requests; its channel closes once idle
         self.client = None  # the channel, created on first use by the backend (on its event loop)
         self.probe = None  # the readiness probe's own channel (short reconnect backoff)
 
@@ -104,7 +105,10 @@ class ReplicaRouter:
         self.resolver = resolver
         self.metrics = RouterMetrics(registry) if registry is not None else None
         # Before the first resolution: the targets as given (grpc resolves a name itself).
-        self.replicas: dict[str, Replica] = {f"{h}:{p}": Replica(f"{h}:{p}", self.slots) for h, p in self.targets}
+        self.replicas: dict[str, Replica] = {}
+        for host, port in self.targets:
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 literals keep brackets
+            self.replicas[address] = Replica(address, self.slots)
         self._turn = itertools.count()  # round robin among equals
         self._refresher: asyncio.Task | None = None
         self.on_removed: Callable[[Replica], Awaitable[None]] | None = None  # closes a gone replica's channel
@@ -130,10 +134,23 @@ class ReplicaRouter:
                 self.replicas[address] = Replica(address, self.slots)
         for address in [a for a in self.replicas if a not in found]:
             gone = self.replicas.pop(address)
-            log.info("Triton replica %s left", address)
-            if self.on_removed is not None:
-                await self.on_removed(gone)
+            gone.gone = True
+            if self.metrics is not None:
+                for affinity in ("hit", "partial", "miss", "none"):
+                    try:
+                        self.metrics.routed.remove(address, affinity)
+                    except KeyError:
+                        pass
+            # A pod leaving DNS is terminating and drains what it runs (streams, training): its
+            # channel stays open until the requests on it end, it just gets no new ones.
+            log.info("Triton replica %s left (%d requests in flight finish on it)", address, gone.in_flight)
+            if gone.in_flight == 0:
+                await self._removed(gone)
         self._gauges()
+
+    async def _removed(self, replica: Replica) -> None:
+        if self.on_removed is not None:
+            await self.on_removed(replica)
 
     def start(self) -> None:
         async def loop() -> None:
@@ -188,6 +205,8 @@ class ReplicaRouter:
             yield replica
         finally:
             replica.in_flight -= 1
+            if replica.gone and replica.in_flight == 0:  # its last request ended: close its channel
+                asyncio.get_running_loop().create_task(self._removed(replica))
 
     def _gauges(self) -> None:
         if self.metrics is not None:

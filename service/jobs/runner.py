@@ -42,7 +42,8 @@ from service.engine.pipeline import AdapterUse, GenerationSpec
 from service.personalize import FINESTYLE, TrainingStopped, finestyle
 from service.personalize.spec import unpack_checkpoint
 from service.stores import (
-    AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore, LeaseLost, is_disk_full,
+    AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore, LeaseLost,
+    is_database_unavailable, is_disk_full,
 )
 
 from . import requests
@@ -101,6 +102,12 @@ class JobProgress:
             self.runner.store.update(self.job.job_id, owner=self.runner.owner, **fields)
         except LeaseLost:
             self.lose()
+        except Exception as exc:
+            if not is_database_unavailable(exc):
+                raise
+            # A progress row missed: training goes on; the lease (renewed by the heartbeat when the
+            # database is back, or taken over if not) still fences what this runner may write.
+            log.warning("job %s: progress not recorded, the database is unavailable (%s)", self.job.job_id, exc)
 
     def lose(self) -> None:
         if not self.lost:
@@ -176,8 +183,19 @@ class JobRunner:
     # -- the RPCs' side --------------------------------------------------------------------------
 
     def submit(self, tenant: str, request: pb.PersonalizeRequest, tokenizer) -> JobRecord:
-        """Queues a validated request. Synchronous on purpose: on the gateway's one event loop the
-        checks and the insert cannot interleave with another Personalize."""
+        """Queues a validated request: the limits, name and token checks and the insert in one
+        transaction."""
+        # One transaction under one lock on every replica: two Personalize calls (on any replicas)
+        # cannot both pass the limits, the name check or the token check.
+        with self.store.db.transaction() as conn:
+            conn.lock("steerserve:jobs:submit")
+            job = self._checked_create(tenant, request, tokenizer)
+        self._wake.set()
+        self._count("submitted", job.method)
+        self._set_gauges()
+        return job
+
+    def _checked_create(self, tenant: str, request: pb.PersonalizeRequest, tokenizer) -> JobRecord:
         s = self.settings
         active = self.store.active()
         if sum(j.state == JobState.QUEUED for j in active) >= s.max_queued_jobs:
@@ -196,25 +214,23 @@ class JobRunner:
         resolved = requests.resolve(request, taken_tokens=[a.token for a in owned if a.token] + [j.token for j in mine],
                                     tokenizer=tokenizer)
         resolved.name = name
-        job = self.store.create(
+        return self.store.create(
             tenant, requests.method_name(resolved), name, resolved.options.steps, resolved.SerializeToString(),
             token=resolved.token, class_word=resolved.class_word,
         )
-        self._wake.set()
-        self._count("submitted", job.method)
-        self._set_gauges()
-        return job
 
     def cancel(self, tenant: str, job_id: str) -> JobRecord:
-        job = self.store.get(tenant, job_id)  # NOT_FOUND for another tenant's id
-        if job.state.finished:
-            return job
+        before = self.store.get(tenant, job_id)  # NOT_FOUND for another tenant's id
+        if before.state.finished:
+            return before
         job = self.store.finish(job_id, JobState.CANCELLED, message="cancelled by the client")
+        if job.state != JobState.CANCELLED:  # it finished first
+            return job
         progress = self._running.get(job_id)
         if progress is not None:
             progress.cancelled = True
             progress.stop.set()  # the worker cleans up when training stops (within a step)
-        elif job.lease_owner == "":
+        elif before.lease_owner == "":
             self.checkpoints.delete(job_id)
         # else another replica runs it: its heartbeat sees CANCELLED, it stops and cleans up
         self._count("CANCELLED", job.method)
@@ -307,11 +323,18 @@ class JobRunner:
             if trained_now:  # not trained yet (an interrupted job may already have its adapter)
                 adapter = await self._train(job, progress)
                 self.store.update(job_id, owner=self.owner, message="storing the adapter", eta_seconds=None)
-                record = self.adapters.create(
-                    job.tenant, job.name, job.method, serialize_adapter(adapter), token=job.token,
-                    class_word=job.class_word, rank=adapter.max_rank, num_parameters=adapter.num_parameters,
-                    source="personalize", adapter_id=adapter_id_for(job_id),
-                )
+                try:
+                    record = self.adapters.create(
+                        job.tenant, job.name, job.method, serialize_adapter(adapter), token=job.token,
+                        class_word=job.class_word, rank=adapter.max_rank, num_parameters=adapter.num_parameters,
+                        source="personalize", adapter_id=adapter_id_for(job_id),
+                    )
+                except AdapterAlreadyExists:
+                    # A runner this one took over from may have registered the job's adapter after
+                    # all (it lost its lease between training and registering): finish with that one.
+                    record = self.adapters.find(job.tenant, adapter_id_for(job_id))
+                    if record is None:
+                        raise
                 crashpoints.reached("job.adapter_registered")
             self.store.update(job_id, owner=self.owner, adapter_id=record.adapter_id, message="making previews",
                               eta_seconds=None)
@@ -319,9 +342,11 @@ class JobRunner:
             # A finished job still says it survived a restart (its RUNNING message may be missed).
             resumed_from = progress.resumed_from if trained_now else job.checkpoint_step
             resumed = f"resumed from step {resumed_from}" if resumed_from else ""
-            self.store.finish(job_id, JobState.SUCCEEDED, owner=self.owner, adapter_id=record.adapter_id,
-                              previews=previews, step=job.total_steps,
-                              message="; ".join(m for m in (resumed, note) if m))
+            ended = self.store.finish(job_id, JobState.SUCCEEDED, owner=self.owner, adapter_id=record.adapter_id,
+                                      previews=previews, step=job.total_steps,
+                                      message="; ".join(m for m in (resumed, note) if m))
+            if ended.state != JobState.SUCCEEDED:  # cancelled meanwhile (from any replica)
+                return
             self._count("SUCCEEDED", job.method)
             if self.metrics is not None:
                 self.metrics.training_seconds.labels(job.method).observe(time.monotonic() - started)
@@ -342,6 +367,13 @@ class JobRunner:
         except AdapterAlreadyExists:
             self._fail(job, f"name: an adapter named {job.name!r} was created while the job ran")
         except Exception as exc:  # noqa: BLE001 - the job ends FAILED with the reason, never silently
+            if is_database_unavailable(exc):
+                # Nothing is wrong with the job: back to the queue if the database answers again,
+                # else its lease runs out and a runner (here or elsewhere) takes it over.
+                log.warning("job %s: the database is unavailable (%s); the job will be retried", job_id, exc)
+                self._release(job_id, f"waiting to retry: the database was unavailable ({exc})",
+                              not_before=time.time() + _RETRY_SECONDS)
+                return
             log.exception("job %s failed", job_id)
             if is_disk_full(exc):
                 self._fail(job, f"the server's storage is full ({exc}); no adapter was stored")
@@ -360,6 +392,8 @@ class JobRunner:
             self.store.release(job_id, self.owner, message=message, not_before=not_before)
         except LeaseLost:
             pass  # another runner has it already
+        except Exception as exc:  # noqa: BLE001 - the database is away: the lease expiry re-queues it
+            log.warning("job %s: could not hand it back (%s); its lease will expire", job_id, exc)
         self._wake.set()
 
     def _checkpoint(self, job: JobRecord) -> tuple[bytes | None, int]:
@@ -410,10 +444,11 @@ class JobRunner:
 
     def _fail(self, job: JobRecord, reason: str) -> None:
         try:
-            self.store.finish(job.job_id, JobState.FAILED, owner=self.owner, error=reason, message=reason)
+            ended = self.store.finish(job.job_id, JobState.FAILED, owner=self.owner, error=reason, message=reason)
         except LeaseLost:
             return  # another runner has it: its outcome, not ours
-        self._count("FAILED", job.method)
+        if ended.state == JobState.FAILED:
+            self._count("FAILED", job.method)
 
     # -- metrics ---------------------------------------------------------------------------------
 

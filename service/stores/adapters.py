@@ -14,6 +14,7 @@ detected when it is read.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -23,6 +24,8 @@ from pathlib import Path
 from service import crashpoints
 
 from .db import Database, NotFound
+
+log = logging.getLogger("steerserve.stores")
 
 class AdapterAlreadyExists(ValueError):
     pass
@@ -195,9 +198,23 @@ class AdapterStore:
             committed = True
         finally:
             if written and not committed:
-                path.unlink(missing_ok=True)
+                # After the rollback, under the lock again: another create of these bytes may have
+                # registered them meanwhile, or our COMMIT may have landed before the connection
+                # failed. The file goes only if no row refers to it.
+                self._remove_if_unreferenced(sha, path)
         crashpoints.reached("adapter.committed")
         return record
+
+    def _remove_if_unreferenced(self, sha: str, path: Path) -> bool:
+        try:
+            with self.db.transaction() as conn:
+                conn.lock(f"steerserve:blob:{sha}")
+                if conn.execute("SELECT 1 FROM adapters WHERE sha256=?", (sha,)).fetchone() is None:
+                    path.unlink(missing_ok=True)
+                    return True
+        except Exception:  # noqa: BLE001 - the database is away: leave the file to the next sweep
+            log.warning("could not check whether blob %s is still used; left for the next sweep", sha[:12])
+        return False
 
     def sweep(self, min_age_s: float = 0.0) -> list[Path]:
         """Removes what a crash can leave behind and no row refers to: temp files of interrupted
@@ -213,9 +230,18 @@ class AdapterStore:
             except FileNotFoundError:  # removed by another replica meanwhile
                 continue
             rel = path.relative_to(self.blob_root).as_posix()
-            if path.name.endswith(".tmp") or (path.suffix == ".safetensors" and rel not in referenced):
+            if path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)
                 removed.append(path)
+            elif path.suffix == ".safetensors" and rel not in referenced:
+                # Checked again under the blob's lock: a create of the same bytes may have just
+                # registered this very file (it reuses a file already in place).
+                sha = path.name.removesuffix(".safetensors")
+                if rel == blob_path_for(sha) and self._remove_if_unreferenced(sha, path):
+                    removed.append(path)
+                elif rel != blob_path_for(sha):  # not a content path (a stray file): nothing can use it
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
         return removed
 
     def find(self, tenant: str, adapter_id: str) -> AdapterRecord | None:

@@ -73,13 +73,25 @@ class Row(Sequence):
 class Connection:
     """One connection of either dialect, with the stores' SQL translated for it."""
 
-    def __init__(self, raw, dialect: str):
+    def __init__(self, raw, dialect: str, reconnect=None):
         self.raw, self.dialect = raw, dialect
+        self.depth = 0  # open transaction blocks on this connection (inner ones join the outer)
+        self._reconnect = reconnect  # -> a new driver connection (PostgreSQL)
 
     def execute(self, sql: str, params: Sequence = ()):
-        if self.dialect == "postgresql":
-            return self.raw.execute(sql.replace("?", "%s"), tuple(params) or None)
-        return self.raw.execute(sql, tuple(params))
+        if self.dialect != "postgresql":
+            return self.raw.execute(sql, tuple(params))
+        sql, args = sql.replace("?", "%s"), tuple(params) or None
+        try:
+            return self.raw.execute(sql, args)
+        except Exception:
+            # The server closed this connection while it sat idle (a restart, a failover, a proxy's
+            # idle timeout). Outside a transaction nothing ran on the dead connection (a BEGIN, or
+            # a read): run it once more on a fresh one. Inside one, the caller's block fails.
+            if self.depth > 0 or self._reconnect is None or not (self.raw.closed or self.raw.broken):
+                raise
+            self.raw = self._reconnect()
+            return self.raw.execute(sql, args)
 
     def executemany(self, sql: str, rows) -> None:
         if self.dialect == "postgresql":
@@ -96,7 +108,8 @@ class Connection:
 
     def columns(self, table: str) -> set[str]:
         if self.dialect == "postgresql":
-            rows = self.execute("SELECT column_name FROM information_schema.columns WHERE table_name=?", (table,))
+            rows = self.execute("SELECT column_name FROM information_schema.columns "
+                                "WHERE table_schema=current_schema() AND table_name=?", (table,))
             return {row["column_name"] for row in rows.fetchall()}
         return {row["name"] for row in self.raw.execute(f"PRAGMA table_info({table})")}
 
@@ -142,7 +155,7 @@ class Database:
     def connect(self) -> Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or not self._usable(conn.raw):
-            conn = Connection(self._new_connection(), self.dialect)
+            conn = Connection(self._new_connection(), self.dialect, reconnect=self._new_connection)
             self._local.conn = conn
         return conn
 
@@ -193,9 +206,14 @@ class PostgresDatabase(Database):
             return lambda values: Row(names, tuple(values))
 
         # autocommit: our transactions are explicit BEGIN ... COMMIT blocks, as with SQLite.
+        # Bounded waits: a lock held by a stalled replica, a transaction left open by one, or a dead
+        # peer on the network fail the call (UNAVAILABLE / the job is retried) instead of hanging.
+        # prepare_threshold=None: no server-side prepared statements (pgbouncer in transaction mode).
         return psycopg.connect(self.url, autocommit=True, row_factory=rows,
                                connect_timeout=max(1, int(self.connect_timeout)),
-                               application_name="steerserve")
+                               application_name="steerserve", prepare_threshold=None,
+                               keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+                               options="-c lock_timeout=15000 -c idle_in_transaction_session_timeout=60000")
 
     def _usable(self, raw) -> bool:
         return not (raw.closed or raw.broken)  # the server restarted or the network dropped: reconnect
@@ -209,14 +227,22 @@ class PostgresDatabase(Database):
 
 
 class _Transaction:
+    """BEGIN ... COMMIT (ROLLBACK on an exception). A block opened inside another on the same
+    connection joins it: one transaction, committed or rolled back by the outermost block."""
+
     def __init__(self, conn: Connection, begin: str):
         self.conn, self.begin = conn, begin
 
     def __enter__(self) -> Connection:
-        self.conn.execute(self.begin)
+        if self.conn.depth == 0:
+            self.conn.execute(self.begin)
+        self.conn.depth += 1
         return self.conn
 
     def __exit__(self, exc_type, exc, tb):
+        self.conn.depth -= 1
+        if self.conn.depth > 0:
+            return False  # the outer block decides
         if exc_type:
             with contextlib.suppress(Exception):  # a broken connection cannot roll back; its server does
                 self.conn.execute("ROLLBACK")

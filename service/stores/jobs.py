@@ -187,15 +187,17 @@ class JobStore:
 
     def claim(self, owner: str, lease_s: float) -> tuple[JobRecord, str] | None:
         """The oldest job ready to run, now RUNNING under `owner`'s lease with one more attempt:
-        a QUEUED one past its not_before, or a RUNNING one whose runner let its lease expire.
+        a QUEUED one past its not_before, or a RUNNING one whose runner let its lease expire (never
+        one `owner` itself holds: a late heartbeat must not make it run a job twice).
         Returns (job, previous owner: "" unless taken over), or None when there is none."""
         now = time.time()
         with self.db.transaction() as conn:
             skip_locked = " SKIP LOCKED" if conn.for_update else ""  # PostgreSQL: never wait on another claim
             row = conn.execute(
-                "SELECT * FROM jobs WHERE (state=? AND not_before<=?) OR (state=? AND lease_expires_at<?) "
+                "SELECT * FROM jobs WHERE (state=? AND not_before<=?) "
+                "OR (state=? AND lease_expires_at<? AND lease_owner<>?) "
                 "ORDER BY created_at LIMIT 1" + conn.for_update + skip_locked,
-                (JobState.QUEUED.value, now, JobState.RUNNING.value, now),
+                (JobState.QUEUED.value, now, JobState.RUNNING.value, now, owner),
             ).fetchone()
             if row is None:
                 return None

@@ -102,6 +102,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     ))),
     Migration(4, "index for claiming jobs", _script("CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at)")),
     Migration(5, "index for content-addressed blobs", _script("CREATE INDEX IF NOT EXISTS adapters_sha256 ON adapters (sha256)")),
+    Migration(6, "64-bit adapter sizes (PostgreSQL's INTEGER is 32-bit; SQLite's already 64)", lambda conn, db: (
+        conn.execute("ALTER TABLE adapters ALTER COLUMN size_bytes TYPE BIGINT") if db.dialect == "postgresql" else None)),
 )
 LATEST = MIGRATIONS[-1].version
 
