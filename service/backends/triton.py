@@ -96,7 +96,7 @@ class TritonBackend:
         is several replicas); `model_dir`: the diffusers folder the models serve (the gateway reads
         its tokenizer and configs for validation); `server`: a TritonServer this backend owns and
         stops on close (the embedded default), or None for external ones; `adapter_slots`: each
-        replica's adapter bank size (what the router's affinity remembers per replica)."""
+        replica's adapter bank size, slot 0 included (STEERSERVE_ADAPTER_SLOTS)."""
         self.url = url
         self.server = server
         self.model_dir = Path(model_dir)
@@ -106,7 +106,8 @@ class TritonBackend:
         self.tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
         self.triton_metrics = TritonMetrics(metrics.registry) if metrics is not None else None
         self._registry = metrics.registry if metrics is not None else None
-        self.router = ReplicaRouter(url, adapter_slots, registry=self._registry)
+        # The router remembers as many adapters per replica as its bank holds (slot 0 is the base).
+        self.router = ReplicaRouter(url, max(1, adapter_slots - 1), registry=self._registry)
         self.router.on_removed = self._close_replica
         self.supervisor: TritonSupervisor | None = None
 
@@ -224,10 +225,22 @@ class TritonBackend:
         ]
         inputs += _time_left(deadline)
 
-        async def requests():
-            yield {"model_name": GENERATE_MODEL, "inputs": inputs}
+        return await self._stream(
+            GENERATE_MODEL, inputs, [use.key for use in spec.adapters], deadline,
+            lambda stream, replica: self._collect(stream, spec, on_step, replica),
+            f"no result from Triton within the deadline ({spec.steps} steps)",
+        )
 
-        replica = self.router.pick([use.key for use in spec.adapters])
+    async def _stream(self, model: str, inputs: list, keys: list[str], deadline: float | None, collect,
+                      late: str):
+        """One request stream to `model` on the replica chosen for adapter `keys`; `collect(stream,
+        replica)` reads its responses. The caller's deadline (DEADLINE_EXCEEDED, message `late`) and
+        cancellation cancel the stream: Triton stops the loop at its next step."""
+
+        async def requests():
+            yield {"model_name": model, "inputs": inputs}
+
+        replica = self.router.pick(keys)
         with self.router.using(replica):
             try:
                 stream = self.client(replica).stream_infer(requests())
@@ -235,11 +248,11 @@ class TritonBackend:
                 raise self._unavailable(str(exc), replica) from exc
             try:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                return await asyncio.wait_for(self._collect(stream, spec, on_step, replica), timeout)
+                return await asyncio.wait_for(collect(stream, replica), timeout)
             except asyncio.TimeoutError:
-                stream.cancel()  # Triton sees the cancellation and stops the loop at its next step
+                stream.cancel()
                 self._count("DEADLINE_EXCEEDED")
-                raise GenerationCancelled(f"no result from Triton within the deadline ({spec.steps} steps)") from None
+                raise GenerationCancelled(late) from None
             except asyncio.CancelledError:
                 stream.cancel()
                 raise
@@ -278,12 +291,7 @@ class TritonBackend:
         ]
         inputs += _time_left(deadline)
 
-        async def requests():
-            yield {"model_name": EDIT_MODEL, "inputs": inputs}
-
-        replica = self.router.pick([spec.adapter.key] if spec.adapter is not None else [])
-
-        async def collect(stream) -> Edited:
+        async def collect(stream, replica: Replica) -> Edited:
             async for result, error in stream:
                 if error is not None:
                     raise self._mapped(str(error), replica)
@@ -299,23 +307,8 @@ class TritonBackend:
                               steer_losses=json.loads(result.as_numpy("STEER_LOSSES")[0]))
             raise self._unavailable("Triton closed the edit stream before the result", replica)
 
-        with self.router.using(replica):
-            try:
-                stream = self.client(replica).stream_infer(requests())
-            except InferenceServerException as exc:
-                raise self._unavailable(str(exc), replica) from exc
-            try:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                return await asyncio.wait_for(collect(stream), timeout)
-            except asyncio.TimeoutError:
-                stream.cancel()
-                self._count("DEADLINE_EXCEEDED")
-                raise GenerationCancelled("no edit from Triton within the deadline") from None
-            except asyncio.CancelledError:
-                stream.cancel()
-                raise
-            except grpc.aio.AioRpcError as exc:
-                raise self._unavailable(f"{exc.code().name}: {exc.details()}", replica) from exc
+        keys = [spec.adapter.key] if spec.adapter is not None else []
+        return await self._stream(EDIT_MODEL, inputs, keys, deadline, collect, "no edit from Triton within the deadline")
 
     async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
         self._ensure_available()

@@ -14,6 +14,7 @@ to its own rows (see service/adapters for the bank that implements it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
     ):
         self.tokenizer = tokenizer
+        self._counting_tokenizer = None  # count_tokens' own copy (see there)
         self.text_encoder = _place(text_encoder, device, dtype)
         self.unet = _place(unet, device, dtype)
         self.vae = _place(vae, device, dtype)
@@ -209,8 +211,15 @@ class Engine:
         ).input_ids.to(self.device)
 
     def count_tokens(self, prompt: str) -> int:
-        """Tokens in a prompt, without the start/end markers (for prompt-length validation)."""
-        return len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
+        """Tokens in a prompt, without the start/end markers (for prompt-length validation).
+
+        On its own copy of the tokenizer: validation runs on the gateway's event loop while engine
+        threads tokenize under _text_lock, and a fast tokenizer's padding/truncation settings are
+        state of the one Rust object, so two callers with different settings on one object can get
+        each other's (seen as a batch of mismatched lengths under load)."""
+        if self._counting_tokenizer is None:
+            self._counting_tokenizer = copy.deepcopy(self.tokenizer)
+        return len(self._counting_tokenizer(prompt, add_special_tokens=False).input_ids)
 
     def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
         return self.facts.initial_latents(seeds, height, width).to(self.device, self.dtype)
