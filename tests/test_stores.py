@@ -207,7 +207,7 @@ def test_released_job_waits_for_its_not_before(stores):
     _, jobs, _ = stores
     job = jobs.create("t1", "DREAMBOOTH_LORA", "dog", 10, b"r")
     jobs.claim("me", lease_s=60)
-    jobs.release(job.job_id, "me", message="waiting to retry", not_before=time.time() + 0.3)
+    jobs.release(job.job_id, "me", message="waiting to retry", retry_in_s=0.3)
     assert jobs.claim("me", lease_s=60) is None
     time.sleep(0.35)
     assert jobs.claim("me", lease_s=60)[0].attempts == 2

@@ -363,7 +363,7 @@ class JobRunner:
             elif not current.state.finished:
                 # Not claimed again before the pause, and (see _backend_ready) not before the model
                 # server answers ready.
-                self._release(job_id, f"waiting to retry: {exc}", not_before=time.time() + _RETRY_SECONDS)
+                self._release(job_id, f"waiting to retry: {exc}", retry_in_s=_RETRY_SECONDS)
         except AdapterAlreadyExists:
             self._fail(job, f"name: an adapter named {job.name!r} was created while the job ran")
         except Exception as exc:  # noqa: BLE001 - the job ends FAILED with the reason, never silently
@@ -372,7 +372,7 @@ class JobRunner:
                 # else its lease runs out and a runner (here or elsewhere) takes it over.
                 log.warning("job %s: the database is unavailable (%s); the job will be retried", job_id, exc)
                 self._release(job_id, f"waiting to retry: the database was unavailable ({exc})",
-                              not_before=time.time() + _RETRY_SECONDS)
+                              retry_in_s=_RETRY_SECONDS)
                 return
             log.exception("job %s failed", job_id)
             if is_disk_full(exc):
@@ -387,9 +387,9 @@ class JobRunner:
             except Exception:  # noqa: BLE001 - the database is away: the next start's sweep removes it
                 log.exception("job %s: could not check whether its checkpoint can go", job_id)
 
-    def _release(self, job_id: str, message: str, not_before: float = 0.0) -> None:
+    def _release(self, job_id: str, message: str, retry_in_s: float = 0.0) -> None:
         try:
-            self.store.release(job_id, self.owner, message=message, not_before=not_before)
+            self.store.release(job_id, self.owner, message=message, retry_in_s=retry_in_s)
         except LeaseLost:
             pass  # another runner has it already
         except Exception as exc:  # noqa: BLE001 - the database is away: the lease expiry re-queues it

@@ -73,6 +73,14 @@ def _record(row) -> JobRecord:
     return JobRecord(**d)
 
 
+def _clock(conn) -> float:
+    """Lease times come from one clock for every replica: the database server's (PostgreSQL), so
+    skew between the gateways' clocks cannot shorten or stretch a lease. SQLite: this machine's."""
+    if conn.dialect == "postgresql":
+        return float(conn.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS t").fetchone()["t"])
+    return time.time()
+
+
 class LeaseLost(RuntimeError):
     """The job's lease has passed to another runner (this one was presumed dead)."""
 
@@ -190,8 +198,8 @@ class JobStore:
         a QUEUED one past its not_before, or a RUNNING one whose runner let its lease expire (never
         one `owner` itself holds: a late heartbeat must not make it run a job twice).
         Returns (job, previous owner: "" unless taken over), or None when there is none."""
-        now = time.time()
         with self.db.transaction() as conn:
+            now = _clock(conn)
             skip_locked = " SKIP LOCKED" if conn.for_update else ""  # PostgreSQL: never wait on another claim
             row = conn.execute(
                 "SELECT * FROM jobs WHERE (state=? AND not_before<=?) "
@@ -220,15 +228,18 @@ class JobStore:
         with self.db.transaction() as conn:
             conn.execute(
                 f"UPDATE jobs SET lease_expires_at=? WHERE lease_owner=? AND state=? AND job_id IN ({marks})",
-                (time.time() + lease_s, owner, JobState.RUNNING.value, *job_ids),
+                (_clock(conn) + lease_s, owner, JobState.RUNNING.value, *job_ids),
             )
             rows = conn.execute(f"SELECT * FROM jobs WHERE job_id IN ({marks})", tuple(job_ids)).fetchall()
         return {row["job_id"]: _record(row) for row in rows}
 
-    def release(self, job_id: str, owner: str, *, message: str, not_before: float = 0.0) -> JobRecord:
-        """Hands a running job back to the queue (the server stops, the model server is away)."""
-        return self.update(job_id, owner=owner, state=JobState.QUEUED, lease_owner="", lease_expires_at=0.0,
-                           eta_seconds=None, not_before=not_before, message=message)
+    def release(self, job_id: str, owner: str, *, message: str, retry_in_s: float = 0.0) -> JobRecord:
+        """Hands a running job back to the queue (the server stops, the model server is away); not
+        claimed again for `retry_in_s` (by the database's clock, like the leases)."""
+        with self.db.transaction() as conn:
+            not_before = _clock(conn) + retry_in_s if retry_in_s > 0 else 0.0
+            return self.update(job_id, owner=owner, state=JobState.QUEUED, lease_owner="", lease_expires_at=0.0,
+                               eta_seconds=None, not_before=not_before, message=message)
 
     def queue_stats(self) -> tuple[int, int, float]:
         """(queued, running, age in seconds of the oldest QUEUED job, 0 if none), store-wide."""
