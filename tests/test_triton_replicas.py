@@ -88,22 +88,29 @@ def test_affinity_memory_is_bounded_like_the_bank():
     assert list(replica.recent) == ["b", "c", "d"]
 
 
-def test_refresh_follows_the_name_and_survives_dns_failures():
-    answers = {"now": ["10.0.0.1:8001", "10.0.0.2:8001"]}
-    removed = []
+def headless_service(answers: dict, removed: list) -> ReplicaRouter:
+    """A router on a Service name whose addresses are answers["now"] (None: DNS fails); the
+    addresses of replicas whose channels it closes go to `removed`."""
 
     async def resolver(host, port):
         if answers["now"] is None:
             raise OSError("temporary failure in name resolution")
         return answers["now"]
 
+    async def on_removed(replica):
+        removed.append(replica.address)
+
+    router = ReplicaRouter("steerserve-triton:8001", 4, resolver=resolver, registry=CollectorRegistry())
+    router.on_removed = on_removed
+    return router
+
+
+def test_refresh_follows_the_name_and_survives_dns_failures():
+    answers = {"now": ["10.0.0.1:8001", "10.0.0.2:8001"]}
+    removed = []
+
     async def scenario():
-        router = ReplicaRouter("steerserve-triton:8001", 4, resolver=resolver, registry=CollectorRegistry())
-
-        async def on_removed(replica):
-            removed.append(replica.address)
-
-        router.on_removed = on_removed
+        router = headless_service(answers, removed)
         assert list(router.replicas) == ["steerserve-triton:8001"]  # before the first resolution
         await router.refresh()
         assert sorted(router.replicas) == ["10.0.0.1:8001", "10.0.0.2:8001"]
@@ -240,16 +247,8 @@ def test_a_replica_leaving_dns_drains_before_its_channel_closes():
     answers = {"now": ["10.0.0.1:8001", "10.0.0.2:8001"]}
     closed = []
 
-    async def resolver(host, port):
-        return answers["now"]
-
     async def scenario():
-        router = ReplicaRouter("steerserve-triton:8001", 4, resolver=resolver, registry=CollectorRegistry())
-
-        async def on_removed(replica):
-            closed.append(replica.address)
-
-        router.on_removed = on_removed
+        router = headless_service(answers, closed)
         await router.refresh()
         leaving = router.replicas["10.0.0.1:8001"]
         with router.using(leaving):  # a long stream (a training job) runs on it
