@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import io
 
@@ -61,7 +62,13 @@ def test_every_rpc_that_takes_an_id_answers_not_found_for_another_tenants_and_ch
     adapter = stub.ImportAdapter(pb.ImportAdapterRequest(name="iso-alice", token="sks",
                                                          safetensors=lora_file(served_model_dir(gateway))),
                                  metadata=alice)
-    job = gateway.gateway.servicer.job_store.create("alice", "DREAMBOOTH_LORA", "iso-job", 10, b"")
+    # A job of alice's that some other replica is running (held for an hour): this gateway's own
+    # runner, which claims any ready job in the store, leaves it alone. Created and claimed in one
+    # transaction, so no poll of the runner can come in between.
+    jobs = gateway.gateway.servicer.job_store
+    with jobs.db.transaction():
+        job = jobs.create("alice", "DREAMBOOTH_LORA", "iso-job", 10, b"")
+        jobs.update(job.job_id, state="RUNNING", lease_owner="another-replica", lease_expires_at=time.time() + 3600)
     calls = isolation_calls(stub, adapter.adapter_id, job.job_id)
     service = pb.DESCRIPTOR.services_by_name["SteerServe"]
     with_ids = {m.name for m in service.methods if _ids_in(m.input_type)}
