@@ -137,7 +137,9 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        if not value.startswith(("postgresql://", "postgres://")):
+        from service.stores.db import is_database_url
+
+        if not is_database_url(value):
             raise ValueError("STEERSERVE_DATABASE_URL must be a postgresql:// URL (unset: SQLite in the data folder)")
         return value
 

@@ -191,8 +191,8 @@ class TritonBackend:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def forget_adapter(self, key: str) -> None:
-        """Model instances keep a deleted adapter's slot until LRU evicts it; ids are never reused,
-        so no request can reach it again."""
+        """Model instances keep a deleted adapter's slot until LRU evicts it: a key names bytes,
+        and a request reaches them only through a row some tenant still owns."""
 
     def client(self, replica: Replica) -> aioclient.InferenceServerClient:
         # Created on first use so its channel belongs to the gateway's event loop.
@@ -378,8 +378,7 @@ class TritonBackend:
         if replica.client is not None:
             asyncio.get_running_loop().create_task(replica.client.close())
             replica.client = None
-        if len(self.router.replicas) > 1:
-            self.router.set_ready(replica, False)
+        self.router.set_ready(replica, False)
         return BackendUnavailable(f"the Triton model server at {replica.address} is unavailable ({detail}); retry later")
 
     def _mapped(self, message: str, replica: Replica) -> Exception:

@@ -34,13 +34,17 @@ log = logging.getLogger("steerserve.triton")
 Resolver = Callable[[str, int], Awaitable[list[str]]]  # (host, port) -> ["ip:port", ...]
 
 
+def address_of(host: str, port: int) -> str:
+    """A gRPC target; IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def resolve_dns(host: str, port: int) -> list[str]:
     """Every address the name has now (a headless Service: one per ready pod)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses = []
-    for family, _, _, _, sockaddr in infos:
-        ip = sockaddr[0]
-        address = f"[{ip}]:{sockaddr[1]}" if family == socket.AF_INET6 else f"{ip}:{sockaddr[1]}"
+    for _, _, _, _, sockaddr in infos:
+        address = address_of(sockaddr[0], sockaddr[1])
         if address not in addresses:
             addresses.append(address)
     return sorted(addresses)
@@ -105,10 +109,7 @@ class ReplicaRouter:
         self.resolver = resolver
         self.metrics = RouterMetrics(registry) if registry is not None else None
         # Before the first resolution: the targets as given (grpc resolves a name itself).
-        self.replicas: dict[str, Replica] = {}
-        for host, port in self.targets:
-            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 literals keep brackets
-            self.replicas[address] = Replica(address, self.slots)
+        self.replicas = {address_of(h, p): Replica(address_of(h, p), self.slots) for h, p in self.targets}
         self._turn = itertools.count()  # round robin among equals
         self._refresher: asyncio.Task | None = None
         self.on_removed: Callable[[Replica], Awaitable[None]] | None = None  # closes a gone replica's channel

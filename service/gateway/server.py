@@ -170,7 +170,7 @@ async def start_gateway(
                             max_bytes=settings.tenant_max_adapter_bytes)
     # Files a crash left between writing a blob and registering it (on a shared volume, only old
     # ones: a young one may be another replica's create in progress).
-    swept = adapters.sweep(min_age_s=600.0 if db.shared else 0.0)
+    swept = adapters.sweep()
     if swept:
         log.warning("removed %d unregistered adapter files left by an interrupted write", len(swept))
     check = adapter_checker(backend.model_dir, settings.adapter_max_rank)

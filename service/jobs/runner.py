@@ -52,7 +52,6 @@ log = logging.getLogger("steerserve.jobs")
 
 _PROGRESS_WRITE_SECONDS = 0.5  # progress rows are committed at most this often (state changes at once)
 _RETRY_SECONDS = 5.0  # before a job whose model server was unavailable runs again
-_SHARED_SWEEP_MIN_AGE_S = 600.0  # shared volume: files this young may be another replica's work in progress
 
 
 class QueueFull(RuntimeError):
@@ -155,7 +154,7 @@ class JobRunner:
         unfinished = self.store.active()
         # What a crash left: temp files, checkpoints of jobs that have ended.
         swept = self.checkpoints.sweep(keep={job.job_id for job in unfinished},
-                                       min_age_s=_SHARED_SWEEP_MIN_AGE_S if shared else 0.0)
+                                       min_age_s=self.store.db.files_min_age_s)
         if swept or unfinished:
             log.info("%d unfinished jobs; removed %d stale checkpoint files", len(unfinished), len(swept))
         self._set_gauges()

@@ -68,6 +68,18 @@ def blob_path_for(sha256: str) -> str:
     return f"sha256/{sha256[:2]}/{sha256}.safetensors"
 
 
+def settled_files(paths, min_age_s: float):
+    """The files among `paths` last written at least `min_age_s` ago (for start-up sweeps; a file
+    gone meanwhile, removed by another replica, is skipped)."""
+    now = time.time()
+    for path in paths:
+        try:
+            if path.is_file() and now - path.stat().st_mtime >= min_age_s:
+                yield path
+        except FileNotFoundError:
+            continue
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -206,6 +218,8 @@ class AdapterStore:
         return record
 
     def _remove_if_unreferenced(self, sha: str, path: Path) -> bool:
+        """Removes a blob file unless a row refers to its bytes, under the lock every create and
+        delete of those bytes takes."""
         try:
             with self.db.transaction() as conn:
                 conn.lock(f"steerserve:blob:{sha}")
@@ -216,32 +230,27 @@ class AdapterStore:
             log.warning("could not check whether blob %s is still used; left for the next sweep", sha[:12])
         return False
 
-    def sweep(self, min_age_s: float = 0.0) -> list[Path]:
+    def sweep(self, min_age_s: float | None = None) -> list[Path]:
         """Removes what a crash can leave behind and no row refers to: temp files of interrupted
         writes, and blobs renamed into place whose registration never committed. Run at start.
-        `min_age_s`: files younger than this are kept, as another replica sharing the folder may be
-        between writing one and committing its row (0: this process is the folder's only writer)."""
+        `min_age_s`: younger files are kept (default: the database's files_min_age_s)."""
+        min_age_s = self.db.files_min_age_s if min_age_s is None else min_age_s
         referenced = {row["blob"] for row in self.db.connect().execute("SELECT blob FROM adapters").fetchall()}
-        removed, now = [], time.time()
-        for path in self.blob_root.rglob("*"):
-            try:
-                if not path.is_file() or now - path.stat().st_mtime < min_age_s:
-                    continue
-            except FileNotFoundError:  # removed by another replica meanwhile
-                continue
+        removed = []
+        for path in settled_files(self.blob_root.rglob("*"), min_age_s):
             rel = path.relative_to(self.blob_root).as_posix()
-            if path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)
-                removed.append(path)
-            elif path.suffix == ".safetensors" and rel not in referenced:
+            temp = path.name.endswith(".tmp")
+            if not temp and (path.suffix != ".safetensors" or rel in referenced):
+                continue
+            sha = path.name.removesuffix(".safetensors")
+            if rel == blob_path_for(sha):
                 # Checked again under the blob's lock: a create of the same bytes may have just
                 # registered this very file (it reuses a file already in place).
-                sha = path.name.removesuffix(".safetensors")
-                if rel == blob_path_for(sha) and self._remove_if_unreferenced(sha, path):
-                    removed.append(path)
-                elif rel != blob_path_for(sha):  # not a content path (a stray file): nothing can use it
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
+                if not self._remove_if_unreferenced(sha, path):
+                    continue
+            else:  # a temp file, or not a content path: nothing can use it
+                path.unlink(missing_ok=True)
+            removed.append(path)
         return removed
 
     def find(self, tenant: str, adapter_id: str) -> AdapterRecord | None:
@@ -269,16 +278,9 @@ class AdapterStore:
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM adapters WHERE adapter_id=? AND tenant=?", (adapter_id, tenant))
         # The row is gone first: a crash here leaves an orphan file, never a row without its file.
-        # The file goes with its last row, under the lock creates of the same bytes take.
-        with self.db.transaction() as conn:
-            conn.lock(f"steerserve:blob:{record.sha256}")
-            if conn.execute("SELECT 1 FROM adapters WHERE sha256=?", (record.sha256,)).fetchone() is None:
-                (self.blob_root / record.blob).unlink(missing_ok=True)
+        # The file goes with its last row (identical bytes of other rows share it).
+        self._remove_if_unreferenced(record.sha256, self.blob_root / record.blob)
         return record
-
-    def keys_in_use(self) -> int:
-        """Distinct blobs registered (what a replica's adapter cache could hold at most)."""
-        return int(self.db.connect().execute("SELECT COUNT(DISTINCT sha256) AS n FROM adapters").fetchone()["n"])
 
     def blob_path(self, record: AdapterRecord) -> Path:
         return self.blob_root / record.blob

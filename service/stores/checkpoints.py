@@ -7,10 +7,9 @@ previous checkpoint intact; removed when the job ends.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
-from .adapters import _write_atomically
+from .adapters import _write_atomically, settled_files
 
 _JOB_ID = re.compile(r"^job-[0-9a-f]{1,40}$")
 
@@ -39,13 +38,8 @@ class CheckpointStore:
         """Removes temp files of interrupted writes and checkpoints of jobs not in `keep` (the
         unfinished ones); run at start. `min_age_s`: younger files are kept (on a volume shared by
         replicas, another runner may be writing one right now)."""
-        removed, now = [], time.time()
-        for path in self.root.iterdir():
-            try:
-                if not path.is_file() or now - path.stat().st_mtime < min_age_s:
-                    continue
-            except FileNotFoundError:
-                continue
+        removed = []
+        for path in settled_files(self.root.iterdir(), min_age_s):
             if path.name.endswith(".tmp") or path.name.removesuffix(".ckpt") not in keep:
                 path.unlink(missing_ok=True)
                 removed.append(path)

@@ -20,6 +20,7 @@ from pathlib import Path
 # Out of space, out of quota, or past the process's file-size limit (RLIMIT_FSIZE).
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _PG_DISK_FULL = "53100"  # SQLSTATE disk_full
+SHARED_FILES_MIN_AGE_S = 600.0  # see Database.files_min_age_s
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -146,15 +147,20 @@ class Database:
     def __init__(self):
         self._local = threading.local()
 
+    @property
+    def files_min_age_s(self) -> float:
+        """How old an unreferenced file (blob, checkpoint, temp file) must be before a start-up
+        sweep removes it: on a shared database another replica may be between writing one and
+        committing its row; alone, every such file is a crash's leftover."""
+        return SHARED_FILES_MIN_AGE_S if self.shared else 0.0
+
     def _new_connection(self):  # -> the driver's connection
         raise NotImplementedError
 
-    def _usable(self, raw) -> bool:
-        return True
-
     def connect(self) -> Connection:
+        """This thread's connection (a dead PostgreSQL one is replaced by Connection.execute)."""
         conn = getattr(self._local, "conn", None)
-        if conn is None or not self._usable(conn.raw):
+        if conn is None:
             conn = Connection(self._new_connection(), self.dialect, reconnect=self._new_connection)
             self._local.conn = conn
         return conn
@@ -214,9 +220,6 @@ class PostgresDatabase(Database):
                                application_name="steerserve", prepare_threshold=None,
                                keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
                                options="-c lock_timeout=15000 -c idle_in_transaction_session_timeout=60000")
-
-    def _usable(self, raw) -> bool:
-        return not (raw.closed or raw.broken)  # the server restarted or the network dropped: reconnect
 
     def type(self, name: str) -> str:
         return {"real": "DOUBLE PRECISION", "blob": "BYTEA"}[name]
