@@ -32,7 +32,7 @@ from service.engine.pipeline import AdapterUse
 from PIL import Image
 
 from service.adapters import parse_adapter, serialize_adapter
-from service.personalize import SUBJECT_METHODS, FrozenBase, TrainingSpec, defaults, train
+from service.personalize import SUBJECT_METHODS, FrozenBase, TrainingSpec, defaults, learns_token, train
 from service.world.generator import Scene, WorldObject, render
 from service.world.heldout import CONCEPTS
 
@@ -51,7 +51,7 @@ class StoredBlobs(dict):
 
 def quick_adapter(base: FrozenBase, method: str, steps: int):
     d = defaults(method)
-    token = "<sks>" if d.learns_token else "sks"
+    token = "<sks>" if learns_token(method) else "sks"
     photos = [Image.fromarray(s.image) for s in CONCEPTS["purple-dotted-heart"].references(3, seed=0)]
     spec = TrainingSpec(method=method, images=photos, token=token, class_word="heart", steps=steps,
                         learning_rate=d.learning_rate, rank=d.rank, batch_size=2, seed=0)

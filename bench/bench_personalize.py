@@ -30,7 +30,7 @@ from PIL import Image
 from bench import baselines
 from bench.common import add_run_arguments, png_bytes, served_gateway, start_run
 from service.basemodel import DEFAULT_MODEL_DIR
-from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, defaults, train
+from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, defaults, learns_token, train
 from service.world.heldout import CONCEPTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ class StepTimer(NoProgress):
 
 def spec_for(method: str, images, steps: int | None = None) -> TrainingSpec:
     d = defaults(method)
-    return TrainingSpec(method=method, images=images, token="<sks>" if d.learns_token else "sks", class_word=CLASS_WORD,
+    return TrainingSpec(method=method, images=images, token="<sks>" if learns_token(method) else "sks", class_word=CLASS_WORD,
                         steps=steps or d.steps, learning_rate=d.learning_rate, rank=d.rank, batch_size=d.batch_size)
 
 

@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 from bench.common import add_run_arguments, serving_engine, start_run, write_results
-from bench.quality_personalize import CLASS_WORDS, METHOD_SHORT, grid
+from bench.evaluation import grid
+from bench.quality_personalize import METHOD_SHORT
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.edit import EditOptions, EditSpec
 from service.edit.runner import run_edit
@@ -42,7 +43,7 @@ from service.edit.workbench import Workbench
 from service.engine.pipeline import AdapterUse
 from service.measures import Judge
 from service.measures.metrics import structure_preservation
-from service.personalize import SUBJECT_METHODS, FrozenBase, TrainingSpec, defaults, train
+from service.personalize import SUBJECT_METHODS, FrozenBase, TrainingSpec, defaults, learns_token, train
 from service.world.generator import Scene, WorldObject, _erode, render
 from service.world.heldout import CONCEPTS
 
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
     options = EditOptions().replace(**overrides)
 
     concept = CONCEPTS[args.concept]
-    class_word = CLASS_WORDS[args.concept]
+    class_word = CONCEPTS[args.concept].class_word
     sources = [render(scene) for scene in SOURCES[: args.sources]]
     round_trip = [engine.decode_array(engine.encode_image(Image.fromarray(s.image)))[0] for s in sources]
     floor = edit_scores(judge, concept, sources, round_trip)
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
     cases = [(m, 4) for m in args.methods] + ([] if args.no_one_shot else [(m, 1) for m in args.methods])
     for method, photos in cases:
         d = defaults(method)
-        token = "<sks>" if d.learns_token else "sks"
+        token = "<sks>" if learns_token(method) else "sks"
         references = concept.references(photos, seed=0)
         spec = TrainingSpec(method=method, images=[Image.fromarray(r.image) for r in references], token=token,
                             class_word=class_word, steps=d.steps, learning_rate=d.learning_rate, rank=d.rank,

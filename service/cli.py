@@ -345,6 +345,24 @@ def _print_job(j: pb.Job) -> None:
           + (f"  adapter={j.adapter_id}" if j.adapter_id else "") + (f"  {j.error or j.message}" if j.error or j.message else ""))
 
 
+def cmd_info(args) -> int:
+    stub, md = _stub(args)
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=md, timeout=args.timeout)
+    print(f"steerserve {info.version}, backend {info.backend}, base model {info.base_model}")
+    print(f"images: default {info.default_width}x{info.default_height}, at most {info.max_width}x{info.max_height}, "
+          f"{info.default_steps} steps by default (at most {info.max_steps}), at most {info.max_num_images} per request")
+    p = info.profile
+    print(f"model profile: {p.name} (chosen by {p.chosen_by}): {p.description}")
+    print(f"  edit: guidance {p.edit_guidance_scale:g}")
+    for d in p.training:
+        extra = (f", prior {d.prior_loss_weight:g} x {d.num_class_images} class images" if d.prior_loss_weight else "") + \
+                (", + text encoder" if d.train_text_encoder else "")
+        rank = f", rank {d.rank}" if d.rank else ""
+        print(f"  {pb.PersonalizationMethod.Name(d.method):<18} {d.steps} steps, lr {d.learning_rate:g}, "
+              f"batch {d.batch_size}{rank}{extra}  [{d.source}]")
+    return 0
+
+
 # -- argument parsing ----------------------------------------------------------------------------
 
 
@@ -453,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--name", required=True)
     im.add_argument("--token")
     a.set_defaults(func=cmd_adapters)
+
+    i = client("info", "the server's version, limits and model profile (its training and editing defaults)")
+    i.set_defaults(func=cmd_info)
 
     j = client("jobs", "list, inspect, watch or cancel personalization jobs")
     j_sub = j.add_subparsers(dest="action", required=True)

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # replica (data_dir then is one ReadWriteMany volume they all mount). Unset: SQLite in data_dir.
     database_url: str | None = None
     model_dir: Path | None = None  # a diffusers SD 1.x/2.x folder; None = the embedded default
+    # The training and editing defaults' profile (service/profiles.py): unset, the model folder's
+    # steerserve_profile.json, or detected from the UNet (SD 1.x / 2.x).
+    model_profile: str | None = None
     device: str = "cpu"
     backend: str = "inprocess"  # "inprocess" or "triton"
     # Backend "triton": how long the embedded server may take to load its models (each python-backend
@@ -152,6 +155,21 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"STEERSERVE_UNET_BATCH_BUCKETS {value!r} is not a comma-separated list of integers")
         return value
+
+    @field_validator("model_profile")
+    @classmethod
+    def _check_profile(cls, value: str | None) -> str | None:
+        from service.profiles import PROFILES
+
+        if value and value not in PROFILES:
+            raise ValueError(f"model_profile {value!r} is not one of {', '.join(PROFILES)}")
+        return value or None
+
+    def profile(self):
+        """The served model's profile and why it was chosen (service/profiles.ChosenProfile)."""
+        from service.profiles import choose
+
+        return choose(str(self.model_dir) if self.model_dir else None, self.model_profile)
 
     @field_validator("unet_runtime")
     @classmethod

@@ -51,6 +51,11 @@ def test_serve_and_client_commands(tmp_path):
             return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True,
                                   env=cenv, cwd=tmp_path, timeout=120)
 
+        out = cli("info")
+        assert out.returncode == 0, out.stderr
+        assert "model profile: steerserve-world (chosen by model folder)" in out.stdout
+        assert "DREAMBOOTH_LORA" in out.stdout and "backend inprocess" in out.stdout
+
         out = cli("generate", "a red circle", "-o", "x.png", "--seed", "4", "-n", "2")
         assert out.returncode == 0, out.stderr
         assert (tmp_path / "x-0.png").exists() and (tmp_path / "x-1.png").exists()

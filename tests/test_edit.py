@@ -26,7 +26,7 @@ from service.edit.runner import run_edit
 from service.edit.workbench import Workbench, _layer_grid
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 from service.engine.sampling import GenerationCancelled, run
-from service.personalize import FrozenBase, TrainingSpec, defaults, train
+from service.personalize import FrozenBase, TrainingSpec, defaults, learns_token, train
 from service.world.generator import Scene, WorldObject, render
 from service.world.heldout import CONCEPTS
 from tests.conftest import auth
@@ -40,7 +40,7 @@ QUICK = EditOptions(iterations=12, steer_steps=4, preliminary_iterations=4, guid
 
 def quick_adapter(base: FrozenBase, method: str, steps: int = 12):
     d = defaults(method)
-    token = "<sks>" if d.learns_token else "sks"
+    token = "<sks>" if learns_token(method) else "sks"
     spec = TrainingSpec(method=method, images=PHOTOS, token=token, class_word="heart", steps=steps,
                         learning_rate=d.learning_rate * 3, rank=min(4, d.rank), batch_size=2, seed=0)
     return train(base, spec), token

@@ -82,6 +82,15 @@ def test_server_info(gateway):
     assert info.backend == "inprocess"
     assert info.base_model
     assert info.default_width >= 32 and info.max_steps == gateway.settings.max_steps
+    # The defaults a request may leave to the server: the served model's profile.
+    from service.profiles import WORLD
+
+    assert info.profile.name == WORLD.name and info.profile.chosen_by == "model folder"
+    by_method = {pb.PersonalizationMethod.Name(d.method): d for d in info.profile.training}
+    assert set(by_method) == set(WORLD.training)
+    assert by_method["DREAMBOOTH_LORA"].steps == WORLD.training["DREAMBOOTH_LORA"].steps
+    assert by_method["DREAMBOOTH_LORA"].source
+    assert info.profile.edit_guidance_scale == WORLD.edit["guidance_scale"]
 
 
 def test_metrics_after_calls(gateway):

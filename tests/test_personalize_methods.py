@@ -18,7 +18,7 @@ from service.adapters import BankedAdapters, parse_adapter, serialize_adapter
 from service.adapters.loading import adapter_checker
 from service.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
-from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, TrainingStopped, defaults, train
+from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, TrainingStopped, defaults, learns_token, train
 from service.personalize.common import Posteriors, step_generator
 from service.personalize.custom_diffusion import scale_augmented
 from service.personalize.tokens import RARE_WORDS, TokenError, check_token, default_token, is_real_word
@@ -35,7 +35,7 @@ def base(one_torch_thread):
 def spec_for(method: str, steps: int = 30, **kw) -> TrainingSpec:
     d = defaults(method)
     kw.setdefault("learning_rate", d.learning_rate * 2)
-    return TrainingSpec(method=method, images=PHOTOS, token="<sks>" if d.learns_token else "sks", class_word="heart",
+    return TrainingSpec(method=method, images=PHOTOS, token="<sks>" if learns_token(method) else "sks", class_word="heart",
                         steps=steps, rank=min(d.rank, 4), batch_size=2, seed=3, **kw)
 
 

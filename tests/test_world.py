@@ -5,7 +5,7 @@ from service.world import HELDOUT_SHAPES, Scene, WorldObject, generate, render
 from service.world.captions import parse_caption
 from service.world.generator import COLORS, _ink, render_background, texture_pattern
 from service.world.heldout import CONCEPTS, STYLES, shapes_outside
-from service.world.vocab import HELDOUT_COMBOS
+from service.world.vocab import HELDOUT_COMBOS, SHAPES
 
 
 def test_generator_is_deterministic_per_seed_and_index():
@@ -97,3 +97,50 @@ def test_styles_render_their_treatment_and_list_their_content():
     assert pastel.min() > 100  # washed out towards white
     for style in STYLES.values():
         assert style.content and not set(shapes_outside(style)) & {o.shape for o in style.content}
+
+
+def _digest(images) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for image in images:
+        h.update(image.tobytes())
+    return h.hexdigest()[:16]
+
+
+# The held-out sets are data every quality table rests on: these digests pin their pixels, so a
+# change to the generator or the sets that would silently change the tables fails here first.
+CONCEPT_DIGESTS = {
+    "yellow-crescent": "3d68f58eb6542b36", "green-striped-hexagon": "06b933a3896804a4",
+    "purple-dotted-heart": "2ace8768d5103359", "orange-striped-ring": "dfed2da97299fa4b",
+    "pink-dotted-square": "228000de7ea57e26", "white-star": "2fe659a83141731b",
+    "blue-striped-crescent": "121b394b00753b7b", "red-dotted-hexagon": "5c2bd65d1631ecdb",
+    "purple-dotted-star": "a5b78375a01ae608", "yellow-striped-cross": "2e48c8d4383f91e0",
+    "green-dotted-triangle": "01e9b8751aaa821a", "pink-circle": "2ced845947861dcb",
+}
+STYLE_DIGESTS = {
+    "neon-outline": "9c0393a5841b21d6", "pixel-checker": "cc70cef7ba5a19b1", "pastel-gradient": "41a0d7c617463787",
+    "ink-stripes": "22a1b0b9d7282642", "pixel-dots": "07205999321e1178", "pastel-checker": "e3ceb263394a0f78",
+}
+
+
+def test_held_out_sets_are_split_and_reproduced_by_the_generator():
+    from service.world.heldout import DEV, TEST, split
+
+    dev, test = split(CONCEPTS, DEV), split(CONCEPTS, TEST)
+    assert len(dev) == len(test) == 6 and not set(dev) & set(test)
+    for half in (dev, test):
+        kinds = [CONCEPTS[c].kind for c in half]
+        assert kinds.count("unseen shape") >= 2 and kinds.count("unseen combination") >= 1
+    assert sum(CONCEPTS[c].kind == "unseen shape" for c in CONCEPTS) >= 4
+    assert sum(CONCEPTS[c].kind == "unseen combination" for c in CONCEPTS) >= 2
+    for concept in CONCEPTS.values():
+        assert concept.class_word in SHAPES  # a word the base model knows
+    assert len(split(STYLES, DEV)) == len(split(STYLES, TEST)) == 3
+    for half in (split(STYLES, DEV), split(STYLES, TEST)):
+        assert {STYLES[s].treatment for s in half} == {"outline", "pixelated", "pastel"}
+        assert all(1 <= len(STYLES[s].content) <= 2 for s in half)
+    got_concepts = {name: _digest(r.image for r in c.references(4, seed=0)) for name, c in CONCEPTS.items()}
+    got_styles = {name: _digest([s.reference().image]) for name, s in STYLES.items()}
+    assert got_concepts == CONCEPT_DIGESTS
+    assert got_styles == STYLE_DIGESTS

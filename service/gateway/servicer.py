@@ -146,6 +146,22 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
+def profile_message(chosen) -> pb.ModelProfile:
+    """The served model's profile (service/profiles.ChosenProfile) as the API reports it."""
+    p = chosen.profile
+    return pb.ModelProfile(
+        name=p.name, chosen_by=chosen.source, description=p.description,
+        edit_guidance_scale=float(p.edit.get("guidance_scale", 0.0)),
+        training=[
+            pb.MethodDefaults(method=pb.PersonalizationMethod.Value(method), steps=d.steps, learning_rate=d.learning_rate,
+                              rank=d.rank, batch_size=d.batch_size, prior_loss_weight=d.prior_loss_weight,
+                              num_class_images=d.num_class_images if d.prior_loss_weight else 0,
+                              train_text_encoder=d.train_text_encoder, source=p.sources.get(method, ""))
+            for method, d in p.training.items()
+        ],
+    )
+
+
 def adapter_message(record: AdapterRecord) -> pb.Adapter:
     return pb.Adapter(
         adapter_id=record.adapter_id,
@@ -501,4 +517,5 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             max_steps=s.max_steps,
             max_num_images=s.max_num_images,
             backend=self.backend.name,
+            profile=profile_message(s.profile()),
         )

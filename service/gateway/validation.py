@@ -285,7 +285,7 @@ def edit_request(req: pb.EditRequest, limits: Limits, count_tokens) -> EditSpec:
         check_id("adapter_id", req.adapter_id)
     elif req.adapter_id:
         check_id("adapter_id", req.adapter_id)
-    defaults = EditOptions()
+    defaults = edit_defaults(limits)
     iterations = req.steps or defaults.iterations
     if not 1 <= iterations <= s.max_edit_iterations:
         raise invalid("steps", f"DDS iterations must be between 1 and {s.max_edit_iterations} (got {req.steps})")
@@ -298,9 +298,15 @@ def edit_request(req: pb.EditRequest, limits: Limits, count_tokens) -> EditSpec:
     )
 
 
+def edit_defaults(limits: Limits) -> EditOptions:
+    """EditOptions' defaults for the served model: its profile's values over the dataclass's."""
+    return EditOptions(**limits.settings.profile().profile.edit)
+
+
 def edit_options(o: pb.EditOptions, limits: Limits, **fixed) -> EditOptions:
-    """EditOptions from the message: zero/unset fields take the defaults, the rest are range-checked."""
-    s, d = limits.settings, EditOptions()
+    """EditOptions from the message: zero/unset fields take the model profile's defaults, the rest
+    are range-checked."""
+    s, d = limits.settings, edit_defaults(limits)
 
     def number(field: str, value, default, low, high, low_open=False):
         if value == 0:

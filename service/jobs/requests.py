@@ -12,22 +12,25 @@ from collections.abc import Iterable
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.engine.images import decode_image
-from service.personalize import Concept, TrainingSpec, concept_prompt, defaults
+from service.personalize import Concept, TrainingSpec, concept_prompt, defaults, learns_token
+from service.profiles import ModelProfile
 from service.personalize.tokens import TokenError, check_token, default_token
 
-DEFAULT_NUM_CLASS_IMAGES = 16
+DEFAULT_NUM_CLASS_IMAGES = 16  # when a request asks for prior preservation without a count
 
 
 def method_name(request: pb.PersonalizeRequest) -> str:
     return pb.PersonalizationMethod.Name(request.method)
 
 
-def resolve(request: pb.PersonalizeRequest, *, taken_tokens: Iterable[str], tokenizer) -> pb.PersonalizeRequest:
-    """A copy with token, seed and the method's defaults filled in. Raises TokenError for a token
-    that cannot be used (the caller maps it to INVALID_ARGUMENT on `token`)."""
+def resolve(request: pb.PersonalizeRequest, *, taken_tokens: Iterable[str], tokenizer,
+            profile: ModelProfile) -> pb.PersonalizeRequest:
+    """A copy with token, seed and the served model profile's defaults filled in. Raises TokenError
+    for a token that cannot be used (the caller maps it to INVALID_ARGUMENT on `token`)."""
     resolved = pb.PersonalizeRequest()
     resolved.CopyFrom(request)
-    d = defaults(method_name(request))
+    method = method_name(request)
+    d, new_word = defaults(method, profile), learns_token(method)
     if request.method == pb.FINESTYLE:
         # A style is invoked by its phrase, not by a token: the job and adapter record it as such.
         resolved.style_phrase = request.style_phrase.strip()
@@ -36,8 +39,8 @@ def resolve(request: pb.PersonalizeRequest, *, taken_tokens: Iterable[str], toke
         taken = list(taken_tokens)
         token = request.token.strip()
         resolved.token = (
-            check_token(token, learns_token=d.learns_token, class_word=request.class_word, taken=taken, tokenizer=tokenizer)
-            if token else default_token(learns_token=d.learns_token, taken=taken)
+            check_token(token, learns_token=new_word, class_word=request.class_word, taken=taken, tokenizer=tokenizer)
+            if token else default_token(learns_token=new_word, taken=taken)
         )
         resolved.class_word = request.class_word.strip()
     o = resolved.options
@@ -45,8 +48,15 @@ def resolve(request: pb.PersonalizeRequest, *, taken_tokens: Iterable[str], toke
     o.learning_rate = o.learning_rate or d.learning_rate
     o.rank = o.rank or d.rank
     o.batch_size = o.batch_size or d.batch_size
+    if not o.prior_loss_weight and not o.num_class_images and request.method != pb.TEXTUAL_INVERSION:
+        # 0 cannot say "the default" apart from "off": a profile's prior preservation applies to a
+        # request that leaves both fields 0.
+        o.prior_loss_weight = d.prior_loss_weight
+        o.num_class_images = d.num_class_images if d.prior_loss_weight else 0
     if o.prior_loss_weight and not o.num_class_images:
         o.num_class_images = DEFAULT_NUM_CLASS_IMAGES
+    if request.method == pb.DREAMBOOTH_LORA and not o.train_text_encoder:
+        o.train_text_encoder = d.train_text_encoder
     if not o.HasField("seed"):
         o.seed = random.randrange(0, 2**31)
     return resolved

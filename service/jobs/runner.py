@@ -211,7 +211,7 @@ class JobRunner:
         if any(a.name == name for a in owned) or any(j.name == name for j in mine):
             raise NameTaken(f"name: an adapter or job named {name!r} already exists")
         resolved = requests.resolve(request, taken_tokens=[a.token for a in owned if a.token] + [j.token for j in mine],
-                                    tokenizer=tokenizer)
+                                    tokenizer=tokenizer, profile=s.profile().profile)
         resolved.name = name
         return self.store.create(
             tenant, requests.method_name(resolved), name, resolved.options.steps, resolved.SerializeToString(),

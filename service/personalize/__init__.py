@@ -23,8 +23,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from service.adapters import Adapter
+from service.profiles import EMBEDDED, ModelProfile, TrainingDefaults
 
-from . import custom_diffusion, dreambooth_lora, finestyle, textual_inversion
+from . import custom_diffusion, dreambooth_lora, finestyle, lora, textual_inversion
 from .common import FrozenBase
 from .spec import (
     CUSTOM_DIFFUSION,
@@ -34,12 +35,12 @@ from .spec import (
     SUBJECT_METHODS,
     TEXTUAL_INVERSION,
     Concept,
-    MethodDefaults,
     NoProgress,
     Progress,
     TrainingSpec,
     TrainingStopped,
     concept_prompt,
+    unpack_checkpoint,
 )
 
 METHODS: dict[str, ModuleType] = {
@@ -50,10 +51,19 @@ METHODS: dict[str, ModuleType] = {
 }
 
 
-def defaults(method: str) -> MethodDefaults:
+def defaults(method: str, profile: ModelProfile = EMBEDDED) -> TrainingDefaults:
+    """The method's training defaults in a model profile (by default the embedded model's): they
+    belong to the base model, not to the method (service/profiles.py)."""
     if method not in METHODS:
         raise ValueError(f"unknown personalization method {method!r}; one of {', '.join(METHODS)}")
-    return METHODS[method].DEFAULTS
+    return profile.training_defaults(method)
+
+
+def learns_token(method: str) -> bool:
+    """Whether the method learns a new placeholder word (its token is then "<...>")."""
+    if method not in METHODS:
+        raise ValueError(f"unknown personalization method {method!r}; one of {', '.join(METHODS)}")
+    return METHODS[method].LEARNS_TOKEN
 
 
 def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(), resume: bytes | None = None) -> Adapter:
@@ -65,8 +75,21 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
         return method.train(base, spec, progress, resume)
 
 
+def adapter_from_checkpoint(spec: TrainingSpec, state: bytes) -> Adapter:
+    """The adapter a job would have returned had it ended at a checkpoint's step: what the methods
+    return, built from the checkpoint's trainable tensors (LoRA pairs under their layer names, the
+    learned token as "token"). A sweep over step counts trains once and reads each count here."""
+    params = dict(unpack_checkpoint(state)["params"])
+    token = params.pop("token", None)
+    return Adapter(
+        lora=lora.modules_from_parameters(params, alpha=spec.rank),
+        token_embeddings={spec.token: token.clone()} if token is not None else {},
+        kind="style" if spec.method in STYLE_METHODS else "subject",
+    )
+
+
 __all__ = [
     "CUSTOM_DIFFUSION", "DREAMBOOTH_LORA", "FINESTYLE", "METHODS", "STYLE_METHODS", "SUBJECT_METHODS",
-    "TEXTUAL_INVERSION", "Concept", "FrozenBase", "MethodDefaults", "NoProgress", "Progress", "TrainingSpec", "TrainingStopped",
-    "concept_prompt", "defaults", "train",
+    "TEXTUAL_INVERSION", "Concept", "adapter_from_checkpoint", "FrozenBase", "TrainingDefaults", "NoProgress", "Progress", "TrainingSpec", "TrainingStopped",
+    "concept_prompt", "defaults", "learns_token", "train",
 ]

@@ -40,9 +40,10 @@ from .common import (
     to_pixels,
     token_init,
 )
-from .spec import MethodDefaults, NoProgress, Progress, TrainingSpec
+from .spec import NoProgress, Progress, TrainingSpec
 
-DEFAULTS = MethodDefaults(steps=400, learning_rate=5e-3, rank=8, batch_size=4, learns_token=True)
+# A new placeholder word ("<sks>") is learned with K/V. Defaults: service/profiles.py.
+LEARNS_TOKEN = True
 KV_TARGETS = ("attn2.to_k", "attn2.to_v")
 INITIALIZER_WORD = "ktn"  # the reference implementation's rare initializer token
 # The scale augmentation is the paper's, but off by default: its prompt words ("far away", "zoomed

@@ -32,9 +32,11 @@ from .common import (
     encode_text,
     step_generator,
 )
-from .spec import MethodDefaults, NoProgress, Progress, TrainingSpec
+from .spec import NoProgress, Progress, TrainingSpec
 
-DEFAULTS = MethodDefaults(steps=240, learning_rate=3e-3, rank=8, batch_size=2, learns_token=False)
+# The subject is bound to a rare existing word ("sks"); no embedding is learned. Step counts and
+# learning rates belong to the base model: service/profiles.py.
+LEARNS_TOKEN = False
 
 
 def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(), resume: bytes | None = None) -> Adapter:

@@ -31,9 +31,10 @@ from service.adapters import DEFAULT_UNET_TARGETS, Adapter
 from . import lora
 from .attention_maps import concept_regions, cross_attention_maps
 from .common import FrozenBase, Posteriors, TrainingRun, adamw, denoising_loss, encode_text, step_generator, to_pixels
-from .spec import Concept, MethodDefaults, NoProgress, Progress, TrainingSpec
+from .spec import Concept, NoProgress, Progress, TrainingSpec
 
-DEFAULTS = MethodDefaults(steps=300, learning_rate=3e-3, rank=8, batch_size=4, learns_token=False)
+# A style is invoked by its phrase, not a learned word. Defaults: service/profiles.py.
+LEARNS_TOKEN = False
 KV_TARGETS = ("attn2.to_k", "attn2.to_v")
 ALL_ATTENTION_TARGETS = DEFAULT_UNET_TARGETS  # the plain style LoRA baseline's wider variant
 
@@ -72,6 +73,7 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
         crops_per_concept=spec.extra.get("crops_per_concept", CROPS_PER_CONCEPT),
         background_crops=spec.extra.get("background_crops", BACKGROUND_CROPS),
         crop_margin=tuple(spec.extra.get("crop_margin", CROP_MARGIN)),
+        concept_phrases=spec.extra.get("concept_phrases", True),
     )
     latents = Posteriors.of_pixels(base, pairs.pixels)
     cells = latents.mean.shape[-1]
@@ -120,6 +122,7 @@ def build_pairs(
     crops_per_concept: int = CROPS_PER_CONCEPT,
     background_crops: int = BACKGROUND_CROPS,
     crop_margin: tuple[float, float] = CROP_MARGIN,
+    concept_phrases: bool = True,
 ) -> Pairs:
     """Concept-oriented data scaling of one style image.
 
@@ -131,7 +134,8 @@ def build_pairs(
     concepts' regions masked out of their loss. Then background crops captioned with the style
     phrase alone, every concept region masked out (the background and rendering, with nothing to
     leak), and the whole image with the whole caption. Without data scaling: the whole image alone
-    (the plain style LoRA's data).
+    (the plain style LoRA's data). `concept_phrases` off (an ablation): concept crops are captioned
+    with the style phrase alone, like background crops.
     """
     size = base.size
     whole = to_pixels([image], size)[0]
@@ -160,8 +164,8 @@ def build_pairs(
             continue
         others = [r for r in located if r is not region]
         for _ in range(crops_per_concept):
-            add(crop_around(region, size, rng, crop_margin), f"{concept.phrase} {style_phrase}".strip(), "concept",
-                others, region)
+            caption = f"{concept.phrase} {style_phrase}".strip() if concept_phrases else style_phrase
+            add(crop_around(region, size, rng, crop_margin), caption, "concept", others, region)
     for box in background_boxes(located, size, background_crops, rng):
         add(box, style_phrase, "background", located)
     return Pairs(torch.stack(pixels), torch.stack(masks), captions, boxes, kinds, regions)

@@ -78,6 +78,17 @@ def to_lora_modules(layers: dict[str, LoRALinear]) -> dict[str, LoraModule]:
     }
 
 
+def modules_from_parameters(params: dict[str, torch.Tensor], alpha: float) -> dict[str, LoraModule]:
+    """The adapter format's modules from tensors named as `parameters` names them (a checkpoint's):
+    what `to_lora_modules` gives for the layers those tensors came from."""
+    names = sorted({key.rsplit(".", 1)[0] for key in params if key.endswith((".lora_A", ".lora_B"))})
+    return {
+        name: LoraModule(down=params[f"{name}.lora_A"].detach().cpu().clone(),
+                         up=params[f"{name}.lora_B"].detach().cpu().clone(), alpha=float(alpha))
+        for name in names
+    }
+
+
 def parameters(layers: dict[str, LoRALinear]) -> dict[str, nn.Parameter]:
     """The trainable tensors by stable name (for the optimizer and checkpoints)."""
     return {f"{name}.{p}": getattr(layer, p) for name, layer in layers.items() for p in ("lora_A", "lora_B")}

@@ -23,19 +23,6 @@ SUBJECT_METHODS = (DREAMBOOTH_LORA, TEXTUAL_INVERSION, CUSTOM_DIFFUSION)
 STYLE_METHODS = (FINESTYLE,)
 
 
-@dataclass(frozen=True)
-class MethodDefaults:
-    """A method's defaults where the request leaves a field 0; chosen on the world's held-out
-    concepts (docs/personalize/*.md say why)."""
-
-    steps: int
-    learning_rate: float
-    rank: int  # 0: the method has no LoRA
-    batch_size: int
-    # True when the method learns a token embedding (the token is then a new placeholder word).
-    learns_token: bool
-
-
 @dataclass
 class Concept:
     """A concept of a FineStyle style image: the phrase naming it ("a yellow star") and, when the

@@ -29,9 +29,10 @@ from .common import (
     step_generator,
     token_init,
 )
-from .spec import MethodDefaults, NoProgress, Progress, TrainingSpec
+from .spec import NoProgress, Progress, TrainingSpec
 
-DEFAULTS = MethodDefaults(steps=400, learning_rate=5e-2, rank=0, batch_size=4, learns_token=True)
+# The method IS a learned placeholder word. Defaults: service/profiles.py.
+LEARNS_TOKEN = True
 
 
 def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(), resume: bytes | None = None) -> Adapter:

@@ -1,13 +1,20 @@
 """Held-out concepts and styles: what personalization has to teach the base model.
 
-Concepts (subject personalization, DreamSteerer/DreamBooth-style): objects the base model never
-saw, each with reference images of the object at varying positions and sizes on varied
-backgrounds. Two are unseen shapes; one is an unseen combination of seen words (the base model
-never saw a purple dotted object).
+Concepts (subject personalization, DreamSteerer/DreamBooth-style): objects each with reference
+images of the object at varying positions and sizes on varied backgrounds. Three kinds:
+  - unseen shape: a shape the base model never drew (crescent, hexagon; HELDOUT_SHAPES);
+  - unseen combination: a colour/texture pair the base model never saw on any object (purple
+    dotted; HELDOUT_COMBOS), on a seen shape;
+  - seen words: shape, colour and texture the base model draws, in a combination a user names with
+    a token instead of words (the easy case: the adapter has to bind the token, nothing more).
 
 Styles (FineStyle-style): a background plus a rendering treatment the base model never saw. Each
-style has reference images whose objects (`content`) belong to the style image, not to the style:
+style has a reference image whose objects (`content`) belong to the style image, not to the style:
 an output for "a blue circle in <style>" that shows them has leaked content.
+
+Both are split once, for good: `dev` is what defaults are tuned on, `test` is what tables report.
+A default chosen by looking at a test concept is a result on seen data. The sets are data: changing
+one changes every table, so tests/test_world.py pins each set's rendered pixels by a digest.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .generator import DEFAULT_SIZE, Sample, Scene, WorldObject, place_objects, render, rng_for
-from .vocab import BACKGROUNDS, COLOR_NAMES, SHAPES
+from .vocab import BACKGROUNDS, COLOR_NAMES, HELDOUT_COMBOS, HELDOUT_SHAPES, SHAPES
+
+
+DEV, TEST = "dev", "test"
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,19 @@ class HeldOutConcept:
     shape: str
     color: str
     texture: str
+    # The class word a user would give it: its own shape when the base model knows the shape, else
+    # the seen shape it is closest to (a crescent is a circle with a bite; a hexagon a rounded square).
+    class_word: str = ""
+    split: str = DEV
+
+    @property
+    def kind(self) -> str:
+        """"unseen shape", "unseen combination" or "seen words" (see the module doc)."""
+        if self.shape in HELDOUT_SHAPES:
+            return "unseen shape"
+        if (self.color, self.texture) in HELDOUT_COMBOS:
+            return "unseen combination"
+        return "seen words"
 
     def obj(self, cx: float = 0.5, cy: float = 0.5, r: float = 0.3) -> WorldObject:
         return WorldObject(self.shape, self.color, self.texture, cx, cy, r)
@@ -50,6 +73,7 @@ class HeldOutStyle:
     treatment: str
     # Objects of the style reference image: the content that must not leak into other prompts.
     content: tuple[WorldObject, ...]
+    split: str = DEV
 
     def scene(self, objects: tuple[WorldObject, ...]) -> Scene:
         """Any objects drawn in this style (the ground truth of a stylized prompt)."""
@@ -72,41 +96,79 @@ def _other_color(rng: np.random.Generator, avoid: str) -> str:
             return c
 
 
-CONCEPTS: dict[str, HeldOutConcept] = {
-    c.name: c
-    for c in (
-        HeldOutConcept("yellow-crescent", shape="crescent", color="yellow", texture="solid"),
-        HeldOutConcept("green-striped-hexagon", shape="hexagon", color="green", texture="striped"),
-        HeldOutConcept("purple-dotted-heart", shape="heart", color="purple", texture="dotted"),
-    )
-}
+def _concepts(*concepts: HeldOutConcept) -> dict[str, HeldOutConcept]:
+    return {c.name: c for c in concepts}
 
+
+# 12 subject concepts, 6 dev / 6 test; each half has two unseen shapes, one unseen combination and
+# three of seen words, so a default tuned on dev meets the same kinds of concept on test. The world
+# has two unseen shapes and one unseen colour/texture pair (the base model was trained without
+# them): the test half meets them in other colours, textures and combinations than dev does.
+CONCEPTS: dict[str, HeldOutConcept] = _concepts(
+    # dev: tune here
+    HeldOutConcept("yellow-crescent", "crescent", "yellow", "solid", class_word="circle", split=DEV),
+    HeldOutConcept("green-striped-hexagon", "hexagon", "green", "striped", class_word="square", split=DEV),
+    HeldOutConcept("purple-dotted-heart", "heart", "purple", "dotted", class_word="heart", split=DEV),
+    HeldOutConcept("orange-striped-ring", "ring", "orange", "striped", class_word="ring", split=DEV),
+    HeldOutConcept("pink-dotted-square", "square", "pink", "dotted", class_word="square", split=DEV),
+    HeldOutConcept("white-star", "star", "white", "solid", class_word="star", split=DEV),
+    # test: report here
+    HeldOutConcept("blue-striped-crescent", "crescent", "blue", "striped", class_word="circle", split=TEST),
+    HeldOutConcept("red-dotted-hexagon", "hexagon", "red", "dotted", class_word="square", split=TEST),
+    HeldOutConcept("purple-dotted-star", "star", "purple", "dotted", class_word="star", split=TEST),
+    HeldOutConcept("yellow-striped-cross", "cross", "yellow", "striped", class_word="cross", split=TEST),
+    HeldOutConcept("green-dotted-triangle", "triangle", "green", "dotted", class_word="triangle", split=TEST),
+    HeldOutConcept("pink-circle", "circle", "pink", "solid", class_word="circle", split=TEST),
+)
+
+
+# 6 styles, 3 dev / 3 test: each treatment the base model never saw (outline, pixelated, pastel)
+# once per half, on other backgrounds, with one or two content objects in the style image.
 STYLES: dict[str, HeldOutStyle] = {
     s.name: s
     for s in (
+        # dev
         HeldOutStyle(
-            "neon-outline",
-            background="solid",
-            bg_color="black",
-            treatment="outline",
+            "neon-outline", background="solid", bg_color="black", treatment="outline",
             content=(WorldObject("star", "yellow", "solid", 0.34, 0.36, 0.22), WorldObject("circle", "pink", "solid", 0.7, 0.7, 0.17)),
+            split=DEV,
         ),
         HeldOutStyle(
-            "pixel-checker",
-            background="checker",
-            bg_color="green",
-            treatment="pixelated",
+            "pixel-checker", background="checker", bg_color="green", treatment="pixelated",
             content=(WorldObject("heart", "red", "solid", 0.5, 0.5, 0.3),),
+            split=DEV,
         ),
         HeldOutStyle(
-            "pastel-gradient",
-            background="gradient",
-            bg_color="blue",
-            treatment="pastel",
+            "pastel-gradient", background="gradient", bg_color="blue", treatment="pastel",
             content=(WorldObject("triangle", "orange", "striped", 0.35, 0.62, 0.2), WorldObject("cross", "white", "solid", 0.72, 0.3, 0.15)),
+            split=DEV,
+        ),
+        # test
+        HeldOutStyle(
+            "ink-stripes", background="stripes", bg_color="white", treatment="outline",
+            content=(WorldObject("square", "blue", "solid", 0.5, 0.48, 0.28),),
+            split=TEST,
+        ),
+        HeldOutStyle(
+            "pixel-dots", background="dots", bg_color="purple", treatment="pixelated",
+            content=(WorldObject("star", "yellow", "solid", 0.32, 0.34, 0.21), WorldObject("ring", "white", "solid", 0.7, 0.68, 0.17)),
+            split=TEST,
+        ),
+        HeldOutStyle(
+            "pastel-checker", background="checker", bg_color="red", treatment="pastel",
+            content=(WorldObject("circle", "green", "striped", 0.5, 0.5, 0.27),),
+            split=TEST,
         ),
     )
 }
+
+
+def split(items: dict, which: str) -> list[str]:
+    """The names of a set's dev or test half, in their fixed order."""
+    if which not in (DEV, TEST):
+        raise ValueError(f"split must be {DEV!r} or {TEST!r} (got {which!r})")
+    return [name for name, item in items.items() if item.split == which]
+
 
 # Shapes a style prompt can ask for without touching the style image's content (for leakage tests).
 def shapes_outside(style: HeldOutStyle) -> tuple[str, ...]:

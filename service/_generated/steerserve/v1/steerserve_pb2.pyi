@@ -434,7 +434,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "base_model", "default_width", "default_height", "max_width", "max_height", "default_steps", "max_steps", "max_num_images", "backend")
+    __slots__ = ("version", "base_model", "default_width", "default_height", "max_width", "max_height", "default_steps", "max_steps", "max_num_images", "backend", "profile")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -445,6 +445,7 @@ class ServerInfo(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     version: str
     base_model: str
     default_width: int
@@ -455,4 +456,41 @@ class ServerInfo(_message.Message):
     max_steps: int
     max_num_images: int
     backend: str
-    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_num_images: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    profile: ModelProfile
+    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_num_images: _Optional[int] = ..., backend: _Optional[str] = ..., profile: _Optional[_Union[ModelProfile, _Mapping]] = ...) -> None: ...
+
+class ModelProfile(_message.Message):
+    __slots__ = ("name", "chosen_by", "description", "training", "edit_guidance_scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_BY_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    EDIT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    chosen_by: str
+    description: str
+    training: _containers.RepeatedCompositeFieldContainer[MethodDefaults]
+    edit_guidance_scale: float
+    def __init__(self, name: _Optional[str] = ..., chosen_by: _Optional[str] = ..., description: _Optional[str] = ..., training: _Optional[_Iterable[_Union[MethodDefaults, _Mapping]]] = ..., edit_guidance_scale: _Optional[float] = ...) -> None: ...
+
+class MethodDefaults(_message.Message):
+    __slots__ = ("method", "steps", "learning_rate", "rank", "batch_size", "prior_loss_weight", "num_class_images", "train_text_encoder", "source")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASS_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TEXT_ENCODER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    method: PersonalizationMethod
+    steps: int
+    learning_rate: float
+    rank: int
+    batch_size: int
+    prior_loss_weight: float
+    num_class_images: int
+    train_text_encoder: bool
+    source: str
+    def __init__(self, method: _Optional[_Union[PersonalizationMethod, str]] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., rank: _Optional[int] = ..., batch_size: _Optional[int] = ..., prior_loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., train_text_encoder: bool = ..., source: _Optional[str] = ...) -> None: ...

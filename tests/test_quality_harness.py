@@ -1,0 +1,113 @@
+"""The evaluation harness the quality benchmarks share (bench/evaluation.py), and the personalization
+benchmark on a tiny subset: intervals with their n, cached cells, snapshots equal to shorter jobs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.evaluation import Estimate, ResultCache, estimate, paired_difference, unit_values
+from service.personalize import FrozenBase, NoProgress, TrainingSpec, adapter_from_checkpoint, train
+from service.world.heldout import CONCEPTS
+
+
+def records(values_by_unit: dict[tuple, list[float]], metric="m"):
+    return [{"item": item, "seed": seed, metric: v} for (item, seed), vs in values_by_unit.items() for v in vs]
+
+
+def test_estimate_averages_units_and_brackets_the_mean():
+    recs = records({("a", 0): [1, 1], ("a", 1): [0, 0], ("b", 0): [1, 0], ("b", 1): [1, 1]})
+    assert unit_values(recs, "m") == {("a", 0): 1.0, ("a", 1): 0.0, ("b", 0): 0.5, ("b", 1): 1.0}
+    e = estimate(recs, "m")
+    assert e.n == 4 and e.mean == pytest.approx(0.625)
+    assert 0.0 <= e.lo <= e.mean <= e.hi <= 1.0 and e.hi > e.lo
+    # A constant metric has no spread; many units narrow the interval like 1/sqrt(n).
+    assert estimate(records({("a", s): [1.0] for s in range(5)}), "m").half_width == 0
+    rng = np.random.default_rng(0)
+    small = estimate(records({("a", s): [float(rng.random() < 0.5)] for s in range(25)}), "m")
+    large = estimate(records({("a", s): [float(rng.random() < 0.5)] for s in range(400)}), "m")
+    assert large.half_width < small.half_width / 2.5
+
+
+def test_paired_difference_cancels_what_units_share():
+    # Units differ a lot from each other, but b is always a + 0.1: the paired interval is tight.
+    base = {("c", s): [float(s % 5) / 5] for s in range(40)}
+    a = records(base)
+    b = records({k: [v[0] + 0.1] for k, v in base.items()})
+    d = paired_difference(b, a, "m")
+    assert d.n == 40 and d.mean == pytest.approx(0.1) and d.half_width < 1e-9
+    assert estimate(a, "m").half_width > 0.05  # unpaired, the spread between units shows
+    # Only units both measured count.
+    assert paired_difference(b, a[:10], "m").n == 10
+
+
+def test_cache_keys_on_everything_and_survives_a_rerun(tmp_path):
+    cache = ResultCache("t", root=tmp_path)
+    calls = []
+    compute = lambda: calls.append(1) or {"x": len(calls)}  # noqa: E731
+    assert cache.cell({"a": 1, "b": [1, 2]}, compute) == {"x": 1}
+    assert cache.cell({"b": [1, 2], "a": 1}, compute) == {"x": 1}  # key order does not matter
+    assert cache.cell({"a": 2, "b": [1, 2]}, compute) == {"x": 2}
+    assert (cache.hits, cache.misses) == (1, 2)
+    assert ResultCache("t", root=tmp_path, enabled=False).cell({"a": 1, "b": [1, 2]}, compute) == {"x": 3}
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_estimate_formats_with_interval():
+    assert Estimate(0.5, 0.4, 0.62, 12).pct() == "50% [40, 62]"
+    assert Estimate(0.5, 0.4, 0.62, 12).as_dict()["n"] == 12
+
+
+def test_a_snapshot_is_the_shorter_job(one_torch_thread):
+    """A sweep reads fewer steps from one run's checkpoints: that must BE the shorter job."""
+    base = FrozenBase.from_pretrained(__import__("service.basemodel", fromlist=["DEFAULT_MODEL_DIR"]).DEFAULT_MODEL_DIR)
+    photos = [Image.fromarray(r.image) for r in CONCEPTS["purple-dotted-heart"].references(3, seed=0)]
+    for method, token in (("DREAMBOOTH_LORA", "sks"), ("CUSTOM_DIFFUSION", "<sks>")):
+        spec = lambda steps, every: TrainingSpec(method=method, images=photos, token=token, class_word="heart",  # noqa: E731
+                                                 steps=steps, learning_rate=1e-3, rank=2, batch_size=2,
+                                                 checkpoint_every=every)
+        states = {}
+
+        class Keep(NoProgress):
+            def checkpoint(self, step, state):
+                states[step] = state
+
+        train(base, spec(4, 2), Keep())
+        snapshot = adapter_from_checkpoint(spec(4, 2), states[2])
+        short = train(base, spec(2, 0))
+        assert snapshot.lora.keys() == short.lora.keys() and snapshot.kind == short.kind
+        for name, module in short.lora.items():
+            assert torch.equal(snapshot.lora[name].down, module.down) and torch.equal(snapshot.lora[name].up, module.up)
+            assert snapshot.lora[name].scale == module.scale
+        assert snapshot.token_embeddings.keys() == short.token_embeddings.keys()
+        for t, v in short.token_embeddings.items():
+            assert torch.equal(snapshot.token_embeddings[t], v)
+
+
+def test_personalization_bench_on_a_tiny_subset(tmp_path, monkeypatch, one_torch_thread):
+    """The table's command end to end on one method, one concept, 2 seeds, 3 steps: JSON and
+    markdown carry intervals and n, the grid is written, and a rerun computes nothing."""
+    from bench import quality_personalize
+
+    monkeypatch.setenv("STEERSERVE_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    argv = ["--split", "dev", "--methods", "TEXTUAL_INVERSION", "--concepts", "purple-dotted-heart", "--seeds", "2",
+            "--steps", "3", "--set", "steps=3", "--out-dir", str(tmp_path / "out"), "--grid-path", str(tmp_path / "g.png"),
+            "--threads", "1"]
+    report = quality_personalize.main(argv)
+    after = report["methods"]["TEXTUAL_INVERSION"]["after"]
+    assert after["agreement"]["n"] == 2  # 1 concept x 2 seeds
+    assert after["agreement"]["lo"] <= after["agreement"]["mean"] <= after["agreement"]["hi"]
+    assert report["cache"] == {"hits": 0, "misses": 2}  # before + after
+    saved = json.loads((tmp_path / "out" / "quality_personalize_dev.json").read_text())
+    assert saved["methods"]["TEXTUAL_INVERSION"]["settings"]["steps"] == 3
+    md = (tmp_path / "out" / "quality_personalize_dev.md").read_text()
+    assert "[95% bootstrap interval]" in md and "n = units" in md
+    assert Image.open(tmp_path / "g.png").size[0] > 64
+    again = quality_personalize.main(argv)
+    assert again["cache"] == {"hits": 2, "misses": 0}
+    assert again["methods"]["TEXTUAL_INVERSION"]["after"] == after
