@@ -281,6 +281,9 @@ def main(argv=None) -> dict:
                    help="override a TrainingSpec field for every method (e.g. steps=600, extra.augment=false); JSON values")
     p.add_argument("--no-cache", action="store_true", help="recompute every cell")
     p.add_argument("--grid-path", default=None, help="default: docs/images/personalize_grid.png for the test split")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="compute only every N-th cell (from the I-th) and write nothing: run N processes with "
+                        "--threads 1 side by side, then once without --shard to write the table from the cache")
     add_run_arguments(p)
     args = p.parse_args(argv)
 
@@ -291,6 +294,12 @@ def main(argv=None) -> dict:
                   ResultCache("quality_personalize", enabled=not args.no_cache))
     methods, grid_rows = {}, []
     cells = [(m, c) for m in args.methods for c in concepts]
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    if shards > 1:
+        for method, name in progress(cells[shard::shards], desc=f"personalization cells, shard {shard}/{shards}"):
+            before_cell(setup, method, CONCEPTS[name])
+            after_cells(setup, method, resolved_settings(method, overrides), CONCEPTS[name])
+        return {}
     for method, name in progress(cells, desc="personalization cells"):
         concept = CONCEPTS[name]
         settings = resolved_settings(method, overrides)

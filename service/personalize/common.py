@@ -229,8 +229,12 @@ def token_init(base: FrozenBase, word: str) -> torch.Tensor:
 
 
 def adamw(params: Sequence[torch.Tensor], lr: float) -> torch.optim.AdamW:
-    """diffusers' training scripts' optimizer settings (betas 0.9/0.999, weight decay 1e-2, eps 1e-8)."""
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    """diffusers' training scripts' optimizer settings (betas 0.9/0.999, weight decay 1e-2, eps 1e-8).
+
+    Fused: one kernel updates every tensor instead of a dozen small ops per tensor (a LoRA has about
+    a hundred tensors; the per-tensor loop cost about a tenth of a CPU step). Same update, same state."""
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=fused)
 
 
 class TrainingRun:
@@ -271,7 +275,7 @@ class TrainingRun:
     def update(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.step += 1
         value = float(loss.detach())
