@@ -35,7 +35,10 @@ from service.world.heldout import CONCEPTS, DEV, split
 CONTEXT_FLOOR = 0.85
 TIE_POINTS = 0.02
 
-# (overrides, step counts): the last count is trained, the others are its snapshots.
+# (overrides, step counts): the last count is trained, the others are its snapshots. Every row is
+# resolved over SWEEP_BASE, not over the current profile: writing the sweep's choice into the
+# profile must not change the sweep.
+SWEEP_BASE = {"prior_loss_weight": 0.0, "num_class_images": 16, "train_text_encoder": False}
 GRID: dict[str, list[tuple[dict, tuple[int, ...]]]] = {
     "DREAMBOOTH_LORA": [
         ({"learning_rate": 1e-3, "batch_size": 2, "rank": 8}, (300, 600, 900)),
@@ -107,7 +110,7 @@ def main(argv=None) -> dict:
     records: dict[tuple, list] = {}
     for method, i, name in progress(mine, desc="sweep cells"):
         overrides, counts = GRID[method][i]
-        settings = resolved_settings(method, {**overrides, "steps": counts[-1]})
+        settings = resolved_settings(method, {**SWEEP_BASE, **overrides, "steps": counts[-1]})
         for n, cell in after_cells(setup, method, settings, CONCEPTS[name], counts[:-1]).items():
             records.setdefault((method, i, n), []).extend(cell["records"])
     if shards > 1:
@@ -117,7 +120,7 @@ def main(argv=None) -> dict:
         rows = []
         for i, (overrides, counts) in enumerate(GRID[method]):
             for n in counts:
-                settings = resolved_settings(method, {**overrides, "steps": n})
+                settings = resolved_settings(method, {**SWEEP_BASE, **overrides, "steps": n})
                 recs = records[(method, i, n)]
                 rows.append({"settings": settings, "text": settings_text(method, settings),
                              **{k: estimate(recs, k).as_dict() for k in ("agreement", "shape", "color", "context")}})

@@ -67,9 +67,9 @@ WORLD = ModelProfile(
     name="steerserve-world",
     description="the embedded 64x64 world model (service/basemodel), defaults from the dev-split sweep",
     training={
-        "DREAMBOOTH_LORA": TrainingDefaults(steps=240, learning_rate=3e-3, rank=8, batch_size=2),
+        "DREAMBOOTH_LORA": TrainingDefaults(steps=600, learning_rate=1e-3, rank=8, batch_size=2, train_text_encoder=True),
         "TEXTUAL_INVERSION": TrainingDefaults(steps=600, learning_rate=5e-2, rank=0, batch_size=4),
-        "CUSTOM_DIFFUSION": TrainingDefaults(steps=400, learning_rate=5e-3, rank=8, batch_size=4),
+        "CUSTOM_DIFFUSION": TrainingDefaults(steps=600, learning_rate=1.5e-3, rank=8, batch_size=4),
         "FINESTYLE": TrainingDefaults(steps=300, learning_rate=3e-3, rank=8, batch_size=4),
     },
     # EditOptions' own defaults were set on this model (docs/edit/dreamsteerer.md): guidance 4, the

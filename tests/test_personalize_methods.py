@@ -172,3 +172,19 @@ def test_tokens(base):
     for bad in ("dog", "<dog>", "two words", "x", "<zzq>", "ZZQ", "<>"):
         with pytest.raises(TokenError):
             check_token(bad, **check)
+
+
+def test_text_encoder_lora_trains_and_restores_both_models(base):
+    """DreamBooth-LoRA with train_text_encoder: the adapter holds text-encoder LoRA too, and both
+    frozen models are exactly as before afterwards (a regression: the UNet's restore once walked the
+    text encoder's layer names too and failed at the end of every such job)."""
+    from service.personalize.lora import LoRALinear
+
+    before = {k: v.clone() for k, v in base.text_encoder.state_dict().items()}
+    adapter = train(base, spec_for("DREAMBOOTH_LORA", steps=2, train_text_encoder=True))
+    assert any(name.startswith("text_encoder.") for name in adapter.lora)
+    assert any(name.startswith("unet.") for name in adapter.lora)
+    for model in (base.unet, base.text_encoder):
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    after = base.text_encoder.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -49,7 +49,8 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
     with contextlib.ExitStack() as stack:
         layers = stack.enter_context(lora.lora_layers(base.unet, "unet", DEFAULT_UNET_TARGETS, spec.rank, spec.seed))
         if spec.train_text_encoder:
-            layers |= stack.enter_context(
+            # A new dict: each lora_layers block restores the layers of the dict IT yielded.
+            layers = layers | stack.enter_context(
                 lora.lora_layers(base.text_encoder, "text_encoder", DEFAULT_TEXT_ENCODER_TARGETS, spec.rank, spec.seed + 1)
             )
         params = lora.parameters(layers)
