@@ -48,10 +48,15 @@ class StepTimer(NoProgress):
         return [b - a for a, b in zip(self.times, self.times[1:])]
 
 
-def spec_for(method: str, images, steps: int | None = None) -> TrainingSpec:
+def spec_for(method: str, images, steps: int | None = None, whole_default: bool = False) -> TrainingSpec:
+    """The method's defaults. Per-step timing compares the same training as the diffusers script
+    (no text-encoder LoRA, no prior: the scripts' plain step); `whole_default` is the job a
+    default request trains (with them, where the profile turns them on)."""
     d = defaults(method)
+    extra = dict(train_text_encoder=d.train_text_encoder, prior_loss_weight=d.prior_loss_weight,
+                 num_class_images=d.num_class_images) if whole_default else {}
     return TrainingSpec(method=method, images=images, token="<sks>" if learns_token(method) else "sks", class_word=CLASS_WORD,
-                        steps=steps or d.steps, learning_rate=d.learning_rate, rank=d.rank, batch_size=d.batch_size)
+                        steps=steps or d.steps, learning_rate=d.learning_rate, rank=d.rank, batch_size=d.batch_size, **extra)
 
 
 def ours(base: FrozenBase, method: str, images, steps: int) -> list[float]:
@@ -137,7 +142,7 @@ def main(argv=None) -> dict:
             mine += ours(base, method, images, args.steps)
             other += theirs(method, images, args.steps)
         started = time.perf_counter()
-        train(base, spec_for(method, images))
+        train(base, spec_for(method, images, whole_default=True))
         job_seconds = time.perf_counter() - started
         ours_ms, theirs_ms = 1000 * statistics.median(mine), 1000 * statistics.median(other)
         methods[method] = {"ours_ms": round(ours_ms, 1), "theirs_ms": round(theirs_ms, 1),
