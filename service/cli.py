@@ -191,10 +191,12 @@ def _concept(text: str) -> pb.Concept:
 def cmd_personalize(args) -> int:
     stub, md = _stub(args)
     method = args.method.upper().replace("-", "_")
-    options = pb.TrainingOptions(
-        steps=args.steps, rank=args.rank, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder,
-    )
+    options = pb.TrainingOptions(steps=args.steps, rank=args.rank, learning_rate=args.learning_rate,
+                                 batch_size=args.batch_size)
+    if args.prior_loss_weight is not None:  # unset: the model profile's
+        options.prior_loss_weight = args.prior_loss_weight
+    if args.train_text_encoder is not None:
+        options.train_text_encoder = args.train_text_encoder
     if args.seed is not None:
         options.seed = args.seed
     req = pb.PersonalizeRequest(
@@ -436,9 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", type=float, default=0.0)
     t.add_argument("--batch-size", type=int, default=0)
     t.add_argument("--seed", type=int)
-    t.add_argument("--prior-loss-weight", type=float, default=0.0,
-                   help="prior preservation with the base model's own class images (0: off)")
-    t.add_argument("--train-text-encoder", action="store_true", help="dreambooth-lora: LoRA on the text encoder too")
+    t.add_argument("--prior-loss-weight", type=float, default=None,
+                   help="prior preservation with the base model's own class images (0: off; unset: the model profile's)")
+    t.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="dreambooth-lora: LoRA on the text encoder too (unset: the model profile's)")
     t.add_argument("--previews", metavar="DIR", help="save the finished job's preview images here")
     t.add_argument("--no-wait", action="store_true", help="print the job id and return (watch with 'jobs watch')")
     t.set_defaults(func=cmd_personalize)

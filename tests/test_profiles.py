@@ -93,8 +93,17 @@ def test_job_defaults_come_from_the_profile():
     w = WORLD.training["CUSTOM_DIFFUSION"]
     assert (world.options.steps, world.options.batch_size) == (w.steps, w.batch_size)
     assert world.options.prior_loss_weight == pytest.approx(w.prior_loss_weight)
-    # What the request says stays.
+    # What the request says stays; an explicit 0 / false turns a profile's default off.
     request.options.steps, request.options.prior_loss_weight = 7, 0.5
     mine = requests.resolve(request, taken_tokens=[], tokenizer=tokenizer, profile=SD1)
     assert mine.options.steps == 7 and mine.options.prior_loss_weight == pytest.approx(0.5)
     assert mine.options.num_class_images == requests.DEFAULT_NUM_CLASS_IMAGES
+    request.options.prior_loss_weight = 0.0
+    assert request.options.HasField("prior_loss_weight")
+    off = requests.resolve(request, taken_tokens=[], tokenizer=tokenizer, profile=SD1)
+    assert off.options.prior_loss_weight == 0.0
+    db = pb.PersonalizeRequest(method=pb.DREAMBOOTH_LORA, name="y", class_word="dog")
+    assert requests.resolve(db, taken_tokens=[], tokenizer=tokenizer, profile=WORLD).options.train_text_encoder == \
+        WORLD.training["DREAMBOOTH_LORA"].train_text_encoder
+    db.options.train_text_encoder = False
+    assert not requests.resolve(db, taken_tokens=[], tokenizer=tokenizer, profile=WORLD).options.train_text_encoder

@@ -48,15 +48,16 @@ def resolve(request: pb.PersonalizeRequest, *, taken_tokens: Iterable[str], toke
     o.learning_rate = o.learning_rate or d.learning_rate
     o.rank = o.rank or d.rank
     o.batch_size = o.batch_size or d.batch_size
-    if not o.prior_loss_weight and not o.num_class_images and request.method != pb.TEXTUAL_INVERSION:
-        # 0 cannot say "the default" apart from "off": a profile's prior preservation applies to a
-        # request that leaves both fields 0.
-        o.prior_loss_weight = d.prior_loss_weight
-        o.num_class_images = d.num_class_images if d.prior_loss_weight else 0
+    # Unset (not 0 / false) takes the profile's: a request can still turn either off explicitly.
+    prior_methods = (pb.DREAMBOOTH_LORA, pb.CUSTOM_DIFFUSION)
+    if not o.HasField("prior_loss_weight"):
+        o.prior_loss_weight = d.prior_loss_weight if request.method in prior_methods else 0.0
+        if o.prior_loss_weight and not o.num_class_images:
+            o.num_class_images = d.num_class_images
     if o.prior_loss_weight and not o.num_class_images:
         o.num_class_images = DEFAULT_NUM_CLASS_IMAGES
-    if request.method == pb.DREAMBOOTH_LORA and not o.train_text_encoder:
-        o.train_text_encoder = d.train_text_encoder
+    if not o.HasField("train_text_encoder"):
+        o.train_text_encoder = d.train_text_encoder if request.method == pb.DREAMBOOTH_LORA else False
     if not o.HasField("seed"):
         o.seed = random.randrange(0, 2**31)
     return resolved
