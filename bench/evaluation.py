@@ -117,11 +117,9 @@ class Estimate:
     def half_width(self) -> float:
         return (self.hi - self.lo) / 2
 
-    def pct(self, signed: bool = False) -> str:
-        """"52% [44, 60]" (percent points)."""
-        sign = "+" if signed and self.mean > 0 else ""
-        return f"{sign}{self.mean:.0%} [{self.lo * 100:+.0f}, {self.hi * 100:+.0f}]" if signed else \
-            f"{self.mean:.0%} [{self.lo * 100:.0f}, {self.hi * 100:.0f}]"
+    def pct(self) -> str:
+        """"52% [44, 60]" (percent, interval in points)."""
+        return f"{self.mean:.0%} [{self.lo * 100:.0f}, {self.hi * 100:.0f}]"
 
     def num(self, digits: int = 3) -> str:
         return f"{self.mean:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
