@@ -288,7 +288,9 @@ def main(argv=None) -> dict:
     for other in pts:
         if fs is None or other == fs or other.variant == "base":
             continue
-        if other.variant == "plain_kv" and other.style_scale == 0 and other.weight == 1.0 or other.style_scale == args.style_scale and other.variant != "finestyle":
+        plain_cfg = other.variant == "plain_kv" and other.style_scale == 0 and other.weight == 1.0
+        ablation = other.style_scale == args.style_scale and other.variant != "finestyle"
+        if plain_cfg or ablation:
             comparisons.append({"label": f"FineStyle (scale {args.style_scale:g}) − {other.label}",
                                 **{m: paired_difference(all_recs[fs], all_recs[other], m).as_dict()
                                    for m in ("style", "prompt", "leakage")}})

@@ -30,8 +30,10 @@ def _training_thread() -> None:
     thread's idle, spinning one fights it for the cores). The setting is per thread."""
     import torch
 
+    from service.engine.pipeline import flush_denormals
+
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    flush_denormals()
 
 
 class InProcessBackend:
