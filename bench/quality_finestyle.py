@@ -13,7 +13,7 @@ adapter with the profile's FineStyle rank, steps, learning rate and seed:
 - plain style LoRA on all attention layers (attn1 + attn2, q/k/v/out), same data;
 - FineStyle (service/personalize/finestyle.py), and one ablation per part: no concept crops (= the
   plain K/V LoRA under two-scale guidance), no loss masks, no concept phrases (crops captioned with
-  the style phrase alone), all attention layers instead of K/V, wider crops.
+  the style phrase alone), all attention layers instead of K/V, tighter crops.
 
 Then sample prompts that name OTHER objects in the style ("a blue square in zwx style") through the
 serving path and read every image with the attribute classifier:
@@ -69,8 +69,13 @@ VARIANTS = {
     "no_masks": {"masks": False},
     "no_phrases": {"concept_phrases": False},
     "all_layers": {"targets": list(finestyle.ALL_ATTENTION_TARGETS)},
-    "wide_crops": {"crop_margin": [2.0, 3.0]},
+    "narrow_crops": {"crop_margin": [1.2, 2.0]},
 }
+
+
+# The method's own constants are part of every cell's key: a change to them is a change of method.
+METHOD_CONSTANTS = {"crops_per_concept": finestyle.CROPS_PER_CONCEPT, "background_crops": finestyle.BACKGROUND_CROPS,
+                    "crop_margin": list(finestyle.CROP_MARGIN), "background_max_overlap": finestyle.BACKGROUND_MAX_OVERLAP}
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ def points(style_scale: float) -> list[Point]:
         Point("no_masks", s, 1.0, f"ablation: no loss masks (style scale {s:g})"),
         Point("no_phrases", s, 1.0, f"ablation: no concept phrases (style scale {s:g})"),
         Point("all_layers", s, 1.0, f"ablation: all attention layers, not K/V (style scale {s:g})"),
-        Point("wide_crops", s, 1.0, f"ablation: crops 2-3x the object, not 1.2-2x (style scale {s:g})"),
+        Point("narrow_crops", s, 1.0, f"ablation: crops 1.2-2x the object (the first default), not 2-3x (style scale {s:g})"),
     ]
 
 
@@ -166,7 +171,7 @@ class Run:
         settings = None if spec is None else {k: v for k, v in asdict(spec).items() if k not in ("images", "concepts")}
         sampling = {"seeds": self.seeds, "prompts": self.n_prompts, "steps": self.steps, "guidance": self.guidance}
         keys = {p: {"bench": "finestyle", "model": self.model_id, "style": style.name, "variant": variant,
-                    "settings": settings, "sampling": sampling, "style_scale": p.style_scale, "weight": p.weight}
+                    "settings": settings, "method": METHOD_CONSTANTS, "sampling": sampling, "style_scale": p.style_scale, "weight": p.weight}
                 for p in pts}
         out = {p: self.cache.get(k) for p, k in keys.items()}
         missing = [p for p, v in out.items() if v is None]
@@ -284,16 +289,21 @@ def main(argv=None) -> dict:
                                    for s in styles}})
     all_recs = {pt: [r for s in styles for r in results[(s, pt)]["records"]] for pt in pts}
     comparisons = []
+
+    def compare(a: Point, b: Point, label: str) -> None:
+        comparisons.append({"label": label, **{m: paired_difference(all_recs[a], all_recs[b], m).as_dict()
+                                               for m in ("style", "prompt", "leakage")}})
+
     fs = next((pt for pt in pts if pt.variant == "finestyle" and pt.style_scale == args.style_scale and pt.weight == 1.0), None)
+    plain = next((pt for pt in pts if pt.variant == "plain_kv" and pt.style_scale == 0 and pt.weight == 1.0), None)
+    # The curve against the plain K/V LoRA (the paper's comparison: leakage at equal style) ...
+    for pt in pts:
+        if pt.variant == "finestyle" and plain is not None:
+            compare(pt, plain, f"{pt.label} − {plain.label}")
+    # ... and every ablation against FineStyle at the default scale.
     for other in pts:
-        if fs is None or other == fs or other.variant == "base":
-            continue
-        plain_cfg = other.variant == "plain_kv" and other.style_scale == 0 and other.weight == 1.0
-        ablation = other.style_scale == args.style_scale and other.variant != "finestyle"
-        if plain_cfg or ablation:
-            comparisons.append({"label": f"FineStyle (scale {args.style_scale:g}) − {other.label}",
-                                **{m: paired_difference(all_recs[fs], all_recs[other], m).as_dict()
-                                   for m in ("style", "prompt", "leakage")}})
+        if fs is not None and other.style_scale == args.style_scale and other.variant not in ("finestyle", "base"):
+            compare(fs, other, f"FineStyle (scale {args.style_scale:g}) − {other.label}")
     for s in styles:
         grid_rows.append((f"{s}\nreference", [STYLES[s].reference().image]))
         for pt in pts:

@@ -41,7 +41,11 @@ ALL_ATTENTION_TARGETS = DEFAULT_UNET_TARGETS  # the plain style LoRA baseline's 
 # Concept-oriented data scaling (docs/personalize/finestyle.md has the measurements).
 CROPS_PER_CONCEPT = 8  # crops around each concept, captioned with its phrase + the style phrase
 BACKGROUND_CROPS = 4  # crops of the background, captioned with the style phrase alone
-CROP_MARGIN = (1.2, 2.0)  # a crop's side, in multiples of the concept box's longer side
+# A crop's side, in multiples of the concept box's longer side. 2-3x, not the tighter 1.2-2x first
+# chosen: on the dev styles the tight crops drew the concepts big and alone, and prompts then asking
+# for other objects got them less (prompt -14 points [-27, -2]) and the style's objects more
+# (bench/results/quality_finestyle_dev.md, ablation "narrow crops").
+CROP_MARGIN = (2.0, 3.0)
 # A background crop may cover at most this share of concept regions; those cells are masked out.
 BACKGROUND_MAX_OVERLAP = 0.5
 
