@@ -58,7 +58,7 @@ async def scenario(policy, backend, admission, spec, flood: int, deadline: float
 async def main_async(args) -> dict:
     model_dir = default_model_dir(Path(tempfile.gettempdir()) / "steerserve-models")
     engine = Engine.from_pretrained(model_dir)
-    backend = InProcessBackend(engine, model_dir, workers=1, max_queue=10_000)
+    backend = InProcessBackend(engine, model_dir, workers=1)
     spec = GenerationSpec(prompt="a red circle on a blue background", steps=args.steps, seed=1)
     admission = Admission(AdmissionLimits(slots=1, max_queue=10_000, tenant_max_queued=10_000))
     for _ in range(3):  # warm up; admission measures seconds per unit here

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import torch
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
@@ -38,7 +39,6 @@ from service.gateway.metrics import GatewayMetrics
 from service.gateway.server import MODEL_REPOSITORY, TRITON_MODELS, start_gateway, triton_model_environment
 from service.triton.client import grpcclient
 from service.triton.launcher import TritonServer
-from service.triton.library import configure_torch
 
 TOKEN = "bench-token"
 PROMPT = "a red dotted star on a blue striped background"
@@ -94,7 +94,7 @@ def main() -> None:
                         model_dir=model_dir, backend="triton")
     results: dict = {"steps": args.steps, "model": model_dir.name}
 
-    configure_torch()  # one torch thread, like each Triton model instance
+    torch.set_num_threads(Settings().torch_threads)  # like each Triton model instance
     engine = Engine.from_pretrained(model_dir)
     spec = GenerationSpec(prompt=PROMPT, steps=args.steps, seed=0)
 

@@ -101,14 +101,14 @@ def png_bytes(image) -> bytes:
 
 
 def serving_engine(model_dir, adapters: dict, max_rows: int, num_slots: int = 4):
-    """The serving path: an Engine with the adapter bank, loading adapters from `adapters` by key."""
-    from service.adapters import BankedAdapters
-    from service.engine.pipeline import Engine
+    """The serving path (service/serving.py, eager UNet): an Engine with the adapter bank, loading
+    adapters from `adapters` by key."""
+    from service.config import Settings
+    from service.serving import build_engine
 
-    engine = Engine.from_pretrained(model_dir)
-    BankedAdapters.attach(engine, adapters.__getitem__, num_slots=num_slots, max_rank=16, max_rows=max_rows,
-                          registry=CollectorRegistry())
-    return engine
+    settings = Settings(adapter_slots=num_slots, adapter_max_rank=16)
+    return build_engine(settings, max_rows, model_dir=model_dir, loader=adapters.__getitem__, unet_runtime=False,
+                        registry=CollectorRegistry())
 
 
 def apply_overrides(spec, items) -> None:

@@ -52,7 +52,7 @@ def cmd_serve(args) -> int:
         print(f"SteerServe {pb.DESCRIPTOR.package} listening on {address} (model: {gateway.servicer.backend.model_name})")
         if gateway.metrics_port:
             print(f"Prometheus metrics: http://{settings.host}:{gateway.metrics_port}/metrics")
-        triton = getattr(gateway.servicer.backend, "server", None)
+        triton = gateway.servicer.backend.server
         if triton is not None:
             print(f"Triton {triton.grpc_url} (gRPC), metrics {triton.metrics_url}, log {triton.log_path}")
         if token:

@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     # stub imports torch; 30 s to 2 min on 2 shared cores), at start and at each supervised restart.
     triton_start_timeout_s: float = Field(300.0, gt=0)
     triton_restart_backoff_max_s: float = Field(30.0, gt=0)  # restarts back off 1, 2, 4 ... up to this
+    # An external Triton serving model_repo/: host:port, several comma-separated, or a name with one
+    # address per replica (a headless Service). Unset: backend "triton" starts the embedded one.
+    triton_url: str | None = None
+    # Where the adapter bank reads adapter files (content-addressed blobs) and where exported UNet
+    # graphs are cached; unset = <data_dir>/adapters and <data_dir>/compiled. Triton's model
+    # instances read the same names (the gateway passes them to the embedded server; deploy/'s
+    # ConfigMap sets them): there an unset adapter_dir means no adapter bank.
+    adapter_dir: Path | None = None
+    compiled_dir: Path | None = None
+    # torch intra-op threads of each Triton model instance (each its own process): on a busy 2-core
+    # machine torch's 2 spinning OpenMP threads made a 20-step generation 12x slower than one.
+    torch_threads: int = Field(1, ge=1)
 
     # Request limits.
     default_steps: int = 20
@@ -165,6 +177,20 @@ class Settings(BaseSettings):
             raise ValueError(f"model_profile {value!r} is not one of {', '.join(PROFILES)}")
         return value or None
 
+    def resolved_model_dir(self) -> Path:
+        """The diffusers folder served: model_dir, else the embedded default (unpacked under data_dir)."""
+        if self.model_dir is not None:
+            return Path(self.model_dir)
+        from service.engine.default_model import default_model_dir
+
+        return default_model_dir(Path(self.data_dir) / "models")
+
+    def adapters_path(self) -> Path:
+        return Path(self.adapter_dir) if self.adapter_dir is not None else Path(self.data_dir) / "adapters"
+
+    def compiled_path(self) -> Path:
+        return Path(self.compiled_dir) if self.compiled_dir is not None else Path(self.data_dir) / "compiled"
+
     def profile(self):
         """The served model's profile and why it was chosen (service/profiles.ChosenProfile)."""
         from service.profiles import choose
@@ -195,7 +221,7 @@ class Settings(BaseSettings):
 
         return RuntimeOptions(kind=self.unet_runtime, buckets=tuple(self.unet_batch_buckets),
                               compile_mode=self.unet_compile_mode, warmup=self.unet_warmup,
-                              cache_dir=Path(self.data_dir) / "compiled")
+                              cache_dir=self.compiled_path())
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -129,3 +129,23 @@ def postgres():
         yield server
     finally:
         server.stop()
+
+
+# -- unit and system tests --------------------------------------------------------------------------
+# System tests start real servers or processes (Triton, PostgreSQL, Prometheus/promtool, kubectl,
+# the CLI's gateway, processes killed mid-write); they are marked `system`, every other test is a
+# unit test. `scripts/run-tests.sh --fast` runs the unit tests that are not `slow`; CI runs all.
+SYSTEM_MODULES = {
+    "test_triton", "test_triton_configs", "test_triton_supervisor", "test_multi_replica", "test_crash_safety",
+    "test_observability_rules", "test_deploy_manifests", "test_metrics_lint", "test_gpu_metrics", "test_tls",
+    "test_cli",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        on_postgres = "postgres" in item.fixturenames or "postgresql" in getattr(
+            getattr(item, "callspec", None), "params", {}).values()
+        if module in SYSTEM_MODULES or on_postgres:
+            item.add_marker(pytest.mark.system)

@@ -262,6 +262,7 @@ def _generate_batch(engine, specs):
     return engine.decode(latents)
 
 
+@pytest.mark.slow
 def test_engine_batch_of_different_adapters_matches_diffusers_and_alone(pipe, lora_dirs):
     from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 

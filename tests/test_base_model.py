@@ -40,6 +40,7 @@ def test_loads_offline_as_fp32_with_clip_tokenization(pipe):
     assert pipe.tokenizer(text).input_ids == reference(text).input_ids
 
 
+@pytest.mark.slow
 def test_generates_deterministically_and_draws_what_the_prompt_says(pipe):
     prompts = [s.caption for s in held_in_scenes(14)]
 
@@ -59,6 +60,7 @@ def test_generates_deterministically_and_draws_what_the_prompt_says(pipe):
     assert alignment["background"] >= 0.75 and alignment["shape"] >= 0.3, alignment
 
 
+@pytest.mark.slow
 def test_training_script_trains_checkpoints_and_resumes(tmp_path):
     threads = torch.get_num_threads()
 

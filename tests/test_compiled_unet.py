@@ -97,6 +97,7 @@ MIXED_ROWS = [
 # -- onnx ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_onnx_graph_has_the_bank_as_inputs(onnx_engine):
     runtime = onnx_engine.unet_runtime
     assert isinstance(runtime, OnnxUNet)
@@ -112,6 +113,7 @@ def test_onnx_graph_has_the_bank_as_inputs(onnx_engine):
     assert runtime.stats.fallback_calls == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [MIXED_ROWS, MIXED_ROWS[:1], MIXED_ROWS[2:3]])
 def test_onnx_rows_with_different_adapters_match_pytorch(onnx_engine, eager, rows):
     latents, timesteps, embeds = step_inputs(eager, len(rows))
@@ -125,6 +127,7 @@ def test_onnx_rows_with_different_adapters_match_pytorch(onnx_engine, eager, row
         assert (want - base).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_onnx_hot_swap_is_a_copy_into_bound_memory_not_a_reexport(onnx_engine, eager, monkeypatch):
     runtime = onnx_engine.unet_runtime
     session = runtime.session
@@ -141,6 +144,7 @@ def test_onnx_hot_swap_is_a_copy_into_bound_memory_not_a_reexport(onnx_engine, e
     assert runtime.session is session
 
 
+@pytest.mark.slow
 def test_onnx_graph_is_cached_per_model_and_bank_layout(onnx_engine, model_dir, adapters, cache_dir, monkeypatch):
     monkeypatch.setattr(onnx_export, "export_unet", lambda *a, **k: pytest.fail("exported again"))
     other = banked_engine(model_dir, adapters)
@@ -156,6 +160,7 @@ def test_onnx_graph_is_cached_per_model_and_bank_layout(onnx_engine, model_dir, 
         onnx_export.graph_key(onnx_engine.unet, onnx_engine.adapters.bank, runtime.shape)
 
 
+@pytest.mark.slow
 def test_graph_key_is_the_weights_not_their_path(onnx_engine, model_dir, tmp_path):
     """The deploy's build step and the serving model may mount the same weights at other paths."""
     import shutil
@@ -171,6 +176,7 @@ def test_graph_key_is_the_weights_not_their_path(onnx_engine, model_dir, tmp_pat
         onnx_export.graph_key(onnx_engine.unet, onnx_engine.adapters.bank, shape)
 
 
+@pytest.mark.slow
 def test_onnx_generation_equals_eager_and_other_sizes_fall_back(onnx_engine, eager):
     runtime = onnx_engine.unet_runtime
     spec = GenerationSpec(prompt="a red circle on a blue background", steps=4, num_images=2, seed=3,
@@ -212,6 +218,7 @@ def test_triton_unet_model_runs_the_onnx_graph(onnx_engine, eager, adapters, mod
     assert sorted(p.name for p in cache_dir.iterdir()) == exports_before  # the same graph, not a new export
 
 
+@pytest.mark.slow
 def test_gateway_serves_generate_through_the_configured_runtime(onnx_engine, model_dir, tmp_path):
     """STEERSERVE_UNET_RUNTIME=onnx on the in-process backend: Generate answers with the same image as
     the eager engine, through the graph (its runtime's calls in /metrics), with no export at start:
@@ -247,6 +254,7 @@ def test_gateway_serves_generate_through_the_configured_runtime(onnx_engine, mod
     assert calls >= 3 and fallbacks == 0  # warm-up + 3 steps, all in the graph
 
 
+@pytest.mark.slow
 def test_tensorrt_config_and_profile_match_the_graph(onnx_engine, tmp_path):
     """deploy/tensorrt's pieces, checked without TensorRT: the unet_engine config parses as Triton's
     ModelConfig with exactly the graph's inputs, and trtexec's profile spans 1..max rows."""
@@ -272,6 +280,7 @@ def test_tensorrt_config_and_profile_match_the_graph(onnx_engine, tmp_path):
     assert "--fp16" in cmd and not any("bank." in part for part in cmd)  # the bank's shapes are static
 
 
+@pytest.mark.slow
 def test_ahead_of_time_export_lands_where_the_unet_model_looks(onnx_engine, model_dir, cache_dir, monkeypatch,
                                                                capsys):
     """deploy's build step (python -m service.compiled.export) builds the bank as the Triton unet model
@@ -331,9 +340,9 @@ def test_triton_unet_model_sends_steps_to_the_engine_model(onnx_engine, eager, a
 
 
 def infer_unet(server, latents, timesteps, embeds, rows) -> np.ndarray:
-    """One call of the Triton `unet` model (its wire format: service/triton/library.py)."""
+    """One call of the Triton `unet` model (its wire format: service/triton/wire.py)."""
     from service.triton.client import grpcclient
-    from service.triton.library import encode_adapters
+    from service.triton.wire import encode_adapters
 
     values = {
         "LATENTS": latents.numpy(), "TIMESTEP": timesteps.numpy().reshape(-1, 1).astype(np.int64),

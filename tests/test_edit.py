@@ -128,6 +128,7 @@ def test_dds_stops_when_told(served):
 # -- DreamSteerer ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["DREAMBOOTH_LORA", "TEXTUAL_INVERSION", "CUSTOM_DIFFUSION"])
 def test_dreamsteerer_edits_inside_its_subject_mask(served, workbench, adapters, method):
     engine, _ = served
@@ -151,6 +152,7 @@ def test_dreamsteerer_edits_inside_its_subject_mask(served, workbench, adapters,
     assert all("edsd" in r and "mode_shifting" in r for r in out.steer_losses)
 
 
+@pytest.mark.slow
 def test_subject_mask_on_a_non_square_image(workbench, adapters, served):
     """Attention layers' grids are found from the latent's own height and width (96x64 here). Where
     the mask lands on such an image is the model's business: it never saw one."""
@@ -167,6 +169,7 @@ def test_subject_mask_on_a_non_square_image(workbench, adapters, served):
     assert _layer_grid(9, 13, 5 * 7) == (5, 7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["DREAMBOOTH_LORA", "TEXTUAL_INVERSION", "CUSTOM_DIFFUSION"])
 def test_edsd_lowers_its_objective(workbench, adapters, served, method):
     engine, _ = served
@@ -187,6 +190,7 @@ def test_edsd_lowers_its_objective(workbench, adapters, served, method):
     assert set(steered.lora) == set(adapter.lora) and set(steered.token_embeddings) == set(adapter.token_embeddings)
 
 
+@pytest.mark.slow
 def test_steered_copy_lives_only_for_its_request(served, workbench, adapters):
     """While an edit steers and uses its copy, a concurrent Generate with the same adapter gets
     exactly what it got before; afterwards no per-request adapter is left in the bank."""
@@ -254,6 +258,7 @@ def stored(gateway, adapters):
     return import_adapters(gateway.stub(), adapters, auth(), "edit")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["DREAMBOOTH_LORA", "TEXTUAL_INVERSION", "CUSTOM_DIFFUSION"])
 def test_edit_through_the_api_with_each_subject_method(gateway, stored, method):
     stub = gateway.stub()
@@ -275,6 +280,7 @@ def test_edit_through_the_api_with_each_subject_method(gateway, stored, method):
     assert export_after.safetensors == export_before.safetensors
 
 
+@pytest.mark.slow
 def test_edit_stream_reports_progress_then_the_result(gateway, stored):
     events = list(gateway.stub().EditStream(edit_request(stored["CUSTOM_DIFFUSION"]), metadata=auth(), timeout=300))
     phases = [e.phase for e in events]
@@ -287,12 +293,14 @@ def test_edit_stream_reports_progress_then_the_result(gateway, stored):
     assert unary.image.data == events[-1].result.image.data
 
 
+@pytest.mark.slow
 def test_edit_deadline_is_deadline_exceeded(gateway, stored):
     with pytest.raises(grpc.RpcError) as err:
         gateway.stub().Edit(edit_request(stored["DREAMBOOTH_LORA"], steps=1000), metadata=auth(), timeout=1.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+@pytest.mark.slow
 def test_edit_refusals(gateway, stored, adapters):
     stub = gateway.stub()
     db = stored["DREAMBOOTH_LORA"]
@@ -341,6 +349,7 @@ def _style_adapter(adapters) -> bytes:
     return serialize_adapter(replace(adapter, token_embeddings={}, kind="style"))
 
 
+@pytest.mark.slow
 def test_dds_without_adapter_through_the_api(gateway):
     request = edit_request(None, pb.DDS, target_prompt="a yellow star on a blue striped background")
     resp = gateway.stub().Edit(request, metadata=auth(), timeout=300)

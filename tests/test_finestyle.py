@@ -171,6 +171,7 @@ def engine(style_adapter):
     return engine
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_a_kv_only_style_adapter(base, style_adapter, engine):
     adapter = adapter_checker(DEFAULT_MODEL_DIR, 16)(parse_adapter(style_adapter))  # what the gateway checks
     assert adapter.kind == "style" and not adapter.token_embeddings
@@ -208,12 +209,14 @@ def _generate(engine, style_scale, style=True, prompt=f"a blue square {PHRASE}",
     return np.stack([np.asarray(im) for im in engine.generate(spec).images])
 
 
+@pytest.mark.slow
 def test_style_scale_zero_is_plain_generation_with_the_adapter(engine):
     plain = _generate(engine, 0.0, style=False)  # the adapter as any adapter: on both CFG predictions
     assert np.array_equal(_generate(engine, 0.0), plain)
     assert not np.array_equal(_generate(engine, 1.0), plain)
 
 
+@pytest.mark.slow
 def test_higher_style_scale_strengthens_the_style(engine):
     """The style image's background is black: the classifier's belief in a black background, and the
     pixels' darkness, grow with the style scale."""
@@ -230,6 +233,7 @@ def test_higher_style_scale_strengthens_the_style(engine):
     assert darkness[0] < darkness[2], darkness
 
 
+@pytest.mark.slow
 def test_three_predictions_of_a_step_share_one_unet_call(engine):
     calls = []
     hook = engine.unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[0].shape[0]),
@@ -245,6 +249,7 @@ def test_three_predictions_of_a_step_share_one_unet_call(engine):
     assert calls == [4] * 12
 
 
+@pytest.mark.slow
 def test_a_resumed_style_job_equals_an_uninterrupted_one(base):
     from tests.test_personalize_methods import Recorder
     from service.personalize import TrainingStopped

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.config import Settings

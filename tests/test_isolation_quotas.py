@@ -132,3 +132,21 @@ def test_adapter_bytes_quota_refuses_before_writing(tmp_path):
     assert [r.name for r in store.list("alice")] == ["a"]
     stored = sorted(p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file())
     assert stored == sorted(f"{hashlib.sha256(b * 600).hexdigest()}.safetensors" for b in (b"a", b"c"))
+
+
+def test_adapter_count_quota_counts_jobs_in_progress_once(tmp_path):
+    """One rule in one place (AdapterStore.check_quota): stored adapters + the tenant's queued or
+    running jobs; a job's own adapter takes the place its job held."""
+    from service.stores import JobStore
+
+    db = open_database(tmp_path / "db.sqlite3")
+    store, jobs = AdapterStore(db, tmp_path / "blobs", max_adapters=2), JobStore(db)
+    store.create("alice", "a", "IMPORT", b"a" * 10)
+    job = jobs.create("alice", "DREAMBOOTH_LORA", "j", 10, b"")
+    jobs.create("bob", "DREAMBOOTH_LORA", "j", 10, b"")  # another tenant's job holds no place of alice's
+    with pytest.raises(QuotaExceeded, match="1 adapters and 1 personalization jobs"):
+        store.create("alice", "b", "IMPORT", b"b" * 10)
+    with db.transaction() as conn, pytest.raises(QuotaExceeded):
+        store.check_quota(conn, "alice")  # a second job would not fit either
+    store.create("alice", "j", "DREAMBOOTH_LORA", b"j" * 10, for_job=job.job_id)  # the job's own adapter fits
+    assert sorted(r.name for r in store.list("alice")) == ["a", "j"]

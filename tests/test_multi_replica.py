@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest

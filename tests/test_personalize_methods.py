@@ -60,6 +60,7 @@ def served_loss(engine: Engine, spec: TrainingSpec, use_adapter: bool) -> float:
     return float(((engine.predict_noise(noisy, t, embeds, rows) - noise) ** 2).mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(SUBJECT_METHODS))
 def test_method_lowers_its_loss_and_writes_a_servable_adapter(base, method):
     spec = spec_for(method)
@@ -110,6 +111,7 @@ class Recorder(NoProgress):
         return self.stop_after is not None and len(self.steps) >= self.stop_after
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["DREAMBOOTH_LORA", "CUSTOM_DIFFUSION"])
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(base, method):
     spec = spec_for(method, steps=8, checkpoint_every=3, prior_loss_weight=0.5, num_class_images=2)
@@ -151,6 +153,7 @@ def test_custom_diffusion_scale_augmentation_masks_the_padding():
     assert small and all(m in ("far away", "very small") for m in small)
 
 
+@pytest.mark.slow
 def test_training_with_prior_preservation_samples_class_images_once(base):
     spec = spec_for("DREAMBOOTH_LORA", steps=2, prior_loss_weight=1.0, num_class_images=3)
     train(base, spec)
@@ -174,6 +177,7 @@ def test_tokens(base):
             check_token(bad, **check)
 
 
+@pytest.mark.slow
 def test_text_encoder_lora_trains_and_restores_both_models(base):
     """DreamBooth-LoRA with train_text_encoder: the adapter holds text-encoder LoRA too, and both
     frozen models are exactly as before afterwards (a regression: the UNet's restore once walked the

@@ -62,6 +62,7 @@ def test_estimate_formats_with_interval():
     assert Estimate(0.5, 0.4, 0.62, 12).as_dict()["n"] == 12
 
 
+@pytest.mark.slow
 def test_a_snapshot_is_the_shorter_job(one_torch_thread):
     """A sweep reads fewer steps from one run's checkpoints: that must BE the shorter job."""
     base = FrozenBase.from_pretrained(__import__("service.basemodel", fromlist=["DEFAULT_MODEL_DIR"]).DEFAULT_MODEL_DIR)
@@ -88,6 +89,7 @@ def test_a_snapshot_is_the_shorter_job(one_torch_thread):
             assert torch.equal(snapshot.token_embeddings[t], v)
 
 
+@pytest.mark.slow
 def test_personalization_bench_on_a_tiny_subset(tmp_path, monkeypatch, one_torch_thread):
     """The table's command end to end on one method, one concept, 2 seeds, 3 steps: JSON and
     markdown carry intervals and n, the grid is written, and a rerun computes nothing."""

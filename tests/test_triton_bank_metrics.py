@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from service.adapters import BankedAdapters, parse_adapter
 from service.engine.default_model import default_model_dir
 from service.engine.pipeline import Engine
-from service.triton.library import BankMetrics
+from service.triton.bank_metrics import BankMetrics
 from tests.adapter_files import lora_file
 
 

@@ -4,15 +4,16 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from service.edit import Edited, EditProgress, EditSpec
+from service.errors import Busy, Unavailable
 from service.engine.pipeline import GenerationResult, GenerationSpec, ModelLimits
 from service.personalize import Progress, TrainingSpec
 
 
-class BackendBusy(RuntimeError):
+class BackendBusy(Busy):
     """The request queue is full (RESOURCE_EXHAUSTED): the caller should retry later."""
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(Unavailable):
     """The model server cannot be reached (UNAVAILABLE)."""
 
 
@@ -23,7 +24,17 @@ class Backend(Protocol):
     limits: ModelLimits
     tokenizer: object  # the served model's CLIPTokenizer (prompt lengths, personalization tokens)
 
+    # The model server this backend started and stops on close (Triton's embedded one), or None.
+    server: object | None
+
     def count_tokens(self, text: str) -> int: ...
+
+    def start_supervision(self, on_change: Callable[[bool, str], object] | None = None, **options) -> object | None:
+        """Starts watching the model server; `on_change(up, reason)` hears every change (the
+        gateway's health follows it). In-process: nothing to watch (None)."""
+
+    async def wait_available(self) -> None:
+        """Returns once the model server is up (at once when nothing is watched)."""
 
     def forget_adapter(self, key: str) -> None:
         """The adapter was deleted from the store: drop it from any cache."""
@@ -35,7 +46,8 @@ class Backend(Protocol):
 
     async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
         """Runs an edit (service.edit); raises GenerationCancelled past `deadline`. The steered
-        adapter copy of DREAMSTEERER lives only inside this call."""
+        adapter copy of DREAMSTEERER lives only inside this call. `progress` hears the edit
+        throttled (service.edit.spec.throttled), so callers pass every report on."""
 
     async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
         """Trains an adapter (service.personalize) where the model runs; returns its serialized

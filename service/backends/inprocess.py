@@ -1,4 +1,4 @@
-"""The in-process backend: the engine in this process, behind a bounded queue of worker threads.
+"""The in-process backend: the engine in this process, run by worker threads.
 
 Training jobs run on their own threads (`training_workers`), each with a private copy of the base
 model (service.personalize.FrozenBase): a job wraps the model's layers in trainable LoRA while it
@@ -16,11 +16,11 @@ from typing import Callable
 from service.adapters import serialize_adapter
 from service.edit import DREAMSTEERER, Edited, EditProgress, EditSpec
 from service.edit.runner import run_edit
+from service.edit.spec import throttled
 from service.edit.workbench import Workbench
 from service.engine.pipeline import Engine, GenerationCancelled, GenerationResult, GenerationSpec
 from service.personalize import FrozenBase, Progress, TrainingSpec, train
 
-from .base import BackendBusy
 
 
 def _training_thread() -> None:
@@ -40,8 +40,11 @@ class InProcessBackend:
     name = "inprocess"
 
     def __init__(
-        self, engine: Engine, model_dir, workers: int = 1, max_queue: int = 64, metrics=None, training_workers: int = 1
+        self, engine: Engine, model_dir, workers: int = 1, metrics=None, training_workers: int = 1
     ):
+        """`workers` engine threads run requests; the gateway's admission (service/admission) is
+        the one queue in front of them and holds at most that many running, so a request handed
+        here starts at once (its wait for a thread is still measured)."""
         self.engine = engine
         self.model_dir = model_dir
         self.model_name = engine.name
@@ -53,16 +56,24 @@ class InProcessBackend:
                                             initializer=_training_thread)
         self._bases = threading.local()  # one FrozenBase per training thread, loaded on first use
         self._workbenches = threading.local()  # one Workbench (private model copy) per engine thread
-        self._max_queue = max_queue
         self._waiting = 0
         self._lock = threading.Lock()
+
+    server = None  # no model server: the engine is in this process
 
     def count_tokens(self, text: str) -> int:
         return self.engine.count_tokens(text)
 
+    def start_supervision(self, on_change=None, **options) -> None:
+        """Nothing to supervise in-process: the engine lives and dies with the gateway."""
+        return None
+
+    async def wait_available(self) -> None:
+        return None
+
     def forget_adapter(self, key: str) -> None:
         """A deleted adapter leaves the bank (its slot frees once no request uses it)."""
-        manager = getattr(self.engine.adapters, "manager", None)
+        manager = self.engine.adapters.manager
         if manager is not None:
             manager.invalidate(key)
 
@@ -80,7 +91,7 @@ class InProcessBackend:
 
         def work(should_stop):
             return run_edit(self.engine, self._workbench() if spec.method == DREAMSTEERER else None, spec,
-                            should_stop, progress)
+                            should_stop, throttled(progress))
 
         return await self._queued(work, deadline)
 
@@ -92,13 +103,11 @@ class InProcessBackend:
         return bench
 
     async def _queued(self, work, deadline: float | None):
-        """Runs `work(should_stop)` on an engine thread behind the bounded queue; its result gets
-        `timings["queue_seconds"]`. RESOURCE_EXHAUSTED when the queue is full; DEADLINE_EXCEEDED
+        """Runs `work(should_stop)` on an engine thread; its result gets `timings["queue_seconds"]`
+        (the wait for a thread). DEADLINE_EXCEEDED
         (GenerationCancelled) once the deadline passes, queued or running; a caller that goes away
         stops it at its next step."""
         with self._lock:
-            if self._waiting >= self._max_queue:
-                raise BackendBusy(f"{self._waiting} requests are already queued; retry later")
             self._waiting += 1
             self._set_depth()
         enqueued = time.monotonic()

@@ -18,36 +18,28 @@ goes to the replica its adapters are most likely resident on, within a load boun
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Callable
 
 import grpc
-import numpy as np
-from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from transformers import CLIPTokenizer
 
 from service.edit import Edited, EditProgress, EditSpec
 from service.engine.pipeline import GenerationCancelled, GenerationResult, GenerationSpec
 from service.engine.sampling import ModelFacts
-from service.gateway.errors import ServiceError
 from service.personalize import Progress, TrainingSpec, TrainingStopped
-from service.triton.client import InferenceServerException, aioclient, grpcclient
-from service.triton.library import edit_spec_to_wire, encode_adapters, parse_status, training_spec_to_wire
+from service.triton.client import InferenceServerException, aioclient, grpcclient, np_to_triton_dtype
+from service.errors import Busy, Unavailable
+from service.triton import wire
 from service.triton.supervisor import OnChange, SupervisorMetrics, TritonSupervisor
 
 from .base import BackendBusy, BackendUnavailable
 from .triton_replicas import Replica, ReplicaRouter
 
-GENERATE_MODEL = "generate"
-EDIT_MODEL = "edit"
-PERSONALIZE_MODEL = "personalize"
 _STOP_POLL_SECONDS = 0.2  # how often a training stream checks whether its job must stop
 MAX_MESSAGE_BYTES = 2**31 - 1  # tritonclient's own default: images of any allowed size
-# Phrases Triton uses when the model (or one it calls through BLS) is not loaded.
-_NOT_LOADED = ("is not ready", "unknown model", "is not found", "unavailable model")
 
 
 class TritonMetrics:
@@ -70,22 +62,25 @@ class TritonMetrics:
         )
 
 
-def _tensor(name: str, values, datatype: str) -> grpcclient.InferInput:
-    array = np.asarray(values, dtype=object if datatype == "BYTES" else None)
-    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-    tensor.set_data_from_numpy(array)
-    return tensor
+def _inputs(message: wire.Tensors) -> list[grpcclient.InferInput]:
+    """A wire message as tritonclient inputs."""
+    out = []
+    for name, array in message.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        out.append(tensor)
+    return out
 
 
-def _time_left(deadline: float | None) -> list:
-    """The TIMEOUT_S input (seconds to the caller's deadline) the generate and edit models stop by;
-    none without a deadline. Raises GenerationCancelled when it has already passed."""
+def _time_left(deadline: float | None) -> float | None:
+    """Seconds to the caller's deadline (the generate and edit models stop by it); None without one.
+    Raises GenerationCancelled when it has already passed."""
     if deadline is None:
-        return []
+        return None
     left = deadline - time.monotonic()
     if left <= 0:
         raise GenerationCancelled("deadline passed before the request reached Triton")
-    return [_tensor("TIMEOUT_S", np.array([left], np.float32), "FP32")]
+    return left
 
 
 class TritonBackend:
@@ -210,23 +205,9 @@ class TritonBackend:
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
     ) -> GenerationResult:
         self._ensure_available()
-        inputs = [
-            _tensor("PROMPT", [spec.prompt.encode()], "BYTES"),
-            _tensor("NEGATIVE_PROMPT", [spec.negative_prompt.encode()], "BYTES"),
-            _tensor("STEPS", np.array([spec.steps], np.int32), "INT32"),
-            _tensor("GUIDANCE_SCALE", np.array([spec.guidance_scale], np.float32), "FP32"),
-            _tensor("STYLE_GUIDANCE_SCALE", np.array([spec.style_guidance_scale], np.float32), "FP32"),
-            _tensor("WIDTH", np.array([spec.width], np.int32), "INT32"),
-            _tensor("HEIGHT", np.array([spec.height], np.int32), "INT32"),
-            _tensor("SEED", np.array([spec.seed], np.int64), "INT64"),
-            _tensor("NUM_IMAGES", np.array([spec.num_images], np.int32), "INT32"),
-            _tensor("ADAPTERS", [encode_adapters(spec.adapters)], "BYTES"),
-            _tensor("PROGRESS", np.array([on_step is not None]), "BOOL"),
-        ]
-        inputs += _time_left(deadline)
-
+        inputs = _inputs(wire.generate_request(spec, on_step is not None, _time_left(deadline)))
         return await self._stream(
-            GENERATE_MODEL, inputs, [use.key for use in spec.adapters], deadline,
+            wire.GENERATE, inputs, [use.key for use in spec.adapters], deadline,
             lambda stream, replica: self._collect(stream, spec, on_step, replica),
             f"no result from Triton within the deadline ({spec.steps} steps)",
         )
@@ -263,52 +244,37 @@ class TritonBackend:
         async for result, error in stream:
             if error is not None:
                 raise self._mapped(str(error), replica)
-            images = result.as_numpy("IMAGES")
-            if images is None:  # a progress response: one denoising step done
+            response = wire.read_generate_response(result.as_numpy)
+            if response.result is None:  # a progress response: one denoising step done
                 if on_step is not None:
-                    on_step(int(result.as_numpy("STEP")[0]), spec.steps)
+                    on_step(response.step, spec.steps)
                 continue
             if self.triton_metrics is not None:
-                for size, queue_us in zip(result.as_numpy("STEP_BATCH_SIZES"), result.as_numpy("STEP_QUEUE_US")):
-                    self.triton_metrics.step_batch_size.observe(int(size))
-                    self.triton_metrics.step_queue.observe(int(queue_us) / 1e6)
-            timings = json.loads(result.as_numpy("TIMINGS")[0])
-            return GenerationResult(
-                images=[Image.fromarray(a) for a in images],
-                seeds=[int(s) for s in result.as_numpy("SEEDS")],
-                timings=timings,
-            )
+                for size, queue in zip(response.step_batch_sizes, response.step_queue_seconds):
+                    self.triton_metrics.step_batch_size.observe(size)
+                    self.triton_metrics.step_queue.observe(queue)
+            return response.result
         raise self._unavailable("Triton closed the stream before the result", replica)
 
     async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
         """One stream to the `edit` model: progress responses (when asked), then the edited image."""
         self._ensure_available()
-        spec_json, source = edit_spec_to_wire(spec)
-        inputs = [
-            _tensor("SPEC", [spec_json], "BYTES"),
-            _tensor("SOURCE", source, "UINT8"),
-            _tensor("PROGRESS", np.array([progress is not None]), "BOOL"),
-        ]
-        inputs += _time_left(deadline)
+        inputs = _inputs(wire.edit_request(spec, progress is not None, _time_left(deadline)))
 
         async def collect(stream, replica: Replica) -> Edited:
             async for result, error in stream:
                 if error is not None:
                     raise self._mapped(str(error), replica)
-                image = result.as_numpy("IMAGE")
-                if image is None:
+                response = wire.read_edit_response(result.as_numpy, spec.seed)
+                if response.result is None:
                     if progress is not None:
-                        progress(bytes(result.as_numpy("PHASE")[0]).decode(), int(result.as_numpy("STEP")[0]),
-                                 int(result.as_numpy("TOTAL")[0]))
+                        progress(*response.progress)
                     continue
-                mask = result.as_numpy("MASK")
-                return Edited(image=image, mask=mask if mask is not None and mask.size else None, seed=spec.seed,
-                              timings=json.loads(result.as_numpy("TIMINGS")[0]),
-                              steer_losses=json.loads(result.as_numpy("STEER_LOSSES")[0]))
+                return response.result
             raise self._unavailable("Triton closed the edit stream before the result", replica)
 
         keys = [spec.adapter.key] if spec.adapter is not None else []
-        return await self._stream(EDIT_MODEL, inputs, keys, deadline, collect, "no edit from Triton within the deadline")
+        return await self._stream(wire.EDIT, inputs, keys, deadline, collect, "no edit from Triton within the deadline")
 
     async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
         self._ensure_available()
@@ -317,13 +283,10 @@ class TritonBackend:
             return await self._personalize(replica, spec, resume, progress)
 
     async def _personalize(self, replica: Replica, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
-        spec_json, pngs = training_spec_to_wire(spec)
-        inputs = [_tensor("SPEC", [spec_json], "BYTES"), _tensor("IMAGES", pngs, "BYTES")]
-        if resume is not None:
-            inputs.append(_tensor("RESUME", [resume], "BYTES"))
+        inputs = _inputs(wire.training_request(spec, resume))
 
         async def requests():
-            yield {"model_name": PERSONALIZE_MODEL, "inputs": inputs}
+            yield {"model_name": wire.PERSONALIZE, "inputs": inputs}
 
         try:
             stream = self.client(replica).stream_infer(requests())
@@ -344,15 +307,13 @@ class TritonBackend:
                 if error is not None:
                     exc = self._mapped(str(error), replica)
                     raise TrainingStopped(str(exc)) if stopped or isinstance(exc, GenerationCancelled) else exc
-                adapter = result.as_numpy("ADAPTER")
-                if adapter is not None:
-                    return bytes(adapter[0])
-                step = int(result.as_numpy("STEP")[0])
-                checkpoint = result.as_numpy("CHECKPOINT")
-                if checkpoint is not None:
-                    await asyncio.to_thread(progress.checkpoint, step, bytes(checkpoint[0]))
+                response = wire.read_training_response(result.as_numpy)
+                if response.adapter is not None:
+                    return response.adapter
+                if response.checkpoint is not None:
+                    await asyncio.to_thread(progress.checkpoint, response.step, response.checkpoint)
                 else:
-                    progress.step(step, spec.steps, float(result.as_numpy("LOSS")[0]))
+                    progress.step(response.step, spec.steps, response.loss)
         except (asyncio.CancelledError, grpc.aio.AioRpcError) as exc:
             if stopped:
                 raise TrainingStopped("the job was stopped") from None
@@ -382,21 +343,15 @@ class TritonBackend:
         return BackendUnavailable(f"the Triton model server at {replica.address} is unavailable ({detail}); retry later")
 
     def _mapped(self, message: str, replica: Replica) -> Exception:
-        if any(phrase in message.lower() for phrase in _NOT_LOADED):
+        """The domain error of a model's error message (wire.py's status form)."""
+        error = wire.error_from_status(message)
+        if isinstance(error, Unavailable):  # a model not loaded: this replica is not ready
             return self._unavailable(message, replica)
-        code, detail = parse_status(message)
+        code, _ = wire.parse_status(message)
         self._count(code)
-        if code == "INVALID_ARGUMENT":
-            return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, detail)
-        if code == "NOT_FOUND":
-            return ServiceError(grpc.StatusCode.NOT_FOUND, detail)
-        if code == "FAILED_PRECONDITION":
-            return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, detail)
-        if code == "RESOURCE_EXHAUSTED":
-            return BackendBusy(detail)
-        if code == "CANCELLED":
-            return GenerationCancelled(detail)
-        return RuntimeError(f"Triton: {message}")
+        if isinstance(error, Busy):
+            return BackendBusy(str(error))
+        return error
 
     async def close(self) -> None:
         if self.supervisor is not None:  # first: it must not restart the server closed below

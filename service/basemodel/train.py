@@ -37,6 +37,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from service.engine.tokenizer import build_clip_tokenizer
+from service.personalize.common import optimizer_step
 from service.world.generator import generate_batch
 
 from . import DEFAULT_MODEL_DIR
@@ -108,10 +109,7 @@ def train_vae(args, workdir: Path) -> AutoencoderKL:
         rec_loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         kl = posterior.kl().mean() / x[0].numel()
         loss = rec_loss + args.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, vae.parameters())
         step += 1
         if step % 50 == 0 or step == args.vae_steps:
             psnr = -10 * math.log10(F.mse_loss(recon.detach().clamp(-1, 1), x).item() / 4 + 1e-12)
@@ -301,10 +299,7 @@ def train_unet(args, vae: AutoencoderKL, workdir: Path) -> None:
         weight = weight * torch.clamp(0.1 / snr, min=1.0, max=args.low_snr_boost)
         per_sample = (w * F.mse_loss(pred, noise, reduction="none")).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
         loss = (weight * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         step += 1
         # EMA warms up (decay grows with the step) so early exports are not dominated by noise.
         decay = min(args.ema_decay, (1 + step) / (10 + step))

@@ -55,7 +55,7 @@ class OnnxUNet(GraphRuntime):
     @classmethod
     def for_engine(cls, engine, cache_dir: Path, max_rows: int) -> "OnnxUNet":
         """The engine's banked UNet exported (or found in ``cache_dir``) for its default resolution."""
-        bank = getattr(engine.adapters, "bank", None)
+        bank = engine.adapters.bank
         return cls(exported_unet(engine.unet, bank, graph_shape(engine, max_rows), cache_dir), engine.unet, bank)
 
     def _bind(self, binding, name: str, tensor: torch.Tensor) -> None:

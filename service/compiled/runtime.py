@@ -139,7 +139,7 @@ class RuntimeOptions:
 
 
 def _max_rows(engine: "Engine") -> int:
-    bank = getattr(engine.adapters, "bank", None)
+    bank = engine.adapters.bank
     return bank.state.max_rows if bank is not None else 64
 
 

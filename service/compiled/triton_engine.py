@@ -35,7 +35,7 @@ class TritonEngineUNet(GraphRuntime):
         """The graph `unet_engine` was built from, found in the cache where the deploy's build step
         exported it. Missing means the plan was built for other weights or another bank layout (or
         not at all): refuse to start rather than serve a stale engine."""
-        bank = getattr(engine.adapters, "bank", None)
+        bank = engine.adapters.bank
         shape = graph_shape(engine, max_rows)
         path = cached_unet(engine.unet, bank, shape, cache_dir)
         if path is None:

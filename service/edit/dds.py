@@ -29,6 +29,7 @@ import torch
 
 from service.engine.sampling import (
     AdapterUse, Decode, Denoise, Encode, EncodeImage, GenerationCancelled, ModelFacts, classifier_free_guidance,
+    noise_prediction,
 )
 
 from .spec import Edited, EditProgress, EditSpec
@@ -53,8 +54,6 @@ def dds_loop(
 ):
     """The DDS iterations from z_source; yields Denoise calls, returns the edited latent."""
     scheduler = facts.new_scheduler(1)  # only its alphas (add_noise) are used
-    # DDS is written for noise predictions; a v-prediction model's velocity is turned into one.
-    v_prediction = scheduler.config.prediction_type == "v_prediction"
     g = torch.Generator().manual_seed(int(seed))
     z = z_source.clone()
     embeds = torch.cat([source_embeds, target_embeds])
@@ -68,10 +67,8 @@ def dds_loop(
         noisy = scheduler.add_noise(z, eps, t)
         latents = torch.cat([noisy_source, noisy_source, noisy, noisy])
         result = yield Denoise(latents, t.expand(4).to(z.device), embeds, rows)
-        e = result.noise.to(z)
-        if v_prediction:
-            alpha = scheduler.alphas_cumprod[t].to(z)
-            e = alpha.sqrt() * e + (1 - alpha).sqrt() * latents
+        # DDS is written for noise predictions: a v-prediction model's velocity is turned into one.
+        e = noise_prediction(result.noise.to(z), latents, scheduler.alphas_cumprod[t], scheduler.config.prediction_type)
         delta = classifier_free_guidance(e[2:3], e[3:4], guidance_scale) - classifier_free_guidance(
             e[0:1], e[1:2], guidance_scale)
         if mask is not None:

@@ -1,7 +1,7 @@
 """Runs an edit loop in this thread: sampling-loop calls on the serving engine (its adapter bank),
 DreamSteerer's model-internal steps on a private workbench, the steered copy in a per-request bank
 slot. The in-process backend, the benchmarks and the tests use it; the Triton `edit` model runs the
-same loop with its UNet rows sent to the shared `unet` model (service.triton.library.EditWorker)."""
+same loop with its UNet rows sent to the shared `unet` model (service.triton.parts.EditWorker)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from service.engine.pipeline import Engine, flush_denormals
 from service.engine.sampling import AdapterUse, run
 
 from . import editor
-from .spec import Edited, EditProgress, EditSpec, Steer, WORKBENCH_CALLS
+from .spec import WORKBENCH_CALLS, Edited, EditProgress, EditSpec, Steer
 from .workbench import Workbench
 
 
@@ -34,7 +34,7 @@ def run_edit(
     DreamSteerer only."""
     flush_denormals()
     loop = editor(spec)(spec, engine.facts, should_stop, progress)
-    manager = getattr(engine.adapters, "manager", None)
+    manager = engine.adapters.manager
     with contextlib.ExitStack() as request:
         if spec.adapter is not None:
             # Pinned for the whole edit, so no iteration reloads it.

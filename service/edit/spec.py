@@ -53,7 +53,7 @@ class EditOptions:
     bias_correction: bool = True  # DDS source branch from the pre-trained model, not the adapter
     use_subject_mask: bool = True  # DDS update only inside the concept token's attention mask
     steer_steps: int = 30  # adapter steering iterations
-    steer_learning_rate: float = 0.0  # 0: the adapter method's default (workbench.STEER_LR)
+    steer_learning_rate: float = 0.0  # 0: the adapter method's default (workbench/steering.py: STEER_LR)
     preliminary_iterations: int = 40  # DDS iterations of the "slightly edited image" EDSD reads
     guided_samples: int = 2  # spatial-feature-guided samples for mode shifting
     guided_steps: int = 20  # DDIM steps of the inversion and of each guided sample
@@ -102,6 +102,28 @@ class Edited:
 
 class EditProgress(Protocol):
     def __call__(self, phase: str, step: int, total: int) -> None: ...
+
+
+# Progress reports an edit hands on: at most one per this many seconds, and the last step of every
+# phase always (EditStream's events, the Triton edit model's responses). Decided here only.
+PROGRESS_EVERY_S = 0.2
+
+
+def throttled(progress: EditProgress | None, every_s: float = PROGRESS_EVERY_S) -> EditProgress | None:
+    """`progress`, called at most every `every_s` seconds (and at each phase's last step)."""
+    if progress is None:
+        return None
+    import time
+
+    last = [float("-inf")]
+
+    def report(phase: str, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step >= total or now - last[0] >= every_s:
+            last[0] = now
+            progress(phase, step, total)
+
+    return report
 
 
 class EditRefused(ValueError):

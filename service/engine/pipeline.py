@@ -74,7 +74,13 @@ class GenerationResult:
 
 
 class AdapterHook(Protocol):
-    """How adapters reach the UNet (and text encoder). The default applies none."""
+    """How adapters reach the UNet (and text encoder). The default applies none.
+
+    `bank` and `manager` are the adapter bank (service.adapters.AdapterBank: the slots the layers
+    read) and the manager that owns their residency (AdapterManager), or None without a bank."""
+
+    bank: object | None
+    manager: object | None
 
     def hold(self, rows: Sequence[Sequence[AdapterUse]]) -> ContextManager[object]:
         """Keeps the rows' adapters resident for a whole request (pinned in their slots)."""
@@ -89,6 +95,9 @@ class AdapterHook(Protocol):
 
 
 class NoAdapters:
+    bank = None
+    manager = None
+
     def hold(self, rows):
         if any(rows):
             raise LookupError("this engine has no adapter bank; adapters cannot be applied")

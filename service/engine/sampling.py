@@ -69,6 +69,17 @@ class GenerationCancelled(Exception):
     """Raised between denoising steps when the caller's `should_stop` says so (deadline, cancel)."""
 
 
+def noise_prediction(prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction_type: str) -> torch.Tensor:
+    """The noise a UNet prediction implies at x_t (cumulative alpha `alpha_bar`): itself for an
+    epsilon model, from the velocity for a v-prediction one (SD 2.x 768):
+    eps = sqrt(abar) v + sqrt(1 - abar) x_t. Score-distillation methods (DDS, DreamSteerer) are
+    written for noise predictions; this is their one conversion."""
+    if prediction_type != "v_prediction":
+        return prediction
+    alpha = torch.as_tensor(alpha_bar).to(x_t)
+    return alpha.sqrt() * prediction + (1 - alpha).sqrt() * x_t
+
+
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Moves the unconditional prediction toward the prompt's by `scale` (1 = no guidance)."""
     return uncond + scale * (cond - uncond)

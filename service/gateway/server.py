@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import signal
 from dataclasses import dataclass
@@ -17,14 +16,12 @@ from prometheus_client import start_http_server
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
-from service.adapters import BankedAdapters
-from service.compiled import configure_unet_runtime
-from service.adapters.loading import adapter_checker, blob_loader
+from service.adapters.loading import adapter_checker
+from service.admission import Admission
 from service.backends import Backend, InProcessBackend
 from service.config import Settings
-from service.engine.default_model import default_model_dir
-from service.engine.pipeline import Engine
 from service.jobs import JobRunner
+from service.serving import build_engine
 from service.stores import AdapterStore, CheckpointStore, JobStore, open_database
 
 from .metrics import GatewayMetrics
@@ -36,62 +33,47 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SteerServe"].full_name
 LIVENESS = "liveness"  # the health service name Kubernetes probes liveness with
 
 
-def resolve_model_dir(settings: Settings) -> Path:
-    if settings.model_dir is not None:
-        return Path(settings.model_dir)
-    return default_model_dir(Path(settings.data_dir) / "models")
-
-
 def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
     if settings.unet_runtime == "triton_engine":
         raise ValueError("unet_runtime 'triton_engine' runs only inside Triton's unet model (backend 'triton'); "
                          "in-process, use eager, compile or onnx")
-    model_dir = resolve_model_dir(settings)
-    engine = Engine.from_pretrained(model_dir, device=settings.device)
-    BankedAdapters.attach(
-        engine,
-        blob_loader(Path(settings.data_dir) / "adapters"),
-        num_slots=settings.adapter_slots,
-        max_rank=settings.adapter_max_rank,
-        max_rows=4 * settings.max_num_images,  # rows of one request (2 per image under CFG, 3 under style guidance), with room to spare
-        host_cache_size=settings.adapter_host_cache,
-        registry=metrics.registry,
-    )
-    runtime = configure_unet_runtime(engine, settings.unet_runtime_options())
-    metrics.watch_unet_runtime(runtime)
-    return InProcessBackend(engine, model_dir, workers=settings.engine_workers, metrics=metrics,
+    # Rows of one request: 2 per image under CFG, 3 under style guidance, with room to spare.
+    engine = build_engine(settings, 4 * settings.max_num_images, registry=metrics.registry)
+    metrics.watch_unet_runtime(engine.unet_runtime)
+    return InProcessBackend(engine, settings.resolved_model_dir(), workers=settings.engine_workers, metrics=metrics,
                             training_workers=settings.training_workers)
 
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repo"
 TRITON_MODELS = ("text_encoder", "unet", "vae_decode", "generate", "personalize", "edit")
-# An external Triton (e.g. deploy/ on GPUs) serving model_repo/; unset = start the embedded one.
-TRITON_URL_ENV = "STEERSERVE_TRITON_URL"
 
 
 def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, str]:
-    """How the models in model_repo/ are configured: environment of the server and its stubs."""
+    """How the models in model_repo/ are configured: the Settings they read (service/triton/parts.py),
+    as the environment of the server and its stubs."""
     return {
         "STEERSERVE_MODEL_DIR": str(model_dir.resolve()),
-        "STEERSERVE_ADAPTER_DIR": str((Path(settings.data_dir) / "adapters").resolve()),
+        "STEERSERVE_ADAPTER_DIR": str(settings.adapters_path().resolve()),
         "STEERSERVE_ADAPTER_SLOTS": str(settings.adapter_slots),
         "STEERSERVE_ADAPTER_MAX_RANK": str(settings.adapter_max_rank),
+        "STEERSERVE_ADAPTER_HOST_CACHE": str(settings.adapter_host_cache),
         "STEERSERVE_UNET_RUNTIME": settings.unet_runtime,
         "STEERSERVE_UNET_BATCH_BUCKETS": ",".join(map(str, settings.unet_batch_buckets)),
         "STEERSERVE_UNET_COMPILE_MODE": settings.unet_compile_mode,
         "STEERSERVE_UNET_WARMUP": "1" if settings.unet_warmup else "0",
-        "STEERSERVE_COMPILED_DIR": str((Path(settings.data_dir) / "compiled").resolve()),
+        "STEERSERVE_COMPILED_DIR": str(settings.compiled_path().resolve()),
+        "STEERSERVE_TORCH_THREADS": str(settings.torch_threads),
     }
 
 
 async def build_triton_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
-    """Connects to STEERSERVE_TRITON_URL, or starts the embedded Triton and waits until its models
+    """Connects to settings.triton_url, or starts the embedded Triton and waits until its models
     are ready (the backend stops it on close)."""
     from service.backends.triton import TritonBackend
     from service.triton.launcher import TritonServer
 
-    model_dir = resolve_model_dir(settings)
-    url = os.environ.get(TRITON_URL_ENV)
+    model_dir = settings.resolved_model_dir()
+    url = settings.triton_url
     server = None
     if not url:
         server = TritonServer(
@@ -166,7 +148,7 @@ async def start_gateway(
     # folder then is one volume they all mount: adapter blobs and training checkpoints).
     db = open_database(settings.database_url or Path(settings.data_dir) / "steerserve.sqlite3")
     log.info("stores: %r, blobs and checkpoints in %s", db, settings.data_dir)
-    adapters = AdapterStore(db, Path(settings.data_dir) / "adapters", max_adapters=settings.tenant_max_adapters,
+    adapters = AdapterStore(db, settings.adapters_path(), max_adapters=settings.tenant_max_adapters,
                             max_bytes=settings.tenant_max_adapter_bytes)
     # Files a crash left between writing a blob and registering it (on a shared volume, only old
     # ones: a young one may be another replica's create in progress).
@@ -174,11 +156,14 @@ async def start_gateway(
     if swept:
         log.warning("removed %d unregistered adapter files left by an interrupted write", len(swept))
     check = adapter_checker(backend.model_dir, settings.adapter_max_rank)
+    # The one request queue: Generate and Edit calls, and finished jobs' previews.
+    admission = Admission(settings.admission_limits(backend.name), metrics)
     runner = JobRunner(
-        settings, JobStore(db), adapters, CheckpointStore(Path(settings.data_dir) / "checkpoints"), backend, check, metrics
+        settings, JobStore(db), adapters, CheckpointStore(Path(settings.data_dir) / "checkpoints"), backend, check, metrics,
+        admission=admission,
     )
     await runner.start()
-    servicer = SteerServeServicer(settings, backend, adapters, runner, metrics, check_adapter=check)
+    servicer = SteerServeServicer(settings, backend, adapters, runner, metrics, check_adapter=check, admission=admission)
 
     limit = settings.max_request_bytes
     server = grpc.aio.server(
@@ -202,15 +187,12 @@ async def start_gateway(
     # Triton: a model server that is down makes the gateway not ready (""), not dead, so it is
     # taken out of the Service rather than restarted in a loop.
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-    start_supervision = getattr(backend, "start_supervision", None)
-    if start_supervision is not None:  # backend "triton": health follows the model server
+    async def model_server_changed(up: bool, reason: str) -> None:  # backend "triton": health follows it
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
 
-        async def triton_changed(up: bool, reason: str) -> None:
-            status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, status)
-
-        start_supervision(triton_changed, backoff_s=(1.0, settings.triton_restart_backoff_max_s))
+    backend.start_supervision(model_server_changed, backoff_s=(1.0, settings.triton_restart_backoff_max_s))
 
     metrics_http = None
     if settings.metrics_port:

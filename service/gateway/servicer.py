@@ -25,10 +25,11 @@ from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from service.adapters import Adapter, AdapterBankFull, AdapterFormatError, AdapterNotFoundError
 from service.adapters import parse_adapter, serialize_adapter
 from service.admission import Admission, edit_cost, generate_cost
-from service.backends import Backend, BackendBusy, BackendUnavailable
+from service.backends import Backend
 from service.config import Settings
 from service.edit import DREAMSTEERER, EditRefused, EditSpec
 from service.edit.spec import overall_progress, phases
+from service.errors import Busy, InvalidRequest, Unavailable
 from service.engine.images import encode_png
 from service.engine.pipeline import AdapterUse, GenerationCancelled
 from service.jobs import JobRunner, NameTaken, QueueFull
@@ -47,7 +48,6 @@ from .metrics import GatewayMetrics
 log = logging.getLogger("steerserve.gateway")
 
 _JOB_POLL_SECONDS = 0.25
-_EDIT_EVENT_SECONDS = 0.2  # EditStream: at most ~5 progress events a second (the last of a phase always)
 
 
 def _rpc(handler):
@@ -124,15 +124,17 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, f"token: {exc}"
     if isinstance(exc, GenerationCancelled):
         return grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded: {exc}"
-    if isinstance(exc, (BackendBusy, AdapterBankFull)):
+    if isinstance(exc, (Busy, AdapterBankFull)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, AdapterNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, AdapterFormatError):
         # Imports are validated up front, so a stored adapter that fails to load is damaged.
         return grpc.StatusCode.FAILED_PRECONDITION, f"a stored adapter cannot be loaded: {exc}"
-    if isinstance(exc, BackendUnavailable):
+    if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if is_database_unavailable(exc):  # PostgreSQL restarting or unreachable: nothing was committed
         return grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry later"
     if is_disk_full(exc):  # the stores removed what they had begun to write
@@ -241,6 +243,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         jobs: JobRunner,
         metrics: GatewayMetrics,
         check_adapter: Callable[[Adapter], Adapter],
+        admission: Admission | None = None,
     ):
         self.settings = settings
         self.check_adapter = check_adapter  # raises AdapterFormatError for what the model cannot serve
@@ -251,7 +254,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         self.metrics = metrics
         self.auth = Authenticator(settings.api_keys)
         self.limits = validation.Limits(settings=settings, model=backend.limits)
-        self.admission = Admission(settings.admission_limits(backend.name), metrics)
+        # The one request queue (Generate, Edit, and job previews through the job runner).
+        self.admission = admission or Admission(settings.admission_limits(backend.name), metrics)
 
     async def _admitted(self, tenant: str, kind: str, cost: float, context, work):
         """``work(deadline)`` once admission lets it run (RESOURCE_EXHAUSTED at once if it would not
@@ -363,13 +367,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         plan = phases(spec)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        last = [0.0]
-
-        def progress(phase: str, step: int, total: int) -> None:  # on the engine thread
-            now = time.monotonic()
-            if step < total and now - last[0] < _EDIT_EVENT_SECONDS:
-                return
-            last[0] = now
+        def progress(phase: str, step: int, total: int) -> None:  # on an engine thread, throttled by the backend
             event = pb.EditEvent(phase=phase, step=step, total_steps=total,
                                  progress=overall_progress(plan, phase, step, total))
             try:
@@ -468,12 +466,6 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         active = self.job_store.active(tenant)
         if any(j.name == name for j in active):
             raise NameTaken(f"name: a personalization job named {name!r} is queued or running")
-        quota = self.settings.tenant_max_adapters
-        owned = len(self.adapter_store.list(tenant))
-        if owned + len(active) >= quota:
-            # Jobs in progress hold their future adapter's place (no await between this and create).
-            raise QuotaExceeded(f"adapter quota: {owned} adapters + {len(active)} jobs in progress; at most {quota} "
-                                "per tenant; delete an adapter first")
         record = self.adapter_store.create(
             tenant, name, _imported_method(adapter), serialize_adapter(adapter),
             token=token or (tokens[0] if tokens else ""), rank=adapter.max_rank,

@@ -35,6 +35,7 @@ from typing import Callable
 from service import crashpoints
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.adapters import Adapter, AdapterFormatError, parse_adapter, serialize_adapter
+from service.admission import generate_cost
 from service.backends import Backend, BackendUnavailable
 from service.config import Settings
 from service.engine.images import encode_png
@@ -128,8 +129,12 @@ class JobRunner:
         backend: Backend,
         check_adapter: Callable[[Adapter], Adapter],
         metrics=None,
+        admission=None,
     ):
+        """`admission` (service.admission.Admission): the gateway's one request queue, which a
+        finished job's previews wait in like any Generate call (None: straight to the backend)."""
         self.settings = settings
+        self.admission = admission
         self.store, self.adapters, self.checkpoints = store, adapters, checkpoints
         self.backend = backend
         self.check_adapter = check_adapter
@@ -188,13 +193,13 @@ class JobRunner:
         # cannot both pass the limits, the name check or the token check.
         with self.store.db.transaction() as conn:
             conn.lock("steerserve:jobs:submit")
-            job = self._checked_create(tenant, request, tokenizer)
+            job = self._checked_create(conn, tenant, request, tokenizer)
         self._wake.set()
         self._count("submitted", job.method)
         self._set_gauges()
         return job
 
-    def _checked_create(self, tenant: str, request: pb.PersonalizeRequest, tokenizer) -> JobRecord:
+    def _checked_create(self, conn, tenant: str, request: pb.PersonalizeRequest, tokenizer) -> JobRecord:
         s = self.settings
         active = self.store.active()
         if sum(j.state == JobState.QUEUED for j in active) >= s.max_queued_jobs:
@@ -205,9 +210,8 @@ class JobRunner:
                             "at a time: wait for one to finish or cancel one")
         name = request.name.strip()
         owned = self.adapters.list(tenant)
-        if len(owned) + len(mine) >= s.tenant_max_adapters:
-            raise QueueFull(f"adapter quota: {len(owned)} adapters + {len(mine)} jobs in progress reach this tenant's "
-                            f"{s.tenant_max_adapters}; delete an adapter first")
+        # The job holds its future adapter's place in the quota from now on.
+        self.adapters.check_quota(conn, tenant)
         if any(a.name == name for a in owned) or any(j.name == name for j in mine):
             raise NameTaken(f"name: an adapter or job named {name!r} already exists")
         resolved = requests.resolve(request, taken_tokens=[a.token for a in owned if a.token] + [j.token for j in mine],
@@ -270,13 +274,11 @@ class JobRunner:
         """Waits until the model server is up (when a supervisor watches it), so an outage that
         lasts a whole restart costs a waiting job one attempt, not one per retry; False when the
         runner closes meanwhile."""
-        wait_available = getattr(self.backend, "wait_available", None)
-        if wait_available is not None:
-            waiting = asyncio.ensure_future(wait_available())
-            closing = asyncio.ensure_future(self._closed.wait())
-            _, pending = await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
+        waiting = asyncio.ensure_future(self.backend.wait_available())
+        closing = asyncio.ensure_future(self._closed.wait())
+        _, pending = await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
         return not self._closing
 
     async def _beat(self) -> None:
@@ -326,7 +328,7 @@ class JobRunner:
                     record = self.adapters.create(
                         job.tenant, job.name, job.method, serialize_adapter(adapter), token=job.token,
                         class_word=job.class_word, rank=adapter.max_rank, num_parameters=adapter.num_parameters,
-                        source="personalize", adapter_id=adapter_id_for(job_id),
+                        source="personalize", adapter_id=adapter_id_for(job_id), for_job=job_id,
                     )
                 except AdapterAlreadyExists:
                     # A runner this one took over from may have registered the job's adapter after
@@ -424,7 +426,7 @@ class JobRunner:
 
     async def _previews(self, job: JobRecord, adapter_key: str) -> tuple[list[bytes], str]:
         """"a <token> <class_word>" (a style: its first concept in the style, with style guidance)
-        through the ordinary Generate path, so a finished job shows the adapter working exactly as
+        through the ordinary Generate path (admission, then the backend), so a finished job shows the adapter working exactly as
         clients will use it. A failure here does not fail the job."""
         n = self.settings.job_previews
         if n <= 0:
@@ -435,7 +437,11 @@ class JobRunner:
                               adapters=(AdapterUse(adapter_key, style=style),),
                               style_guidance_scale=finestyle.STYLE_GUIDANCE_SCALE if style else 0.0)
         try:
-            result = await self.backend.generate(spec, deadline=None)
+            if self.admission is None:
+                result = await self.backend.generate(spec, deadline=None)
+            else:
+                result = await self.admission.run(job.tenant, "generate", generate_cost(spec), None,
+                                                  lambda: self.backend.generate(spec, deadline=None))
         except Exception as exc:  # noqa: BLE001
             log.warning("job %s: previews failed: %s", job.job_id, exc)
             return [], f"adapter ready; previews failed ({type(exc).__name__}: {exc})"

@@ -14,7 +14,8 @@ of a style image the caller gave no box for; the editing methods use it for the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -52,6 +53,21 @@ class _Recording(AttnProcessor):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         finally:
             del attn.get_attention_scores
+
+
+@contextmanager
+def recorded_cross_attention(unet) -> Iterator[list[torch.Tensor]]:
+    """Within the context, every cross-attention (attn2) call of `unet` appends its attention
+    probabilities [batch * heads, HW, L] to the yielded list (clear it between forwards); the
+    UNet's own processors are back afterwards. The one recorder: FineStyle's concept maps here and
+    DreamSteerer's subject mask (service/edit/workbench.py) both read it."""
+    saved = unet.attn_processors
+    store: list[torch.Tensor] = []
+    unet.set_attn_processor({name: _Recording(store) if ".attn2." in name else proc for name, proc in saved.items()})
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(saved)
 
 
 def phrase_token_positions(tokenizer, prompt: str, phrases: Sequence[str]) -> list[list[int]]:
@@ -97,11 +113,8 @@ def cross_attention_maps(
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed)).to(latent)
 
     unet = base.unet
-    saved = unet.attn_processors
-    store: list[torch.Tensor] = []
-    unet.set_attn_processor({name: _Recording(store) if ".attn2." in name else proc for name, proc in saved.items()})
     total = torch.zeros(len(phrases), base.size, base.size)
-    try:
+    with recorded_cross_attention(unet) as store:
         for t in timesteps:
             store.clear()
             tt = torch.tensor([int(t)])
@@ -114,8 +127,6 @@ def cross_attention_maps(
                 layer = torch.stack([per_token[..., pos].mean(-1) for pos in positions])  # [P, side, side]
                 layer = F.interpolate(layer[None], size=(base.size, base.size), mode="bilinear", align_corners=False)[0]
                 total += layer.cpu() / layer.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8).cpu()
-    finally:
-        unet.set_attn_processor(saved)
     low = total.amin(dim=(1, 2), keepdim=True)
     high = total.amax(dim=(1, 2), keepdim=True)
     return ((total - low) / (high - low).clamp(min=1e-8)).numpy()

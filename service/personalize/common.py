@@ -237,6 +237,16 @@ def adamw(params: Sequence[torch.Tensor], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=fused)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float = 1.0) -> None:
+    """One update: gradients of `loss`, clipped to `max_grad_norm` (global norm, diffusers' default
+    1.0), then the optimizer's step. The one shape of a training step: the trainers, DreamSteerer's
+    steering and the base model's training all take it."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params), max_grad_norm, foreach=True)
+    optimizer.step()
+
+
 class TrainingRun:
     """Steps of one job: resumes from a checkpoint, stops when told, reports and checkpoints.
 
@@ -273,10 +283,7 @@ class TrainingRun:
             yield self.step
 
     def update(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.max_grad_norm, foreach=True)
-        self.optimizer.step()
+        optimizer_step(self.optimizer, loss, self.params.values(), self.max_grad_norm)
         self.step += 1
         value = float(loss.detach())
         self.losses.append(value)

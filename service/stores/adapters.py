@@ -108,6 +108,26 @@ class AdapterStore:
         self.blob_root.mkdir(parents=True, exist_ok=True)
         self._adopt_legacy_blobs()
 
+    def check_quota(self, conn, tenant: str, new_bytes: int = 0, for_job: str | None = None) -> None:
+        """The one place the adapter quota is decided: one more adapter (of `new_bytes`) for `tenant`
+        fits, counting the adapters stored and the personalization jobs queued or running (each
+        holds its future adapter's place; `for_job` is the job whose own adapter this is). Call it
+        inside the transaction that inserts, holding the tenant's lock; raises QuotaExceeded."""
+        conn.lock(f"steerserve:tenant:{tenant}")
+        count, used = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant=?", (tenant,)
+        ).fetchone()
+        (jobs,) = conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE tenant=? AND state IN ('QUEUED', 'RUNNING') AND job_id<>?",
+            (tenant, for_job or ""),
+        ).fetchone()
+        if self.max_adapters is not None and count + jobs + 1 > self.max_adapters:
+            raise QuotaExceeded(f"adapter quota: this tenant has {count} adapters and {jobs} personalization jobs in "
+                                f"progress, at most {self.max_adapters} in all; delete an adapter first")
+        if self.max_bytes is not None and used + new_bytes > self.max_bytes:
+            raise QuotaExceeded(f"adapter quota: {used} bytes stored + {new_bytes} would exceed this tenant's "
+                                f"{self.max_bytes} bytes; delete adapters first")
+
     def _adopt_legacy_blobs(self) -> None:
         """Moves blobs stored by builds before content addressing (`<tenant hash>/<adapter id>`)
         to their content path. Idempotent, and safe to interrupt: the row moves only once the
@@ -137,12 +157,14 @@ class AdapterStore:
         num_parameters: int = 0,
         source: str = "import",
         adapter_id: str | None = None,
+        for_job: str | None = None,
     ) -> AdapterRecord:
         """Stores the blob, then registers it, in one transaction; a failed registration removes
-        the blob.
+        the blob. Within the tenant's quota (check_quota), or QuotaExceeded.
 
         `adapter_id` lets a caller fix the id in advance (a training job derives it from its job
-        id, so a job interrupted after this call finds its adapter instead of training again)."""
+        id, so a job interrupted after this call finds its adapter instead of training again);
+        `for_job`: the job this adapter is the result of (its place in the quota is this adapter's)."""
         adapter_id = adapter_id or "ad-" + uuid.uuid4().hex[:20]
         sha = hashlib.sha256(data).hexdigest()
         # Paths come from the content hash only: no tenant name or client string reaches a path.
@@ -159,7 +181,7 @@ class AdapterStore:
                 # Serializes this tenant's creates (the quota check and the insert), and every
                 # create and delete of these bytes (a delete cannot remove the file under us), on
                 # every replica.
-                conn.lock(f"steerserve:tenant:{tenant}")
+                conn.lock(f"steerserve:tenant:{tenant}")  # check_quota takes it too: re-entrant
                 conn.lock(f"steerserve:blob:{sha}")
                 if conn.execute(
                     "SELECT 1 FROM adapters WHERE tenant=? AND name=?", (tenant, name)
@@ -169,15 +191,7 @@ class AdapterStore:
                     # Never overwrite (or, failing, remove) a registered adapter's blob.
                     raise AdapterAlreadyExists(f"adapter {adapter_id!r} already exists")
                 # In the same transaction as the insert: two concurrent creates cannot both squeeze in.
-                count, used = conn.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant=?", (tenant,)
-                ).fetchone()
-                if self.max_adapters is not None and count + 1 > self.max_adapters:
-                    raise QuotaExceeded(f"adapter quota: this tenant has {count} adapters, at most {self.max_adapters}; "
-                                        "delete one first")
-                if self.max_bytes is not None and used + len(data) > self.max_bytes:
-                    raise QuotaExceeded(f"adapter quota: {used} bytes stored + {len(data)} would exceed this tenant's "
-                                        f"{self.max_bytes} bytes; delete adapters first")
+                self.check_quota(conn, tenant, new_bytes=len(data), for_job=for_job)
                 if not path.is_file():
                     _write_atomically(path, data)
                     written = True

@@ -7,6 +7,6 @@ from __future__ import annotations
 
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-__all__ = ["aioclient", "grpcclient", "InferenceServerException"]
+__all__ = ["aioclient", "grpcclient", "InferenceServerException", "np_to_triton_dtype"]

@@ -2,29 +2,19 @@
 
 Decoupled: execute() hands each request to this instance's training thread and returns; the
 thread sends a response per step, per checkpoint, and the adapter at the end. The training itself
-is service.triton.library.Personalize (service.personalize underneath), the same code the
-in-process backend runs.
+is service.triton.parts.Personalize (service.personalize underneath), the same code the
+in-process backend runs. Tensors: service/triton/wire.py.
 """
 
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from service.triton.library import (
-    Personalize,
-    configure_torch,
-    instance_device,
-    model_dir_from_env,
-    status_message,
-    training_spec_from_wire,
-)
+from service.triton import wire
+from service.triton.bls import request_reader, tensors
+from service.triton.parts import Personalize, instance_device, instance_settings, model_dir
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _bytes(value: bytes) -> np.ndarray:
-    return np.array([value], dtype=np.object_)
 
 
 class _StreamedProgress:
@@ -34,16 +24,10 @@ class _StreamedProgress:
         self.request, self.sender = request, sender
 
     def step(self, step, total, loss):
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("STEP", np.array([step], dtype=np.int32)),
-            pb_utils.Tensor("LOSS", np.array([loss], dtype=np.float32)),
-        ]))
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.training_step(step, loss))))
 
     def checkpoint(self, step, state):
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("STEP", np.array([step], dtype=np.int32)),
-            pb_utils.Tensor("CHECKPOINT", _bytes(state)),
-        ]))
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.training_checkpoint(step, state))))
 
     def should_stop(self):
         return self.request.is_cancelled()
@@ -51,8 +35,7 @@ class _StreamedProgress:
 
 class TritonPythonModel:
     def initialize(self, args):
-        configure_torch()
-        self.personalize = Personalize(model_dir_from_env(), instance_device(args))
+        self.personalize = Personalize(model_dir(instance_settings()), instance_device(args))
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personalize")
 
     def execute(self, requests):
@@ -63,18 +46,11 @@ class TritonPythonModel:
     def _train(self, request):
         sender = request.get_response_sender()
         try:
-            def get(name):
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                return None if tensor is None else tensor.as_numpy().reshape(-1)
-
-            spec = training_spec_from_wire(get("SPEC")[0], list(get("IMAGES")))
-            resume = get("RESUME")
-            adapter = self.personalize(spec, bytes(resume[0]) if resume is not None else None,
-                                       _StreamedProgress(request, sender))
-            sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ADAPTER", _bytes(adapter))]),
-                        flags=FINAL)
+            spec, resume = wire.read_training_request(request_reader(request))
+            adapter = self.personalize(spec, resume, _StreamedProgress(request, sender))
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.training_result(adapter))), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with its status
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(status_message(exc))), flags=FINAL)
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(wire.status_message(exc))), flags=FINAL)
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)

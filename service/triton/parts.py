@@ -1,0 +1,207 @@
+"""What the Triton models in model_repo/ compute, as plain library code (no pb_utils, no gRPC).
+
+Each `model_repo/<name>/1/model.py` reads its request with service/triton/wire.py, calls one of
+these, and answers with wire.py again, so tests and benchmarks exercise the same code without a server.
+
+- `TextEncode`, `UNetStep`, `VaeDecode`: the engine's parts, one call each. `UNetStep` is the
+  step-level batching point: one call runs ONE denoising step for any number of samples from
+  different requests, each with its own latents, timestep, prompt embeddings and adapters (rows
+  of the adapter bank), in a single UNet forward.
+- the `generate` model runs the one sampling loop (service.engine.sampling.generation) with
+  `run_async`, each model call a BLS call to the parts above (service/triton/bls.py), so it keeps
+  many requests in flight on one event loop.
+- `Personalize`: one training job; `EditWorker`: one edit, each model call where it can run.
+
+A model instance is configured by Settings read from its environment (the same STEERSERVE_* names
+the gateway reads; docs/triton.md): `instance_engine` builds its engine with service/serving.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from service.adapters import serialize_adapter
+from service.config import Settings
+from service.engine.pipeline import AdapterUse, Engine, flush_denormals
+from service.engine.sampling import Decode, Denoise, StepResult
+from service.personalize import FrozenBase, TrainingSpec, train
+from service.serving import build_engine
+
+from .wire import StepSample
+
+if TYPE_CHECKING:
+    from service.edit import EditSpec
+
+Rows = Sequence[Sequence[AdapterUse]]
+
+
+# -- a model instance ------------------------------------------------------------------------------
+
+
+def instance_settings() -> Settings:
+    """This instance's settings (its environment), with torch's intra-op threads set from them:
+    every instance is its own process."""
+    settings = Settings()
+    torch.set_num_threads(settings.torch_threads)
+    return settings
+
+
+def instance_device(args: dict) -> str:
+    """The torch device of a model instance, from the `args` Triton passes to initialize()."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args['model_instance_device_id']}"
+    return "cpu"
+
+
+def model_dir(settings: Settings) -> Path:
+    if settings.model_dir is None:
+        raise RuntimeError("STEERSERVE_MODEL_DIR is not set; the launcher passes the diffusers model folder in it")
+    return Path(settings.model_dir)
+
+
+def instance_engine(settings: Settings, args: dict, max_rows: int, adapters: bool = True, unet_runtime: bool = False,
+                    registry=None) -> Engine:
+    """The engine of one model instance (on its instance_group's device), with an adapter bank when
+    `adapters` and an adapter folder is configured; the UNet runtime warmed up when `unet_runtime`
+    (the `unet` model: every step of every loop runs there)."""
+    return build_engine(settings, max_rows, device=instance_device(args), model_dir=model_dir(settings),
+                        adapters=adapters and settings.adapter_dir is not None, unet_runtime=unet_runtime,
+                        registry=registry)
+
+
+# -- the parts ---------------------------------------------------------------------------------------
+
+
+class TextEncode:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def __call__(self, prompts: Sequence[str], rows: Rows) -> np.ndarray:
+        flush_denormals()
+        return self.engine.encode_prompts(list(prompts), list(rows)).float().cpu().numpy()
+
+
+class UNetStep:
+    """One denoising step for the rows of any requests: one UNet forward per latent shape.
+
+    Engine.predict_noise runs each group, so a single-request call computes exactly what the
+    in-process engine computes. Guidance is left to the caller (it is per request); returns per
+    request its rows' noise [m, C, h, w].
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @torch.no_grad()
+    def __call__(self, samples: Sequence[StepSample]) -> list[np.ndarray]:
+        flush_denormals()
+        out: list[np.ndarray | None] = [None] * len(samples)
+        # The dynamic batcher only groups equal shapes, but a call must not fail if it ever mixes them.
+        by_shape: dict[tuple, list[int]] = {}
+        for i, s in enumerate(samples):
+            by_shape.setdefault((s.latents.shape[1:], s.embeds.shape[1:]), []).append(i)
+        for indices in by_shape.values():
+            group = [samples[i] for i in indices]
+            dev, dt = self.engine.device, self.engine.dtype
+            latents = torch.from_numpy(np.concatenate([s.latents for s in group])).to(dev, dt)
+            t = torch.from_numpy(np.concatenate([s.timesteps for s in group]).astype(np.int64)).to(dev)
+            embeds = torch.from_numpy(np.concatenate([s.embeds for s in group])).to(dev, dt)
+            rows = [row for s in group for row in s.adapters]
+            noise = self.engine.predict_noise(latents, t, embeds, rows).float().cpu().numpy()
+            start = 0
+            for i, s in zip(indices, group):
+                m = s.latents.shape[0]
+                out[i] = noise[start : start + m]
+                start += m
+        return out  # type: ignore[return-value]
+
+
+class VaeDecode:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray:
+        return self.engine.decode_array(torch.from_numpy(latents))  # [n, H, W, 3] uint8
+
+
+class Personalize:
+    """What the `personalize` model runs: one training job on this instance's private base model,
+    reporting through callbacks that the model turns into streamed responses."""
+
+    def __init__(self, model_dir: Path, device: str):
+        self.base = FrozenBase.from_pretrained(model_dir, device=device)
+
+    def __call__(self, spec: TrainingSpec, resume: bytes | None, progress) -> bytes:
+        flush_denormals()
+        return serialize_adapter(train(self.base, spec, progress, resume))
+
+
+class EditWorker:
+    """What the `edit` model runs: the edit loop (service.edit, the same one the in-process backend
+    runs), each model call executed where it can be.
+
+    - `Encode`, `Denoise`, `Decode` whose rows name only stored adapters go to the shared models
+      through `remote` (BLS): DDS iterations batch with Generate's steps in the `unet` model;
+    - DreamSteerer's workbench calls run on this instance's private model copy, and calls whose rows
+      name the request's steered copy run on this instance's own engine, whose adapter bank holds
+      that copy in a per-request slot (it exists nowhere else and is dropped when the edit ends);
+    - `EncodeImage` runs here (one VAE encoder pass).
+    """
+
+    def __init__(self, engine: Engine, workbench):
+        self.engine = engine
+        self.workbench = workbench
+
+    async def __call__(self, spec: "EditSpec", remote, should_stop, progress):
+        import asyncio
+        import contextlib
+
+        from service.edit import WORKBENCH_CALLS, EditRefused, Steer, editor
+        from service.edit.spec import throttled
+        from service.edit.runner import steered_result
+        from service.engine.sampling import EncodeImage, run_async
+
+        # Only DreamSteerer needs this instance's bank (the steered copy); plain DDS runs without one.
+        manager = self.engine.adapters.manager
+        progress = throttled(progress)
+        loop = editor(spec)(spec, self.engine.facts, should_stop, progress)
+        local_keys: set[str] = set()
+        with contextlib.ExitStack() as request:
+            async def execute(call):
+                if isinstance(call, WORKBENCH_CALLS):
+                    if manager is None:
+                        raise EditRefused("DreamSteerer needs the edit model's adapter bank (STEERSERVE_ADAPTER_DIR)")
+                    adapter = await asyncio.to_thread(manager.get, call.adapter.key)
+                    result = await asyncio.to_thread(self.workbench.execute, call, adapter, should_stop, progress)
+                    answer = steered_result(call, result, manager, request)
+                    if isinstance(call, Steer):
+                        local_keys.add(answer[0].key)
+                    return answer
+                rows = getattr(call, "rows", ())
+                if isinstance(call, EncodeImage) or any(use.key in local_keys for row in rows for use in row):
+                    return await asyncio.to_thread(self._local, call)
+                return await remote(call)
+
+            return await run_async(loop, execute)
+
+    def _local(self, call):
+        """A model call on this instance's engine. The loop keeps its tensors on the CPU (they
+        also travel to the shared models over BLS): inputs move to the engine's device, results
+        come back as CPU float32."""
+        flush_denormals()
+        engine = self.engine
+        if isinstance(call, Denoise):
+            call = dataclasses.replace(call, latents=call.latents.to(engine.device, engine.dtype),
+                                       timesteps=call.timesteps.to(engine.device),
+                                       embeds=call.embeds.to(engine.device, engine.dtype))
+        elif isinstance(call, Decode):
+            call = dataclasses.replace(call, latents=call.latents.to(engine.device, engine.dtype))
+        result = engine.execute(call)
+        if isinstance(result, StepResult):
+            return dataclasses.replace(result, noise=result.noise.float().cpu())
+        return result.float().cpu() if isinstance(result, torch.Tensor) else result
