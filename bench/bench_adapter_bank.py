@@ -33,7 +33,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from service.adapters import BankedAdapters, parse_adapter
-from service.adapters.testing import tiny_pipeline, write_reference_lora
+from bench.reference_adapters import tiny_pipeline, write_reference_lora
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 
 RESULTS = Path(__file__).parent / "results"

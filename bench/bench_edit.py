@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.common import add_run_arguments, serving_engine, start_run, write_results
 from bench.quality_personalize import METHOD_SHORT
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.edit import EditOptions, EditSpec
 from service.edit.runner import run_edit
 from service.edit.workbench import Workbench
@@ -33,8 +33,8 @@ from PIL import Image
 
 from service.adapters import parse_adapter, serialize_adapter
 from service.personalize import SUBJECT_METHODS, FrozenBase, TrainingSpec, defaults, learns_token, train
-from service.world.generator import Scene, WorldObject, render
-from service.world.heldout import CONCEPTS
+from service.research.world.generator import Scene, WorldObject, render
+from service.research.world.heldout import CONCEPTS
 
 SOURCE = render(Scene("stripes", "blue", (WorldObject("square", "red", "solid", 0.5, 0.5, 0.28),)))
 SOURCE_PROMPT = SOURCE.caption

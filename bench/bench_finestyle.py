@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 
 from bench.common import add_run_arguments, png_bytes, served_gateway, serving_engine, start_run, write_results
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine
 from service.personalize import FINESTYLE, Concept, FrozenBase, TrainingSpec, defaults, finestyle, train
 from service.personalize.finestyle import build_pairs
-from service.world.heldout import STYLES
+from service.research.world.heldout import STYLES
 
 ROOT = Path(__file__).resolve().parent.parent
 STYLE, PHRASE = "neon-outline", "in zwx style"

@@ -29,9 +29,9 @@ from PIL import Image
 
 from bench import baselines
 from bench.common import add_run_arguments, png_bytes, served_gateway, start_run
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, defaults, learns_token, train
-from service.world.heldout import CONCEPTS
+from service.research.world.heldout import CONCEPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCEPT, CLASS_WORD = "yellow-crescent", "circle"

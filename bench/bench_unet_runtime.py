@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from bench.common import add_run_arguments, start_run, write_results
 from service.adapters import BankedAdapters, parse_adapter
-from service.adapters.testing import write_reference_lora
+from bench.reference_adapters import write_reference_lora
 from service.compiled import RuntimeOptions, configure_unet_runtime, onnx_export
 from service.compiled.torch_compile import compiled_graph_count
 from service.engine.default_model import default_model_dir

@@ -36,16 +36,16 @@ from PIL import Image
 from bench.common import add_run_arguments, serving_engine, start_run, write_results
 from bench.evaluation import grid
 from bench.quality_personalize import METHOD_SHORT
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.edit import EditOptions, EditSpec
 from service.edit.runner import run_edit
 from service.edit.workbench import Workbench
 from service.engine.pipeline import AdapterUse
-from service.measures import Judge
-from service.measures.metrics import structure_preservation
+from service.research.measures import Judge
+from service.research.measures.metrics import structure_preservation
 from service.personalize import SUBJECT_METHODS, FrozenBase, TrainingSpec, defaults, learns_token, train
-from service.world.generator import Scene, WorldObject, _erode, render
-from service.world.heldout import CONCEPTS
+from service.research.world.generator import Scene, WorldObject, _erode, render
+from service.research.world.heldout import CONCEPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Sources: one seen object on a seen background each, none in the concept's colours.

@@ -5,7 +5,7 @@ intervals, and an ablation of every part of FineStyle.
     python -m bench.quality_finestyle --split dev        # where changes to the method are tried
     python -m bench.quality_finestyle --styles pixel-dots --seeds 2 --variants finestyle plain_kv
 
-For each held-out style (service/world/heldout.py: a background + a rendering treatment the base
+For each held-out style (service/research/world/heldout.py: a background + a rendering treatment the base
 model never saw, and ONE reference image with objects of its own), train from that image, every
 adapter with the profile's FineStyle rank, steps, learning rate and seed:
 
@@ -47,12 +47,12 @@ from bench.evaluation import (
     ResultCache, estimate, grid, images_from_json, images_to_json, model_identity, paired_difference, progress,
     write_outputs,
 )
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, GenerationSpec
-from service.measures import Judge
-from service.measures.classifier import ALL_SHAPES
+from service.research.measures import Judge
+from service.research.measures.classifier import ALL_SHAPES
 from service.personalize import FINESTYLE, Concept, FrozenBase, TrainingSpec, defaults, finestyle, train
-from service.world.heldout import DEV, STYLES, TEST, shapes_outside, split
+from service.research.world.heldout import DEV, STYLES, TEST, shapes_outside, split
 
 ROOT = Path(__file__).resolve().parent.parent
 STYLE_PHRASE = "in zwx style"

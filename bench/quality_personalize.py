@@ -36,16 +36,16 @@ from bench.common import add_run_arguments, serving_engine, start_run
 from bench.evaluation import (
     ResultCache, estimate, grid, images_from_json, images_to_json, model_identity, progress, write_outputs,
 )
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
-from service.measures import Judge
+from service.research.measures import Judge
 from service.personalize import (
     SUBJECT_METHODS, FrozenBase, TrainingSpec, adapter_from_checkpoint, defaults, learns_token, train,
 )
 from service.personalize.tokens import default_token
-from service.world.generator import _with_article
-from service.world.heldout import CONCEPTS, DEV, TEST, HeldOutConcept, split
-from service.world.vocab import BACKGROUND_WORDS
+from service.research.world.generator import _with_article
+from service.research.world.heldout import CONCEPTS, DEV, TEST, HeldOutConcept, split
+from service.research.world.vocab import BACKGROUND_WORDS
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCES = 4

@@ -24,11 +24,11 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 
-from service.basemodel import DEFAULT_MODEL_DIR
-from service.measures import Judge
-from service.world.generator import render, rng_for, sample_scene
-from service.world.heldout import CONCEPTS, STYLES
-from service.world.vocab import SHAPES
+from service.research.basemodel import DEFAULT_MODEL_DIR
+from service.research.measures import Judge
+from service.research.world.generator import render, rng_for, sample_scene
+from service.research.world.heldout import CONCEPTS, STYLES
+from service.research.world.vocab import SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_STREAM = 4242  # a world stream no training script draws from

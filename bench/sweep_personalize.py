@@ -28,9 +28,9 @@ from pathlib import Path
 from bench.common import add_run_arguments, start_run
 from bench.evaluation import ResultCache, estimate, progress, write_outputs
 from bench.quality_personalize import METHOD_SHORT, Sampling, Setup, after_cells, resolved_settings, settings_text
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.personalize import SUBJECT_METHODS
-from service.world.heldout import CONCEPTS, DEV, split
+from service.research.world.heldout import CONCEPTS, DEV, split
 
 CONTEXT_FLOOR = 0.85
 TIE_POINTS = 0.02

@@ -65,7 +65,7 @@ SWEEP = "bench/results/sweep_personalize.md (dev split)"
 
 WORLD = ModelProfile(
     name="steerserve-world",
-    description="the embedded 64x64 world model (service/basemodel), defaults from the dev-split sweep",
+    description="the embedded 64x64 world model (service/research/basemodel), defaults from the dev-split sweep",
     training={
         "DREAMBOOTH_LORA": TrainingDefaults(steps=600, learning_rate=1e-3, rank=8, batch_size=2, train_text_encoder=True),
         "TEXTUAL_INVERSION": TrainingDefaults(steps=600, learning_rate=5e-2, rank=0, batch_size=4),
@@ -145,7 +145,7 @@ def choose(model_dir: str | Path | None, override: str | None = None) -> ChosenP
             raise ValueError(f"model_profile: unknown profile {override!r}; one of {', '.join(PROFILES)}")
         return ChosenProfile(PROFILES[override], "setting")
     if model_dir is None:
-        from service.basemodel import DEFAULT_MODEL_DIR
+        from service.research.basemodel import DEFAULT_MODEL_DIR
 
         model_dir = DEFAULT_MODEL_DIR
     root = Path(model_dir)

@@ -93,7 +93,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from service.adapters.testing import tiny_pipeline
+    from bench.reference_adapters import tiny_pipeline
 
     return tiny_pipeline()
 

@@ -18,7 +18,7 @@ from service.adapters import (
     PromptEncoder,
     parse_adapter,
 )
-from service.adapters.testing import write_reference_lora
+from bench.reference_adapters import write_reference_lora
 
 ATOL = 1e-4  # the bar for fp32; observed differences are ~2e-6
 

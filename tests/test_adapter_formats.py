@@ -21,7 +21,7 @@ from service.adapters import (
     serialize_adapter,
     write_diffusers_lora_dir,
 )
-from service.adapters.testing import write_reference_lora
+from bench.reference_adapters import write_reference_lora
 
 Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 

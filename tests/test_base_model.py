@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from service.basemodel import DEFAULT_MODEL_DIR
-from service.basemodel.train import main as train_main
+from service.research.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel.train import main as train_main
 from service.engine.tokenizer import build_clip_tokenizer
 from bench.quality_report import held_in_scenes
-from service.measures import Judge
+from service.research.measures import Judge
 
 SHIPPED_LIMIT_BYTES = 20_000_000
 
@@ -95,7 +95,7 @@ def test_a_grown_unet_starts_as_the_model_it_grew_from():
     attention block starts as the identity, so the first step computes what the old model did."""
     from diffusers import UNet2DConditionModel
 
-    from service.basemodel.train import load_grown_unet
+    from service.research.basemodel.train import load_grown_unet
 
     small = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
                  cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4,
@@ -113,8 +113,8 @@ def test_a_grown_unet_starts_as_the_model_it_grew_from():
 
 
 def test_object_regions_cover_the_objects_and_their_outline_band():
-    from service.basemodel.train import object_regions
-    from service.world.generator import generate
+    from service.research.basemodel.train import object_regions
+    from service.research.world.generator import generate
 
     sample = generate(5, 0, p_two_objects=0.0)
     regions = object_regions([sample], 16)[0, 0]

@@ -78,7 +78,7 @@ def test_serve_and_client_commands(tmp_path):
 
         # Personalize with a progress bar fed by WatchJob, then the job in `jobs list`.
         from PIL import Image
-        from service.world.heldout import CONCEPTS
+        from service.research.world.heldout import CONCEPTS
 
         photos = []
         for i, sample in enumerate(CONCEPTS["yellow-crescent"].references(3)):
@@ -95,7 +95,7 @@ def test_serve_and_client_commands(tmp_path):
 
         # Edit with that adapter: a progress bar fed by EditStream, the image and the subject mask.
         adapter_id = re.search(r"adapter (ad-\S+)", out_job).group(1)
-        from service.world.generator import Scene, WorldObject, render
+        from service.research.world.generator import Scene, WorldObject, render
 
         source = render(Scene("stripes", "blue", (WorldObject("square", "red", "solid", 0.5, 0.5, 0.28),)))
         Image.fromarray(source.image).save(tmp_path / "source.png")

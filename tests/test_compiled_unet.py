@@ -19,7 +19,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from service.adapters import BankedAdapters, parse_adapter
-from service.adapters.testing import write_reference_lora
+from bench.reference_adapters import write_reference_lora
 from service.compiled import RuntimeOptions, batch_buckets, configure_unet_runtime
 from service.compiled import onnx_export
 from service.compiled.onnx_export import GRAPH_FILE, META_FILE

@@ -207,7 +207,7 @@ def test_random_kills_during_imports_never_leave_a_partial_adapter(tmp_path, mod
 
 
 def personalize_request(name: str, steps: int = 6) -> pb.PersonalizeRequest:
-    from service.world.heldout import CONCEPTS
+    from service.research.world.heldout import CONCEPTS
 
     photos = []
     for sample in CONCEPTS["yellow-crescent"].references(3, seed=0):

@@ -20,15 +20,15 @@ from prometheus_client import CollectorRegistry
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.adapters import BankedAdapters, parse_adapter, serialize_adapter
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.edit import DDS, DREAMSTEERER, EditOptions, EditSpec, Steer, SubjectMask, dds_loop
 from service.edit.runner import run_edit
 from service.edit.workbench import Workbench, _layer_grid
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 from service.engine.sampling import GenerationCancelled, run
 from service.personalize import FrozenBase, TrainingSpec, defaults, learns_token, train
-from service.world.generator import Scene, WorldObject, render
-from service.world.heldout import CONCEPTS
+from service.research.world.generator import Scene, WorldObject, render
+from service.research.world.heldout import CONCEPTS
 from tests.conftest import auth
 
 SOURCE = render(Scene("stripes", "blue", (WorldObject("square", "red", "solid", 0.5, 0.5, 0.28),)))

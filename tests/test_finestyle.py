@@ -17,17 +17,17 @@ from prometheus_client import CollectorRegistry
 
 from service.adapters import BankedAdapters, parse_adapter, serialize_adapter
 from service.adapters.loading import adapter_checker
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 from service.engine.sampling import classifier_free_guidance, style_guidance
-from service.measures import Judge
-from service.measures.classifier import HEADS
+from service.research.measures import Judge
+from service.research.measures.classifier import HEADS
 from service.personalize import FINESTYLE, Concept, FrozenBase, TrainingSpec, defaults, train
 from service.personalize.attention_maps import concept_regions, cross_attention_maps
 from service.personalize.common import Posteriors, step_generator
 from service.personalize.finestyle import build_pairs, map_box, whole_caption
-from service.world.generator import Scene, WorldObject, render
-from service.world.heldout import STYLES
+from service.research.world.generator import Scene, WorldObject, render
+from service.research.world.heldout import STYLES
 
 STYLE = STYLES["neon-outline"]  # a yellow star and a pink circle, outlined on black
 PHRASE = "in zwx style"

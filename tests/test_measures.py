@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from service.measures import DEFAULT_WEIGHTS, AttributeClassifier, Judge, structure_preservation
-from service.measures.train_classifier import evaluate
-from service.measures.train_classifier import main as train_classifier
-from service.world import Scene, WorldObject, generate, render
-from service.world.generator import with_objects
-from service.world.heldout import CONCEPTS
+from service.research.measures import DEFAULT_WEIGHTS, AttributeClassifier, Judge, structure_preservation
+from service.research.measures.train_classifier import evaluate
+from service.research.measures.train_classifier import main as train_classifier
+from service.research.world import Scene, WorldObject, generate, render
+from service.research.world.generator import with_objects
+from service.research.world.heldout import CONCEPTS
 
 # Floors under what docs/world.md states the shipped classifier reaches on fresh world images
 # (measured on 2,000: all images; "@single": one untreated object, what the base-model report reads).

@@ -20,7 +20,7 @@ from PIL import Image
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from service.config import Settings
-from service.world.heldout import CONCEPTS, STYLES
+from service.research.world.heldout import CONCEPTS, STYLES
 from tests.conftest import TOKENS, auth, free_port, start_gateway_in_thread, stop_gateway
 
 BOB = auth("token-bob")

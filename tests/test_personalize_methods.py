@@ -16,13 +16,13 @@ from prometheus_client import CollectorRegistry
 
 from service.adapters import BankedAdapters, parse_adapter, serialize_adapter
 from service.adapters.loading import adapter_checker
-from service.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
 from service.personalize import SUBJECT_METHODS, FrozenBase, NoProgress, TrainingSpec, TrainingStopped, defaults, learns_token, train
 from service.personalize.common import Posteriors, step_generator
 from service.personalize.custom_diffusion import scale_augmented
 from service.personalize.tokens import RARE_WORDS, TokenError, check_token, default_token, is_real_word
-from service.world.heldout import CONCEPTS
+from service.research.world.heldout import CONCEPTS
 
 PHOTOS = [Image.fromarray(s.image) for s in CONCEPTS["purple-dotted-heart"].references(3, seed=0)]
 

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
-from service.basemodel.config import SD_SCHEDULER_CONFIG
+from service.research.basemodel.config import SD_SCHEDULER_CONFIG
 from service.config import Settings
 from service.engine.pipeline import Engine, GenerationSpec
 from service.engine.tokenizer import build_clip_tokenizer

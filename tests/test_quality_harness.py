@@ -12,7 +12,7 @@ from PIL import Image
 
 from bench.evaluation import Estimate, ResultCache, estimate, paired_difference, unit_values
 from service.personalize import FrozenBase, NoProgress, TrainingSpec, adapter_from_checkpoint, train
-from service.world.heldout import CONCEPTS
+from service.research.world.heldout import CONCEPTS
 
 
 def records(values_by_unit: dict[tuple, list[float]], metric="m"):
@@ -65,7 +65,7 @@ def test_estimate_formats_with_interval():
 @pytest.mark.slow
 def test_a_snapshot_is_the_shorter_job(one_torch_thread):
     """A sweep reads fewer steps from one run's checkpoints: that must BE the shorter job."""
-    base = FrozenBase.from_pretrained(__import__("service.basemodel", fromlist=["DEFAULT_MODEL_DIR"]).DEFAULT_MODEL_DIR)
+    base = FrozenBase.from_pretrained(__import__("service.research.basemodel", fromlist=["DEFAULT_MODEL_DIR"]).DEFAULT_MODEL_DIR)
     photos = [Image.fromarray(r.image) for r in CONCEPTS["purple-dotted-heart"].references(3, seed=0)]
     for method, token in (("DREAMBOOTH_LORA", "sks"), ("CUSTOM_DIFFUSION", "<sks>")):
         spec = lambda steps, every: TrainingSpec(method=method, images=photos, token=token, class_word="heart",  # noqa: E731

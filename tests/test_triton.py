@@ -179,7 +179,7 @@ def test_progress_streams_every_step(stack):
 
 
 def _crescent_request(name: str, steps: int, method=pb.CUSTOM_DIFFUSION) -> pb.PersonalizeRequest:
-    from service.world.heldout import CONCEPTS
+    from service.research.world.heldout import CONCEPTS
 
     photos = []
     for sample in CONCEPTS["yellow-crescent"].references(3, seed=0):
@@ -245,7 +245,7 @@ def test_personalize_trains_on_tritons_personalize_model(stack, triton, model_di
 def test_finestyle_trains_on_triton_and_generates_with_both_scales(stack, triton, model_dir):
     """FINESTYLE through Triton: trained on the personalize model; Generate with style guidance runs
     the three predictions of each step as three rows of ONE unet call, and equals in-process."""
-    from service.world.heldout import STYLES
+    from service.research.world.heldout import STYLES
 
     stub = stack.stub()
     style = STYLES["pixel-checker"]

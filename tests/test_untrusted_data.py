@@ -21,7 +21,7 @@ from tests.conftest import auth
 SERVICE = Path(__file__).resolve().parent.parent / "service"
 # Offline tools that read only their own files (never a client's): the base model's and the
 # classifier's training scripts resume from the checkpoints they wrote.
-OFFLINE = {SERVICE / "basemodel" / "train.py", SERVICE / "measures" / "train_classifier.py"}
+OFFLINE = {SERVICE / "research" / "basemodel" / "train.py", SERVICE / "research" / "measures" / "train_classifier.py"}
 UNSAFE = [
     (re.compile(r"\bpickle\.loads?\("), "pickle.load"),
     (re.compile(r"\bdill\.|\bcloudpickle\.|\bjoblib\.load\("), "a pickle library"),

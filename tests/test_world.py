@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from service.world import HELDOUT_SHAPES, Scene, WorldObject, generate, render
-from service.world.captions import parse_caption
-from service.world.generator import COLORS, _ink, render_background, texture_pattern
-from service.world.heldout import CONCEPTS, STYLES, shapes_outside
-from service.world.vocab import HELDOUT_COMBOS, SHAPES
+from service.research.world import HELDOUT_SHAPES, Scene, WorldObject, generate, render
+from service.research.world.captions import parse_caption
+from service.research.world.generator import COLORS, _ink, render_background, texture_pattern
+from service.research.world.heldout import CONCEPTS, STYLES, shapes_outside
+from service.research.world.vocab import HELDOUT_COMBOS, SHAPES
 
 
 def test_generator_is_deterministic_per_seed_and_index():
@@ -125,7 +125,7 @@ STYLE_DIGESTS = {
 
 
 def test_held_out_sets_are_split_and_reproduced_by_the_generator():
-    from service.world.heldout import DEV, TEST, split
+    from service.research.world.heldout import DEV, TEST, split
 
     dev, test = split(CONCEPTS, DEV), split(CONCEPTS, TEST)
     assert len(dev) == len(test) == 6 and not set(dev) & set(test)

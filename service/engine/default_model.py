@@ -1,7 +1,7 @@
 """The embedded default model: which local folder the engine serves when none is configured.
 
 Order of preference:
-1. the trained world model shipped with the package (service/basemodel/weights/steerserve-world-v1),
+1. the trained world model shipped with the package (service/research/basemodel/weights/steerserve-world-v1),
    our own small Stable-Diffusion-architecture model trained on the synthetic world;
 2. otherwise a small seeded SD-architecture pipeline built from config (random weights, so it draws
    noise-like images, but every code path is the real one), written once to a cache folder.
@@ -18,8 +18,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from service.basemodel import DEFAULT_MODEL_DIR
-from service.basemodel.config import SD_SCHEDULER_CONFIG
+from service.research.basemodel import DEFAULT_MODEL_DIR
+from service.research.basemodel.config import SD_SCHEDULER_CONFIG
 
 from .tokenizer import build_clip_tokenizer
 

@@ -187,7 +187,7 @@ class NoiseSchedule:
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """[B] loss weights of timesteps t. min-SNR-gamma (Hang et al., ICCV 2023; diffusers'
         --snr_gamma) counts the low-noise steps less; the low-SNR boost raises the steps below
-        SNR 0.1 as 0.1/SNR, at most `low_snr_boost` times (service/basemodel/train.py)."""
+        SNR 0.1 as 0.1/SNR, at most `low_snr_boost` times (service/research/basemodel/train.py)."""
         weight = torch.ones(t.shape[0])
         alpha = self.scheduler.alphas_cumprod[t.cpu()]
         snr = alpha / (1 - alpha)

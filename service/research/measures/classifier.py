@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from service.world.vocab import ALL_SHAPES, BACKGROUNDS, COLOR_NAMES, TEXTURES, TREATMENTS
+from service.research.world.vocab import ALL_SHAPES, BACKGROUNDS, COLOR_NAMES, TEXTURES, TREATMENTS
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "attribute_classifier.safetensors"
 INPUT_SIZE = 64

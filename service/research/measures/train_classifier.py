@@ -1,7 +1,7 @@
 """Train the attribute classifier on freshly generated world images.
 
-    python -m service.measures.train_classifier            # shipped settings, writes the weights
-    python -m service.measures.train_classifier --steps 20 --out /tmp/c.safetensors   # smoke run
+    python -m service.research.measures.train_classifier            # shipped settings, writes the weights
+    python -m service.research.measures.train_classifier --steps 20 --out /tmp/c.safetensors   # smoke run
 
 The training distribution is the whole world, held-out shapes, colour/texture combinations and
 rendering treatments included: the classifier is the judge, so it must recognise the concepts and
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.world.generator import render, rng_for, sample_scene
-from service.world.vocab import ALL_SHAPES, TREATMENTS
+from service.research.world.generator import render, rng_for, sample_scene
+from service.research.world.vocab import ALL_SHAPES, TREATMENTS
 
 from .classifier import DEFAULT_WEIGHTS, HEADS, AttributeClassifier, read, to_input
 

@@ -1,6 +1,6 @@
 """Quality measures built on the attribute classifier: stand-ins for CLIP-I, CLIP-T, SSIM/LPIPS.
 
-    from service.measures import Judge
+    from service.research.measures import Judge
     judge = Judge()                                    # loads the shipped classifier
     judge.prompt_alignment(images, prompts)            # CLIP-T stand-in
     judge.concept_fidelity(images, concept)            # CLIP-I stand-in
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.metrics import structural_similarity
 
-from service.world.captions import parse_caption
-from service.world.heldout import HeldOutConcept
+from service.research.world.captions import parse_caption
+from service.research.world.heldout import HeldOutConcept
 
 from .classifier import ALL_SHAPES, DEFAULT_WEIGHTS, AttributeClassifier, labels, read
 

@@ -1,8 +1,8 @@
 """Train steerserve-world-v1, the embedded default model, on the synthetic world.
 
-    python -m service.basemodel.train                       # both stages, shipped settings
-    python -m service.basemodel.train --stage unet --unet-steps 20000   # resume from var/basemodel, longer
-    python -m service.basemodel.train --stage unet --init-from service/basemodel/weights/steerserve-world-v1
+    python -m service.research.basemodel.train                       # both stages, shipped settings
+    python -m service.research.basemodel.train --stage unet --unet-steps 20000   # resume from var/basemodel, longer
+    python -m service.research.basemodel.train --stage unet --init-from service/research/basemodel/weights/steerserve-world-v1
                                                             # fresh checkout: continue from the shipped model
 
 Stage 1 trains the AutoencoderKL on freshly generated world images (L1 + MSE reconstruction, a tiny
@@ -38,7 +38,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from service.engine.tokenizer import build_clip_tokenizer
 from service.personalize.common import optimizer_step
-from service.world.generator import generate_batch
+from service.research.world.generator import generate_batch
 
 from . import DEFAULT_MODEL_DIR
 from .config import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
