@@ -369,7 +369,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_hash_token(args) -> int:
-    from service.gateway.auth import DIGEST_PREFIX, token_digest
+    from service.keys import DIGEST_PREFIX, token_digest
 
     token = sys.stdin.readline().strip()
     if not token:

@@ -243,7 +243,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_api_keys(cls, keys: dict[str, str]) -> dict[str, str]:
         """Digests well-formed, and no token configured twice (as itself and as its digest)."""
-        from service.gateway.auth import key_digest
+        from service.keys import key_digest
 
         seen: dict[bytes, str] = {}
         for key in keys:
