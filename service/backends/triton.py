@@ -29,10 +29,10 @@ from transformers import CLIPTokenizer
 from service.edit import Edited, EditProgress, EditSpec
 from service.engine.pipeline import GenerationCancelled, GenerationResult, GenerationSpec
 from service.engine.sampling import ModelFacts
+from service.errors import Busy
 from service.personalize import Progress, TrainingSpec, TrainingStopped
-from service.triton.client import InferenceServerException, aioclient, grpcclient, np_to_triton_dtype
-from service.errors import Busy, Unavailable
 from service.triton import wire
+from service.triton.client import InferenceServerException, aioclient, grpcclient, np_to_triton_dtype
 from service.triton.supervisor import OnChange, SupervisorMetrics, TritonSupervisor
 
 from .base import BackendBusy, BackendUnavailable
@@ -344,11 +344,11 @@ class TritonBackend:
 
     def _mapped(self, message: str, replica: Replica) -> Exception:
         """The domain error of a model's error message (wire.py's status form)."""
-        error = wire.error_from_status(message)
-        if isinstance(error, Unavailable):  # a model not loaded: this replica is not ready
+        code, detail = wire.parse_status(message)
+        if code == "UNAVAILABLE":  # a model not loaded: this replica is not ready
             return self._unavailable(message, replica)
-        code, _ = wire.parse_status(message)
         self._count(code)
+        error = wire.error_for(code, detail, message)
         if isinstance(error, Busy):
             return BackendBusy(str(error))
         return error

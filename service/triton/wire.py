@@ -429,10 +429,14 @@ def parse_status(message: str) -> tuple[str, str]:
 
 def error_from_status(message: str) -> BaseException:
     """The domain error a model's error message stands for (the gateway maps domain errors to gRPC)."""
+    return error_for(*parse_status(message), message)
+
+
+def error_for(code: str, detail: str, message: str) -> BaseException:
+    """The domain error of a parsed status (parse_status); `message`, the whole text, for INTERNAL."""
     from service.adapters import AdapterNotFoundError
     from service.edit import EditRefused
 
-    code, detail = parse_status(message)
     errors = {"INVALID_ARGUMENT": InvalidRequest, "NOT_FOUND": AdapterNotFoundError, "FAILED_PRECONDITION": EditRefused,
               "RESOURCE_EXHAUSTED": Busy, "CANCELLED": GenerationCancelled, "UNAVAILABLE": Unavailable}
     return errors[code](detail) if code in errors else RuntimeError(f"Triton: {message}")
