@@ -89,6 +89,20 @@ class ResultCache:
         tmp.write_text(json.dumps({"key": key, "version": CACHE_VERSION, "value": value}))
         tmp.replace(path)  # a killed run leaves no half-written cell
 
+    def blob(self, key: dict, compute: Callable[[], bytes]) -> bytes:
+        """Bytes (e.g. a trained adapter) cached like a cell, as `<digest>.bin`."""
+        path = self.path(key).with_suffix(".bin")
+        if self.enabled and path.is_file():
+            self.hits += 1
+            return path.read_bytes()
+        self.misses += 1
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".bin.tmp")
+        tmp.write_bytes(value)
+        tmp.replace(path)
+        return value
+
     def cell(self, key: dict, compute: Callable[[], object]):
         """The cached value of `key`, or compute() stored under it."""
         value = self.get(key)

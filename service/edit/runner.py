@@ -9,7 +9,7 @@ import contextlib
 
 from service.adapters import AdapterManager
 from service.engine.pipeline import Engine, flush_denormals
-from service.engine.sampling import AdapterUse, run
+from service.engine.sampling import AdapterUse, run, run_together
 
 from . import editor
 from .spec import WORKBENCH_CALLS, Edited, EditProgress, EditSpec, Steer
@@ -32,13 +32,24 @@ def run_edit(
 ) -> Edited:
     """`engine` serves adapters through its bank (BankedAdapters); `workbench` is needed by
     DreamSteerer only."""
+    return run_edits(engine, workbench, [spec], should_stop, progress)[0]
+
+
+def run_edits(
+    engine: Engine, workbench: Workbench | None, specs: list[EditSpec], should_stop=lambda: False,
+    progress: EditProgress | None = None,
+) -> list[Edited]:
+    """Several edits side by side (service.engine.sampling.run_together): their DDS iterations share
+    UNet calls, as concurrent edits do on Triton's `unet` model. The bank needs a slot per distinct
+    adapter and one per DreamSteerer edit (its steered copy), and rows for 4 per edit."""
     flush_denormals()
-    loop = editor(spec)(spec, engine.facts, should_stop, progress)
+    loops = [editor(spec)(spec, engine.facts, should_stop, progress) for spec in specs]
     manager = engine.adapters.manager
     with contextlib.ExitStack() as request:
-        if spec.adapter is not None:
-            # Pinned for the whole edit, so no iteration reloads it.
-            request.enter_context(engine.adapters.hold([(spec.adapter,)]))
+        used = [(spec.adapter,) for spec in specs if spec.adapter is not None]
+        if used:
+            # Pinned for the whole edit, so no iteration reloads them.
+            request.enter_context(engine.adapters.hold(used))
 
         def execute(call):
             if isinstance(call, WORKBENCH_CALLS):
@@ -51,4 +62,6 @@ def run_edit(
                 return use
             return engine.execute(call)
 
-        return run(loop, execute)
+        if len(loops) == 1:
+            return [run(loops[0], execute)]
+        return run_together(loops, execute)

@@ -333,3 +333,40 @@ async def run_async(loop: Generator[ModelCall, Any, Any], execute: Callable[[Mod
             call = loop.send(await execute(call))
     except StopIteration as done:
         return done.value
+
+
+def run_together(loops: Sequence[Generator[ModelCall, Any, Any]], execute: Callable[[ModelCall], Any]) -> list:
+    """Runs several loops side by side, as the Triton `unet` model batches requests: each round,
+    the loops' pending `Denoise` calls become ONE UNet call (rows concatenated, answers split back),
+    every other call runs on its own. Returns each loop's result, in order. Loops of any mix (and
+    length) may run together; a loop that finishes early simply leaves the batch."""
+    pending: dict[int, ModelCall] = {}
+    results: list[Any] = [None] * len(loops)
+
+    def advance(i: int, answer=None, first: bool = False) -> None:
+        try:
+            pending[i] = next(loops[i]) if first else loops[i].send(answer)
+        except StopIteration as done:
+            pending.pop(i, None)
+            results[i] = done.value
+
+    for i in range(len(loops)):
+        advance(i, first=True)
+    while pending:
+        denoise = {i: c for i, c in pending.items() if isinstance(c, Denoise)}
+        others = {i: c for i, c in pending.items() if not isinstance(c, Denoise)}
+        for i, call in others.items():
+            advance(i, execute(call))
+        if not denoise:
+            continue
+        order = list(denoise)
+        calls = [denoise[i] for i in order]
+        merged = Denoise(torch.cat([c.latents for c in calls]), torch.cat([c.timesteps for c in calls]),
+                         torch.cat([c.embeds for c in calls]), [r for c in calls for r in c.rows])
+        out = execute(merged)
+        start = 0
+        for i, call in zip(order, calls):
+            m = call.latents.shape[0]
+            advance(i, StepResult(out.noise[start : start + m], out.batch_size, out.compute_seconds))
+            start += m
+    return results

@@ -68,7 +68,10 @@ class Workbench:
         return noise_prediction(prediction, x_t, scheduler.alphas_cumprod[int(t)], scheduler.config.prediction_type)
 
     def unet(self, latents, t, embeds) -> torch.Tensor:
-        t = torch.as_tensor(t, device=self.base.engine.device).reshape(-1).expand(latents.shape[0])
+        """One UNet call; `t` one timestep for every row or one per row."""
+        t = torch.as_tensor(t, device=self.base.engine.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(latents.shape[0])
         return self.base.unet(latents.to(self.base.engine.dtype), t, encoder_hidden_states=embeds).sample
 
 

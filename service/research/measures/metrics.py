@@ -5,6 +5,8 @@
     judge.prompt_alignment(images, prompts)            # CLIP-T stand-in
     judge.concept_fidelity(images, concept)            # CLIP-I stand-in
     structure_preservation(source, edited, mask)       # SSIM + error outside the edited object
+    judge.feature_distance(sources, edits)             # LPIPS stand-in (the classifier's features)
+    colour_share(image, region, "pink")                # a colour's share of an object's pixels
     judge.content_leakage(images, prompts, forbidden_shapes)
 
 Images are uint8 arrays (H, W, 3) (or PIL images); prompts are world captions, parsed with
@@ -16,15 +18,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from skimage.metrics import structural_similarity
 
 from service.research.world.captions import parse_caption
 from service.research.world.heldout import HeldOutConcept
+from service.research.world.vocab import COLORS
 
-from .classifier import ALL_SHAPES, DEFAULT_WEIGHTS, AttributeClassifier, labels, read
+from .classifier import ALL_SHAPES, DEFAULT_WEIGHTS, AttributeClassifier, labels, read, to_input
 
 OBJECT_ATTRIBUTES = ("shape", "color", "texture")
 SCENE_ATTRIBUTES = ("background", "bg_color")
+
+
+def colour_share(image, region: np.ndarray, colour: str) -> float:
+    """Share of the pixels in `region` whose nearest world colour is `colour` (how much of an
+    object's area an edit painted in the concept's colour)."""
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], np.float32)
+    pixels = np.asarray(image, np.float32)[..., :3][np.asarray(region, bool)]
+    if not len(pixels):
+        return 0.0
+    nearest = np.argmin(((pixels[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
+    return float(np.mean(nearest == names.index(colour)))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -60,6 +76,24 @@ class Judge:
     def read(self, images) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
         out = read(self.model, images)
         return out, labels(out)
+
+    @torch.no_grad()
+    def feature_distance(self, a, b) -> np.ndarray:
+        """An LPIPS-style perceptual distance per image pair, from the classifier's own features
+        (no LPIPS weights exist here): at each conv block's output, features unit-normalised over
+        channels at every position, squared difference summed over channels, averaged over
+        positions, then over blocks (uncalibrated: LPIPS's learned per-channel weights are all 1)."""
+        x, y = to_input(a), to_input(b)
+        total = torch.zeros(len(x))
+        blocks = 0
+        for layer in self.model.features:
+            x, y = layer(x), layer(y)
+            if isinstance(layer, torch.nn.Sequential):  # a conv block (ReLU output)
+                nx = x / x.norm(dim=1, keepdim=True).clamp(min=1e-8)
+                ny = y / y.norm(dim=1, keepdim=True).clamp(min=1e-8)
+                total += (nx - ny).pow(2).sum(1).mean(dim=(1, 2))
+                blocks += 1
+        return (total / blocks).numpy()
 
     def prompt_alignment(self, images, prompts: list[str]) -> dict:
         """Share of images whose classifier reading agrees with each attribute the prompt states.

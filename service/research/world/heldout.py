@@ -28,6 +28,8 @@ from .vocab import BACKGROUNDS, COLOR_NAMES, HELDOUT_COMBOS, HELDOUT_SHAPES, SHA
 
 
 DEV, TEST = "dev", "test"
+# World images per concept that edits are measured on (HeldOutConcept.edit_sources).
+EDIT_SOURCES = 8
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,40 @@ class HeldOutConcept:
 
     def obj(self, cx: float = 0.5, cy: float = 0.5, r: float = 0.3) -> WorldObject:
         return WorldObject(self.shape, self.color, self.texture, cx, cy, r)
+
+    def edit_sources(self, n: int = EDIT_SOURCES) -> list[Scene]:
+        """The world images an edit with this concept is measured on (the concept's split is
+        theirs): `n` scenes whose first (largest) object is the one to turn into the concept. They
+        vary layout, object size, background kind and colour; the first two objects have the
+        concept's class-word shape (only the appearance must change), the rest another shape
+        (the shape must change too); the last two hold a second, smaller object that must stay.
+        No object or background shows the concept's colour, so concept colour in the edit is new."""
+        rng = rng_for(hash_name(self.name) * 31 + 7, 0)
+        class_shape = self.class_word if self.class_word in SHAPES else None
+        other_shapes = [s for s in SHAPES if s not in (self.shape, class_shape)]
+        out = []
+        for i in range(n):
+            two = i >= n - 2
+            background = BACKGROUNDS[i % len(BACKGROUNDS)]
+            bg_color = _other_color(rng, self.color)
+            placed = place_objects(rng, 2 if two else 1)
+            objects, used = [], {self.color, bg_color}
+            for k, (cx, cy, r) in enumerate(placed):
+                if k == 0:
+                    shape = class_shape if (i < 2 and class_shape) else other_shapes[rng.integers(len(other_shapes))]
+                    texture = "solid" if i % 3 else ("striped" if self.texture != "striped" else "dotted")
+                else:
+                    others = [s for s in SHAPES if s not in (objects[0].shape, self.shape)]
+                    shape, texture = others[rng.integers(len(others))], "solid"
+                color = _other_color(rng, self.color)
+                while color in used:
+                    color = _other_color(rng, self.color)
+                used.add(color)
+                if (color, texture) in HELDOUT_COMBOS:  # the base model never drew it: not a fair source
+                    texture = "solid"
+                objects.append(WorldObject(shape, color, texture, float(cx), float(cy), float(r)))
+            out.append(Scene(background, bg_color, tuple(objects)))
+        return out
 
     def references(self, n: int = 5, seed: int = 0, size: int = DEFAULT_SIZE) -> list[Sample]:
         """n reference images: the concept alone on random seen backgrounds, varied position/size."""
