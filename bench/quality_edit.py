@@ -66,7 +66,7 @@ VARIANTS = {
     "dreamsteerer": ("DREAMSTEERER", {}),
     "no_edsd": ("DREAMSTEERER", {"edsd": False}),
     "no_mode_shifting": ("DREAMSTEERER", {"mode_shifting": False}),
-    "no_guided": ("DREAMSTEERER", {"guided_samples": 0}),  # mode shifting on plain samples instead
+    "no_guided": ("DREAMSTEERER", {"feature_injection": False}),  # mode shifting on unguided samples
     "no_bias_correction": ("DREAMSTEERER", {"bias_correction": False}),
     "no_mask": ("DREAMSTEERER", {"use_subject_mask": False}),
 }
@@ -79,6 +79,7 @@ STRUCTURE = ("ssim", "background_error", "feature_distance")
 CONCEPT = ("agreement", "colour_share", "similarity")
 METRICS = STRUCTURE + CONCEPT + ("shape", "color", "texture")
 LOWER_IS_BETTER = {"background_error", "feature_distance"}
+DDS_OPTIONS = ("iterations", "guidance_scale", "learning_rate", "t_min", "t_max")
 GROW = 4  # px the edited object's mask is grown by before "outside" starts
 
 
@@ -145,15 +146,18 @@ def score(judge: Judge, concept: HeldOutConcept, sources, edits) -> list[dict]:
 
 def edit_cell(setup: Setup, method: str, concept: HeldOutConcept, photos: int, variant: str,
               options: EditOptions, seconds: dict) -> dict:
+    edit_method, changes = VARIANTS[variant]
+    used = asdict(options.replace(**changes))
+    if edit_method == "DDS":  # DreamSteerer's options do not touch a DDS cell
+        used = {k: used[k] for k in DDS_OPTIONS}
     key = {"bench": "edit", "model": setup.model_id, "method": method, "concept": concept.name, "photos": photos,
-           "training": resolved_settings(method, {}), "variant": variant, "options": asdict(options),
+           "training": resolved_settings(method, {}), "edit_method": edit_method, "options": used,
            "sources": [s.caption for s in concept.edit_sources()]}
 
     def compute() -> dict:
         adapter, token = setup.adapter(method, concept, photos)
         scenes = concept.edit_sources()
         sources = [render(s) for s in scenes]
-        edit_method, changes = VARIANTS[variant]
         specs = [EditSpec(method=edit_method, source=src.image, source_prompt=scene.caption,
                           target_prompt=target_prompt(scene, token, concept.class_word), adapter=AdapterUse(adapter),
                           adapter_method=method, token=token, class_word=concept.class_word, seed=i,

@@ -125,6 +125,24 @@ def test_dds_stops_when_told(served):
     assert calls == [1, 2, 3]
 
 
+def test_edits_run_side_by_side_give_what_each_gives_alone(served, workbench, adapters):
+    """run_edits shares UNet calls between edits (as Triton's unet model batches requests): each
+    edit comes out as it does alone, whatever the mix (DDS and DreamSteerer, different lengths)."""
+    from service.edit.runner import run_edits
+
+    engine, _ = served
+    specs = [spec_for("TEXTUAL_INVERSION", adapters, edit=DDS, options=EditOptions(iterations=10)),
+             spec_for("CUSTOM_DIFFUSION", adapters),
+             spec_for("TEXTUAL_INVERSION", adapters, edit=DDS, options=EditOptions(iterations=6))]
+    specs[2].seed = 4
+    together = run_edits(engine, workbench, specs)
+    for spec, out in zip(specs, together):
+        alone = run_edit(engine, workbench, spec)
+        assert np.abs(out.latent - alone.latent).max() < 1e-3
+        assert np.abs(out.image.astype(int) - alone.image.astype(int)).max() <= 1
+    assert np.abs(together[0].latent - together[2].latent).max() > 1e-2  # different edits stay different
+
+
 # -- DreamSteerer ------------------------------------------------------------------------------
 
 

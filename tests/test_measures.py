@@ -110,3 +110,22 @@ def test_classifier_training_script_runs(tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["accuracy"]) >= {"shape", "color", "texture", "background"}
     assert AttributeClassifier.load(out).heads["shape"].out_features == 9
+
+
+def test_feature_distance_grows_with_the_change(judge):
+    """The LPIPS stand-in: 0 for the same image, small for a recoloured object, larger for a
+    new layout and largest for another scene altogether."""
+    from service.research.measures.metrics import colour_share
+
+    scene = Scene("checker", "blue", (WorldObject("star", "red", "solid", 0.5, 0.5, 0.3),))
+    src = render(scene)
+    recoloured = render(with_objects(scene, WorldObject("star", "yellow", "solid", 0.5, 0.5, 0.3)))
+    moved = render(with_objects(scene, WorldObject("heart", "red", "dotted", 0.3, 0.7, 0.2)))
+    other = render(Scene("stripes", "green", (WorldObject("ring", "white", "solid", 0.6, 0.4, 0.25),)))
+    d = judge.feature_distance([src.image] * 4, [src.image, recoloured.image, moved.image, other.image])
+    assert d[0] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < d[1] < d[3] and 0 < d[2] < d[3]
+    # The concept colour's share of an object's pixels: all red before, all yellow after.
+    assert colour_share(src.image, src.masks[0], "red") > 0.95
+    assert colour_share(recoloured.image, src.masks[0], "red") == 0.0
+    assert colour_share(recoloured.image, src.masks[0], "yellow") > 0.95

@@ -289,9 +289,11 @@ def test_finestyle_trains_on_triton_and_generates_with_both_scales(stack, triton
 
 def test_edit_on_triton_with_each_subject_method(stack, triton, model_dir):
     """DDS and DreamSteerer through the `edit` model, for each subject method's adapter. DDS's rows
-    go through the shared `unet` model and equal the in-process edit; DreamSteerer's steered copy
-    stays inside the edit model and the stored adapter is unchanged."""
+    go through the shared `unet` model and equal the in-process edit; DreamSteerer's rows with its
+    steered copy go there too (the copy is a per-request file in the shared adapter folder, gone
+    when the edit ends), and the stored adapter is unchanged."""
     from service.edit import DDS as DDS_METHOD, EditOptions, EditSpec
+    from service.adapters.loading import REQUEST_ADAPTERS
     from service.edit.runner import run_edit
     from service.personalize import FrozenBase
     from tests.test_edit import SOURCE, SOURCE_PROMPT, edit_request, import_adapters, quick_adapter
@@ -316,8 +318,12 @@ def test_edit_on_triton_with_each_subject_method(stack, triton, model_dir):
                 adapter=AdapterUse(adapter.sha256), seed=4, options=EditOptions(iterations=12))).image
             assert np.abs(pixels(dds.image).astype(int) - want.astype(int)).max() <= 2
             before = stub.ExportAdapter(pb.ExportAdapterRequest(adapter_id=adapter.adapter_id), metadata=auth())
+            exec0 = nv_metric(triton, "nv_inference_exec_count", "unet")
             events = list(stub.EditStream(edit_request(adapter), metadata=auth(), timeout=300))
             result = events[-1].result
+            # Preliminary and final DDS iterations (4 + 12) all ran in the shared unet model.
+            assert nv_metric(triton, "nv_inference_exec_count", "unet") - exec0 >= 16
+            assert not list((stack.settings.data_dir / "adapters" / REQUEST_ADAPTERS).glob("*"))
             assert {"steer", "dds"} <= {e.phase for e in events}
             assert result.timings.steer_seconds > 0 and result.mask.data
             assert np.abs(pixels(result.image).astype(int) - SOURCE.image.astype(int)).mean() > 1

@@ -5,7 +5,7 @@ from service.research.world import HELDOUT_SHAPES, Scene, WorldObject, generate,
 from service.research.world.captions import parse_caption
 from service.research.world.generator import COLORS, _ink, render_background, texture_pattern
 from service.research.world.heldout import CONCEPTS, STYLES, shapes_outside
-from service.research.world.vocab import HELDOUT_COMBOS, SHAPES
+from service.research.world.vocab import BACKGROUNDS, HELDOUT_COMBOS, SHAPES
 
 
 def test_generator_is_deterministic_per_seed_and_index():
@@ -144,3 +144,40 @@ def test_held_out_sets_are_split_and_reproduced_by_the_generator():
     got_styles = {name: _digest([s.reference().image]) for name, s in STYLES.items()}
     assert got_concepts == CONCEPT_DIGESTS
     assert got_styles == STYLE_DIGESTS
+
+
+# The editing table's sources (HeldOutConcept.edit_sources), pinned like the concepts.
+EDIT_SOURCE_DIGESTS = {
+    "yellow-crescent": "1705a4abf581c89c", "green-striped-hexagon": "137f79f3047a4903",
+    "purple-dotted-heart": "ff23fb0fd0a793cd", "orange-striped-ring": "29b71fa3af2858d3",
+    "pink-dotted-square": "aea06ddb8b7cfb83", "white-star": "c13afff02363f6e5",
+    "blue-striped-crescent": "08670ebc6160eac6", "red-dotted-hexagon": "21dfa9e1858c8c35",
+    "purple-dotted-star": "d5b4ff00517e7ef8", "yellow-striped-cross": "2fd936062900efb5",
+    "green-dotted-triangle": "4b7c11ae65e15fac", "pink-circle": "c22871b7875c6fb9",
+}
+
+
+def test_edit_sources_vary_as_the_editing_table_needs_and_are_pinned():
+    from service.research.world.heldout import EDIT_SOURCES
+
+    for name, concept in CONCEPTS.items():
+        scenes = concept.edit_sources()
+        assert len(scenes) == EDIT_SOURCES >= 8
+        # The edited object is the first and the largest (what the classifier's main head reads,
+        # as the world's scenes order their objects: by size, place_objects).
+        assert all(s.objects[0].r >= max(o.r for o in s.objects) for s in scenes)
+        # Nothing shows the concept's colour, and no object is a combination the base model never drew.
+        for s in scenes:
+            assert concept.color not in {s.bg_color, *(o.color for o in s.objects)}
+            assert all((o.color, o.texture) not in HELDOUT_COMBOS for o in s.objects)
+            assert all(o.shape in SHAPES for o in s.objects)
+        # The class word's shape (appearance edits) and other shapes (the shape must change too).
+        assert [s.objects[0].shape for s in scenes[:2]] == [concept.class_word] * 2
+        assert all(s.objects[0].shape not in (concept.shape, concept.class_word) for s in scenes[2:])
+        # One and two objects; every background kind.
+        assert [len(s.objects) for s in scenes] == [1] * (EDIT_SOURCES - 2) + [2, 2]
+        assert {s.background for s in scenes} == set(BACKGROUNDS)
+    got = {}
+    for name, concept in CONCEPTS.items():
+        got[name] = _digest(render(s).image for s in concept.edit_sources())
+    assert got == EDIT_SOURCE_DIGESTS

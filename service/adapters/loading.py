@@ -10,7 +10,11 @@ checked against the key when loaded: a damaged file is refused, never served.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +22,7 @@ import torch
 
 from .bank import AdapterBank
 from .errors import AdapterFormatError, AdapterNotFoundError
-from .formats import Adapter, parse_adapter
+from .formats import Adapter, parse_adapter, serialize_adapter
 
 _ADAPTER_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CONTENT_KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -48,6 +52,30 @@ def blob_loader(adapter_dir: Path) -> Callable[[str], Adapter]:
         return parse_adapter(str(matches[0]))
 
     return load
+
+
+# Per-request adapters every model server process can load (a DreamSteerer edit's steered copy on
+# Triton): <adapter_dir>/request/<key>.safetensors, found by blob_loader as "files written under an
+# adapter id". No tenant owns such a key, so no request from the gateway can name one; the store's
+# start-up sweep removes any a crash left behind.
+REQUEST_ADAPTERS = "request"
+
+
+@contextmanager
+def request_adapter(adapter: Adapter, adapter_dir: Path, prefix: str = "steered") -> Iterator[str]:
+    """`adapter` written for the block under a fresh random key that blob_loader resolves in every
+    process sharing `adapter_dir`; the file is gone when the block ends, however it ends."""
+    key = f"{prefix}-{uuid.uuid4().hex}"
+    folder = Path(adapter_dir) / REQUEST_ADAPTERS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(serialize_adapter(adapter))
+    os.replace(tmp, path)  # readers never see half a file
+    try:
+        yield key
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def adapter_checker(model_dir: Path, max_rank: int) -> Callable[[Adapter], Adapter]:

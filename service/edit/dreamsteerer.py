@@ -67,7 +67,8 @@ def dreamsteerer(spec: EditSpec, facts: ModelFacts, should_stop=lambda: False, p
     if o.mode_shifting and o.guided_samples > 0:
         t0 = time.perf_counter()
         guided = yield GuidedSamples(spec.adapter, z_source, spec.source_prompt, spec.target_prompt,
-                                     o.guided_samples, o.guided_steps, o.guidance_scale, spec.seed)
+                                     o.guided_samples, o.guided_steps, o.guidance_scale, spec.seed,
+                                     inject=o.feature_injection)
         timings["guided_seconds"] = time.perf_counter() - t0
         report("guided", 1, 1)
 

@@ -56,6 +56,9 @@ class EditOptions:
     steer_learning_rate: float = 0.0  # 0: the adapter method's default (workbench/steering.py: STEER_LR)
     preliminary_iterations: int = 40  # DDS iterations of the "slightly edited image" EDSD reads
     guided_samples: int = 2  # spatial-feature-guided samples for mode shifting
+    # The samples' spatial guidance (plug-and-play injection of the source's features); off: the
+    # same samples drawn from the inverted source without injection (the guidance's ablation).
+    feature_injection: bool = True
     guided_steps: int = 20  # DDIM steps of the inversion and of each guided sample
     mode_shifting_weight: float = 1.0
     # Prompt-to-Prompt's local blend thresholds at 0.3 of the maximum; our maps are scaled between
@@ -187,6 +190,7 @@ class GuidedSamples:
     steps: int
     guidance_scale: float
     seed: int
+    inject: bool = True  # the source's features injected (plug-and-play); False: plain samples
 
 
 @dataclass(frozen=True)

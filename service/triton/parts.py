@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from service.adapters import serialize_adapter
+from service.adapters.loading import blob_loader, request_adapter
 from service.config import Settings
 from service.engine.pipeline import AdapterUse, Engine, flush_denormals
-from service.engine.sampling import Decode, Denoise, StepResult
 from service.personalize import FrozenBase, TrainingSpec, train
 from service.serving import build_engine
 
@@ -145,17 +145,24 @@ class EditWorker:
     """What the `edit` model runs: the edit loop (service.edit, the same one the in-process backend
     runs), each model call executed where it can be.
 
-    - `Encode`, `Denoise`, `Decode` whose rows name only stored adapters go to the shared models
-      through `remote` (BLS): DDS iterations batch with Generate's steps in the `unet` model;
-    - DreamSteerer's workbench calls run on this instance's private model copy, and calls whose rows
-      name the request's steered copy run on this instance's own engine, whose adapter bank holds
-      that copy in a per-request slot (it exists nowhere else and is dropped when the edit ends);
-    - `EncodeImage` runs here (one VAE encoder pass).
+    - `Encode`, `Denoise`, `Decode` go to the shared models through `remote` (BLS), so every DDS
+      iteration, DreamSteerer's included, batches with Generate's steps in the `unet` model;
+    - DreamSteerer's workbench calls run on this instance's private model copy (the only model this
+      instance holds); the steered copy they produce is written for the request to the shared
+      adapter folder (service.adapters.loading.request_adapter), where the shared models load it
+      like a stored adapter, and removed when the edit ends;
+    - `EncodeImage` runs here, on the private copy's VAE (one encoder pass).
     """
 
-    def __init__(self, engine: Engine, workbench):
-        self.engine = engine
+    def __init__(self, workbench, adapter_dir: Path | None, prepare=lambda adapter: adapter):
         self.workbench = workbench
+        self.adapter_dir = adapter_dir
+        self.load = blob_loader(adapter_dir) if adapter_dir is not None else None
+        self.prepare = prepare  # checks a stored adapter against the served model's layers
+
+    @property
+    def facts(self):
+        return self.workbench.base.engine.facts
 
     async def __call__(self, spec: "EditSpec", remote, should_stop, progress):
         import asyncio
@@ -163,45 +170,35 @@ class EditWorker:
 
         from service.edit import WORKBENCH_CALLS, EditRefused, Steer, editor
         from service.edit.spec import throttled
-        from service.edit.runner import steered_result
         from service.engine.sampling import EncodeImage, run_async
 
-        # Only DreamSteerer needs this instance's bank (the steered copy); plain DDS runs without one.
-        manager = self.engine.adapters.manager
         progress = throttled(progress)
-        loop = editor(spec)(spec, self.engine.facts, should_stop, progress)
-        local_keys: set[str] = set()
+        loop = editor(spec)(spec, self.facts, should_stop, progress)
+        stored: dict[str, object] = {}  # the request's adapter, read once for its workbench calls
         with contextlib.ExitStack() as request:
             async def execute(call):
                 if isinstance(call, WORKBENCH_CALLS):
-                    if manager is None:
-                        raise EditRefused("DreamSteerer needs the edit model's adapter bank (STEERSERVE_ADAPTER_DIR)")
-                    adapter = await asyncio.to_thread(manager.get, call.adapter.key)
-                    result = await asyncio.to_thread(self.workbench.execute, call, adapter, should_stop, progress)
-                    answer = steered_result(call, result, manager, request)
+                    if self.load is None:
+                        raise EditRefused("DreamSteerer needs the shared adapter folder (STEERSERVE_ADAPTER_DIR)")
+                    key = call.adapter.key
+                    if key not in stored:
+                        stored[key] = await asyncio.to_thread(lambda: self.prepare(self.load(key)))
+                    result = await asyncio.to_thread(self.workbench.execute, call, stored[key], should_stop, progress)
                     if isinstance(call, Steer):
-                        local_keys.add(answer[0].key)
-                    return answer
-                rows = getattr(call, "rows", ())
-                if isinstance(call, EncodeImage) or any(use.key in local_keys for row in rows for use in row):
-                    return await asyncio.to_thread(self._local, call)
+                        steered, losses = result
+                        return AdapterUse(request.enter_context(request_adapter(steered, self.adapter_dir))), losses
+                    return result
+                if isinstance(call, EncodeImage):
+                    return await asyncio.to_thread(self._encode_image, call)
                 return await remote(call)
 
             return await run_async(loop, execute)
 
-    def _local(self, call):
-        """A model call on this instance's engine. The loop keeps its tensors on the CPU (they
-        also travel to the shared models over BLS): inputs move to the engine's device, results
-        come back as CPU float32."""
+    def _encode_image(self, call):
+        """The source's latent on the private copy's VAE, as CPU float32 (the loop's tensors also
+        travel to the shared models over BLS)."""
+        from PIL import Image
+
         flush_denormals()
-        engine = self.engine
-        if isinstance(call, Denoise):
-            call = dataclasses.replace(call, latents=call.latents.to(engine.device, engine.dtype),
-                                       timesteps=call.timesteps.to(engine.device),
-                                       embeds=call.embeds.to(engine.device, engine.dtype))
-        elif isinstance(call, Decode):
-            call = dataclasses.replace(call, latents=call.latents.to(engine.device, engine.dtype))
-        result = engine.execute(call)
-        if isinstance(result, StepResult):
-            return dataclasses.replace(result, noise=result.noise.float().cpu())
-        return result.float().cpu() if isinstance(result, torch.Tensor) else result
+        with self.workbench.base.lock:
+            return self.workbench.base.engine.encode_image(Image.fromarray(call.image)).float().cpu()

@@ -4,7 +4,8 @@ Decoupled with `async def execute`, like `generate`. The edit loop is service.ed
 in-process backend runs); service.triton.parts.EditWorker decides where each model call runs:
 stored-adapter rows as BLS calls to the shared text_encoder / unet / vae_decode models (the same
 service.triton.bls.execute_call the generate model uses), DreamSteerer's model-internal steps and
-the steered copy's rows on this instance. Tensors: service/triton/wire.py.
+the steered copy written to the shared adapter folder for the request, so its rows run in the
+shared `unet` model too. Tensors: service/triton/wire.py.
 """
 
 import asyncio
@@ -12,23 +13,25 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
+from service.adapters.loading import adapter_checker
 from service.edit.workbench import Workbench
 from service.personalize import FrozenBase
 from service.triton import wire
 from service.triton.bls import execute_call, request_reader, tensors
-from service.triton.parts import EditWorker, instance_device, instance_engine, instance_settings, model_dir
+from service.triton.parts import EditWorker, instance_device, instance_settings, model_dir
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# Rows of one local UNet call: an edit's four DDS rows, or a steered prompt's encodings.
-LOCAL_MAX_ROWS = 16
 
 
 class TritonPythonModel:
     def initialize(self, args):
         settings = instance_settings()
-        engine = instance_engine(settings, args, max_rows=LOCAL_MAX_ROWS)
+        # One model copy: the workbench's (DreamSteerer's steps, the source's VAE encoding). Every
+        # UNet row, the steered copy's included, runs in the shared models.
         base = FrozenBase.from_pretrained(model_dir(settings), device=instance_device(args))
-        self.worker = EditWorker(engine, Workbench(base))
+        adapter_dir = settings.adapters_path() if settings.adapter_dir is not None else None
+        prepare = adapter_checker(model_dir(settings), settings.adapter_max_rank)
+        self.worker = EditWorker(Workbench(base), adapter_dir, prepare)
         self.remote = execute_call
 
     async def execute(self, requests):

@@ -72,8 +72,8 @@ def guided_samples(bench: "Workbench", call: GuidedSamples, applied: Applied, sh
         for i, t in enumerate(timesteps.tolist()):
             if should_stop():
                 raise GenerationCancelled(f"stopped at guided-sampling step {i + 1} of {len(timesteps)}")
-            inject.features = i < PNP_FEATURE_FRACTION * len(timesteps)
-            inject.attention = i < PNP_ATTENTION_FRACTION * len(timesteps)
+            inject.features = call.inject and i < PNP_FEATURE_FRACTION * len(timesteps)
+            inject.attention = call.inject and i < PNP_ATTENTION_FRACTION * len(timesteps)
             rows = torch.cat([trajectory[t], latents, latents])
             noise = bench.unet(rows, t, embeds)
             guided = classifier_free_guidance(noise[1 : 1 + n], noise[1 + n :], call.guidance_scale)
