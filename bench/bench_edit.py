@@ -5,7 +5,8 @@ adapter copy.
     python -m bench.bench_edit                  # bench/results/edit_speed.{json,md}
     python -m bench.bench_edit --rounds 1 --methods TEXTUAL_INVERSION
 
-Each round runs, per method, plain DDS then DreamSteerer on the same source with the defaults,
+Also: a few edits side by side (run_edits) against one by one, and the model copies an edit
+instance holds. Each round runs, per method, plain DDS then DreamSteerer on the same source with the defaults,
 through the serving path (service.edit.runner: engine + adapter bank + workbench); medians over
 rounds. The adapters are trained for a few steps only: speed does not depend on what they learned.
 The per-request copy: applying the stored adapter to the workbench's private model as trainable
@@ -26,7 +27,7 @@ from bench.common import add_run_arguments, serving_engine, start_run, write_res
 from bench.quality_personalize import METHOD_SHORT
 from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.edit import EditOptions, EditSpec
-from service.edit.runner import run_edit
+from service.edit.runner import run_edit, run_edits
 from service.edit.workbench import Workbench
 from service.engine.pipeline import AdapterUse
 from PIL import Image
@@ -67,6 +68,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--methods", nargs="+", default=list(SUBJECT_METHODS))
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--side-by-side", type=int, default=4, help="edits run together for the side-by-side figure")
     add_run_arguments(p)
     args = p.parse_args(argv)
     t0 = start_run(args)
@@ -93,6 +95,32 @@ def main(argv=None) -> dict:
             times[method]["dreamsteerer"].append(time.perf_counter() - started)
             times[method]["parts"].append(out.timings)
             print(method, json.dumps({k: round(v, 2) for k, v in out.timings.items()}), flush=True)
+
+    # Edits side by side (run_edits: their DDS iterations share UNet calls, as concurrent edits do in
+    # Triton's unet model) against the same edits one after another.
+    side_by_side = {}
+    method = args.methods[0]
+    token = adapters[method][1]
+    for edit_method in ("DDS", "DREAMSTEERER"):
+        specs = [EditSpec(method=edit_method, source=SOURCE.image, source_prompt=SOURCE_PROMPT,
+                          target_prompt=f"a {token} heart on a blue striped background", adapter=AdapterUse(method),
+                          adapter_method=method, token=token, class_word="heart", seed=i, options=options)
+                 for i in range(args.side_by_side)]
+        started = time.perf_counter()
+        for spec in specs:
+            run_edit(engine, workbench, spec)
+        alone = time.perf_counter() - started
+        started = time.perf_counter()
+        run_edits(engine, workbench, specs)
+        together = time.perf_counter() - started
+        side_by_side[edit_method] = {"one_by_one_seconds": alone, "side_by_side_seconds": together,
+                                     "speedup": alone / together}
+        print(edit_method, json.dumps(side_by_side[edit_method]), flush=True)
+
+    # What an edit instance holds: on Triton, one private model copy (the workbench's); it held a
+    # serving engine as well before the steered copy's rows moved to the shared unet model.
+    model_bytes = sum(t.numel() * t.element_size() for m in (base.unet, base.engine.vae, base.engine.text_encoder)
+                      for t in list(m.parameters()) + list(m.buffers()))
 
     # The per-request copy.
     copy = {}
@@ -122,7 +150,9 @@ def main(argv=None) -> dict:
         parts = {k: median([p.get(k, 0.0) for p in t["parts"]]) for k in PARTS}
         results[method] = {"dds_seconds": median(t["dds"]), "dreamsteerer_seconds": median(t["dreamsteerer"]),
                            "ratio": median(t["dreamsteerer"]) / median(t["dds"]), "parts": parts, "copy": copy[method]}
-    report = {"settings": {"model": Path(args.model).name, "rounds": args.rounds, "iterations": options.iterations,
+    report = {"side_by_side": {"method": method, "edits": args.side_by_side, **side_by_side},
+              "edit_instance": {"model_copies": 1, "model_copies_before": 2, "model_copy_bytes": model_bytes},
+              "settings": {"model": Path(args.model).name, "rounds": args.rounds, "iterations": options.iterations,
                            "steer_steps": options.steer_steps, "preliminary_iterations": options.preliminary_iterations,
                            "guided_samples": options.guided_samples, "guided_steps": options.guided_steps,
                            "command": "python -m bench.bench_edit"},
@@ -147,6 +177,18 @@ def markdown(report: dict) -> str:
         lines.append(f"| {METHOD_SHORT[method]} | {r['dds_seconds']:.1f} | {r['dreamsteerer_seconds']:.1f} | "
                      f"{r['ratio']:.2f}x | {p['mask_seconds']:.2f} | {p['guided_seconds']:.2f} | {p['steer_seconds']:.2f} | "
                      f"{p['dds_seconds']:.2f} | {p['decode_seconds']:.3f} |")
+    sb = report["side_by_side"]
+    lines += ["", f"{sb['edits']} edits ({METHOD_SHORT[sb['method']]}) side by side (`run_edits`: their DDS iterations "
+              "share UNet calls, as concurrent edits' rows do in Triton's `unet` model) against one after another:", "",
+              "| edit | one by one s | side by side s | speed-up |", "|---|---|---|---|"]
+    for name, label in (("DDS", "plain DDS"), ("DREAMSTEERER", "DreamSteerer")):
+        r = sb[name]
+        lines.append(f"| {label} | {r['one_by_one_seconds']:.1f} | {r['side_by_side_seconds']:.1f} | {r['speedup']:.2f}x |")
+    e = report["edit_instance"]
+    lines += ["", f"Edit instance memory (Triton `edit` model): {e['model_copies']} model copy of "
+              f"{e['model_copy_bytes'] / 2**20:.1f} MiB (UNet + VAE + text encoder, as loaded) for DreamSteerer's "
+              f"workbench; before the steered copy's rows moved to the shared `unet` model it held "
+              f"{e['model_copies_before']} (a serving engine with its own adapter bank as well)."]
     lines += ["", "The per-request adapter copy (medians of 5): applied to the workbench's private model as trainable "
               "tensors, then (steered) validated and copied into a bank slot for the request, against a stored "
               "adapter's ordinary cache miss (read + parse + validate + copy).", "",

@@ -92,8 +92,9 @@ def target_prompt(scene: Scene, token: str, class_word: str) -> str:
 class Setup:
     """The base model to train on, the serving engine and workbench to edit with, the judge, caches."""
 
-    def __init__(self, model: str, cache: bool, edits_per_cell: int):
+    def __init__(self, model: str, cache: bool, edits_per_cell: int, train_overrides: dict | None = None):
         self.model = model
+        self.train_overrides = dict(train_overrides or {})
         self.model_id = model_identity(model)
         self.cells = ResultCache("quality_edit", enabled=cache)
         self.adapter_cache = ResultCache("edit_adapters", enabled=cache)
@@ -106,7 +107,7 @@ class Setup:
 
     def adapter(self, method: str, concept: HeldOutConcept, photos: int) -> tuple[str, str]:
         """(bank key, token) of the method's adapter for the concept, trained once and cached."""
-        settings = resolved_settings(method, {})
+        settings = self.training(method)
         key = {"model": self.model_id, "method": method, "settings": settings, "concept": concept.name, "photos": photos}
 
         def compute() -> bytes:
@@ -118,6 +119,10 @@ class Setup:
         name = f"{method}:{concept.name}:{photos}"
         self.adapters[name] = parse_adapter(blob)
         return name, token_for(method)
+
+    def training(self, method: str) -> dict:
+        """The adapter's training settings: the profile's defaults, then --train-set."""
+        return resolved_settings(method, self.train_overrides)
 
 
 def score(judge: Judge, concept: HeldOutConcept, sources, edits) -> list[dict]:
@@ -151,7 +156,7 @@ def edit_cell(setup: Setup, method: str, concept: HeldOutConcept, photos: int, v
     if edit_method == "DDS":  # DreamSteerer's options do not touch a DDS cell
         used = {k: used[k] for k in DDS_OPTIONS}
     key = {"bench": "edit", "model": setup.model_id, "method": method, "concept": concept.name, "photos": photos,
-           "training": resolved_settings(method, {}), "edit_method": edit_method, "options": used,
+           "training": setup.training(method), "edit_method": edit_method, "options": used,
            "sources": [s.caption for s in concept.edit_sources()]}
 
     def compute() -> dict:
@@ -238,6 +243,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_edit(model: str) -> dict:
+    """The model profile's editing defaults (service/profiles.py), as the gateway applies them."""
+    return dict(choose(model).profile.edit)
+
+
 def options_text(options: EditOptions) -> str:
     d = EditOptions()
     changed = {k: v for k, v in asdict(options).items() if v != getattr(d, k)}
@@ -256,6 +266,11 @@ def main(argv=None) -> dict:
                    help="only these of the table's variants (e.g. to fill the cache for one of them)")
     p.add_argument("--one-shot", action="store_true", help="add adapters trained on ONE photo (main table)")
     p.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="override an EditOptions field (JSON value)")
+    p.add_argument("--train-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainingSpec field of the adapters (JSON value), as quality_personalize's --set")
+    p.add_argument("--against-defaults", action="store_true",
+                   help="with --set: also each variant at the profile's defaults, and the paired difference "
+                        "(--set minus defaults) per variant: how a candidate default is judged on the dev split")
     p.add_argument("--no-cache", action="store_true", help="recompute every cell")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="compute only every N-th cell (from the I-th) and write nothing: run N processes with "
@@ -268,9 +283,10 @@ def main(argv=None) -> dict:
     concepts = args.concepts or split(CONCEPTS, args.split)
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     # The model profile's edit defaults (service/profiles.py), then --set.
-    options = EditOptions(**dict(choose(args.model).profile.edit)).replace(**overrides)
+    options = EditOptions(**profile_edit(args.model)).replace(**overrides)
     per_cell = CONCEPTS[concepts[0]].edit_sources().__len__()
-    setup = Setup(args.model, not args.no_cache, per_cell)
+    train_overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.train_set)}
+    setup = Setup(args.model, not args.no_cache, per_cell, train_overrides)
     variants = tuple(v for v in TABLES[args.table] if not args.variants or v in args.variants)
     photo_cases = [REFERENCES] + ([1] if args.one_shot and args.table == "main" else [])
     cells = [(m, c, ph, v) for ph in photo_cases for m in args.methods for c in concepts for v in variants]
@@ -279,14 +295,21 @@ def main(argv=None) -> dict:
     if shards > 1:
         for method, name, photos, variant in progress(cells[shard::shards], desc=f"edit cells, shard {shard}/{shards}"):
             edit_cell(setup, method, CONCEPTS[name], photos, variant, options, seconds)
+            if args.against_defaults:
+                edit_cell(setup, method, CONCEPTS[name], photos, variant, EditOptions(**profile_edit(args.model)), seconds)
         return {}
 
     floor_records = [r for name in concepts for r in round_trip_records(setup, CONCEPTS[name])]
     records: dict[tuple, list[dict]] = {}
     timing: dict[tuple, list[float]] = {}
     grid_rows = []
+    defaults_options = EditOptions(**profile_edit(args.model))
+    against: dict[tuple, list[dict]] = {}
     for method, name, photos, variant in progress(cells, desc="edit cells"):
         value = edit_cell(setup, method, CONCEPTS[name], photos, variant, options, {})
+        if args.against_defaults:
+            base_value = edit_cell(setup, method, CONCEPTS[name], photos, variant, defaults_options, {})
+            against.setdefault((method, photos, variant), []).extend(base_value["records"])
         records.setdefault((method, photos, variant), []).extend(value["records"])
         timing.setdefault((method, photos, variant), []).append(value["seconds_per_edit"])
         if args.table == "main" and name == concepts[0]:
@@ -308,13 +331,23 @@ def main(argv=None) -> dict:
                                                  m).as_dict() for m in METRICS}
                     diff["label"] = f"{VARIANT_LABEL[variant]} − {VARIANT_LABEL[reference]}"
                     rows["differences"][variant] = diff
+                if args.against_defaults:
+                    diff = {m: paired_difference(records[(method, photos, variant)], against[(method, photos, variant)],
+                                                 m).as_dict() for m in METRICS}
+                    diff["label"] = f"{VARIANT_LABEL[variant]}: these settings − defaults"
+                    rows["differences"][f"{variant}:against_defaults"] = diff
             adapters[label] = rows
     if grid_rows:
         first = CONCEPTS[concepts[0]]
         grid_rows.insert(0, (f"sources\n({first.name})", [render(s).image for s in first.edit_sources()]))
     stem = "quality_edit" + ("" if args.table == "main" else f"_{args.table}") + ("" if args.split == TEST else f"_{args.split}")
+    if overrides:  # a candidate's table never overwrites the defaults' table
+        stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(overrides.items()))
     command = "python -m bench.quality_edit" + (f" --table {args.table}" if args.table != "main" else "") + (
-        f" --split {args.split}" if args.split != TEST else "") + (" --one-shot" if len(photo_cases) > 1 else "")
+        f" --split {args.split}" if args.split != TEST else "") + (" --one-shot" if len(photo_cases) > 1 else "") + (
+        f" --concepts {' '.join(args.concepts)}" if args.concepts else "") + (
+        f" --variants {' '.join(args.variants)}" if args.variants else "") + (
+        f" --set {' '.join(args.set)}" if args.set else "") + (" --against-defaults" if args.against_defaults else "")
     report = {
         "settings": {"model": Path(args.model).name, "split": args.split, "table": args.table, "concepts": concepts,
                      "sources_per_concept": per_cell, "options": asdict(options), "options_text": options_text(options),

@@ -113,3 +113,41 @@ def test_personalization_bench_on_a_tiny_subset(tmp_path, monkeypatch, one_torch
     again = quality_personalize.main(argv)
     assert again["cache"] == {"hits": 2, "misses": 0}
     assert again["methods"]["TEXTUAL_INVERSION"]["after"] == after
+
+
+@pytest.mark.slow
+def test_editing_bench_on_a_tiny_subset(tmp_path, monkeypatch, one_torch_thread):
+    """The editing table's command end to end on one method and one concept with tiny settings:
+    every figure has its interval and n (8 edits: the concept's 8 sources), the DreamSteerer − DDS
+    row is a paired difference, the grid is written, a rerun computes nothing, and a candidate
+    setting is judged against the defaults on the same units."""
+    from bench import quality_edit
+
+    monkeypatch.setenv("STEERSERVE_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    small = {"iterations": 3, "steer_steps": 1, "preliminary_iterations": 1, "guided_samples": 1, "guided_steps": 2}
+    tiny = [f"{k}={v}" for k, v in small.items()]
+    argv = ["--split", "dev", "--methods", "TEXTUAL_INVERSION", "--concepts", "purple-dotted-heart",
+            "--train-set", "steps=2", "--out-dir", str(tmp_path / "out"), "--grid-path", str(tmp_path / "g.png"),
+            "--threads", "1", "--set", *tiny]
+    report = quality_edit.main(argv)
+    rows = report["adapters"]["Textual Inversion"]
+    for variant in ("dds", "dreamsteerer"):
+        e = rows["variants"][variant]["ssim"]
+        assert e["n"] == 8 and e["lo"] <= e["mean"] <= e["hi"]
+    diff = rows["differences"]["dreamsteerer"]["ssim"]
+    assert diff["n"] == 8
+    assert diff["mean"] == pytest.approx(rows["variants"]["dreamsteerer"]["ssim"]["mean"]
+                                         - rows["variants"]["dds"]["ssim"]["mean"], abs=1e-3)
+    assert report["cache"] == {"hits": 0, "misses": 2}
+    stem = "quality_edit_dev_" + "_".join(sorted(t.replace("=", "-") for t in tiny))
+    md = (tmp_path / "out" / f"{stem}.md").read_text()
+    assert "Δ DreamSteerer − DDS" in md and "[95% bootstrap interval]" in md
+    assert Image.open(tmp_path / "g.png").size[0] > 64
+    again = quality_edit.main(argv)
+    assert again["cache"] == {"hits": 2, "misses": 0} and again["adapters"] == report["adapters"]
+    # A candidate (one more DDS iteration) against these settings as "defaults" is the paired Δ.
+    monkeypatch.setattr(quality_edit, "profile_edit", lambda model: {**small, "guidance_scale": 4.0})
+    cand = quality_edit.main(argv[:-len(tiny)] + ["iterations=4", "--variants", "dds", "--against-defaults"])
+    d = cand["adapters"]["Textual Inversion"]["differences"]["dds:against_defaults"]["background_error"]
+    assert d["n"] == 8 and d["lo"] <= d["mean"] <= d["hi"]

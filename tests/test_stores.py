@@ -327,3 +327,35 @@ def test_migrations_ignore_tables_of_other_schemas(postgres):
     jobs = JobStore(open_database(url))
     job = jobs.create("t1", "DREAMBOOTH_LORA", "dog", 10, b"r", token="sks")
     assert jobs.get("t1", job.job_id).token == "sks"
+
+
+def test_a_request_adapter_is_loadable_only_while_its_request_runs(stores):
+    """A DreamSteerer edit's steered copy on Triton: a file every model process can load by its
+    key while the edit runs, gone after (also when the edit fails), and swept if a crash left it."""
+    import pytest as _pytest
+    import torch
+
+    from service.adapters import Adapter, AdapterNotFoundError, LoraModule
+    from service.adapters.loading import REQUEST_ADAPTERS, blob_loader, request_adapter
+
+    adapters, _, root = stores
+    blob_root = root / "blobs"
+    copy = Adapter(lora={"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(
+        down=torch.ones(2, 8), up=torch.zeros(8, 2), alpha=2.0)})
+    load = blob_loader(blob_root)
+    with request_adapter(copy, blob_root) as key:
+        assert key.startswith("steered-") and torch.equal(next(iter(load(key).lora.values())).down, torch.ones(2, 8))
+        path = blob_root / REQUEST_ADAPTERS / f"{key}.safetensors"
+        assert path.is_file()
+        # No tenant owns it: the gateway's store does not know the key.
+        assert adapters.find("t1", key) is None
+    assert not path.exists()
+    with _pytest.raises(AdapterNotFoundError):
+        load(key)
+    with _pytest.raises(RuntimeError), request_adapter(copy, blob_root) as key:
+        raise RuntimeError("the edit failed")
+    assert not list((blob_root / REQUEST_ADAPTERS).glob("*"))
+    # A crash leaves one behind: the start-up sweep removes it.
+    left = blob_root / REQUEST_ADAPTERS / "steered-0123.safetensors"
+    left.write_bytes(b"x")
+    assert left in adapters.sweep(min_age_s=0) and not left.exists()
