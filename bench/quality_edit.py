@@ -233,6 +233,15 @@ def markdown(report: dict) -> str:
         for variant, d in rows["differences"].items():
             lines.append(f"| {adapter} | Δ {d['label']} | {d['agreement']['n']} | "
                          + " | ".join(fmt(d[m], m, signed=True) for m in shown) + " | |")
+    steer_lines = []
+    for adapter, rows in report["adapters"].items():
+        for variant, st in rows.get("steering", {}).items():
+            if st:
+                parts = [f"{name} {v['first']:.4f} → {v['last']:.4f} (lower in {v['lower_in']:.0%} of edits)"
+                         for name, v in st.items()]
+                steer_lines.append(f"- {adapter}, {VARIANT_LABEL[variant]}: " + "; ".join(parts))
+    if steer_lines:
+        lines += ["", "Steering's objectives, mean over the first and the last 5 steps of each edit:", ""] + steer_lines
     lines += ["", "Fidelity: the classifier reads the concept's shape + colour + texture in the edited (largest) "
               "object. Concept colour: share of the object region's pixels (the source object grown by 2 px) whose "
               "nearest world colour is the concept's. Feature distance: LPIPS-style, over the world classifier's "
@@ -241,6 +250,19 @@ def markdown(report: dict) -> str:
               "", f"Reproduce: `{s['command']}` ({report['seconds']:.0f} s on {report['machine']}, "
               f"{report['cache']['misses']} cells computed, {report['cache']['hits']} from the cache)."]
     return "\n".join(lines) + "\n"
+
+
+def steering_summary(per_edit: list[list[dict]], k: int = 5) -> dict:
+    """What steering did to its objectives: each loss averaged over the first and the last `k`
+    steps of every edit (one step's loss is noisy: its t is random)."""
+    out = {}
+    for name in ("edsd", "mode_shifting"):
+        first = [np.mean([s[name] for s in losses[:k]]) for losses in per_edit if losses and name in losses[0]]
+        last = [np.mean([s[name] for s in losses[-k:]]) for losses in per_edit if losses and name in losses[0]]
+        if first:
+            out[name] = {"first": round(float(np.mean(first)), 5), "last": round(float(np.mean(last)), 5),
+                         "lower_in": round(float(np.mean([b < a for a, b in zip(first, last)])), 3)}
+    return out
 
 
 def profile_edit(model: str) -> dict:
@@ -302,6 +324,7 @@ def main(argv=None) -> dict:
     floor_records = [r for name in concepts for r in round_trip_records(setup, CONCEPTS[name])]
     records: dict[tuple, list[dict]] = {}
     timing: dict[tuple, list[float]] = {}
+    steering: dict[tuple, list[list[dict]]] = {}
     grid_rows = []
     defaults_options = EditOptions(**profile_edit(args.model))
     against: dict[tuple, list[dict]] = {}
@@ -312,6 +335,7 @@ def main(argv=None) -> dict:
             against.setdefault((method, photos, variant), []).extend(base_value["records"])
         records.setdefault((method, photos, variant), []).extend(value["records"])
         timing.setdefault((method, photos, variant), []).append(value["seconds_per_edit"])
+        steering.setdefault((method, photos, variant), []).extend(value["steer_losses"])
         if args.table == "main" and name == concepts[0]:
             label = METHOD_SHORT[method] + (" (one photo)" if photos == 1 else "")
             grid_rows.append((f"{label}\n{VARIANT_LABEL[variant]}", images_from_json(value["tiles"])))
@@ -322,9 +346,10 @@ def main(argv=None) -> dict:
     for method in args.methods:
         for photos in photo_cases:
             label = METHOD_SHORT[method] + (" (one photo)" if photos == 1 else "")
-            rows = {"variants": {}, "differences": {}, "seconds": {}}
+            rows = {"variants": {}, "differences": {}, "seconds": {}, "steering": {}}
             for variant in variants:
                 rows["variants"][variant] = summary(records[(method, photos, variant)])
+                rows["steering"][variant] = steering_summary(steering[(method, photos, variant)])
                 rows["seconds"][variant] = float(np.mean(timing[(method, photos, variant)]))
                 if variant != reference:
                     diff = {m: paired_difference(records[(method, photos, variant)], records[(method, photos, reference)],

@@ -18,7 +18,6 @@ the gateway reads; docs/triton.md): `instance_engine` builds its engine with ser
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
