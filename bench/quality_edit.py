@@ -79,6 +79,9 @@ STRUCTURE = ("ssim", "background_error", "feature_distance")
 CONCEPT = ("agreement", "colour_share", "similarity")
 METRICS = STRUCTURE + CONCEPT + ("shape", "color", "texture")
 LOWER_IS_BETTER = {"background_error", "feature_distance"}
+# EditOptions fields added after cells were cached, with the value those cells ran with: a cell's
+# key leaves such a field out at that value, so the cells stay valid.
+LEGACY_OPTIONS = {"guided_feature_fraction": 0.8, "guided_attention_fraction": 0.5}
 DDS_OPTIONS = ("iterations", "guidance_scale", "learning_rate", "t_min", "t_max")
 GROW = 4  # px the edited object's mask is grown by before "outside" starts
 
@@ -155,6 +158,12 @@ def edit_cell(setup: Setup, method: str, concept: HeldOutConcept, photos: int, v
     used = asdict(options.replace(**changes))
     if edit_method == "DDS":  # DreamSteerer's options do not touch a DDS cell
         used = {k: used[k] for k in DDS_OPTIONS}
+    injecting = used.get("mode_shifting") and used.get("feature_injection") and used.get("guided_samples", 0) > 0
+    for k, legacy in LEGACY_OPTIONS.items():
+        # Left out where no injection runs (the fraction changes nothing), and at the value cells
+        # made before the option existed ran with (their keys stay valid).
+        if k in used and (not injecting or used[k] == legacy):
+            del used[k]
     key = {"bench": "edit", "model": setup.model_id, "method": method, "concept": concept.name, "photos": photos,
            "training": setup.training(method), "edit_method": edit_method, "options": used,
            "sources": [s.caption for s in concept.edit_sources()]}

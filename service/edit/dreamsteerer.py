@@ -68,7 +68,8 @@ def dreamsteerer(spec: EditSpec, facts: ModelFacts, should_stop=lambda: False, p
         t0 = time.perf_counter()
         guided = yield GuidedSamples(spec.adapter, z_source, spec.source_prompt, spec.target_prompt,
                                      o.guided_samples, o.guided_steps, o.guidance_scale, spec.seed,
-                                     inject=o.feature_injection)
+                                     inject=o.feature_injection, feature_fraction=o.guided_feature_fraction,
+                                     attention_fraction=o.guided_attention_fraction)
         timings["guided_seconds"] = time.perf_counter() - t0
         report("guided", 1, 1)
 

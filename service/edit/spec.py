@@ -59,6 +59,10 @@ class EditOptions:
     # The samples' spatial guidance (plug-and-play injection of the source's features); off: the
     # same samples drawn from the inverted source without injection (the guidance's ablation).
     feature_injection: bool = True
+    # Plug-and-play injection's schedule (workbench/guided.py): the share of the sampling steps that
+    # take the source's decoder ResNet features, and the share that take its self-attention q/k.
+    guided_feature_fraction: float = 0.8
+    guided_attention_fraction: float = 0.5
     guided_steps: int = 20  # DDIM steps of the inversion and of each guided sample
     mode_shifting_weight: float = 1.0
     # Prompt-to-Prompt's local blend thresholds at 0.3 of the maximum; our maps are scaled between
@@ -191,6 +195,8 @@ class GuidedSamples:
     guidance_scale: float
     seed: int
     inject: bool = True  # the source's features injected (plug-and-play); False: plain samples
+    feature_fraction: float = 0.8  # share of the steps with the source's ResNet features injected
+    attention_fraction: float = 0.5  # share of the steps with its self-attention queries and keys
 
 
 @dataclass(frozen=True)

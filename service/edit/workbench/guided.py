@@ -19,10 +19,8 @@ if TYPE_CHECKING:
     from . import Workbench
 
 # Plug-and-play feature injection mapped onto a diffusers UNet: the decoder's second-level ResNet
-# output for the first 80% of the steps, the self-attention queries and keys of the decoder's later
-# attention layers for the first 50%.
-PNP_FEATURE_FRACTION = 0.8
-PNP_ATTENTION_FRACTION = 0.5
+# output for the first `feature_fraction` of the steps (pnp-diffusers: 80%), the self-attention
+# queries and keys of the decoder's later attention layers for the first `attention_fraction` (50%).
 
 
 @torch.no_grad()
@@ -72,8 +70,8 @@ def guided_samples(bench: "Workbench", call: GuidedSamples, applied: Applied, sh
         for i, t in enumerate(timesteps.tolist()):
             if should_stop():
                 raise GenerationCancelled(f"stopped at guided-sampling step {i + 1} of {len(timesteps)}")
-            inject.features = call.inject and i < PNP_FEATURE_FRACTION * len(timesteps)
-            inject.attention = call.inject and i < PNP_ATTENTION_FRACTION * len(timesteps)
+            inject.features = call.inject and i < call.feature_fraction * len(timesteps)
+            inject.attention = call.inject and i < call.attention_fraction * len(timesteps)
             rows = torch.cat([trajectory[t], latents, latents])
             noise = bench.unet(rows, t, embeds)
             guided = classifier_free_guidance(noise[1 : 1 + n], noise[1 + n :], call.guidance_scale)
