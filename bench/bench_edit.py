@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.common import add_run_arguments, serving_engine, start_run, write_results
+from bench.quality_edit import profile_edit
 from bench.quality_personalize import METHOD_SHORT
 from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.edit import EditOptions, EditSpec
@@ -78,7 +79,7 @@ def main(argv=None) -> dict:
     engine = serving_engine(args.model, StoredBlobs({m: serialize_adapter(a) for m, (a, _) in adapters.items()}),
                             max_rows=16, num_slots=8)
     workbench = Workbench(base)
-    options = EditOptions()
+    options = EditOptions(**profile_edit(args.model))  # the served defaults (the model profile's)
     times: dict[str, dict[str, list]] = {m: {"dds": [], "dreamsteerer": [], "parts": []} for m in args.methods}
     for _ in range(args.rounds):
         for method in args.methods:

@@ -73,14 +73,18 @@ WORLD = ModelProfile(
         "FINESTYLE": TrainingDefaults(steps=300, learning_rate=3e-3, rank=8, batch_size=4),
     },
     # EditOptions' own defaults were set on this model (docs/edit/dreamsteerer.md): guidance 4, the
-    # scale this model's CFG is sharp at (7.5, SD's, oversaturates it).
-    edit={"guidance_scale": 4.0},
+    # scale this model's CFG is sharp at (7.5, SD's, oversaturates it). The guided samples inject the
+    # source's self-attention only: injecting its decoder ResNet features (pnp's 80% of the steps,
+    # EditOptions' default, kept for SD) repainted their backgrounds on this small UNet, and on the
+    # dev split attention-only injection gave DreamBooth-LoRA +17 points of fidelity and Custom
+    # Diffusion -2.1 background error (bench/results/quality_edit_dev_guided_feature_fraction-0.md).
+    edit={"guidance_scale": 4.0, "guided_feature_fraction": 0.0},
     sources={
         "DREAMBOOTH_LORA": SWEEP,
         "TEXTUAL_INVERSION": SWEEP,
         "CUSTOM_DIFFUSION": SWEEP,
         "FINESTYLE": "docs/personalize/finestyle.md (first choice, not swept)",
-        "edit": "docs/edit/dreamsteerer.md (a small sweep on one adapter)",
+        "edit": "docs/edit/dreamsteerer.md (dev split: bench.quality_edit --split dev ... --against-defaults)",
     },
 )
 

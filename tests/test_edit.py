@@ -209,6 +209,25 @@ def test_edsd_lowers_its_objective(workbench, adapters, served, method):
 
 
 @pytest.mark.slow
+def test_guided_samples_stay_in_the_models_distribution(served, workbench, adapters):
+    """The mode-shifting samples at the served (profile) defaults look like the model's own images:
+    latents as spread as the source's, and the source's background colour kept. (On our world model
+    the pnp ResNet-feature injection threw them off: latent spread 1.4-2x the source's, background
+    repainted; docs/edit/dreamsteerer.md.)"""
+    from service.profiles import EMBEDDED
+    from service.research.measures.metrics import colour_share
+
+    engine, _ = served
+    options = EditOptions(**EMBEDDED.edit).replace(steer_steps=1, preliminary_iterations=1, iterations=1, guided_steps=10)
+    out = run_edit(engine, workbench, spec_for("DREAMBOOTH_LORA", adapters, options=options))
+    z = engine.encode_image(Image.fromarray(SOURCE.image))
+    assert out.guided.shape[0] == options.guided_samples
+    assert 0.75 < float(out.guided.std()) / float(z.std()) < 1.25
+    decoded = engine.decode_array(torch.from_numpy(out.guided[:1]))[0]
+    assert colour_share(decoded, ~SOURCE.masks[0], "blue") > 0.3  # the blue striped background stays blue
+
+
+@pytest.mark.slow
 def test_steered_copy_lives_only_for_its_request(served, workbench, adapters):
     """While an edit steers and uses its copy, a concurrent Generate with the same adapter gets
     exactly what it got before; afterwards no per-request adapter is left in the bank."""
