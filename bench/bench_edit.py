@@ -100,12 +100,13 @@ def main(argv=None) -> dict:
     # Edits side by side (run_edits: their DDS iterations share UNet calls, as concurrent edits do in
     # Triton's unet model) against the same edits one after another.
     side_by_side = {}
-    method = args.methods[0]
-    token = adapters[method][1]
+    together_method = args.methods[0]
+    token = adapters[together_method][1]
     for edit_method in ("DDS", "DREAMSTEERER"):
         specs = [EditSpec(method=edit_method, source=SOURCE.image, source_prompt=SOURCE_PROMPT,
-                          target_prompt=f"a {token} heart on a blue striped background", adapter=AdapterUse(method),
-                          adapter_method=method, token=token, class_word="heart", seed=i, options=options)
+                          target_prompt=f"a {token} heart on a blue striped background",
+                          adapter=AdapterUse(together_method), adapter_method=together_method, token=token,
+                          class_word="heart", seed=i, options=options)
                  for i in range(args.side_by_side)]
         started = time.perf_counter()
         for spec in specs:
@@ -151,7 +152,7 @@ def main(argv=None) -> dict:
         parts = {k: median([p.get(k, 0.0) for p in t["parts"]]) for k in PARTS}
         results[method] = {"dds_seconds": median(t["dds"]), "dreamsteerer_seconds": median(t["dreamsteerer"]),
                            "ratio": median(t["dreamsteerer"]) / median(t["dds"]), "parts": parts, "copy": copy[method]}
-    report = {"side_by_side": {"method": method, "edits": args.side_by_side, **side_by_side},
+    report = {"side_by_side": {"method": together_method, "edits": args.side_by_side, **side_by_side},
               "edit_instance": {"model_copies": 1, "model_copies_before": 2, "model_copy_bytes": model_bytes},
               "settings": {"model": Path(args.model).name, "rounds": args.rounds, "iterations": options.iterations,
                            "steer_steps": options.steer_steps, "preliminary_iterations": options.preliminary_iterations,
