@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     # ConfigMap sets them): there an unset adapter_dir means no adapter bank.
     adapter_dir: Path | None = None
     compiled_dir: Path | None = None
+    # Per-request adapters every model process of one server loads (a DreamSteerer edit's steered
+    # copy on Triton, service.adapters.loading.request_adapter): a WRITABLE folder local to the
+    # server; unset = <adapter dir>/request. deploy/ points it at the Triton pod's /tmp (its data
+    # volume is read-only there).
+    request_adapter_dir: Path | None = None
     # torch intra-op threads of each Triton model instance (each its own process): on a busy 2-core
     # machine torch's 2 spinning OpenMP threads made a 20-step generation 12x slower than one.
     torch_threads: int = Field(1, ge=1)
@@ -187,6 +192,9 @@ class Settings(BaseSettings):
 
     def adapters_path(self) -> Path:
         return Path(self.adapter_dir) if self.adapter_dir is not None else Path(self.data_dir) / "adapters"
+
+    def request_adapters_path(self) -> Path:
+        return Path(self.request_adapter_dir) if self.request_adapter_dir is not None else self.adapters_path() / "request"
 
     def compiled_path(self) -> Path:
         return Path(self.compiled_dir) if self.compiled_dir is not None else Path(self.data_dir) / "compiled"

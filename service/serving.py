@@ -40,7 +40,7 @@ def build_engine(
         if loader is None:
             from service.adapters.loading import blob_loader
 
-            loader = blob_loader(settings.adapters_path())
+            loader = blob_loader(settings.adapters_path(), settings.request_adapters_path())
         BankedAdapters.attach(
             engine, loader, num_slots=settings.adapter_slots, max_rank=settings.adapter_max_rank, max_rows=max_rows,
             host_cache_size=settings.adapter_host_cache, registry=registry,

@@ -342,9 +342,9 @@ def test_a_request_adapter_is_loadable_only_while_its_request_runs(stores):
     blob_root = root / "blobs"
     copy = Adapter(lora={"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(
         down=torch.ones(2, 8), up=torch.zeros(8, 2), alpha=2.0)})
-    load = blob_loader(blob_root)
-    with request_adapter(copy, blob_root) as key:
-        assert key.startswith("steered-") and torch.equal(next(iter(load(key).lora.values())).down, torch.ones(2, 8))
+    load = blob_loader(blob_root)  # the default request folder: <adapter dir>/request
+    with request_adapter(copy, blob_root / REQUEST_ADAPTERS) as key:
+        assert key.startswith("request-") and torch.equal(next(iter(load(key).lora.values())).down, torch.ones(2, 8))
         path = blob_root / REQUEST_ADAPTERS / f"{key}.safetensors"
         assert path.is_file()
         # No tenant owns it: the gateway's store does not know the key.
@@ -352,10 +352,15 @@ def test_a_request_adapter_is_loadable_only_while_its_request_runs(stores):
     assert not path.exists()
     with _pytest.raises(AdapterNotFoundError):
         load(key)
-    with _pytest.raises(RuntimeError), request_adapter(copy, blob_root) as key:
+    with _pytest.raises(RuntimeError), request_adapter(copy, blob_root / REQUEST_ADAPTERS) as key:
         raise RuntimeError("the edit failed")
     assert not list((blob_root / REQUEST_ADAPTERS).glob("*"))
+    # A folder of its own (deploy/: the Triton pod's /tmp, its data volume being read-only).
+    scratch = root / "scratch"
+    with request_adapter(copy, scratch) as key:
+        assert blob_loader(blob_root, scratch)(key).lora and (scratch / f"{key}.safetensors").is_file()
+    assert not list(scratch.glob("*"))
     # A crash leaves one behind: the start-up sweep removes it.
-    left = blob_root / REQUEST_ADAPTERS / "steered-0123.safetensors"
+    left = blob_root / REQUEST_ADAPTERS / "request-0123.safetensors"
     left.write_bytes(b"x")
     assert left in adapters.sweep(min_age_s=0) and not left.exists()

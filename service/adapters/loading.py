@@ -28,10 +28,12 @@ _ADAPTER_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CONTENT_KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
-def blob_loader(adapter_dir: Path) -> Callable[[str], Adapter]:
+def blob_loader(adapter_dir: Path, request_dir: Path | None = None) -> Callable[[str], Adapter]:
     """key (adapter id) -> parsed Adapter. Ids are opaque tokens, so anything else (a path, a glob)
-    is refused before it reaches the filesystem."""
+    is refused before it reaches the filesystem. `request_dir`: where per-request adapters are
+    (default <adapter_dir>/request)."""
     adapter_dir = Path(adapter_dir)
+    request_dir = Path(request_dir) if request_dir is not None else adapter_dir / REQUEST_ADAPTERS
 
     def load(key: str) -> Adapter:
         if _CONTENT_KEY.match(key):
@@ -46,6 +48,11 @@ def blob_loader(adapter_dir: Path) -> Callable[[str], Adapter]:
         # Files written under an adapter id (tests and tools that place one by hand).
         if not _ADAPTER_KEY.match(key):
             raise AdapterNotFoundError(f"adapter key {key!r} is not an adapter id")
+        if key.startswith(REQUEST_PREFIX):
+            path = request_dir / f"{key}.safetensors"
+            if not path.is_file():
+                raise AdapterNotFoundError(f"per-request adapter {key!r} is gone (its request ended)")
+            return parse_adapter(str(path))
         matches = list(adapter_dir.glob(f"*/{key}.safetensors"))
         if len(matches) != 1:
             raise AdapterNotFoundError(f"adapter {key!r} is not in the store at {adapter_dir}")
@@ -54,19 +61,21 @@ def blob_loader(adapter_dir: Path) -> Callable[[str], Adapter]:
     return load
 
 
-# Per-request adapters every model server process can load (a DreamSteerer edit's steered copy on
-# Triton): <adapter_dir>/request/<key>.safetensors, found by blob_loader as "files written under an
-# adapter id". No tenant owns such a key, so no request from the gateway can name one; the store's
-# start-up sweep removes any a crash left behind.
+# Per-request adapters every model process of one server can load (a DreamSteerer edit's steered
+# copy on Triton): <request dir>/<key>.safetensors (Settings.request_adapters_path(), by default
+# <adapter dir>/request), found by blob_loader by their key's prefix. No tenant owns such a key, so
+# no request from the gateway can name one; the store's start-up sweep removes any a crash left in
+# the default folder (deploy/ puts it on the pod's /tmp, emptied with the pod).
 REQUEST_ADAPTERS = "request"
+REQUEST_PREFIX = "request-"
 
 
 @contextmanager
-def request_adapter(adapter: Adapter, adapter_dir: Path, prefix: str = "steered") -> Iterator[str]:
-    """`adapter` written for the block under a fresh random key that blob_loader resolves in every
-    process sharing `adapter_dir`; the file is gone when the block ends, however it ends."""
-    key = f"{prefix}-{uuid.uuid4().hex}"
-    folder = Path(adapter_dir) / REQUEST_ADAPTERS
+def request_adapter(adapter: Adapter, folder: Path) -> Iterator[str]:
+    """`adapter` written into `folder` for the block under a fresh random key that blob_loader
+    resolves in every process of this server; the file is gone when the block ends, however it ends."""
+    key = f"{REQUEST_PREFIX}{uuid.uuid4().hex}"
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.safetensors"
     tmp = path.with_name(path.name + ".tmp")

@@ -54,6 +54,7 @@ def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, s
     return {
         "STEERSERVE_MODEL_DIR": str(model_dir.resolve()),
         "STEERSERVE_ADAPTER_DIR": str(settings.adapters_path().resolve()),
+        "STEERSERVE_REQUEST_ADAPTER_DIR": str(settings.request_adapters_path().resolve()),
         "STEERSERVE_ADAPTER_SLOTS": str(settings.adapter_slots),
         "STEERSERVE_ADAPTER_MAX_RANK": str(settings.adapter_max_rank),
         "STEERSERVE_ADAPTER_HOST_CACHE": str(settings.adapter_host_cache),

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from service.adapters import serialize_adapter
-from service.adapters.loading import blob_loader, request_adapter
+from service.adapters.loading import REQUEST_ADAPTERS, blob_loader, request_adapter
 from service.config import Settings
 from service.engine.pipeline import AdapterUse, Engine, flush_denormals
 from service.personalize import FrozenBase, TrainingSpec, train
@@ -147,16 +147,17 @@ class EditWorker:
     - `Encode`, `Denoise`, `Decode` go to the shared models through `remote` (BLS), so every DDS
       iteration, DreamSteerer's included, batches with Generate's steps in the `unet` model;
     - DreamSteerer's workbench calls run on this instance's private model copy (the only model this
-      instance holds); the steered copy they produce is written for the request to the shared
-      adapter folder (service.adapters.loading.request_adapter), where the shared models load it
-      like a stored adapter, and removed when the edit ends;
+      instance holds); the steered copy they produce is written for the request to the server's
+      request-adapter folder (service.adapters.loading.request_adapter), where the shared models
+      load it like a stored adapter, and removed when the edit ends;
     - `EncodeImage` runs here, on the private copy's VAE (one encoder pass).
     """
 
-    def __init__(self, workbench, adapter_dir: Path | None, prepare=lambda adapter: adapter):
+    def __init__(self, workbench, adapter_dir: Path | None, request_dir: Path | None = None,
+                 prepare=lambda adapter: adapter):
         self.workbench = workbench
-        self.adapter_dir = adapter_dir
-        self.load = blob_loader(adapter_dir) if adapter_dir is not None else None
+        self.request_dir = request_dir or (adapter_dir / REQUEST_ADAPTERS if adapter_dir is not None else None)
+        self.load = blob_loader(adapter_dir, self.request_dir) if adapter_dir is not None else None
         self.prepare = prepare  # checks a stored adapter against the served model's layers
 
     @property
@@ -185,7 +186,7 @@ class EditWorker:
                     result = await asyncio.to_thread(self.workbench.execute, call, stored[key], should_stop, progress)
                     if isinstance(call, Steer):
                         steered, losses = result
-                        return AdapterUse(request.enter_context(request_adapter(steered, self.adapter_dir))), losses
+                        return AdapterUse(request.enter_context(request_adapter(steered, self.request_dir))), losses
                     return result
                 if isinstance(call, EncodeImage):
                     return await asyncio.to_thread(self._encode_image, call)

@@ -4,7 +4,7 @@ Decoupled with `async def execute`, like `generate`. The edit loop is service.ed
 in-process backend runs); service.triton.parts.EditWorker decides where each model call runs:
 stored-adapter rows as BLS calls to the shared text_encoder / unet / vae_decode models (the same
 service.triton.bls.execute_call the generate model uses), DreamSteerer's model-internal steps and
-the steered copy written to the shared adapter folder for the request, so its rows run in the
+the steered copy written to the request-adapter folder for the request, so its rows run in the
 shared `unet` model too. Tensors: service/triton/wire.py.
 """
 
@@ -31,7 +31,8 @@ class TritonPythonModel:
         base = FrozenBase.from_pretrained(model_dir(settings), device=instance_device(args))
         adapter_dir = settings.adapters_path() if settings.adapter_dir is not None else None
         prepare = adapter_checker(model_dir(settings), settings.adapter_max_rank)
-        self.worker = EditWorker(Workbench(base), adapter_dir, prepare)
+        request_dir = settings.request_adapters_path() if adapter_dir is not None else None
+        self.worker = EditWorker(Workbench(base), adapter_dir, request_dir, prepare)
         self.remote = execute_call
 
     async def execute(self, requests):
