@@ -153,7 +153,7 @@ def score(judge: Judge, concept: HeldOutConcept, sources, edits) -> list[dict]:
 
 
 def edit_cell(setup: Setup, method: str, concept: HeldOutConcept, photos: int, variant: str,
-              options: EditOptions, seconds: dict) -> dict:
+              options: EditOptions) -> dict:
     edit_method, changes = VARIANTS[variant]
     used = asdict(options.replace(**changes))
     if edit_method == "DDS":  # DreamSteerer's options do not touch a DDS cell
@@ -188,9 +188,7 @@ def edit_cell(setup: Setup, method: str, concept: HeldOutConcept, photos: int, v
                 "masks": images_to_json(masks), "seconds_per_edit": round(elapsed / len(specs), 2),
                 "steer_losses": [o.steer_losses for o in outs]}
 
-    value = setup.cells.cell(key, compute)
-    seconds.setdefault(variant, []).append(value["seconds_per_edit"])
-    return value
+    return setup.cells.cell(key, compute)
 
 
 def round_trip_records(setup: Setup, concept: HeldOutConcept) -> list[dict]:
@@ -322,12 +320,11 @@ def main(argv=None) -> dict:
     photo_cases = [REFERENCES] + ([1] if args.one_shot and args.table == "main" else [])
     cells = [(m, c, ph, v) for ph in photo_cases for m in args.methods for c in concepts for v in variants]
     shard, shards = (int(v) for v in args.shard.split("/"))
-    seconds: dict[str, list[float]] = {}
     if shards > 1:
         for method, name, photos, variant in progress(cells[shard::shards], desc=f"edit cells, shard {shard}/{shards}"):
-            edit_cell(setup, method, CONCEPTS[name], photos, variant, options, seconds)
+            edit_cell(setup, method, CONCEPTS[name], photos, variant, options)
             if args.against_defaults:
-                edit_cell(setup, method, CONCEPTS[name], photos, variant, EditOptions(**profile_edit(args.model)), seconds)
+                edit_cell(setup, method, CONCEPTS[name], photos, variant, EditOptions(**profile_edit(args.model)))
         return {}
 
     floor_records = [r for name in concepts for r in round_trip_records(setup, CONCEPTS[name])]
@@ -338,9 +335,9 @@ def main(argv=None) -> dict:
     defaults_options = EditOptions(**profile_edit(args.model))
     against: dict[tuple, list[dict]] = {}
     for method, name, photos, variant in progress(cells, desc="edit cells"):
-        value = edit_cell(setup, method, CONCEPTS[name], photos, variant, options, {})
+        value = edit_cell(setup, method, CONCEPTS[name], photos, variant, options)
         if args.against_defaults:
-            base_value = edit_cell(setup, method, CONCEPTS[name], photos, variant, defaults_options, {})
+            base_value = edit_cell(setup, method, CONCEPTS[name], photos, variant, defaults_options)
             against.setdefault((method, photos, variant), []).extend(base_value["records"])
         records.setdefault((method, photos, variant), []).extend(value["records"])
         timing.setdefault((method, photos, variant), []).append(value["seconds_per_edit"])
