@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from service.adapters import serialize_adapter
-from service.adapters.loading import REQUEST_ADAPTERS, blob_loader, request_adapter
+from service.adapters.loading import blob_loader, request_adapter
 from service.config import Settings
 from service.engine.pipeline import AdapterUse, Engine, flush_denormals
 from service.personalize import FrozenBase, TrainingSpec, train
@@ -153,11 +153,12 @@ class EditWorker:
     - `EncodeImage` runs here, on the private copy's VAE (one encoder pass).
     """
 
-    def __init__(self, workbench, adapter_dir: Path | None, request_dir: Path | None = None,
+    def __init__(self, workbench, adapter_dir: Path | None, request_dir: Path | None,
                  prepare=lambda adapter: adapter):
+        """`request_dir`: Settings.request_adapters_path() (where the steered copies go)."""
         self.workbench = workbench
-        self.request_dir = request_dir or (adapter_dir / REQUEST_ADAPTERS if adapter_dir is not None else None)
-        self.load = blob_loader(adapter_dir, self.request_dir) if adapter_dir is not None else None
+        self.request_dir = request_dir
+        self.load = blob_loader(adapter_dir, request_dir) if adapter_dir is not None else None
         self.prepare = prepare  # checks a stored adapter against the served model's layers
 
     @property
