@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with everything the service and its tests need, on a fresh machine.
 #   scripts/setup.sh          # service
-#   scripts/setup.sh --test   # + test tools (pytest; prometheus, kubectl, postgresql from apt)
+#   scripts/setup.sh --test   # + test tools (pytest; prometheus, kubectl, postgresql from apt; buf from npm)
 # torch is installed FIRST and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,18 @@ if [ "${1:-}" = "--test" ]; then
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
       echo "warning: ${missing[*]} not found and cannot be installed (need root + apt); their tests will fail" >&2
+    fi
+  fi
+  # buf lints the proto and refuses breaking changes against the last released API
+  # (tests/test_proto_buf.py). From npm (the binary comes in a platform package such as
+  # @bufbuild/buf-linux-x64) into var/tools/ (gitignored); pinned, so that a new buf release
+  # adding lint or breaking rules cannot fail CI on its own. Skipped when that version is there.
+  BUF_VERSION=1.75.0
+  if [ "$(var/tools/node_modules/.bin/buf --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+    if command -v npm >/dev/null 2>&1; then
+      npm install --prefix var/tools --no-audit --no-fund --silent --save-exact "@bufbuild/buf@$BUF_VERSION"
+    else
+      echo "warning: npm not found, cannot install buf; tests/test_proto_buf.py will fail" >&2
     fi
   fi
 fi
