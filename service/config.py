@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     # Development mode: when no api_keys are configured, create a token for tenant "dev" and print it.
     dev_token: bool = False
 
+    # Logs on stderr: "text" lines or "json" objects (time, level, logger, message, request_id, and
+    # trace_id/span_id while an OpenTelemetry span is current). access_log: a line per RPC
+    # (logger steerserve.access: rpc, code, duration_s, tenant). Tracing itself: OTEL_* (docs/observability.md).
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = False
     data_dir: Path = Path("var")  # SQLite database + adapter blobs + checkpoints + model cache
     # postgresql://user:password@host:5432/db: adapters and jobs in PostgreSQL, shared by every gateway
     # replica (data_dir then is one ReadWriteMany volume they all mount). Unset: SQLite in data_dir.
@@ -67,6 +72,11 @@ class Settings(BaseSettings):
     # An external Triton serving model_repo/: host:port, several comma-separated, or a name with one
     # address per replica (a headless Service). Unset: backend "triton" starts the embedded one.
     triton_url: str | None = None
+    # The embedded Triton's own OpenTelemetry traces: its OTLP/HTTP endpoint (Triton speaks no
+    # OTLP/gRPC), e.g. http://collector:4318/v1/traces. Its spans join the gateway's traces (the
+    # gateway sends `traceparent` with each request when OTEL_* tracing is on). Unset: Triton does
+    # not trace. An external Triton takes the same flags (service.triton.launcher.trace_args).
+    triton_trace_url: str | None = None
     # Where the adapter bank reads adapter files (content-addressed blobs) and where exported UNet
     # graphs are cached; unset = <data_dir>/adapters and <data_dir>/compiled. Triton's model
     # instances read the same names (the gateway passes them to the embedded server; deploy/'s

@@ -8,11 +8,13 @@ runs, which must never reach the engine that serves Generate.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from service import tracing
 from service.adapters import serialize_adapter
 from service.edit import DREAMSTEERER, Edited, EditProgress, EditSpec
 from service.edit.runner import run_edit
@@ -83,17 +85,28 @@ class InProcessBackend:
         def work(should_stop):
             return self.engine.generate(spec, should_stop=should_stop, on_step=on_step)
 
-        return await self._queued(work, deadline)
+        with tracing.span("backend.generate") as span:
+            if span.is_recording():
+                span.set_attributes(tracing.generation_attributes(spec, self.name))
+            return await self._queued(work, deadline)
 
     async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
         """On the engine's worker threads (same queue as Generate): DDS iterations through the
         adapter bank; DreamSteerer's model-internal steps on this thread's private Workbench."""
 
         def work(should_stop):
-            return run_edit(self.engine, self._workbench() if spec.method == DREAMSTEERER else None, spec,
-                            should_stop, throttled(progress))
+            # A span per edit phase when tracing is on (children of backend.edit: the context travels).
+            reports = tracing.edit_phases(throttled(progress))
+            try:
+                return run_edit(self.engine, self._workbench() if spec.method == DREAMSTEERER else None, spec,
+                                should_stop, reports)
+            finally:
+                tracing.close_phases(reports)
 
-        return await self._queued(work, deadline)
+        with tracing.span("backend.edit") as span:
+            if span.is_recording():
+                span.set_attributes(tracing.edit_attributes(spec, self.name))
+            return await self._queued(work, deadline)
 
     def _workbench(self) -> Workbench:
         bench = getattr(self._workbenches, "bench", None)
@@ -131,7 +144,8 @@ class InProcessBackend:
             result.timings["queue_seconds"] = queued
             return result
 
-        future = self._executor.submit(run)
+        # The caller's context (request id, current span) goes with the work to the engine thread.
+        future = self._executor.submit(contextvars.copy_context().run, run)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -154,9 +168,14 @@ class InProcessBackend:
                 base = self._bases.base = FrozenBase.from_pretrained(
                     self.model_dir, device=self.engine.device, dtype=self.engine.dtype
                 )
-            return serialize_adapter(train(base, spec, progress, resume))
+            return serialize_adapter(train(base, spec, reports, resume))
 
-        return await asyncio.wrap_future(self._trainers.submit(run))
+        with tracing.span("backend.personalize") as span:
+            reports = progress
+            if span.is_recording():
+                span.set_attributes(tracing.training_attributes(spec, self.name, resume))
+                reports = tracing.traced_progress(progress, span)
+            return await asyncio.wrap_future(self._trainers.submit(contextvars.copy_context().run, run))
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -26,6 +26,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from transformers import CLIPTokenizer
 
+from service import tracing
 from service.edit import Edited, EditProgress, EditSpec
 from service.engine.pipeline import GenerationCancelled, GenerationResult, GenerationSpec
 from service.engine.sampling import ModelFacts
@@ -81,6 +82,16 @@ def _time_left(deadline: float | None) -> float | None:
     if left <= 0:
         raise GenerationCancelled("deadline passed before the request reached Triton")
     return left
+
+
+def _trace_headers(model: str, replica: Replica) -> dict[str, str] | None:
+    """The current span's W3C trace context for a request to Triton (None when tracing is off),
+    after naming the model and replica on that span."""
+    if not tracing.enabled():
+        return None
+    tracing.set_current({"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
+                         "rpc.method": "ModelStreamInfer", "server.address": replica.address, "triton.model": model})
+    return tracing.inject_headers()
 
 
 class TritonBackend:
@@ -206,17 +217,21 @@ class TritonBackend:
     ) -> GenerationResult:
         self._ensure_available()
         inputs = _inputs(wire.generate_request(spec, on_step is not None, _time_left(deadline)))
-        return await self._stream(
-            wire.GENERATE, inputs, [use.key for use in spec.adapters], deadline,
-            lambda stream, replica: self._collect(stream, spec, on_step, replica),
-            f"no result from Triton within the deadline ({spec.steps} steps)",
-        )
+        with tracing.span("backend.generate", kind="client") as span:
+            if span.is_recording():
+                span.set_attributes(tracing.generation_attributes(spec, self.name))
+            return await self._stream(
+                wire.GENERATE, inputs, [use.key for use in spec.adapters], deadline,
+                lambda stream, replica: self._collect(stream, spec, on_step, replica),
+                f"no result from Triton within the deadline ({spec.steps} steps)",
+            )
 
     async def _stream(self, model: str, inputs: list, keys: list[str], deadline: float | None, collect,
                       late: str):
         """One request stream to `model` on the replica chosen for adapter `keys`; `collect(stream,
         replica)` reads its responses. The caller's deadline (DEADLINE_EXCEEDED, message `late`) and
-        cancellation cancel the stream: Triton stops the loop at its next step."""
+        cancellation cancel the stream: Triton stops the loop at its next step. With tracing on the
+        stream carries the current span's `traceparent` (Triton's OpenTelemetry trace joins it)."""
 
         async def requests():
             yield {"model_name": model, "inputs": inputs}
@@ -224,7 +239,7 @@ class TritonBackend:
         replica = self.router.pick(keys)
         with self.router.using(replica):
             try:
-                stream = self.client(replica).stream_infer(requests())
+                stream = self.client(replica).stream_infer(requests(), headers=_trace_headers(model, replica))
             except InferenceServerException as exc:
                 raise self._unavailable(str(exc), replica) from exc
             try:
@@ -257,29 +272,41 @@ class TritonBackend:
         raise self._unavailable("Triton closed the stream before the result", replica)
 
     async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
-        """One stream to the `edit` model: progress responses (when asked), then the edited image."""
+        """One stream to the `edit` model: progress responses (when asked, or when tracing is on:
+        they make the edit's phase spans), then the edited image."""
         self._ensure_available()
-        inputs = _inputs(wire.edit_request(spec, progress is not None, _time_left(deadline)))
+        with tracing.span("backend.edit", kind="client") as span:
+            if span.is_recording():
+                span.set_attributes(tracing.edit_attributes(spec, self.name))
+            reports = tracing.edit_phases(progress)
+            inputs = _inputs(wire.edit_request(spec, reports is not None, _time_left(deadline)))
 
-        async def collect(stream, replica: Replica) -> Edited:
-            async for result, error in stream:
-                if error is not None:
-                    raise self._mapped(str(error), replica)
-                response = wire.read_edit_response(result.as_numpy, spec.seed)
-                if response.result is None:
-                    if progress is not None:
-                        progress(*response.progress)
-                    continue
-                return response.result
-            raise self._unavailable("Triton closed the edit stream before the result", replica)
+            async def collect(stream, replica: Replica) -> Edited:
+                async for result, error in stream:
+                    if error is not None:
+                        raise self._mapped(str(error), replica)
+                    response = wire.read_edit_response(result.as_numpy, spec.seed)
+                    if response.result is None:
+                        if reports is not None:
+                            reports(*response.progress)
+                        continue
+                    return response.result
+                raise self._unavailable("Triton closed the edit stream before the result", replica)
 
-        keys = [spec.adapter.key] if spec.adapter is not None else []
-        return await self._stream(wire.EDIT, inputs, keys, deadline, collect, "no edit from Triton within the deadline")
+            keys = [spec.adapter.key] if spec.adapter is not None else []
+            try:
+                return await self._stream(wire.EDIT, inputs, keys, deadline, collect,
+                                          "no edit from Triton within the deadline")
+            finally:
+                tracing.close_phases(reports)
 
     async def personalize(self, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
         self._ensure_available()
         replica = self.router.pick()  # no adapter to be near: the least loaded
-        with self.router.using(replica):
+        with self.router.using(replica), tracing.span("backend.personalize", kind="client") as span:
+            if span.is_recording():
+                span.set_attributes(tracing.training_attributes(spec, self.name, resume))
+                progress = tracing.traced_progress(progress, span)
             return await self._personalize(replica, spec, resume, progress)
 
     async def _personalize(self, replica: Replica, spec: TrainingSpec, resume: bytes | None, progress: Progress) -> bytes:
@@ -289,7 +316,7 @@ class TritonBackend:
             yield {"model_name": wire.PERSONALIZE, "inputs": inputs}
 
         try:
-            stream = self.client(replica).stream_infer(requests())
+            stream = self.client(replica).stream_infer(requests(), headers=_trace_headers(wire.PERSONALIZE, replica))
         except InferenceServerException as exc:
             raise self._unavailable(str(exc), replica) from exc
         stopped = False

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from service import tracing
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from service.adapters.loading import adapter_checker
@@ -71,7 +72,7 @@ async def build_triton_backend(settings: Settings, metrics: GatewayMetrics) -> B
     """Connects to settings.triton_url, or starts the embedded Triton and waits until its models
     are ready (the backend stops it on close)."""
     from service.backends.triton import TritonBackend
-    from service.triton.launcher import TritonServer
+    from service.triton.launcher import TritonServer, trace_args
 
     model_dir = settings.resolved_model_dir()
     url = settings.triton_url
@@ -80,6 +81,7 @@ async def build_triton_backend(settings: Settings, metrics: GatewayMetrics) -> B
         server = TritonServer(
             MODEL_REPOSITORY, models=TRITON_MODELS, env=triton_model_environment(settings, model_dir),
             work_dir=Path(settings.data_dir) / "triton", start_timeout_s=settings.triton_start_timeout_s,
+            extra_args=trace_args(settings.triton_trace_url) if settings.triton_trace_url else (),
         )
         await asyncio.to_thread(server.start)
         log.info("Triton ready at %s (metrics %s)", server.grpc_url, server.metrics_url)
@@ -126,6 +128,7 @@ class Gateway:
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
+        await asyncio.to_thread(tracing.shutdown)  # exports the spans still buffered
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -143,6 +146,8 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 async def start_gateway(
     settings: Settings, backend: Backend | None = None, metrics: GatewayMetrics | None = None
 ) -> Gateway:
+    # OpenTelemetry tracing when the standard OTEL_* variables ask for it (service/tracing.py).
+    tracing.configure("steerserve-gateway")
     metrics = metrics or GatewayMetrics()
     backend = backend or await build_backend(settings, metrics)
     # SQLite in the data folder (one gateway), or PostgreSQL shared by every replica (the data

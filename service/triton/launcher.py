@@ -114,6 +114,16 @@ def server_environment(dist: TritonDistribution, extra: Mapping[str, str] | None
     return env
 
 
+def trace_args(url: str, service_name: str = "steerserve-triton") -> list[str]:
+    """tritonserver flags for its own OpenTelemetry traces, exported as OTLP/HTTP (the only protocol
+    Triton speaks) to `url` (e.g. http://collector:4318/v1/traces). rate=0: only requests that
+    carry a `traceparent` (the gateway's, with tracing on) are traced, as children of the
+    gateway's backend span; level TIMESTAMPS gives the request, model and compute spans."""
+    return ["--trace-config=mode=opentelemetry", "--trace-config=rate=0", "--trace-config=count=-1",
+            "--trace-config=level=TIMESTAMPS", f"--trace-config=opentelemetry,url={url}",
+            f"--trace-config=opentelemetry,resource=service.name={service_name}"]
+
+
 class TritonServer:
     """One tritonserver process with explicit model control; a context manager.
 
