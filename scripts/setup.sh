@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with everything the service and its tests need, on a fresh machine.
 #   scripts/setup.sh          # service
-#   scripts/setup.sh --test   # + test tools (pytest; prometheus, kubectl, postgresql from apt; buf from npm)
+#   scripts/setup.sh --test   # + test tools (pytest; prometheus, kubectl, postgresql from apt; buf and the
+#                             #   Node example's packages from npm)
 # torch is installed FIRST and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --disable-pip-version-check torch==2.13.0
-$PIP install -q --disable-pip-version-check -c requirements.lock -e ".[test]"
+# The service and, beside it, its Python client package (clients/python: the CLI calls through it).
+$PIP install -q --disable-pip-version-check -c requirements.lock -e ".[test]" -e clients/python
 
 if [ "${1:-}" = "--test" ]; then
   # Real servers the tests start on loopback (Debian packages): promtool + prometheus lint and
@@ -41,5 +43,10 @@ if [ "${1:-}" = "--test" ]; then
     else
       echo "warning: npm not found, cannot install buf; tests/test_proto_buf.py will fail" >&2
     fi
+  fi
+  # The Node example's packages (examples/node, locked by its package-lock.json), which
+  # tests/test_examples.py runs against a live gateway.
+  if [ ! -d examples/node/node_modules/@grpc/grpc-js ] && command -v npm >/dev/null 2>&1; then
+    npm ci --prefix examples/node --no-audit --no-fund --silent
   fi
 fi

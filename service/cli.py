@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import threading
 from pathlib import Path
 
-import grpc
-
-from service._generated.steerserve.v1 import steerserve_pb2 as pb
-from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
+from steerserve_client import Client, ConfigError, JobFailed, SteerServeError, Timeouts
+from steerserve_client import pb
 
 
 # -- serve ---------------------------------------------------------------------------------------
@@ -44,7 +41,9 @@ def cmd_serve(args) -> int:
     if not settings.api_keys:
         print("error: no API keys configured; set STEERSERVE_API_KEYS='token:tenant,...' or pass --dev", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.tracing import setup_logging
+
+    setup_logging(settings.log_format, access_log=settings.access_log)  # text or JSON lines, request/trace ids
 
     def on_ready(gateway) -> None:
         address = f"{settings.host}:{gateway.port}"
@@ -71,50 +70,32 @@ def cmd_serve(args) -> int:
 def _demo_call(address: str, token: str, data_dir) -> None:
     """Shows the service working: one Generate through the public gRPC API, like any client."""
     prompt = "a red dotted star on a blue striped background"
-    stub = pb_grpc.SteerServeStub(_channel(address))
     try:
-        resp = stub.Generate(pb.GenerateRequest(prompt=prompt, seed=0), metadata=[("authorization", f"Bearer {token}")],
-                             timeout=300)
-    except grpc.RpcError as err:
-        print(f"demo call failed: {err.code().name}: {err.details()}", flush=True)
+        with Client(address, token, tls=False) as client:
+            result = client.generate(prompt, seed=0)
+    except SteerServeError as err:
+        print(f"demo call failed: {err}", flush=True)
         return
-    out = Path(data_dir) / "demo.png"
-    out.write_bytes(resp.images[0].data)
-    print(f"Demo: Generate({prompt!r}) over gRPC -> {out} ({resp.images[0].width}x{resp.images[0].height}, "
-          f"{resp.timings.total_seconds:.2f} s)", flush=True)
+    image = result.images[0]
+    out = image.save(Path(data_dir) / "demo.png")
+    print(f"Demo: Generate({prompt!r}) over gRPC -> {out} ({image.width}x{image.height}, "
+          f"{result.timings.total_seconds:.2f} s)", flush=True)
 
 
-# -- client plumbing -----------------------------------------------------------------------------
+# -- client commands: through the Python client (clients/python), like any caller ------------------
 
 
-def _channel(address: str, options=()) -> grpc.Channel:
-    """TLS when STEERSERVE_CLIENT_TLS=1 or any STEERSERVE_CLIENT_* file is set (the CA that signed the
-    server's certificate, else the system's roots; a client certificate and key for mutual TLS);
-    plaintext otherwise."""
-    env = os.environ
-    ca, cert, key = (env.get(f"STEERSERVE_CLIENT_{n}_FILE") for n in ("CA", "CERT", "KEY"))
-    if bool(cert) != bool(key):
-        raise SystemExit("error: STEERSERVE_CLIENT_CERT_FILE and STEERSERVE_CLIENT_KEY_FILE go together")
-    if not (ca or cert or env.get("STEERSERVE_CLIENT_TLS", "") in ("1", "true", "yes")):
-        return grpc.insecure_channel(address, options=list(options))
-    credentials = grpc.ssl_channel_credentials(
-        Path(ca).read_bytes() if ca else None, private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None)
-    return grpc.secure_channel(address, credentials, options=list(options))
-
-
-def _stub(args) -> tuple[pb_grpc.SteerServeStub, list[tuple[str, str]]]:
-    token = args.token or os.environ.get("STEERSERVE_TOKEN")
-    if not token:
-        raise SystemExit("error: no token; pass --token or set STEERSERVE_TOKEN")
-    limit = 64 * 1024 * 1024
-    channel = _channel(args.address,
-                       options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-    return pb_grpc.SteerServeStub(channel), [("authorization", f"Bearer {token}")]
+def _client(args) -> Client:
+    """Address and token from the flags, else STEERSERVE_ADDRESS / STEERSERVE_TOKEN; TLS from the
+    STEERSERVE_CLIENT_* settings (steerserve_client._connection)."""
+    try:
+        return Client(args.address, args.token, timeouts=Timeouts(*(args.timeout,) * 4))
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def _with_spinner(label: str, call):
-    """Runs a blocking unary call while a progress bar shows elapsed time."""
+    """Runs a blocking call while a progress bar shows elapsed time."""
     from tqdm import tqdm
 
     done = threading.Event()
@@ -137,15 +118,11 @@ def _with_spinner(label: str, call):
     return result["value"]
 
 
-def _read_image(path: str) -> pb.Image:
-    return pb.Image(data=Path(path).read_bytes())
-
-
-def _adapter_refs(values: list[str]) -> list[pb.AdapterRef]:
+def _adapter_refs(values: list[str]) -> list[tuple[str, float]]:
     refs = []
     for value in values or []:
         adapter_id, _, weight = value.partition(":")
-        refs.append(pb.AdapterRef(adapter_id=adapter_id, weight=float(weight) if weight else 1.0))
+        refs.append((adapter_id, float(weight) if weight else 1.0))
     return refs
 
 
@@ -153,107 +130,95 @@ def _write_images(images, output: str) -> None:
     out = Path(output)
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
-        path.write_bytes(image.data)
+        image.save(path)
         print(f"wrote {path} ({image.width}x{image.height})")
 
 
-# -- client commands -----------------------------------------------------------------------------
-
-
 def cmd_generate(args) -> int:
-    stub, md = _stub(args)
-    req = pb.GenerateRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, adapters=_adapter_refs(args.adapter),
-        steps=args.steps, guidance_scale=args.guidance_scale, width=args.width, height=args.height,
-        num_images=args.num_images, style_guidance_scale=args.style_guidance_scale,
-    )
-    if args.seed is not None:
-        req.seed = args.seed
-    resp = _with_spinner("generating", lambda: stub.Generate(req, metadata=md, timeout=args.timeout))
-    _write_images(resp.images, args.output)
-    print(f"seeds {list(resp.seeds)}; server time {resp.timings.total_seconds:.2f} s")
+    with _client(args) as client:
+        result = _with_spinner("generating", lambda: client.generate(
+            args.prompt, adapters=_adapter_refs(args.adapter), negative_prompt=args.negative_prompt, steps=args.steps,
+            guidance_scale=args.guidance_scale, width=args.width, height=args.height, seed=args.seed,
+            num_images=args.num_images, style_guidance_scale=args.style_guidance_scale))
+    _write_images(result.images, args.output)
+    print(f"seeds {result.seeds}; server time {result.timings.total_seconds:.2f} s")
     return 0
 
 
-def _concept(text: str) -> pb.Concept:
+def _concept(text: str):
     """'a yellow star' or 'a yellow star@x0,y0,x1,y1' (its box in the image's pixels)."""
     phrase, _, box = text.partition("@")
-    concept = pb.Concept(phrase=phrase.strip())
-    if box:
-        try:
-            x0, y0, x1, y1 = (int(v) for v in box.split(","))
-        except ValueError:
-            raise SystemExit(f"--concept {text!r}: the box must be four integers, 'PHRASE@x0,y0,x1,y1'") from None
-        concept.box.CopyFrom(pb.Box(x0=x0, y0=y0, x1=x1, y1=y1))
-    return concept
+    if not box:
+        return phrase.strip()
+    try:
+        x0, y0, x1, y1 = (int(v) for v in box.split(","))
+    except ValueError:
+        raise SystemExit(f"--concept {text!r}: the box must be four integers, 'PHRASE@x0,y0,x1,y1'") from None
+    return phrase.strip(), (x0, y0, x1, y1)
 
 
 def cmd_personalize(args) -> int:
-    stub, md = _stub(args)
-    method = args.method.upper().replace("-", "_")
-    options = pb.TrainingOptions(steps=args.steps, rank=args.rank, learning_rate=args.learning_rate,
-                                 batch_size=args.batch_size)
-    if args.prior_loss_weight is not None:  # unset: the model profile's
-        options.prior_loss_weight = args.prior_loss_weight
-    if args.train_text_encoder is not None:
-        options.train_text_encoder = args.train_text_encoder
-    if args.seed is not None:
-        options.seed = args.seed
-    req = pb.PersonalizeRequest(
-        method=pb.PersonalizationMethod.Value(method), name=args.name, class_word=args.class_word,
-        images=[_read_image(p) for p in args.images], style_phrase=args.style_phrase,
-        concepts=[_concept(c) for c in args.concept or []], token=args.concept_token or "", options=options,
-    )
-    job = stub.Personalize(req, metadata=md, timeout=args.timeout)
-    if req.method == pb.FINESTYLE:
-        print(f"job {job.job_id} {pb.JobState.Name(job.state)}: style phrase {job.token!r}, "
-              f"prompt '<anything> {job.token}' with --style-guidance-scale 2", flush=True)
-    else:
-        print(f"job {job.job_id} {pb.JobState.Name(job.state)}: token {job.token!r}, "
-              f"prompt 'a {job.token} {job.class_word}'", flush=True)
-    if args.no_wait:
-        return 0
-    return _watch(stub, md, job.job_id, args.previews)
+    with _client(args) as client:
+        handle = client.personalize(
+            args.method, args.name, [Path(p) for p in args.images], class_word=args.class_word,
+            style_phrase=args.style_phrase, concepts=[_concept(c) for c in args.concept or []],
+            token=args.concept_token or "", steps=args.steps, rank=args.rank, learning_rate=args.learning_rate,
+            batch_size=args.batch_size, seed=args.seed, prior_loss_weight=args.prior_loss_weight,
+            train_text_encoder=args.train_text_encoder, idempotency_key=args.idempotency_key)
+        job = handle.job
+        if job.method == "FINESTYLE":
+            print(f"job {job.job_id} {job.state}: style phrase {job.token!r}, "
+                  f"prompt '<anything> {job.token}' with --style-guidance-scale 2", flush=True)
+        else:
+            print(f"job {job.job_id} {job.state}: token {job.token!r}, prompt 'a {job.token} {job.class_word}'",
+                  flush=True)
+        if args.no_wait:
+            return 0
+        return _watch(handle, args.previews)
 
 
-def _watch(stub, md, job_id: str, previews: str | None = None) -> int:
-    """Follows WatchJob with a progress bar (step, loss, ETA) until the job ends."""
+def _watch(handle, previews: str | None = None) -> int:
+    """Follows the job (WatchJob) with a progress bar (step, loss, ETA) until it ends."""
     from tqdm import tqdm
 
     bar = None
-    job = None
-    for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=md):
-        job = event.job
+
+    def progress(event) -> None:
+        nonlocal bar
         if bar is None and event.total_steps:
             bar = tqdm(total=event.total_steps, desc="training", file=sys.stderr,
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}{postfix}]")
         if bar is not None:
             bar.n = event.step
-            postfix = {"loss": f"{event.loss:.4f}", "state": pb.JobState.Name(event.state)}
+            postfix = {"loss": f"{event.loss:.4f}", "state": event.state}
             if event.eta_seconds:
                 postfix["eta"] = f"{event.eta_seconds:.0f}s"
-            if event.message and event.state != pb.RUNNING or "resumed" in event.message:
+            if event.message and event.state != "RUNNING" or "resumed" in event.message:
                 postfix["note"] = event.message
             bar.set_postfix(postfix)
             bar.refresh()
-    if bar is not None:
-        bar.close()
-    if job is None:
-        return 1
-    print(f"job {job.job_id} {pb.JobState.Name(job.state)}" + (f": adapter {job.adapter_id}" if job.adapter_id else "")
+
+    try:
+        job = handle.wait(progress=progress)
+    except JobFailed as failed:
+        job = failed.job
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"job {job.job_id} {job.state}" + (f": adapter {job.adapter_id}" if job.adapter_id else "")
           + (f": {job.error}" if job.error else ""))
     if previews and job.previews:
         out = Path(previews)
         out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(job.previews):
-            (out / f"{job.job_id}-{i}.png").write_bytes(image.data)
+            image.save(out / f"{job.job_id}-{i}.png")
         print(f"wrote {len(job.previews)} previews to {out}/")
-    if job.state == pb.SUCCEEDED and job.method == pb.FINESTYLE:
+    if job.state == "SUCCEEDED" and job.method == "FINESTYLE":
         print(f"use it: steerserve generate \"a blue square {job.token}\" --adapter {job.adapter_id} "
               "--style-guidance-scale 2")
-    elif job.state == pb.SUCCEEDED:
+    elif job.state == "SUCCEEDED":
         print(f"use it: steerserve generate \"a {job.token} {job.class_word} on a ...\" --adapter {job.adapter_id}")
-    return 0 if job.state == pb.SUCCEEDED else 1
+    return 0 if job.state == "SUCCEEDED" else 1
 
 
 _EDIT_SWITCHES = ("edsd", "mode_shifting", "bias_correction", "use_subject_mask")
@@ -264,33 +229,21 @@ def cmd_edit(args) -> int:
     with DreamSteerer's subject mask, `<output>-mask.png` beside it."""
     from tqdm import tqdm
 
-    stub, md = _stub(args)
-    options = pb.EditOptions(learning_rate=args.learning_rate, steer_steps=args.steer_steps)
-    for name in args.disable or []:
-        setattr(options, name, False)
-    req = pb.EditRequest(
-        source_image=_read_image(args.source), source_prompt=args.source_prompt, target_prompt=args.target_prompt,
-        adapter_id=args.adapter or "", method=pb.EditMethod.Value(args.method.upper()), steps=args.steps,
-        guidance_scale=args.guidance_scale, options=options,
-    )
-    if args.seed is not None:
-        req.seed = args.seed
-    result = None
-    with tqdm(total=100, desc="editing", file=sys.stderr,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]") as bar:
-        for event in stub.EditStream(req, metadata=md, timeout=args.timeout):
+    options = {"learning_rate": args.learning_rate, "steer_steps": args.steer_steps}
+    options.update({name: False for name in args.disable or []})
+    with _client(args) as client, tqdm(total=100, desc="editing", file=sys.stderr,
+                                       bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]") as bar:
+        def progress(event) -> None:
             bar.n = round(100 * event.progress)
             bar.set_postfix({"phase": event.phase, "step": f"{event.step}/{event.total_steps}"})
             bar.refresh()
-            if event.HasField("result"):
-                result = event.result
-    if result is None:
-        print("error: the stream ended without a result", file=sys.stderr)
-        return 1
+
+        result = client.edit(Path(args.source), args.source_prompt, args.target_prompt, adapter_id=args.adapter or "",
+                             method=args.method, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                             options=options, progress=progress)
     _write_images([result.image], args.output)
-    if result.mask.data:
-        mask_path = Path(args.output).with_name(Path(args.output).stem + "-mask.png")
-        mask_path.write_bytes(result.mask.data)
+    if result.mask is not None:
+        mask_path = result.mask.save(Path(args.output).with_name(Path(args.output).stem + "-mask.png"))
         print(f"wrote the subject mask to {mask_path}")
     t = result.timings
     print(f"seed {result.seed}; server time {t.total_seconds:.1f} s (mask {t.mask_seconds:.1f}, guided samples "
@@ -298,58 +251,52 @@ def cmd_edit(args) -> int:
     return 0
 
 
-def _print_adapter(a: pb.Adapter) -> None:
-    print(f"{a.adapter_id}  {a.name:<24} {pb.PersonalizationMethod.Name(a.method):<18} token={a.token or '-'} "
-          f"rank={a.rank} {a.size_bytes} B")
+def _print_adapter(a) -> None:
+    print(f"{a.adapter_id}  {a.name:<24} {a.method:<18} token={a.token or '-'} rank={a.rank} {a.size_bytes} B")
 
 
 def cmd_adapters(args) -> int:
-    stub, md = _stub(args)
-    if args.action == "list":
-        for a in stub.ListAdapters(pb.ListAdaptersRequest(), metadata=md).adapters:
-            _print_adapter(a)
-    elif args.action == "get":
-        _print_adapter(stub.GetAdapter(pb.GetAdapterRequest(adapter_id=args.id), metadata=md))
-    elif args.action == "import":
-        a = stub.ImportAdapter(
-            pb.ImportAdapterRequest(name=args.name, safetensors=Path(args.file).read_bytes(), token=args.token or ""),
-            metadata=md,
-        )
-        _print_adapter(a)
-    elif args.action == "export":
-        resp = stub.ExportAdapter(pb.ExportAdapterRequest(adapter_id=args.id), metadata=md)
-        Path(args.output).write_bytes(resp.safetensors)
-        print(f"wrote {args.output} ({len(resp.safetensors)} bytes)")
-    elif args.action == "delete":
-        stub.DeleteAdapter(pb.DeleteAdapterRequest(adapter_id=args.id), metadata=md)
-        print(f"deleted {args.id}")
+    with _client(args) as client:
+        if args.action == "list":
+            for a in client.adapters.list():
+                _print_adapter(a)
+        elif args.action == "get":
+            _print_adapter(client.adapters.get(args.id))
+        elif args.action == "import":
+            _print_adapter(client.adapters.import_(args.name, Path(args.file), token=args.token or "",
+                                                   idempotency_key=args.idempotency_key))
+        elif args.action == "export":
+            _, data = client.adapters.export(args.id)
+            Path(args.output).write_bytes(data)
+            print(f"wrote {args.output} ({len(data)} bytes)")
+        elif args.action == "delete":
+            client.adapters.delete(args.id)
+            print(f"deleted {args.id}")
     return 0
 
 
 def cmd_jobs(args) -> int:
-    stub, md = _stub(args)
-    if args.action == "list":
-        for j in stub.ListJobs(pb.ListJobsRequest(), metadata=md).jobs:
-            _print_job(j)
-        return 0
-    if args.action == "watch":
-        return _watch(stub, md, args.id)
-    call = stub.GetJob if args.action == "get" else stub.CancelJob
-    request = pb.GetJobRequest(job_id=args.id) if args.action == "get" else pb.CancelJobRequest(job_id=args.id)
-    _print_job(call(request, metadata=md))
+    with _client(args) as client:
+        if args.action == "list":
+            for j in client.jobs.list():
+                _print_job(j)
+            return 0
+        if args.action == "watch":
+            return _watch(client.jobs.handle(args.id))
+        _print_job(client.jobs.get(args.id) if args.action == "get" else client.jobs.cancel(args.id))
     return 0
 
 
-def _print_job(j: pb.Job) -> None:
+def _print_job(j) -> None:
     eta = f" eta {j.eta_seconds:.0f}s" if j.eta_seconds else ""
-    print(f"{j.job_id}  {j.name:<20} {pb.PersonalizationMethod.Name(j.method):<18} {pb.JobState.Name(j.state):<10} "
-          f"{j.step}/{j.total_steps} ({j.progress:.0%}){eta}  token={j.token or '-'}"
-          + (f"  adapter={j.adapter_id}" if j.adapter_id else "") + (f"  {j.error or j.message}" if j.error or j.message else ""))
+    print(f"{j.job_id}  {j.name:<20} {j.method:<18} {j.state:<10} {j.step}/{j.total_steps} ({j.progress:.0%}){eta}  "
+          f"token={j.token or '-'}" + (f"  adapter={j.adapter_id}" if j.adapter_id else "")
+          + (f"  {j.error or j.message}" if j.error or j.message else ""))
 
 
 def cmd_info(args) -> int:
-    stub, md = _stub(args)
-    info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=md, timeout=args.timeout)
+    with _client(args) as client:
+        info = client.info()
     print(f"steerserve {info.version}, backend {info.backend}, base model {info.base_model}")
     print(f"images: default {info.default_width}x{info.default_height}, at most {info.max_width}x{info.max_height}, "
           f"{info.default_steps} steps by default (at most {info.max_steps}), at most {info.max_num_images} per request")
@@ -444,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dreambooth-lora: LoRA on the text encoder too (unset: the model profile's)")
     t.add_argument("--previews", metavar="DIR", help="save the finished job's preview images here")
     t.add_argument("--no-wait", action="store_true", help="print the job id and return (watch with 'jobs watch')")
+    t.add_argument("--idempotency-key", help="retrying with the same key returns the same job (default: a fresh key)")
     t.set_defaults(func=cmd_personalize)
 
     e = client("edit", "edit a source image toward an adapter's concept (progress bar)")
@@ -473,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("file")
     im.add_argument("--name", required=True)
     im.add_argument("--token")
+    im.add_argument("--idempotency-key", help="retrying with the same key returns the same adapter")
     a.set_defaults(func=cmd_adapters)
 
     i = client("info", "the server's version, limits and model profile (its training and editing defaults)")
@@ -491,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except grpc.RpcError as err:
-        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+    except SteerServeError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
 
 

@@ -170,16 +170,23 @@ class _NoSpan:
 NO_SPAN = _NoSpan()
 
 
-def span(name: str, attributes: Mapping[str, Any] | None = None, kind: str = "internal"):
+def span(name: str, attributes: Mapping[str, Any] | None = None, kind: str = "internal", links_to: str = ""):
     """A child span of the current one around a `with` block (an exception in it marks the span as
-    failed and passes on); `kind` "internal" or "client" (a call to another server). The shared
+    failed and passes on); `kind` "internal" or "client" (a call to another server); `links_to`: a
+    W3C traceparent this span links to (a job attempt -> the Personalize call that queued it: work
+    that outlives its request gets its own trace, linked, as OpenTelemetry advises). The shared
     NO_SPAN when tracing is off: build costly attributes under `if span.is_recording():`."""
     if not _enabled:
         return NO_SPAN
-    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace import Link, SpanKind, get_current_span
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+    links = None
+    if links_to:
+        linked = get_current_span(TraceContextTextMapPropagator().extract({"traceparent": links_to})).get_span_context()
+        links = [Link(linked)] if linked.is_valid else None
     return _tracer.start_as_current_span(name, kind=SpanKind.CLIENT if kind == "client" else SpanKind.INTERNAL,
-                                         attributes=attributes)
+                                         attributes=attributes, links=links)
 
 
 def start_span(name: str, attributes: Mapping[str, Any] | None = None):

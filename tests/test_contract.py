@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,14 +40,21 @@ def test_client_built_only_from_the_proto_file(gateway, tmp_path):
     assert out.stdout.strip() == "PNG (64, 64)" or out.stdout.startswith("PNG (")
 
 
-def test_committed_stubs_are_up_to_date(tmp_path):
-    committed = (REPO / "service/_generated/steerserve/v1/steerserve_pb2.py").read_text()
+@pytest.mark.parametrize("out, package", [
+    ("service/_generated", "service._generated"),
+    ("clients/python/steerserve_client/_generated", "steerserve_client._generated"),  # the client's copy
+])
+def test_committed_stubs_are_up_to_date(tmp_path, out, package):
     out = subprocess.run(
-        [sys.executable, "-c", "import service.proto_gen as g, pathlib, sys; sys.exit(g.generate(pathlib.Path(sys.argv[1])))",
-         str(tmp_path / "gen")],
+        [sys.executable, "-c", "import service.proto_gen as g, pathlib, sys; "
+                               "sys.exit(g.generate(pathlib.Path(sys.argv[1]), sys.argv[2]))",
+         str(tmp_path / "gen"), package],
         capture_output=True, text=True, cwd=REPO,
-    )
+    ), out
+    out, folder = out
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "gen/steerserve/v1/steerserve_pb2.py").read_text() == committed, (
-        "stubs are stale: run `python -m service.proto_gen`"
-    )
+    for name in ("steerserve_pb2.py", "steerserve_pb2_grpc.py", "steerserve_pb2.pyi"):
+        committed = (REPO / folder / "steerserve/v1" / name).read_text()
+        assert (tmp_path / "gen/steerserve/v1" / name).read_text() == committed, (
+            f"{folder}/steerserve/v1/{name} is stale: run `python -m service.proto_gen`"
+        )

@@ -364,3 +364,26 @@ def test_a_request_adapter_is_loadable_only_while_its_request_runs(stores):
     left = blob_root / REQUEST_ADAPTERS / "request-0123.safetensors"
     left.write_bytes(b"x")
     assert left in adapters.sweep(min_age_s=0) and not left.exists()
+
+
+def test_concurrent_imports_with_one_idempotency_key_create_one_adapter(stores, monkeypatch):
+    """Eight concurrent retries of one import (same key, same request) on either database: one
+    adapter, and every call answers with it; an expired key is forgotten."""
+    from service.stores import idempotency
+
+    adapters, _, _ = stores
+    results = []
+
+    def create():
+        results.append(adapters.create("t1", "once", "DREAMBOOTH_LORA", b"w", idempotency=("k1", "digest-a")))
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len({r.adapter_id for r in results}) == 1 and len(results) == 8
+    assert [a.name for a in adapters.list("t1")] == ["once"]
+    with pytest.raises(idempotency.IdempotencyMismatch):  # the key with another request
+        adapters.create("t1", "other", "DREAMBOOTH_LORA", b"w", idempotency=("k1", "digest-b"))
+    monkeypatch.setattr(idempotency, "TTL_S", -1.0)  # 24 h later: the key is free again
+    fresh = adapters.create("t1", "other", "DREAMBOOTH_LORA", b"w", idempotency=("k1", "digest-b"))
+    assert fresh.adapter_id != results[0].adapter_id

@@ -67,6 +67,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                             "status_message": s.status.message, "start": s.start_time_unix_nano,
                             "end": s.end_time_unix_nano, "attributes": {a.key: _value(a.value) for a in s.attributes},
                             "events": [e.name for e in s.events], "service": resource.get("service.name"),
+                            "links": [(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
                         })
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -370,7 +371,10 @@ def test_a_job_attempt_is_a_trace_of_training_and_previews(traced, receiver):
     from tests.test_personalize_jobs import request, wait_for
 
     stub = traced.stub()
-    job = stub.Personalize(request("traced-job", steps=3), metadata=auth())
+    caller_trace = "7" * 32
+    job = stub.Personalize(request("traced-job", steps=3), metadata=caller("job-call", caller_trace))
+    [rpc] = [s for s in receiver.trace(caller_trace, has("jobs.submit"))
+             if s["name"] == "steerserve.v1.SteerServe/Personalize"]
     done = wait_for(stub, job.job_id, lambda j: j.state in (pb.SUCCEEDED, pb.FAILED))
     assert done.state == pb.SUCCEEDED, done.error
     deadline = time.monotonic() + 20
@@ -385,6 +389,10 @@ def test_a_job_attempt_is_a_trace_of_training_and_previews(traced, receiver):
     [attempt] = attempt
     assert attempt["parent"] == "" and attempt["attributes"]["steerserve.job.method"] == "DREAMBOOTH_LORA"
     assert attempt["attributes"]["steerserve.job.steps"] == 3 and attempt["attributes"]["steerserve.job.attempt"] == 1
+    # Its own trace (training outlives the call), linked to the jobs.submit span of the call that queued it.
+    [submit] = [s for s in receiver.trace(caller_trace) if s["name"] == "jobs.submit"]
+    assert submit["parent"] == rpc["span_id"] and attempt["trace_id"] != caller_trace
+    assert attempt["links"] == [(caller_trace, submit["span_id"])]
     spans = receiver.trace(attempt["trace_id"], has("backend.personalize", "backend.generate"))
     training, previews = named(spans, "backend.personalize"), named(spans, "backend.generate")
     assert training["parent"] == previews["parent"] == attempt["span_id"]

@@ -21,9 +21,12 @@ _EWMA = 0.3
 class Refused(BackendBusy):
     """Refused at admission (RESOURCE_EXHAUSTED); `reason` is the metric label."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.reason = reason
+        # When a retry may be admitted, by the queue's estimate: sent to the caller as gRPC's
+        # standard `grpc-retry-pushback-ms` trailer (clients wait at least that long).
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -160,17 +163,19 @@ class Admission:
         lim, now = self.limits, self.clock()
         if self.waiting() >= lim.max_queue:
             self._refuse(tenant, "queue_full", f"the service is at capacity ({self.waiting()} requests waiting); "
-                                               "retry later")
+                                               "retry later", self.estimated_wait(tenant))
         if self.waiting(tenant) >= lim.tenant_max_queued:
             self._refuse(tenant, "tenant_queue", f"this tenant already has {self.waiting(tenant)} requests waiting "
-                                                 f"(at most {lim.tenant_max_queued}); retry when some finish")
+                                                 f"(at most {lim.tenant_max_queued}); retry when some finish",
+                         self.estimated_wait(tenant))
         if lim.tenant_rate > 0:
             bucket = self._buckets.setdefault(tenant, _Bucket(float(lim.tenant_burst), now))
             bucket.tokens = min(float(lim.tenant_burst), bucket.tokens + (now - bucket.last) * lim.tenant_rate)
             bucket.last = now
             if bucket.tokens < 1.0:
+                refill = (1 - bucket.tokens) / lim.tenant_rate
                 self._refuse(tenant, "rate", f"this tenant's rate limit is {lim.tenant_rate:g} requests/s "
-                                             f"(burst {lim.tenant_burst}); retry in {(1 - bucket.tokens) / lim.tenant_rate:.1f} s")
+                                             f"(burst {lim.tenant_burst}); retry in {refill:.1f} s", refill)
         wait = self.estimated_wait(tenant)
         run = self.rates.seconds(kind, cost)
         idle = not self._running and not self._queues
@@ -187,7 +192,7 @@ class Admission:
         if deadline is not None and now + wait + run > deadline and not idle:
             self._refuse(tenant, "deadline", (
                 f"estimated wait {wait:.1f} s + {run:.1f} s to run exceeds the deadline in {deadline - now:.1f} s; "
-                "retry later or with a longer deadline"))
+                "retry later or with a longer deadline"), wait)
         if lim.tenant_rate > 0:  # admitted: it takes its token (refusals take none)
             self._buckets[tenant].tokens -= 1.0
         tag = self._next_tag(tenant)
@@ -200,10 +205,10 @@ class Admission:
         self._dispatch()
         return ticket
 
-    def _refuse(self, tenant: str, reason: str, message: str):
+    def _refuse(self, tenant: str, reason: str, message: str, retry_after_s: float | None = None):
         if self.metrics is not None:
             self.metrics.admission_rejections.labels(tenant, reason).inc()
-        raise Refused(reason, message)
+        raise Refused(reason, message, retry_after_s)
 
     def _dispatch(self) -> None:
         """Grants free slots to the waiting requests with the smallest tags (oldest first on a tie),

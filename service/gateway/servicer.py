@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from service import __version__
+from service import __version__, tracing
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from service.adapters import Adapter, AdapterBankFull, AdapterFormatError, AdapterNotFoundError
@@ -35,6 +35,7 @@ from service.engine.pipeline import AdapterUse, GenerationCancelled
 from service.jobs import JobRunner, NameTaken, QueueFull
 from service.personalize import FINESTYLE, SUBJECT_METHODS
 from service.personalize.tokens import TokenError
+from service.stores import idempotency
 from service.stores import (
     AdapterAlreadyExists, AdapterRecord, AdapterStore, JobRecord, NotFound, QuotaExceeded, is_database_unavailable,
     is_disk_full,
@@ -46,6 +47,9 @@ from .errors import ServiceError, invalid
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("steerserve.gateway")
+access_log = logging.getLogger("steerserve.access")  # a line per RPC when STEERSERVE_ACCESS_LOG is on
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["SteerServe"].full_name
 
 _JOB_POLL_SECONDS = 0.25
 
@@ -60,21 +64,24 @@ def _rpc(handler):
         m.rpc_in_flight.labels(name).inc()
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        call = _Call(name, context)
         try:
-            tenant = self.auth.tenant_for(context.invocation_metadata())
+            tenant = call.tenant = self.auth.tenant_for(call.metadata)
             return await handler(self, request, context, tenant)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
             code, message = _status_for(exc)
+            call.failed(message, exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
-            await context.abort(code, message)
+            await context.abort(code, message, _pushback(exc) + call.trailer)
         finally:
             m.rpc_in_flight.labels(name).dec()
             m.rpc_duration.labels(name).observe(time.perf_counter() - started)
             m.rpc_requests.labels(name, code.name).inc()
+            call.end(code, started)
 
     return wrapper
 
@@ -89,8 +96,9 @@ def _rpc_stream(handler):
         m.rpc_in_flight.labels(name).inc()
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        call = _Call(name, context)
         try:
-            tenant = self.auth.tenant_for(context.invocation_metadata())
+            tenant = call.tenant = self.auth.tenant_for(call.metadata)
             async for message in handler(self, request, context, tenant):
                 yield message
         except asyncio.CancelledError:
@@ -98,15 +106,62 @@ def _rpc_stream(handler):
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
             code, message = _status_for(exc)
+            call.failed(message, exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
-            await context.abort(code, message)
+            await context.abort(code, message, _pushback(exc) + call.trailer)
         finally:
             m.rpc_in_flight.labels(name).dec()
             m.rpc_duration.labels(name).observe(time.perf_counter() - started)
             m.rpc_requests.labels(name, code.name).inc()
+            call.end(code, started)
 
     return wrapper
+
+
+class _Call:
+    """What `_rpc` keeps of one call beside metrics: its request id (the caller's `x-request-id`
+    when well formed, else a new one; sent back as trailing metadata and put on log records), its
+    trace span (tracing on only), and the access-log line at its end."""
+
+    __slots__ = ("name", "context", "metadata", "request_id", "trailer", "span", "tenant", "message", "error")
+
+    def __init__(self, name: str, context: grpc.aio.ServicerContext):
+        self.name, self.context = name, context
+        self.metadata = context.invocation_metadata()
+        self.request_id = rid = tracing.request_id(self.metadata)
+        tracing.REQUEST_ID.set(rid)  # each RPC runs in its own task (its own context)
+        self.trailer = ((tracing.REQUEST_ID_HEADER, rid),)
+        context.set_trailing_metadata(self.trailer)
+        self.span = tracing.rpc_span(_SERVICE, name, self.metadata, rid)
+        self.tenant = self.message = ""
+        self.error = None
+
+    def failed(self, message: str, error: BaseException) -> None:
+        self.message, self.error = message, error
+
+    def end(self, code: grpc.StatusCode, started: float) -> None:
+        if code == grpc.StatusCode.CANCELLED and (self.context.time_remaining() or 1.0) < 0.1:
+            # gRPC cancelled it at the caller's deadline (read here a few ms early): log and trace
+            # what the caller saw.
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+        if access_log.isEnabledFor(logging.INFO):
+            seconds = time.perf_counter() - started
+            access_log.info("%s %s %.3fs", self.name, code.name, seconds, extra={
+                "rpc": self.name, "code": code.name, "duration_s": round(seconds, 6), "tenant": self.tenant})
+        if self.span is not None:
+            if self.tenant:
+                self.span.set_tenant(self.tenant)
+            self.span.end(code, self.message, self.error)
+
+
+def _pushback(exc: Exception) -> tuple[tuple[str, str], ...]:
+    """gRPC's standard retry-pushback trailer for a refusal that knows when a retry may succeed
+    (admission's wait estimate); clients (steerserve_client, gRPC's own retry policy) wait that long."""
+    seconds = getattr(exc, "retry_after_s", None)
+    if seconds is None or not math.isfinite(seconds):
+        return ()
+    return (("grpc-retry-pushback-ms", str(max(1, int(seconds * 1000)))),)
 
 
 def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -264,12 +319,21 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         deadline = time.monotonic() + remaining if remaining is not None else None
         arrived = time.monotonic()
         started = []
+        # From arrival until the work starts (or admission refuses it); the work is its sibling.
+        waiting = tracing.start_span("admission.wait", {"steerserve.admission.kind": kind,
+                                                        "steerserve.admission.cost": float(cost)})
 
         async def run():
             started.append(time.monotonic())
+            tracing.end_span(waiting)
             return await work(deadline)
 
-        result = await self.admission.run(tenant, kind, cost, deadline, run)
+        try:
+            result = await self.admission.run(tenant, kind, cost, deadline, run)
+        except BaseException as exc:
+            if not started:
+                tracing.end_span(waiting, exc)
+            raise
         result.timings["queue_seconds"] = result.timings.get("queue_seconds", 0.0) + started[0] - arrived
         return result
 
@@ -277,19 +341,21 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
 
     @_rpc
     async def Generate(self, request: pb.GenerateRequest, context, tenant: str) -> pb.GenerateResponse:
-        spec, refs = validation.generate_spec(request, self.limits, self.backend.count_tokens)
-        # Resolve adapter ids within the tenant only: another tenant's id is simply NOT_FOUND.
-        uses = []
-        for i, (adapter_id, weight) in enumerate(refs):
-            try:
-                record = self.adapter_store.get(tenant, adapter_id)
-            except NotFound:
-                raise ServiceError(grpc.StatusCode.NOT_FOUND, f"adapters[{i}].adapter_id: adapter {adapter_id!r} not found")
-            uses.append(AdapterUse(key=record.key, weight=weight, style=record.method == FINESTYLE))
-        spec.adapters = tuple(uses)
-        if spec.style_guidance_scale > 0 and not spec.uses_style_guidance:
-            raise invalid("style_guidance_scale", "applies to FINESTYLE adapters and none of adapters is one; "
-                                                  "leave it 0 or add a style adapter")
+        with tracing.span("validate"):
+            spec, refs = validation.generate_spec(request, self.limits, self.backend.count_tokens)
+            # Resolve adapter ids within the tenant only: another tenant's id is simply NOT_FOUND.
+            uses = []
+            for i, (adapter_id, weight) in enumerate(refs):
+                try:
+                    record = self.adapter_store.get(tenant, adapter_id)
+                except NotFound:
+                    raise ServiceError(grpc.StatusCode.NOT_FOUND,
+                                       f"adapters[{i}].adapter_id: adapter {adapter_id!r} not found")
+                uses.append(AdapterUse(key=record.key, weight=weight, style=record.method == FINESTYLE))
+            spec.adapters = tuple(uses)
+            if spec.style_guidance_scale > 0 and not spec.uses_style_guidance:
+                raise invalid("style_guidance_scale", "applies to FINESTYLE adapters and none of adapters is one; "
+                                                      "leave it 0 or add a style adapter")
         result = await self._admitted(tenant, "generate", generate_cost(spec), context,
                                       lambda deadline: self.backend.generate(spec, deadline))
         self.metrics.images.inc(len(result.images))
@@ -307,10 +373,12 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
 
     @_rpc
     async def Personalize(self, request: pb.PersonalizeRequest, context, tenant: str) -> pb.Job:
-        validation.personalize_request(request, self.limits, self.backend.count_tokens)
+        with tracing.span("validate"):
+            validation.personalize_request(request, self.limits, self.backend.count_tokens)
         # Checks the name and token against the tenant's adapters and jobs, then queues: the job
-        # row is committed before this returns.
-        return job_message(self.jobs.submit(tenant, request, self.backend.tokenizer))
+        # row is committed before this returns (or, for a known idempotency key, the key's job).
+        with tracing.span("jobs.submit"):
+            return job_message(self.jobs.submit(tenant, request, self.backend.tokenizer))
 
     @_rpc
     async def GetJob(self, request: pb.GetJobRequest, context, tenant: str) -> pb.Job:
@@ -356,14 +424,16 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
 
     @_rpc
     async def Edit(self, request: pb.EditRequest, context, tenant: str) -> pb.EditResponse:
-        spec = self._edit_spec(request, tenant)
+        with tracing.span("validate"):
+            spec = self._edit_spec(request, tenant)
         return await self._edit(spec, context, tenant)
 
     @_rpc_stream
     async def EditStream(self, request: pb.EditRequest, context, tenant: str):
         """Server-streaming Edit: an event per progress report (at most a few a second), then the
         result. Errors end the stream with the same statuses as Edit."""
-        spec = self._edit_spec(request, tenant)
+        with tracing.span("validate"):
+            spec = self._edit_spec(request, tenant)
         plan = phases(spec)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -446,6 +516,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
     @_rpc
     async def ImportAdapter(self, request: pb.ImportAdapterRequest, context, tenant: str) -> pb.Adapter:
         name = validation.check_name("name", request.name)
+        key = idempotency.check_key(request.idempotency_key) if request.idempotency_key else ""
         if not request.safetensors:
             raise invalid("safetensors", "must hold a LoRA safetensors file (got 0 bytes)")
         if len(request.safetensors) > self.settings.max_adapter_bytes:
@@ -470,6 +541,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             tenant, name, _imported_method(adapter), serialize_adapter(adapter),
             token=token or (tokens[0] if tokens else ""), rank=adapter.max_rank,
             num_parameters=adapter.num_parameters, source="import",
+            idempotency=(key, idempotency.fingerprint(request)) if key else None,
         )
         return adapter_message(record)
 

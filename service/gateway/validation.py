@@ -17,6 +17,7 @@ from service.config import Settings
 from service.edit import EditOptions, EditSpec
 from service.engine.images import ImageDecodeError, decode_image
 from service.engine.pipeline import GenerationSpec, ModelLimits
+from service.stores import idempotency
 
 from .errors import invalid
 
@@ -172,6 +173,8 @@ def personalize_request(req: pb.PersonalizeRequest, limits: Limits, count_tokens
     if req.method == pb.PERSONALIZATION_METHOD_UNSPECIFIED or method is None:
         raise invalid("method", "must be one of DREAMBOOTH_LORA, TEXTUAL_INVERSION, CUSTOM_DIFFUSION, FINESTYLE")
     check_name("name", req.name)
+    if req.idempotency_key:
+        idempotency.check_key(req.idempotency_key)
     if req.method == pb.FINESTYLE:
         if len(req.images) != 1:
             raise invalid("images", f"FINESTYLE takes exactly 1 style image (got {len(req.images)})")

@@ -32,7 +32,7 @@ import time
 import uuid
 from typing import Callable
 
-from service import crashpoints
+from service import crashpoints, tracing
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.adapters import Adapter, AdapterFormatError, parse_adapter, serialize_adapter
 from service.admission import generate_cost
@@ -43,9 +43,10 @@ from service.engine.pipeline import AdapterUse, GenerationSpec
 from service.personalize import FINESTYLE, TrainingStopped, finestyle
 from service.personalize.spec import unpack_checkpoint
 from service.stores import (
-    AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore, LeaseLost,
+    AdapterAlreadyExists, AdapterStore, CheckpointStore, JobRecord, JobState, JobStore, LeaseLost, NotFound,
     is_database_unavailable, is_disk_full,
 )
+from service.stores import idempotency
 
 from . import requests
 
@@ -191,9 +192,19 @@ class JobRunner:
         transaction."""
         # One transaction under one lock on every replica: two Personalize calls (on any replicas)
         # cannot both pass the limits, the name check or the token check.
+        key = request.idempotency_key
+        digest = idempotency.fingerprint(request) if key else ""
         with self.store.db.transaction() as conn:
             conn.lock("steerserve:jobs:submit")
+            earlier = idempotency.recall(conn, tenant, "personalize", key, digest) if key else None
+            if earlier is not None:
+                try:
+                    return self.store.get(tenant, earlier)  # a retry: the job the first call queued
+                except NotFound:
+                    pass
             job = self._checked_create(conn, tenant, request, tokenizer)
+            if key:
+                idempotency.remember(conn, tenant, "personalize", key, digest, job.job_id)
         self._wake.set()
         self._count("submitted", job.method)
         self._set_gauges()
@@ -220,6 +231,7 @@ class JobRunner:
         return self.store.create(
             tenant, requests.method_name(resolved), name, resolved.options.steps, resolved.SerializeToString(),
             token=resolved.token, class_word=resolved.class_word,
+            trace_parent=(tracing.inject_headers() or {}).get("traceparent", ""),
         )
 
     def cancel(self, tenant: str, job_id: str) -> JobRecord:
@@ -256,7 +268,13 @@ class JobRunner:
                 continue
             job, previous = claimed
             try:
-                await self._run(job, previous)
+                # One trace per attempt: training (backend.personalize) and previews (backend.generate).
+                with tracing.span("job.attempt", links_to=job.trace_parent) as span:
+                    if span.is_recording():
+                        span.set_attributes({"steerserve.job.id": job.job_id, "steerserve.job.method": job.method,
+                                             "steerserve.job.steps": job.total_steps,
+                                             "steerserve.job.attempt": job.attempts, "steerserve.tenant": job.tenant})
+                    await self._run(job, previous)
             except Exception:  # noqa: BLE001 - a worker never dies; _run already recorded the failure
                 log.exception("job %s: unexpected error in the runner", job.job_id)
             self._set_gauges()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from service import crashpoints
 
+from . import idempotency as idempotency_keys
 from .db import Database, NotFound
 
 log = logging.getLogger("steerserve.stores")
@@ -158,13 +159,16 @@ class AdapterStore:
         source: str = "import",
         adapter_id: str | None = None,
         for_job: str | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> AdapterRecord:
         """Stores the blob, then registers it, in one transaction; a failed registration removes
         the blob. Within the tenant's quota (check_quota), or QuotaExceeded.
 
         `adapter_id` lets a caller fix the id in advance (a training job derives it from its job
         id, so a job interrupted after this call finds its adapter instead of training again);
-        `for_job`: the job this adapter is the result of (its place in the quota is this adapter's)."""
+        `for_job`: the job this adapter is the result of (its place in the quota is this adapter's).
+        `idempotency`: (key, request fingerprint) of an import: the adapter this key created before
+        is returned instead (service/stores/idempotency.py)."""
         adapter_id = adapter_id or "ad-" + uuid.uuid4().hex[:20]
         sha = hashlib.sha256(data).hexdigest()
         # Paths come from the content hash only: no tenant name or client string reaches a path.
@@ -183,6 +187,11 @@ class AdapterStore:
                 # every replica.
                 conn.lock(f"steerserve:tenant:{tenant}")  # check_quota takes it too: re-entrant
                 conn.lock(f"steerserve:blob:{sha}")
+                if idempotency is not None:
+                    earlier = idempotency_keys.recall(conn, tenant, "import", *idempotency)
+                    record = self.find(tenant, earlier) if earlier else None
+                    if record is not None:
+                        return record  # nothing written: `written` is False
                 if conn.execute(
                     "SELECT 1 FROM adapters WHERE tenant=? AND name=?", (tenant, name)
                 ).fetchone():
@@ -220,6 +229,8 @@ class AdapterStore:
                         record.sha256, record.blob, record.source, record.created_at,
                     ),
                 )
+                if idempotency is not None:
+                    idempotency_keys.remember(conn, tenant, "import", *idempotency, adapter_id)
                 crashpoints.reached("adapter.row_inserted")
             committed = True
         finally:

@@ -59,6 +59,7 @@ class JobRecord:
     lease_owner: str = ""  # the runner running it ("" when not running)
     lease_expires_at: float = 0.0  # wall-clock time; the lease is lost unless renewed before
     not_before: float = 0.0  # a QUEUED job is not claimed before this time (a retry's pause)
+    trace_parent: str = ""  # W3C traceparent of the Personalize call (tracing on), linked from each attempt
 
     @property
     def progress(self) -> float:
@@ -90,7 +91,8 @@ class JobStore:
         self.db = db  # schema: service/stores/migrations.py
 
     def create(
-        self, tenant: str, method: str, name: str, total_steps: int, request: bytes, token: str = "", class_word: str = ""
+        self, tenant: str, method: str, name: str, total_steps: int, request: bytes, token: str = "", class_word: str = "",
+        trace_parent: str = "",
     ) -> JobRecord:
         now = time.time()
         record = JobRecord(
@@ -109,6 +111,7 @@ class JobStore:
             updated_at=now,
             token=token,
             class_word=class_word,
+            trace_parent=trace_parent,
         )
         row = {k: v.value if isinstance(v, JobState) else v for k, v in record.__dict__.items()}
         with self.db.transaction() as conn:

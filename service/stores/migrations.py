@@ -104,6 +104,20 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "index for content-addressed blobs", _script("CREATE INDEX IF NOT EXISTS adapters_sha256 ON adapters (sha256)")),
     Migration(6, "64-bit adapter sizes (PostgreSQL's INTEGER is 32-bit; SQLite's already 64)", lambda conn, db: (
         conn.execute("ALTER TABLE adapters ALTER COLUMN size_bytes TYPE BIGINT") if db.dialect == "postgresql" else None)),
+    # service/stores/idempotency.py: what a Personalize / ImportAdapter idempotency key created.
+    Migration(7, "idempotency keys", _script("""
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    tenant      TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    idem_key    TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    result_id   TEXT NOT NULL,
+    created_at  {real} NOT NULL,
+    PRIMARY KEY (tenant, kind, idem_key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at)""")),
+    # The W3C traceparent of the Personalize call that queued the job: each attempt's trace links to it.
+    Migration(8, "job trace parent", _add_columns("jobs", (("trace_parent", "TEXT NOT NULL DEFAULT ''"),))),
 )
 LATEST = MIGRATIONS[-1].version
 

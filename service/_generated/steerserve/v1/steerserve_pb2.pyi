@@ -164,7 +164,7 @@ class TrainingOptions(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., rank: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., prior_loss_weight: _Optional[float] = ..., train_text_encoder: bool = ..., num_class_images: _Optional[int] = ...) -> None: ...
 
 class PersonalizeRequest(_message.Message):
-    __slots__ = ("method", "name", "images", "class_word", "concepts", "style_phrase", "options", "token")
+    __slots__ = ("method", "name", "images", "class_word", "concepts", "style_phrase", "options", "token", "idempotency_key")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class PersonalizeRequest(_message.Message):
     STYLE_PHRASE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     method: PersonalizationMethod
     name: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
@@ -181,7 +182,8 @@ class PersonalizeRequest(_message.Message):
     style_phrase: str
     options: TrainingOptions
     token: str
-    def __init__(self, method: _Optional[_Union[PersonalizationMethod, str]] = ..., name: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., class_word: _Optional[str] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., style_phrase: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, method: _Optional[_Union[PersonalizationMethod, str]] = ..., name: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., class_word: _Optional[str] = ..., concepts: _Optional[_Iterable[_Union[Concept, _Mapping]]] = ..., style_phrase: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., token: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "state", "progress", "adapter_id", "error", "method", "name", "step", "total_steps", "created_at", "updated_at", "loss", "eta_seconds", "token", "class_word", "message", "previews")
@@ -378,16 +380,18 @@ class Adapter(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., name: _Optional[str] = ..., method: _Optional[_Union[PersonalizationMethod, str]] = ..., token: _Optional[str] = ..., class_word: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., num_parameters: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ImportAdapterRequest(_message.Message):
-    __slots__ = ("name", "safetensors", "token", "alpha")
+    __slots__ = ("name", "safetensors", "token", "alpha", "idempotency_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     safetensors: bytes
     token: str
     alpha: float
-    def __init__(self, name: _Optional[str] = ..., safetensors: _Optional[bytes] = ..., token: _Optional[str] = ..., alpha: _Optional[float] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, name: _Optional[str] = ..., safetensors: _Optional[bytes] = ..., token: _Optional[str] = ..., alpha: _Optional[float] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()
