@@ -97,6 +97,7 @@ def test_requests_that_cannot_meet_their_deadline_are_refused_at_once():
 
     refused, refused_in, fair, metrics, log = run(scenario())
     assert refused.reason == "deadline" and "estimated wait" in str(refused) and "exceeds the deadline" in str(refused)
+    assert refused.retry_after_s is None  # no pushback: waiting it out would use up the same deadline
     assert refused_in < 0.05  # at once, not after queueing
     assert fair == "fair" and ("start", "late") not in log and ("start", "hopeless") not in log
     starts = [name for event, name in log if event == "start"]
@@ -131,6 +132,9 @@ def test_queue_and_tenant_limits_refuse_with_their_reason():
             await asyncio.sleep(0)  # admitted (or refused) in this order
         gate.set()
         results = dict(zip(tasks, await asyncio.gather(*tasks.values(), return_exceptions=True)))
+        refusals = [r for r in results.values() if isinstance(r, Refused)]
+        # Both carry the queue's wait estimate for a retry (sent as grpc-retry-pushback-ms).
+        assert refusals and all(r.retry_after_s is not None and r.retry_after_s >= 0 for r in refusals)
         return {name: (r.reason if isinstance(r, Refused) else r) for name, r in results.items()}
 
     # a0 runs, a1 and a2 wait (alice's limit of 2), a3 is over it; bob takes the last of 3 places;
@@ -175,6 +179,7 @@ def test_rate_limit_per_tenant():
                 got.append(await admission.run("alice", "generate", 1, None, job(log, f"a{i}", 0)))
             except Refused as exc:
                 got.append(exc.reason)
+                assert 0.0 < exc.retry_after_s <= 1.0  # when alice's bucket has a token again
         got.append(await admission.run("bob", "generate", 1, None, job(log, "b", 0)))  # bob has his own bucket
         return got
 

@@ -135,12 +135,28 @@ def test_personalize_with_progress_wait_and_idempotency(client):
     assert client.jobs.get(handle.job_id).adapter_id == job.adapter_id
     image = client.generate(f"a {job.token} circle", adapters=[job.adapter_id], seed=1, steps=2).images[0]
     assert image.data[:4] == b"\x89PNG"
+    long = client.personalize("dreambooth-lora", "client-cancelled", photos, class_word="circle", steps=3000,
+                              batch_size=1)
+    long.cancel()
     with pytest.raises(sc.JobFailed) as failed:  # a cancelled job's wait() raises, carrying the job
-        client.personalize("dreambooth-lora", "client-cancelled", photos, class_word="circle", steps=3000,
-                           batch_size=1).cancel()
-        client.jobs.handle(client.jobs.list()[-1].job_id).wait()
-    assert failed.value.job.state == "CANCELLED"
+        client.jobs.handle(long.job_id).wait()
+    assert failed.value.job.state == "CANCELLED" and failed.value.job.job_id == long.job_id
     client.adapters.delete(job.adapter_id)
+
+
+def test_concurrent_personalize_calls_with_one_key_queue_one_job(client, gateway):
+    photos = [png(s.image) for s in CONCEPTS["yellow-crescent"].references(3, seed=1)]
+    request = dict(class_word="circle", steps=3000, batch_size=1, idempotency_key="client-race-1")
+
+    def call(_):
+        with sc.Client(gateway.address, "token-alice", tls=False) as c:
+            return c.personalize("textual-inversion", "client-race", photos, **request).job_id
+
+    with futures.ThreadPoolExecutor(6) as pool:
+        ids = set(pool.map(call, range(6)))
+    assert len(ids) == 1
+    assert [j.name for j in client.jobs.list()].count("client-race") == 1
+    client.jobs.cancel(ids.pop())
 
 
 def test_edit_with_progress(client):
@@ -232,6 +248,17 @@ class Scripted(pb_grpc.SteerServeServicer):
         self._next("Personalize", request, context)
         return pb.Job(job_id="job-1", state=pb.QUEUED)
 
+    def WatchJob(self, request, context):
+        self._next("WatchJob", request, context)
+        plan = self.script.get("WatchJob_events", [])
+        events = plan.pop(0) if plan else ["SUCCEEDED"]
+        for i, state in enumerate(events):
+            yield pb.JobEvent(job_id=request.job_id, state=pb.JobState.Value(state), step=i + 1, total_steps=3,
+                              job=pb.Job(job_id=request.job_id, state=pb.JobState.Value(state), adapter_id="ad-1"))
+        if plan and plan[0] == "break":  # the replica goes away mid-stream
+            plan.pop(0)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "replica stopping")
+
     def DeleteAdapter(self, request, context):
         self._next("DeleteAdapter", request, context)
         return pb.DeleteAdapterResponse()
@@ -293,3 +320,20 @@ def test_unsafe_calls_and_other_errors_are_not_retried(scripted):
     with pytest.raises(sc.Unavailable):
         client.generate("x")
     assert len(server.received["Generate"]) == client.retry.max_attempts
+
+
+def test_wait_reopens_a_broken_or_ended_watch_and_gives_up_when_nothing_comes(scripted):
+    # RUNNING, then the stream breaks (UNAVAILABLE); then ends cleanly while still RUNNING; then SUCCEEDED.
+    server, client = scripted({"WatchJob_events": [["RUNNING"], "break", ["RUNNING"], ["SUCCEEDED"]]})
+    seen = []
+    handle = sc.JobHandle(client, sc.Job("job-1", "RUNNING", "TEXTUAL_INVERSION", "n", 0, 0, 3, 0, 0, "", "", "", "",
+                                         "", None, None))
+    done = handle.wait(progress=lambda e: seen.append(e.state))
+    assert done.state == "SUCCEEDED" and seen == ["RUNNING", "RUNNING", "SUCCEEDED"]
+    assert len(server.received["WatchJob"]) == 3
+    # A server that never answers: bounded attempts, then the error (not a loop forever).
+    server, client = scripted({"WatchJob": [(U, None)] * 1000})
+    handle = sc.JobHandle(client, handle.job)
+    with pytest.raises(sc.Unavailable):
+        handle.wait()
+    assert len(server.received["WatchJob"]) == client.retry.max_attempts ** 2

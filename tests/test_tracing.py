@@ -335,9 +335,13 @@ def test_tracing_is_off_without_the_standard_variables(off):
     assert tracing.edit_phases(progress) is progress and tracing.edit_phases(None) is None
 
 
-def test_untraced_gateway_exports_nothing_and_still_returns_request_ids(off, gateway, receiver):
-    """The session's gateway with tracing off: no spans, the request id still comes back."""
-    assert not tracing.enabled()
+def test_untraced_gateway_exports_nothing_and_still_returns_request_ids(off, gateway, receiver, monkeypatch):
+    """The receiver's address configured but the SDK disabled (what the gateway reads at start):
+    tracing stays off, a call exports no span to that receiver, the request id still comes back."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert not tracing.configure() and not tracing.enabled()
     before = len(receiver.spans)
     trace_id = "9bf92f3577b34da6a3ce929d0e0e473b"
     _, call = gateway.stub().Generate.with_call(pb.GenerateRequest(prompt="a ring", steps=1, seed=2, width=32, height=32),

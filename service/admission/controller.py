@@ -192,7 +192,7 @@ class Admission:
         if deadline is not None and now + wait + run > deadline and not idle:
             self._refuse(tenant, "deadline", (
                 f"estimated wait {wait:.1f} s + {run:.1f} s to run exceeds the deadline in {deadline - now:.1f} s; "
-                "retry later or with a longer deadline"), wait)
+                "retry later or with a longer deadline"))  # no pushback: waiting would eat the same deadline
         if lim.tenant_rate > 0:  # admitted: it takes its token (refusals take none)
             self._buckets[tenant].tokens -= 1.0
         tag = self._next_tag(tenant)

@@ -194,6 +194,8 @@ class JobRunner:
         # cannot both pass the limits, the name check or the token check.
         key = request.idempotency_key
         digest = idempotency.fingerprint(request) if key else ""
+        if key:
+            idempotency.sweep(self.store.db)
         with self.store.db.transaction() as conn:
             conn.lock("steerserve:jobs:submit")
             earlier = idempotency.recall(conn, tenant, "personalize", key, digest) if key else None

@@ -180,6 +180,8 @@ class AdapterStore:
         # outlives a failed create. A SIGKILL in that gap leaves an unreferenced file, which sweep()
         # removes at the next start. A file that was already there belongs to another row: kept.
         written = committed = False
+        if idempotency is not None:
+            idempotency_keys.sweep(self.db)
         try:
             with self.db.transaction() as conn:
                 # Serializes this tenant's creates (the quota check and the insert), and every

@@ -16,7 +16,7 @@ import time
 
 from service.errors import InvalidRequest
 
-from .db import Connection
+from .db import Connection, Database
 
 TTL_S = 24 * 3600
 _KEY = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -41,11 +41,27 @@ def fingerprint(request) -> str:
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
+_SWEEP_EVERY_S = 60.0
+_last_sweep = 0.0
+
+
+def sweep(db: Database) -> None:
+    """Forgets expired keys, in a short transaction of its own (at most once a minute per process):
+    never inside a creating transaction, where its row locks would be taken after, and held with,
+    the creation's own locks (PostgreSQL deadlocks between a Personalize and an import)."""
+    global _last_sweep
+    now = time.time()
+    if now - _last_sweep < _SWEEP_EVERY_S:
+        return
+    _last_sweep = now
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (now - TTL_S,))
+
+
 def recall(conn: Connection, tenant: str, kind: str, key: str, digest: str) -> str | None:
     """The id the key's first call created, or None for a key not (or no longer) known."""
-    conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (time.time() - TTL_S,))
-    row = conn.execute("SELECT fingerprint, result_id FROM idempotency_keys WHERE tenant=? AND kind=? AND idem_key=?",
-                       (tenant, kind, key)).fetchone()
+    row = conn.execute("SELECT fingerprint, result_id FROM idempotency_keys WHERE tenant=? AND kind=? AND idem_key=? "
+                       "AND created_at >= ?", (tenant, kind, key, time.time() - TTL_S)).fetchone()
     if row is None:
         return None
     if row["fingerprint"] != digest:

@@ -1,10 +1,12 @@
 """When a failed call is retried, and after how long: one policy for the sync and async clients.
 
 Retried, with exponential backoff and jitter, only where a retry cannot do something twice:
-- UNAVAILABLE (the server or a replica restarting, the database reconnecting: nothing committed);
+- UNAVAILABLE (a replica restarting, the database reconnecting, a dropped connection: the call may
+  or may not have taken effect, hence only repeatable calls below);
 - RESOURCE_EXHAUSTED only when the server sent a wait estimate (`grpc-retry-pushback-ms`: admission's
   queue is full or the tenant is over its rate), after at least that long; without one (a quota, a
-  full disk) a retry would fail the same way, so the error is raised at once.
+  full disk, a queue wait that would miss the deadline) a retry would fail the same way, so the
+  error is raised at once.
 and only for calls that are safe to repeat: reads, Generate and Edit (no stored effect), CancelJob
 (cancelling twice is cancelling once), and Personalize / ImportAdapter because the client sends an
 idempotency key with each (a repeated call returns the first call's job or adapter). DeleteAdapter

@@ -11,6 +11,7 @@ Progress callbacks may be plain functions or coroutines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -22,7 +23,7 @@ from ._connection import Connection
 from ._generated.steerserve.v1 import steerserve_pb2 as pb
 from ._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from ._retry import RetryPolicy
-from .client import _UNSET, Timeouts
+from .client import _UNSET, Timeouts, _reopen_delay
 from .errors import JobFailed, SteerServeError, Unavailable, from_rpc_error
 from .types import Adapter, EditProgress, EditResult, GenerateResult, Job, JobEvent
 
@@ -121,10 +122,11 @@ class AsyncClient:
         timeout = self._timeout(timeout, self.timeouts.edit)
         if progress is None:
             return EditResult.from_pb(await self._call("Edit", request, timeout))
-        async for event in self._stream("EditStream", request, timeout):
-            await _report(progress, EditProgress(event.phase, event.step, event.total_steps, event.progress))
-            if event.HasField("result"):
-                return EditResult.from_pb(event.result)
+        async with contextlib.aclosing(self._stream("EditStream", request, timeout)) as stream:
+            async for event in stream:
+                await _report(progress, EditProgress(event.phase, event.step, event.total_steps, event.progress))
+                if event.HasField("result"):
+                    return EditResult.from_pb(event.result)
         raise SteerServeError(grpc.StatusCode.INTERNAL, "the edit stream ended without a result")
 
 
@@ -156,8 +158,6 @@ class AsyncJobHandle:
     async def wait(self, progress=None, *, timeout=_UNSET) -> Job:
         async for event in self.watch(timeout=timeout):
             await _report(progress, event)
-        if not self.job.finished:
-            await self.refresh()
         if self.job.state != "SUCCEEDED":
             raise JobFailed(self.job)
         return self.job
@@ -186,22 +186,31 @@ class AsyncJobs:
         return AsyncJobHandle(self._c, await self.get(job_id))
 
     async def watch(self, job_id: str, *, timeout=_UNSET) -> AsyncIterator[JobEvent]:
+        """As Client.jobs.watch: reopened after UNAVAILABLE or an early end, within the retry policy."""
         c = self._c
         timeout = c._timeout(timeout, c.timeouts.watch)
         deadline = None if timeout is None else time.monotonic() + timeout
+        barren = 0
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            error: SteerServeError | None = None
             try:
-                async for message in c._stream("WatchJob", pb.WatchJobRequest(job_id=job_id), left):
-                    event = JobEvent.from_pb(message)
-                    yield event
-                    if event.job.finished:
-                        return
-                return
-            except Unavailable:
-                if c.retry.max_attempts <= 1:
-                    raise
-                await asyncio.sleep(c.retry.initial_backoff_s)
+                async with contextlib.aclosing(c._stream("WatchJob", pb.WatchJobRequest(job_id=job_id), left)) as stream:
+                    async for message in stream:
+                        barren = 0
+                        event = JobEvent.from_pb(message)
+                        yield event
+                        if event.job.finished:
+                            return
+            except Unavailable as err:
+                error = err
+            barren += 1
+            wait = _reopen_delay(c.retry, barren, deadline)
+            if wait is None:
+                if error is not None:
+                    raise error
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"the watch of job {job_id} kept ending before the job")
+            await asyncio.sleep(wait)
 
 
 class AsyncAdapters:

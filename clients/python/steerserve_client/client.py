@@ -94,13 +94,16 @@ class Client:
             attempt += 1
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             started = False
+            call = getattr(self._stub, rpc)(request, metadata=self._metadata, timeout=left)
             try:
-                for message in getattr(self._stub, rpc)(request, metadata=self._metadata, timeout=left):
+                for message in call:
                     started = True
                     yield message
                 return
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
+            finally:
+                call.cancel()  # the caller stopped early (or it ended): end the server's stream too
             left = None if deadline is None else deadline - time.monotonic()
             wait = None if started else self.retry.delay(rpc, attempt, error, left)
             if wait is None:
@@ -178,11 +181,9 @@ class JobHandle:
     def wait(self, progress: Callable[[JobEvent], None] | None = None, *, timeout=_UNSET) -> Job:
         """Follows the job until it ends; `progress(event)` per change (step, loss, ETA, state).
         Returns the SUCCEEDED job (with previews); raises JobFailed if it FAILED or was CANCELLED."""
-        for event in self.watch(timeout=timeout):
+        for event in self.watch(timeout=timeout):  # ends when the job does (or raises)
             if progress is not None:
                 progress(event)
-        if not self.job.finished:  # the stream ended early (server going away): read the state
-            self.refresh()
         if self.job.state != "SUCCEEDED":
             raise JobFailed(self.job)
         return self.job
@@ -211,23 +212,41 @@ class Jobs:
 
     def watch(self, job_id: str, *, timeout=_UNSET) -> Iterator[JobEvent]:
         """The job's events until it ends. Watching is a read: a stream broken by UNAVAILABLE (a
-        replica restarting) is reopened per the retry policy and continues from the current state."""
+        replica restarting) or ended before the job did is reopened and continues from the current
+        state; after `retry.max_attempts` reopenings in a row without an event, the error is raised."""
         c = self._c
         timeout = c._timeout(timeout, c.timeouts.watch)
         deadline = None if timeout is None else time.monotonic() + timeout
+        barren = 0  # reopenings in a row that brought no event
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            error: SteerServeError | None = None
             try:
                 for message in c._stream("WatchJob", pb.WatchJobRequest(job_id=job_id), left):
+                    barren = 0
                     event = JobEvent.from_pb(message)
                     yield event
                     if event.job.finished:
                         return
-                return
-            except Unavailable:
-                if c.retry.max_attempts <= 1:
-                    raise
-                time.sleep(c.retry.initial_backoff_s)
+            except Unavailable as err:
+                error = err
+            barren += 1
+            wait = _reopen_delay(c.retry, barren, deadline)
+            if wait is None:
+                if error is not None:
+                    raise error
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"the watch of job {job_id} kept ending before the job")
+            time.sleep(wait)
+
+
+def _reopen_delay(retry: RetryPolicy, barren: int, deadline: float | None) -> float | None:
+    """Backoff before reopening a watch, or None to give up (too many barren tries, or past the deadline)."""
+    if barren >= retry.max_attempts:
+        return None
+    wait = min(retry.max_backoff_s, retry.initial_backoff_s * retry.multiplier ** (barren - 1))
+    if deadline is not None and time.monotonic() + wait >= deadline:
+        return None
+    return wait
 
 
 class Adapters:

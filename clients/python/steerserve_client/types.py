@@ -87,6 +87,14 @@ class EditProgress:
     progress: float     # 0..1 over the whole edit
 
 
+def _name(enum, value: int) -> str:
+    """An enum value's name; a value this client does not know yet (v1 may add values) as its number."""
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return str(value)
+
+
 def _time(ts) -> datetime:
     return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=timezone.utc)
 
@@ -117,7 +125,7 @@ class Job:
 
     @classmethod
     def from_pb(cls, j: pb.Job) -> "Job":
-        return cls(j.job_id, pb.JobState.Name(j.state), pb.PersonalizationMethod.Name(j.method), j.name, j.progress,
+        return cls(j.job_id, _name(pb.JobState, j.state), _name(pb.PersonalizationMethod, j.method), j.name, j.progress,
                    j.step, j.total_steps, j.loss, j.eta_seconds, j.adapter_id, j.error, j.message, j.token,
                    j.class_word, _time(j.created_at), _time(j.updated_at), [ImageData.from_pb(i) for i in j.previews])
 
@@ -135,7 +143,7 @@ class JobEvent:
 
     @classmethod
     def from_pb(cls, e: pb.JobEvent) -> "JobEvent":
-        return cls(e.job_id, pb.JobState.Name(e.state), e.step, e.total_steps, e.loss, e.eta_seconds, e.message,
+        return cls(e.job_id, _name(pb.JobState, e.state), e.step, e.total_steps, e.loss, e.eta_seconds, e.message,
                    Job.from_pb(e.job))
 
 
@@ -155,5 +163,5 @@ class Adapter:
 
     @classmethod
     def from_pb(cls, a: pb.Adapter) -> "Adapter":
-        return cls(a.adapter_id, a.name, pb.PersonalizationMethod.Name(a.method), a.token, a.class_word, a.rank,
+        return cls(a.adapter_id, a.name, _name(pb.PersonalizationMethod, a.method), a.token, a.class_word, a.rank,
                    a.size_bytes, a.num_parameters, a.sha256, _time(a.created_at), a.source)
