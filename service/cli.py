@@ -49,6 +49,10 @@ def cmd_serve(args) -> int:
         address = f"{settings.host}:{gateway.port}"
         shown = token or "<your token>"
         print(f"SteerServe {pb.DESCRIPTOR.package} listening on {address} (model: {gateway.servicer.backend.model_name})")
+        engine = getattr(gateway.servicer.backend, "engine", None)
+        if engine is not None and engine.unet_runtime_choice is not None:
+            print(f"UNet runtime {engine.unet_runtime.name}, ready in {engine.unet_runtime.stats.warmup_seconds:.1f} s: "
+                  f"{engine.unet_runtime_choice.describe()}")
         if gateway.metrics_port:
             print(f"Prometheus metrics: http://{settings.host}:{gateway.metrics_port}/metrics")
         triton = gateway.servicer.backend.server
@@ -301,6 +305,8 @@ def cmd_info(args) -> int:
     print(f"images: default {info.default_width}x{info.default_height}, at most {info.max_width}x{info.max_height}, "
           f"{info.default_steps} steps by default (at most {info.max_steps}), at most {info.max_num_images} per request")
     p = info.profile
+    if info.unet_runtime:
+        print(f"UNet runtime: {info.unet_runtime_choice or info.unet_runtime}")
     print(f"model profile: {p.name} (chosen by {p.chosen_by}): {p.description}")
     print(f"  edit: guidance {p.edit_guidance_scale:g}")
     for d in p.training:

@@ -143,9 +143,12 @@ class Settings(BaseSettings):
     adapter_host_cache: int = 64  # parsed adapters kept in host memory after eviction
 
     # How the UNet runs (service/compiled; the same variables configure the Triton `unet` model):
-    # "eager", "compile" (torch.compile, CUDA graphs on a GPU) or "onnx" (onnxruntime, the bank as
-    # graph inputs). Adapter swaps never recompile any of them.
-    unet_runtime: str = "eager"
+    # "auto" (the fastest of the candidates, measured at the first start on this model and device,
+    # then read from the cached measurement), or forced: "eager", "compile" (torch.compile, CUDA
+    # graphs on a GPU) or "onnx" (onnxruntime, the bank as graph inputs). Adapter swaps never
+    # recompile any of them.
+    unet_runtime: str = "auto"
+    unet_runtime_candidates: list[str] = Field(default_factory=lambda: ["eager", "onnx", "compile"])  # what auto measures
     unet_batch_buckets: list[int] = Field(default_factory=list)  # "1,2,4,8"; empty = powers of two
     unet_compile_mode: str = "auto"  # torch.compile mode; auto = reduce-overhead on CUDA
     unet_warmup: bool = True  # compile / export every bucket at start, before serving
@@ -181,6 +184,19 @@ class Settings(BaseSettings):
                 return [int(part) for part in value.replace(" ", "").split(",") if part]
             except ValueError:
                 raise ValueError(f"STEERSERVE_UNET_BATCH_BUCKETS {value!r} is not a comma-separated list of integers")
+        return value
+
+    @field_validator("unet_runtime_candidates", mode="before")
+    @classmethod
+    def _parse_candidates(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.replace(" ", "").split(",") if part]
+        if isinstance(value, list):
+            for kind in value:
+                if kind not in ("eager", "onnx", "compile"):
+                    raise ValueError(f"STEERSERVE_UNET_RUNTIME_CANDIDATES: {kind!r} is not one of eager, onnx, compile")
+            if not value:
+                raise ValueError("STEERSERVE_UNET_RUNTIME_CANDIDATES needs at least one runtime")
         return value
 
     @field_validator("model_profile")
@@ -237,7 +253,8 @@ class Settings(BaseSettings):
     def unet_runtime_options(self):
         from service.compiled import RuntimeOptions
 
-        return RuntimeOptions(kind=self.unet_runtime, buckets=tuple(self.unet_batch_buckets),
+        return RuntimeOptions(kind=self.unet_runtime, candidates=tuple(self.unet_runtime_candidates),
+                              buckets=tuple(self.unet_batch_buckets),
                               compile_mode=self.unet_compile_mode, warmup=self.unet_warmup,
                               cache_dir=self.compiled_path())
 

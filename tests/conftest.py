@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -15,6 +16,12 @@ from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from service.config import Settings
 
 TOKENS = {"token-alice": "alice", "token-bob": "bob"}
+
+# The service's default UNet runtime is `auto` (measured at start: an ONNX export and a cold
+# torch.compile, minutes on CI's 2 cores). Gateways and Triton servers the tests start run eager
+# unless a test asks otherwise; `auto` itself is tested in tests/test_compiled_unet.py and,
+# end to end from a fresh `serve`, in tests/test_cli.py.
+os.environ.setdefault("STEERSERVE_UNET_RUNTIME", "eager")
 
 
 def free_port() -> int:

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 def test_serve_and_client_commands(tmp_path):
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEERSERVE_")}
-    env.update(STEERSERVE_DEFAULT_STEPS="2", PYTHONUNBUFFERED="1")
+    # No STEERSERVE_UNET_RUNTIME: `serve` picks its UNet runtime by measurement, as on a fresh clone;
+    # torch.compile's cold compile (minutes on CI's 2 cores) is left out of the candidates here.
+    env.update(STEERSERVE_DEFAULT_STEPS="2", PYTHONUNBUFFERED="1", STEERSERVE_UNET_RUNTIME_CANDIDATES="eager,onnx")
     server = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--dev", "--demo", "--grpc-port", str(port),
          "--metrics-port", str(metrics_port), "--data-dir", str(tmp_path / "data")],
@@ -55,6 +57,12 @@ def test_serve_and_client_commands(tmp_path):
         assert out.returncode == 0, out.stderr
         assert "model profile: steerserve-world (chosen by model folder)" in out.stdout
         assert "DREAMBOOTH_LORA" in out.stdout and "backend inprocess" in out.stdout
+        runtime = re.search(r"UNet runtime: (\w+) \(measured at start: eager ([\d.]+) ms x2.*; onnx ([\d.]+) ms x2",
+                            out.stdout)
+        assert runtime, out.stdout  # chosen without a flag, by timing both
+        eager_ms, onnx_ms = float(runtime.group(2)), float(runtime.group(3))
+        assert runtime.group(1) == ("onnx" if onnx_ms < eager_ms else "eager")
+        assert f"UNet runtime {runtime.group(1)}" in output  # `serve` said so at start too
 
         out = cli("generate", "a red circle", "-o", "x.png", "--seed", "4", "-n", "2")
         assert out.returncode == 0, out.stderr

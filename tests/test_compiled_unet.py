@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,7 @@ def test_gateway_serves_generate_through_the_configured_runtime(onnx_engine, mod
     running = start_gateway_in_thread(settings)
     try:
         reply = running.stub().Generate(pb.GenerateRequest(prompt="a red circle", steps=3, seed=5), metadata=auth())
+        info = running.stub().GetServerInfo(pb.GetServerInfoRequest(), metadata=auth())
         metrics = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()
     finally:
         stop_gateway(running)
@@ -248,7 +250,8 @@ def test_gateway_serves_generate_through_the_configured_runtime(onnx_engine, mod
     image = np.asarray(Image.open(io.BytesIO(reply.images[0].data)).convert("RGB"), np.int16)
     want = Engine.from_pretrained(model_dir).generate(GenerationSpec(prompt="a red circle", steps=3, seed=5)).images[0]
     assert np.abs(image - np.asarray(want, np.int16)).max() <= 1
-    assert 'steerserve_unet_runtime_info{runtime="onnx"} 1.0' in metrics
+    assert 'steerserve_unet_runtime_info{chosen_by="setting",runtime="onnx"} 1.0' in metrics
+    assert info.unet_runtime == "onnx" and info.unet_runtime_choice == "onnx (set by STEERSERVE_UNET_RUNTIME)"
     calls = float(re.search(r"^steerserve_unet_runtime_calls_total (\S+)$", metrics, re.M).group(1))
     fallbacks = float(re.search(r"^steerserve_unet_runtime_fallback_calls_total (\S+)$", metrics, re.M).group(1))
     assert calls >= 3 and fallbacks == 0  # warm-up + 3 steps, all in the graph
@@ -410,9 +413,110 @@ def test_runtime_settings(monkeypatch):
     assert options.kind == "onnx" and options.buckets == (2, 4, 8)
     assert options.cache_dir == settings.data_dir / "compiled"
     monkeypatch.setenv("STEERSERVE_UNET_RUNTIME", "tensorrt")
-    with pytest.raises(ValueError, match="unet_runtime 'tensorrt' is not one of eager, compile, onnx"):
+    with pytest.raises(ValueError, match="unet_runtime 'tensorrt' is not one of auto, eager, compile, onnx"):
         Settings()
     monkeypatch.setenv("STEERSERVE_UNET_RUNTIME", "eager")
     monkeypatch.setenv("STEERSERVE_UNET_BATCH_BUCKETS", "two")
     with pytest.raises(ValueError, match="not a comma-separated list"):
         Settings()
+
+
+# -- auto: the fastest runtime by measurement ----------------------------------------------------------
+
+
+class FakeRuntime:
+    """A runtime whose call takes `ms` milliseconds (or raises): for the choice logic alone."""
+
+    def __init__(self, name: str, ms: float, fail: bool = False):
+        self.name, self.ms, self.fail = name, ms, fail
+        self.calls = 0
+
+    def __call__(self, latents, timesteps, embeds):
+        if self.fail:
+            raise RuntimeError("no onnxruntime-gpu here")
+        self.calls += 1
+        time.sleep(self.ms / 1000)
+        return latents
+
+    def warmup(self, shapes) -> None:
+        self(torch.zeros(1), None, None)
+
+
+def test_auto_picks_the_fastest_that_runs_and_caches_the_measurement(eager, tmp_path):
+    from service.compiled import selection
+
+    speeds = {"eager": 6.0, "onnx": 2.0, "compile": 4.0}
+    built = []
+
+    def build(kind, fail=()):
+        built.append(kind)
+        return FakeRuntime(kind, speeds[kind], fail=kind in fail)
+
+    options = RuntimeOptions(kind="auto", cache_dir=tmp_path)
+    buckets = batch_buckets(64)
+    runtime, choice = selection.choose_runtime(eager, options, buckets, build)
+    assert runtime.name == "onnx" and choice.kind == "onnx" and choice.chosen_by == "measured at start"
+    assert set(choice.step_ms) == {"eager", "onnx", "compile"}
+    assert choice.step_ms["onnx"]["2"] < choice.step_ms["compile"]["2"] < choice.step_ms["eager"]["2"]
+    assert set(choice.step_ms["eager"]) == {"2", "16"}  # one image under CFG, and a full batch
+    assert 2.0 < choice.speedup("onnx") < 4.0 and "measured at start" in choice.describe()
+    # A restart (same model, bank, device, versions) reads the measurement and builds only the winner.
+    built.clear()
+    runtime, again = selection.choose_runtime(eager, options, buckets, build)
+    assert built == ["onnx"] and again.chosen_by == "cached measurement" and again.step_ms == choice.step_ms
+    # Another layout (buckets) is another key: measured again. A candidate that fails is skipped.
+    built.clear()
+    runtime, other = selection.choose_runtime(eager, options, (1, 2, 4), lambda k: build(k, fail=("onnx",)))
+    assert other.kind == "compile" and "onnx" in other.failed and "no onnxruntime-gpu" in other.failed["onnx"]
+    assert other.key != choice.key and sorted(built) == ["compile", "eager", "onnx"]
+    # A damaged cache file is measured over, not trusted.
+    for path in tmp_path.glob("runtime-choice-*.json"):
+        path.write_text("{not json")
+    runtime, fresh = selection.choose_runtime(eager, options, buckets, build)
+    assert fresh.chosen_by == "measured at start" and fresh.kind == "onnx"
+
+
+def test_auto_measures_the_real_runtimes_on_the_engine(model_dir, adapters, cache_dir, eager):
+    """eager against onnx on the banked engine (torch.compile's cold compile is left to the bench):
+    the faster serves, both timed, and generation through it equals eager's."""
+    engine = banked_engine(model_dir, adapters)
+    runtime = configure_unet_runtime(engine, RuntimeOptions(kind="auto", candidates=("eager", "onnx"),
+                                                            cache_dir=cache_dir))
+    choice = engine.unet_runtime_choice
+    assert set(choice.step_ms) == {"eager", "onnx"} and not choice.failed
+    fastest = min(choice.step_ms, key=lambda k: sum(choice.step_ms[k].values()))
+    assert runtime.name == choice.kind == fastest and runtime.stats.warmup_seconds > 0
+    assert list(cache_dir.glob("runtime-choice-*.json"))
+    spec = GenerationSpec(prompt="a red circle", steps=2, seed=3, adapters=(AdapterUse("a"),))
+    assert np.abs(np.asarray(engine.generate(spec).images[0], dtype=np.int16)
+                  - np.asarray(eager.generate(spec).images[0], dtype=np.int16)).max() <= 1
+
+
+def test_triton_runtime_info_metric_round_trips():
+    """The unet instance's info series (fake pb_utils) and the gateway's parse of Triton's /metrics."""
+    from types import SimpleNamespace
+
+    from service.compiled.selection import RuntimeChoice
+    from service.triton.runtime_metrics import RuntimeInfoMetric, parse_runtime_info
+
+    seen = {}
+
+    class Family:
+        GAUGE = "gauge"
+
+        def __init__(self, name, description, kind):
+            seen["name"] = name
+
+        def Metric(self, labels):  # noqa: N802 - Triton's API
+            seen["labels"] = labels
+            return SimpleNamespace(set=lambda v: seen.__setitem__("value", v))
+
+    choice = RuntimeChoice("onnx", "measured at start", step_ms={"eager": {"2": 5.0}, "onnx": {"2": 2.5}})
+    engine = SimpleNamespace(unet_runtime=SimpleNamespace(name="onnx"), unet_runtime_choice=choice)
+    RuntimeInfoMetric(SimpleNamespace(MetricFamily=Family), engine, {"model_name": "unet", "model_instance_name": "unet_0"})
+    labels = seen["labels"]
+    assert seen["value"] == 1 and labels["runtime"] == "onnx" and "eager 5.0 ms x2" in labels["choice"]
+    page = ("# HELP x\nnv_inference_count{model=\"unet\"} 3\n" + 'steerserve_triton_unet_runtime_info{' +
+            ",".join(f'{k}="{v}"' for k, v in labels.items()) + "} 1\n")
+    assert parse_runtime_info(page) == ("onnx", choice.describe())
+    assert parse_runtime_info("nv_inference_count 1\n") == ("", "")

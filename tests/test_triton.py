@@ -110,6 +110,8 @@ def test_generate_through_triton_equals_inprocess(stack, reference):
         assert np.abs(pixels(got).astype(int) - np.asarray(want).astype(int)).max() <= 1
     info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=auth())
     assert info.backend == "triton" and info.base_model == reference.name
+    # What the unet model's instance runs, read back from the info metric it exports on Triton's /metrics.
+    assert info.unet_runtime == "eager" and info.unet_runtime_choice == "eager (set by STEERSERVE_UNET_RUNTIME)"
 
 
 def test_bad_request_and_deadline_statuses(stack):

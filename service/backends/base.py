@@ -54,4 +54,8 @@ class Backend(Protocol):
         file. Raises TrainingStopped when progress.should_stop() turns true, BackendUnavailable
         when the model server cannot be reached."""
 
+    async def unet_runtime(self) -> tuple[str, str]:
+        """How the UNet runs where the model does: (runtime, why), e.g. ("onnx", "measured at start:
+        ..."); ("", "") when the model server does not say."""
+
     async def close(self) -> None: ...

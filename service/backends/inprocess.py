@@ -108,6 +108,10 @@ class InProcessBackend:
                 span.set_attributes(tracing.edit_attributes(spec, self.name))
             return await self._queued(work, deadline)
 
+    async def unet_runtime(self) -> tuple[str, str]:
+        choice = self.engine.unet_runtime_choice
+        return self.engine.unet_runtime.name, choice.describe() if choice is not None else ""
+
     def _workbench(self) -> Workbench:
         bench = getattr(self._workbenches, "bench", None)
         if bench is None:

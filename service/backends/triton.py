@@ -73,6 +73,13 @@ def _inputs(message: wire.Tensors) -> list[grpcclient.InferInput]:
     return out
 
 
+def _read_url(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
 def _time_left(deadline: float | None) -> float | None:
     """Seconds to the caller's deadline (the generate and edit models stop by it); None without one.
     Raises GenerationCancelled when it has already passed."""
@@ -116,6 +123,20 @@ class TritonBackend:
         self.router = ReplicaRouter(url, max(1, adapter_slots - 1), registry=self._registry)
         self.router.on_removed = self._close_replica
         self.supervisor: TritonSupervisor | None = None
+
+    async def unet_runtime(self) -> tuple[str, str]:
+        """What the `unet` model's instances chose, from the info metric they export on Triton's
+        /metrics (service/triton/runtime_metrics.py): only where this gateway knows that endpoint
+        (the embedded server); ("", "") otherwise."""
+        if self.server is None:
+            return "", ""
+        from service.triton.runtime_metrics import parse_runtime_info
+
+        try:
+            text = await asyncio.to_thread(_read_url, self.server.metrics_url)
+        except OSError:
+            return "", ""
+        return parse_runtime_info(text)
 
     # -- supervision -----------------------------------------------------------------------------
 

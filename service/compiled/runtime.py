@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ log = logging.getLogger(__name__)
 
 # triton_engine: only inside Triton's `unet` model, each step a BLS call to `unet_engine` (the
 # graph as a TensorRT plan at deploy; see triton_engine.py).
-RUNTIMES = ("eager", "compile", "onnx", "triton_engine")
+# auto: the fastest of eager / compile / onnx on this model and device, measured at start or read
+# from the cached measurement (selection.py).
+RUNTIMES = ("auto", "eager", "compile", "onnx", "triton_engine")
 
 
 class UNetRuntime(Protocol):
@@ -127,7 +130,8 @@ def warmup_inputs(unet: torch.nn.Module, rows: int, height: int, width: int, tex
 class RuntimeOptions:
     """How the engine's UNet runs (Settings.unet_* / STEERSERVE_UNET_* on both backends)."""
 
-    kind: str = "eager"  # one of RUNTIMES
+    kind: str = "eager"  # one of RUNTIMES (Settings default: auto)
+    candidates: tuple[str, ...] = ("eager", "onnx", "compile")  # what `auto` measures
     buckets: tuple[int, ...] = ()  # batch buckets for compiled graphs; () = powers of two up to max_rows
     compile_mode: str = "auto"  # torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA, default on CPU
     warmup: bool = True  # compile / export / build every bucket at the default resolution at start
@@ -148,30 +152,49 @@ def warmup_shapes(engine: "Engine", buckets: Sequence[int]) -> list[tuple[int, i
     return [(b, size, size) for b in buckets]
 
 
-def configure_unet_runtime(engine: "Engine", options: RuntimeOptions) -> UNetRuntime:
-    """Puts ``options.kind``'s runtime on ``engine`` (after its adapter bank is attached: compiled
-    forms must see the banked layers) and warms it up. Returns the runtime."""
-    buckets = batch_buckets(_max_rows(engine), options.buckets)
-    if options.kind == "eager":
-        runtime: UNetRuntime = EagerUNet(engine.unet)
-    elif options.kind == "compile":
+def build_runtime(engine: "Engine", kind: str, options: RuntimeOptions, buckets: Sequence[int]) -> UNetRuntime:
+    """`kind`'s runtime for this engine (its adapter bank attached: compiled forms must see the
+    banked layers), not yet warmed up."""
+    if kind == "eager":
+        return EagerUNet(engine.unet)
+    if kind == "compile":
         from .torch_compile import CompiledUNet
 
-        runtime = CompiledUNet(engine.unet, buckets, mode=options.compile_mode,
-                               text_length=engine.tokenizer.model_max_length)
-    elif options.kind == "onnx":
+        # Inductor's compiled kernels and FX graphs, kept beside the ONNX exports so a restart
+        # reuses them (torch's default is a /tmp folder that does not survive a new pod).
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(options.cache_dir or Path("var") / "compiled") / "inductor"))
+
+        return CompiledUNet(engine.unet, buckets, mode=options.compile_mode, text_length=engine.tokenizer.model_max_length)
+    if kind == "onnx":
         from .onnx_runtime import OnnxUNet
 
-        runtime = OnnxUNet.for_engine(engine, options.cache_dir or Path("var") / "compiled", max_rows=buckets[-1])
-    else:
+        return OnnxUNet.for_engine(engine, options.cache_dir or Path("var") / "compiled", max_rows=buckets[-1])
+    if kind == "triton_engine":
         from .triton_engine import TritonEngineUNet
 
-        runtime = TritonEngineUNet.for_engine(engine, options.cache_dir or Path("var") / "compiled",
-                                              max_rows=buckets[-1])
+        return TritonEngineUNet.for_engine(engine, options.cache_dir or Path("var") / "compiled", max_rows=buckets[-1])
+    raise ValueError(f"unknown UNet runtime {kind!r}")
+
+
+def configure_unet_runtime(engine: "Engine", options: RuntimeOptions) -> UNetRuntime:
+    """Puts ``options.kind``'s runtime on ``engine`` (after its adapter bank is attached) and warms
+    it up; `auto` first picks the fastest candidate by measurement (selection.py). Returns the
+    runtime; `engine.unet_runtime_choice` says what was chosen and why, `stats.warmup_seconds` how
+    long the start took (measurement included)."""
+    from .selection import RuntimeChoice, choose_runtime
+
+    buckets = batch_buckets(_max_rows(engine), options.buckets)
+    started = time.perf_counter()
+    if options.kind == "auto":
+        runtime, choice = choose_runtime(engine, options, buckets,
+                                         lambda kind: build_runtime(engine, kind, options, buckets),
+                                         candidates=options.candidates)
+    else:
+        runtime, choice = build_runtime(engine, options.kind, options, buckets), RuntimeChoice(options.kind, "setting")
     engine.unet_runtime = runtime
+    engine.unet_runtime_choice = choice
     if options.warmup:
-        started = time.perf_counter()
         runtime.warmup(warmup_shapes(engine, buckets))
-        runtime.stats.warmup_seconds = time.perf_counter() - started
-        log.info("UNet runtime %s warmed up in %.1f s", runtime.name, runtime.stats.warmup_seconds)
+    runtime.stats.warmup_seconds = time.perf_counter() - started
+    log.info("UNet runtime %s ready in %.1f s: %s", runtime.name, runtime.stats.warmup_seconds, choice.describe())
     return runtime

@@ -133,6 +133,7 @@ class Engine:
         # How a UNet forward executes (eager, torch.compile, onnxruntime): service.compiled. The
         # trainers and the edit workbench call self.unet directly (they need gradients).
         self.unet_runtime: UNetRuntime = EagerUNet(self.unet)
+        self.unet_runtime_choice = None  # service.compiled.selection.RuntimeChoice once configured
         self.facts = ModelFacts.from_configs(name, self.unet.config, self.vae.config, scheduler.config)
         self.scheduler_config = self.facts.scheduler_config
         self.limits = self.facts.limits

@@ -84,22 +84,31 @@ class GatewayMetrics:
 
         self.registry.register(NvmlCollector(nvml))
 
-    def watch_unet_runtime(self, runtime) -> None:
-        """How the in-process engine's UNet runs (service.compiled), read from the runtime at scrape time."""
-        self.registry.register(_UNetRuntimeCollector(runtime))
+    def watch_unet_runtime(self, runtime, choice=None) -> None:
+        """How the in-process engine's UNet runs (service.compiled), read from the runtime at scrape
+        time; `choice`: why (service.compiled.selection.RuntimeChoice)."""
+        self.registry.register(_UNetRuntimeCollector(runtime, choice))
 
 
 class _UNetRuntimeCollector:
-    def __init__(self, runtime):
+    def __init__(self, runtime, choice=None):
         self.runtime = runtime
+        self.choice = choice
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         stats = self.runtime.stats
-        info = GaugeMetricFamily("steerserve_unet_runtime_info", "The UNet runtime in use.", labels=["runtime"])
-        info.add_metric([self.runtime.name], 1)
+        info = GaugeMetricFamily("steerserve_unet_runtime_info",
+                                 "The UNet runtime in use, and how it was chosen (setting, measured at start, "
+                                 "cached measurement).", labels=["runtime", "chosen_by"])
+        info.add_metric([self.runtime.name, self.choice.chosen_by if self.choice is not None else "setting"], 1)
         yield info
+        speedup = self.choice.speedup(self.runtime.name) if self.choice is not None else None
+        if speedup is not None:
+            yield GaugeMetricFamily("steerserve_unet_runtime_speedup",
+                                    "Eager UNet call time over the chosen runtime's, as measured when it was chosen.",
+                                    value=speedup)
         yield CounterMetricFamily("steerserve_unet_runtime_calls", "UNet forwards run by the runtime.",
                                   value=stats.calls)
         yield CounterMetricFamily(
@@ -109,4 +118,5 @@ class _UNetRuntimeCollector:
                                 "Distinct (rows, height, width) shapes run in the compiled form.",
                                 value=len(stats.shapes))
         yield GaugeMetricFamily("steerserve_unet_runtime_warmup_seconds",
-                                "Time the UNet runtime took to warm up at start.", value=stats.warmup_seconds)
+                                "Time the UNet runtime took to get ready at start (choosing it included).",
+                                value=stats.warmup_seconds)

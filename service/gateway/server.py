@@ -37,10 +37,10 @@ LIVENESS = "liveness"  # the health service name Kubernetes probes liveness with
 def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
     if settings.unet_runtime == "triton_engine":
         raise ValueError("unet_runtime 'triton_engine' runs only inside Triton's unet model (backend 'triton'); "
-                         "in-process, use eager, compile or onnx")
+                         "in-process, use auto, eager, compile or onnx")
     # Rows of one request: 2 per image under CFG, 3 under style guidance, with room to spare.
     engine = build_engine(settings, 4 * settings.max_num_images, registry=metrics.registry)
-    metrics.watch_unet_runtime(engine.unet_runtime)
+    metrics.watch_unet_runtime(engine.unet_runtime, engine.unet_runtime_choice)
     return InProcessBackend(engine, settings.resolved_model_dir(), workers=settings.engine_workers, metrics=metrics,
                             training_workers=settings.training_workers)
 
@@ -60,6 +60,7 @@ def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, s
         "STEERSERVE_ADAPTER_MAX_RANK": str(settings.adapter_max_rank),
         "STEERSERVE_ADAPTER_HOST_CACHE": str(settings.adapter_host_cache),
         "STEERSERVE_UNET_RUNTIME": settings.unet_runtime,
+        "STEERSERVE_UNET_RUNTIME_CANDIDATES": ",".join(settings.unet_runtime_candidates),
         "STEERSERVE_UNET_BATCH_BUCKETS": ",".join(map(str, settings.unet_batch_buckets)),
         "STEERSERVE_UNET_COMPILE_MODE": settings.unet_compile_mode,
         "STEERSERVE_UNET_WARMUP": "1" if settings.unet_warmup else "0",

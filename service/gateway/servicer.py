@@ -570,6 +570,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
     @_rpc
     async def GetServerInfo(self, request, context, tenant: str) -> pb.ServerInfo:
         s = self.settings
+        runtime, choice = await self.backend.unet_runtime()
         return pb.ServerInfo(
             version=__version__,
             base_model=self.backend.model_name,
@@ -582,4 +583,6 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             max_num_images=s.max_num_images,
             backend=self.backend.name,
             profile=profile_message(s.profile()),
+            unet_runtime=runtime,
+            unet_runtime_choice=choice,
         )

@@ -14,6 +14,7 @@ from service.triton import wire
 from service.triton.bank_metrics import BankMetrics
 from service.triton.bls import request_reader, tensors
 from service.triton.parts import UNetStep, instance_engine, instance_settings
+from service.triton.runtime_metrics import RuntimeInfoMetric
 
 
 class TritonPythonModel:
@@ -24,9 +25,10 @@ class TritonPythonModel:
         self.step = UNetStep(engine)
         self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if engine.adapters.manager is not None else None
         runtime = engine.unet_runtime
+        self.runtime_info = RuntimeInfoMetric(pb_utils, engine, args)
         pb_utils.Logger.log_info(
-            f"UNet runtime {runtime.name} warmed up in {runtime.stats.warmup_seconds:.1f} s "
-            f"(shapes {sorted(runtime.stats.shapes)})")
+            f"UNet runtime {runtime.name} ready in {runtime.stats.warmup_seconds:.1f} s: "
+            f"{engine.unet_runtime_choice.describe()} (shapes {sorted(runtime.stats.shapes)})")
 
     def execute(self, requests):
         try:

@@ -438,7 +438,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "base_model", "default_width", "default_height", "max_width", "max_height", "default_steps", "max_steps", "max_num_images", "backend", "profile")
+    __slots__ = ("version", "base_model", "default_width", "default_height", "max_width", "max_height", "default_steps", "max_steps", "max_num_images", "backend", "profile", "unet_runtime", "unet_runtime_choice")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -450,6 +450,8 @@ class ServerInfo(_message.Message):
     MAX_NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    UNET_RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    UNET_RUNTIME_CHOICE_FIELD_NUMBER: _ClassVar[int]
     version: str
     base_model: str
     default_width: int
@@ -461,7 +463,9 @@ class ServerInfo(_message.Message):
     max_num_images: int
     backend: str
     profile: ModelProfile
-    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_num_images: _Optional[int] = ..., backend: _Optional[str] = ..., profile: _Optional[_Union[ModelProfile, _Mapping]] = ...) -> None: ...
+    unet_runtime: str
+    unet_runtime_choice: str
+    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_num_images: _Optional[int] = ..., backend: _Optional[str] = ..., profile: _Optional[_Union[ModelProfile, _Mapping]] = ..., unet_runtime: _Optional[str] = ..., unet_runtime_choice: _Optional[str] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
     __slots__ = ("name", "chosen_by", "description", "training", "edit_guidance_scale")
