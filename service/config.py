@@ -108,13 +108,14 @@ class Settings(BaseSettings):
     max_edit_iterations: int = 1000  # DDS iterations of one edit (EditRequest.steps)
     max_steer_steps: int = 500  # DreamSteerer steering iterations (EditOptions.steer_steps)
 
-    # Concurrency: engine calls run in this many worker threads.
+    # In-process concurrency: edits run in this many worker threads (Generate requests run as
+    # coroutines, their steps batched into shared UNet calls on one model thread).
     engine_workers: int = 1
 
     # Admission of Generate and Edit (service/admission): per-tenant queues in fair order, and
     # RESOURCE_EXHAUSTED at once when the queue is full, a tenant is over a limit, or the estimated
     # wait (from measured service times) would miss the request's deadline.
-    admission_slots: int = 0  # requests run at once; 0 = engine_workers in-process, 8 on Triton
+    admission_slots: int = 0  # requests run at once; 0 = 8 (their steps share UNet calls, both backends)
     admission_max_queue: int = 64  # requests waiting, all tenants
     tenant_max_queued: int = 16  # requests one tenant may have waiting
     tenant_max_running: int = 0  # slots one tenant may hold at once (0 = all of them)
@@ -243,9 +244,10 @@ class Settings(BaseSettings):
     def admission_limits(self, backend: str):
         from service.admission import AdmissionLimits
 
-        # Triton overlaps the requests it holds (its step batcher puts their steps in one UNet call),
-        # so the gateway keeps several in flight there; in-process, each slot is an engine thread.
-        slots = self.admission_slots or (8 if backend == "triton" else self.engine_workers)
+        # Both backends overlap the requests they hold (a step batcher puts their steps in one UNet
+        # call: service/engine/batching.py in-process, the generate model on Triton), so several
+        # are kept in flight. In-process edits still take one of `engine_workers` threads each.
+        slots = self.admission_slots or 8
         return AdmissionLimits(slots=slots, max_queue=self.admission_max_queue,
                                tenant_max_queued=self.tenant_max_queued, tenant_max_running=self.tenant_max_running,
                                tenant_rate=self.tenant_rate_per_s, tenant_burst=self.tenant_burst)

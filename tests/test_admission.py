@@ -221,7 +221,8 @@ def test_costs_weigh_steps_rows_and_methods():
 
 
 def test_settings_give_the_backend_its_slots(monkeypatch):
-    assert Settings(engine_workers=2).admission_limits("inprocess").slots == 2
+    # Both backends batch the steps of the requests they hold: several are kept in flight.
+    assert Settings(engine_workers=2).admission_limits("inprocess").slots == 8
     assert Settings().admission_limits("triton").slots == 8
     monkeypatch.setenv("STEERSERVE_ADMISSION_SLOTS", "3")
     monkeypatch.setenv("STEERSERVE_TENANT_RATE_PER_S", "2.5")
@@ -236,8 +237,11 @@ def test_settings_give_the_backend_its_slots(monkeypatch):
 def test_flood_from_one_tenant_does_not_starve_another(tmp_path, model_cache):
     """alice floods 24 concurrent Generate calls with a 4 s deadline; bob sends one. Bob's completes
     within about one request's time more than unloaded; alice's excess is refused at once."""
+    # One request at a time (admission_slots=1): what is tested is the queue's order and its
+    # deadline refusals, which 8 slots of batched steps would blur on 2 cores.
     settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=free_port(),
-                        api_keys={**TOKENS, "token-carol": "carol"}, data_dir=tmp_path, tenant_max_queued=64)
+                        api_keys={**TOKENS, "token-carol": "carol"}, data_dir=tmp_path, tenant_max_queued=64,
+                        admission_slots=1)
     running = start_gateway_in_thread(settings)
     try:
         stub = running.stub()

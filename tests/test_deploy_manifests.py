@@ -440,16 +440,18 @@ def test_triton_hpa_metric_is_one_the_adapter_exposes(builds):
 
 
 def _ratio_metrics(expr: str) -> set[str]:
-    return set(re.findall(r"\b(nv_inference_\w+)", expr))
+    return set(re.findall(r"\b(nv_inference_\w+|steerserve_triton_step_\w+)", expr))
 
 
 def test_scaling_queries_parse_and_match_the_recording_rule(builds, tmp_path):
-    """The adapter's and KEDA's queries are the recording rule's ratio (same counters, model unet),
-    and both parse under promtool."""
+    """The adapter's and KEDA's queries are the recording rule's ratio (the same counters: the
+    generate instances' own step counters and Triton's for the unet model's edit steps), and both
+    parse under promtool."""
     rules = yaml.safe_load(RULES_FILE.read_text())["spec"]["groups"]
-    (recorded,) = [r["expr"] for g in rules for r in g["rules"] if r.get("record") == RATIO_RULE]
-    want = _ratio_metrics(recorded)
-    assert want == {"nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us"}
+    recorded = [r["expr"] for g in rules for r in g["rules"] if r.get("record") == RATIO_RULE]
+    want = set().union(*map(_ratio_metrics, recorded))
+    assert want == {"nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
+                    "steerserve_triton_step_queue_us_total", "steerserve_triton_step_compute_us_total"}
 
     # The adapter's template, filled in as prometheus-adapter does for a request about pods.
     adapter = (_adapter_rule()["metricsQuery"]

@@ -299,26 +299,38 @@ tests:
         exp_alerts: [{exp_labels: {severity: ticket, instance: gw-0, outcome: succeeded}, exp_annotations: {summary: "Triton behind gw-0 restarted more than twice in 15 minutes"}}]
       - {alertname: SteerServeTritonRestarting, eval_time: 30m, exp_alerts: []}
   # UNet steps queue 3 s per 1 s of compute: the ratio is 3 and the queue alert fires after 10 m.
+  # Edits' steps through Triton's unet queue (nv_*); Generate's in the generate instance's own
+  # batcher (its step counters; Triton's nv_* for generate, ~0 queue, must not count).
   - interval: 30s
     input_series:
       - series: 'nv_inference_queue_duration_us{model="unet",version="1"}'
         values: '0+90000000x40'
       - series: 'nv_inference_compute_infer_duration_us{model="unet",version="1"}'
         values: '0+30000000x40'
+      - series: 'nv_inference_queue_duration_us{model="generate",version="1"}'
+        values: '0+1000x40'
+      - series: 'nv_inference_compute_infer_duration_us{model="generate",version="1"}'
+        values: '0+60000000x40'
+      - series: 'steerserve_triton_step_queue_us_total{model="generate",instance="generate_0_0"}'
+        values: '0+30000000x40'
+      - series: 'steerserve_triton_step_compute_us_total{model="generate",instance="generate_0_0"}'
+        values: '0+20000000x40'
     promql_expr_test:
       - expr: steerserve:triton_queue_compute:ratio_rate1m
         eval_time: 5m
-        exp_samples: [{labels: 'steerserve:triton_queue_compute:ratio_rate1m{model="unet"}', value: 3}]
+        exp_samples:
+          - {labels: 'steerserve:triton_queue_compute:ratio_rate1m{model="unet"}', value: 3}
+          - {labels: 'steerserve:triton_queue_compute:ratio_rate1m{model="generate"}', value: 1.5}
     alert_rule_test:
       - alertname: SteerServeTritonQueueGrowing
         eval_time: 15m
         exp_alerts: [{exp_labels: {severity: ticket, model: unet}, exp_annotations: {summary: "UNet steps wait 3x longer than they compute; the autoscaler is not keeping up"}}]
-  # Adapter cache hit ratios: Triton's unet bank, per Triton model, the gateway's own bank.
+  # Adapter cache hit ratios: Triton's generate bank (the serving path), per Triton model, the gateway's own bank.
   - interval: 1m
     input_series:
-      - series: 'steerserve_triton_adapter_cache_hits_total{model="unet",instance="t-0",job="steerserve-triton"}'
+      - series: 'steerserve_triton_adapter_cache_hits_total{model="generate",instance="t-0",job="steerserve-triton"}'
         values: '0+30x20'
-      - series: 'steerserve_triton_adapter_cache_misses_total{model="unet",instance="t-0",job="steerserve-triton"}'
+      - series: 'steerserve_triton_adapter_cache_misses_total{model="generate",instance="t-0",job="steerserve-triton"}'
         values: '0+10x20'
       - series: 'steerserve_triton_adapter_cache_hits_total{model="text_encoder",instance="t-0",job="steerserve-triton"}'
         values: '0+10x20'
@@ -335,7 +347,7 @@ tests:
       - expr: round(steerserve:triton_adapter_cache_hit:ratio_rate5m, 0.001)
         eval_time: 10m
         exp_samples:
-          - {labels: '{model="unet"}', value: 0.75}
+          - {labels: '{model="generate"}', value: 0.75}
           - {labels: '{model="text_encoder"}', value: 0.5}
       - expr: round(steerserve:gateway_adapter_cache_hit:ratio_rate5m, 0.001)
         eval_time: 10m

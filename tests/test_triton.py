@@ -140,7 +140,8 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
     specs.append(GenerationSpec(prompt="a dog", steps=6, seed=9))  # and one without adapters
     expected = [np.asarray(reference.generate(s).images[0]) for s in specs]
 
-    count0, exec0 = nv_metric(triton, "nv_inference_count", "unet"), nv_metric(triton, "nv_inference_exec_count", "unet")
+    unet0, generate0 = nv_metric(triton, "nv_inference_count", "unet"), nv_metric(triton, "nv_inference_count", "generate")
+    rows0, steps0 = _metric(stack, "steerserve_triton_step_batch_size_sum"), _metric(stack, "steerserve_triton_step_batch_size_count")
 
     def call(spec):
         req = pb.GenerateRequest(prompt=spec.prompt, steps=spec.steps, seed=spec.seed,
@@ -150,10 +151,14 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
     with ThreadPoolExecutor(len(specs)) as pool:
         got = list(pool.map(call, specs))
 
-    inferences = nv_metric(triton, "nv_inference_count", "unet") - count0
-    executions = nv_metric(triton, "nv_inference_exec_count", "unet") - exec0
-    assert inferences == 4 * 6 * 2  # one unet row per CFG prediction, per request, per step
-    assert executions < inferences  # ... in fewer UNet calls: steps of different requests shared calls
+    # The loops and the UNet met inside `generate` (its step batcher): no per-step call to `unet`.
+    assert nv_metric(triton, "nv_inference_count", "unet") == unet0
+    assert nv_metric(triton, "nv_inference_count", "generate") - generate0 == 4
+    # Each of the 4 x 6 steps ran in a UNet call of more rows than its own 2 (CFG) on average:
+    # steps of different requests, with different adapters, shared calls.
+    steps = _metric(stack, "steerserve_triton_step_batch_size_count") - steps0
+    rows = _metric(stack, "steerserve_triton_step_batch_size_sum") - rows0
+    assert steps == 4 * 6 and rows / steps > 2
     for k, (g, e) in enumerate(zip(got, expected)):
         # Batched and single matmuls round differently; a wrong adapter would change far more.
         assert np.abs(g.astype(int) - e.astype(int)).max() <= 2, f"request {k}"
@@ -165,11 +170,11 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
     assert batch_sum > 2 * batch_count  # some steps ran in a batch of more than one request's two rows
     assert "steerserve_triton_step_queue_seconds_bucket" in text
 
-    # The unet instances' adapter banks, through Triton's own /metrics: the three adapters were
+    # The generate instance's adapter bank, through Triton's own /metrics: the three adapters were
     # loaded (misses), are resident, and no slot stays pinned once the requests are answered.
-    assert nv_metric(triton, "steerserve_triton_adapter_cache_misses_total", "unet") >= 3
-    assert nv_metric(triton, "steerserve_triton_adapter_resident", "unet") >= 3
-    assert nv_metric(triton, "steerserve_triton_adapter_pinned_slots", "unet") == 0
+    assert nv_metric(triton, "steerserve_triton_adapter_cache_misses_total", "generate") >= 3
+    assert nv_metric(triton, "steerserve_triton_adapter_resident", "generate") >= 3
+    assert nv_metric(triton, "steerserve_triton_adapter_pinned_slots", "generate") == 0
 
 
 def test_progress_streams_every_step(stack):
@@ -267,10 +272,10 @@ def test_finestyle_trains_on_triton_and_generates_with_both_scales(stack, triton
         return pixels(stub.Generate(req, metadata=auth()).images[0])
 
     plain = generate(0.0)
-    count0, exec0 = nv_metric(triton, "nv_inference_count", "unet"), nv_metric(triton, "nv_inference_exec_count", "unet")
+    rows0, steps0 = _metric(stack, "steerserve_triton_step_batch_size_sum"), _metric(stack, "steerserve_triton_step_batch_size_count")
     styled = generate(3.0)
-    assert nv_metric(triton, "nv_inference_count", "unet") - count0 == 4 * 3  # three rows a step ...
-    assert nv_metric(triton, "nv_inference_exec_count", "unet") - exec0 == 4  # ... in one call a step
+    assert _metric(stack, "steerserve_triton_step_batch_size_count") - steps0 == 4  # one call a step ...
+    assert _metric(stack, "steerserve_triton_step_batch_size_sum") - rows0 == 4 * 3  # ... of three rows
     assert np.abs(plain.astype(int) - styled.astype(int)).mean() > 0.5
 
     # The same loop in-process, with the same stored adapter, gives the same image.
@@ -354,16 +359,16 @@ def test_personalize_on_triton_streams_checkpoints_and_cancels(stack):
 def test_unload_and_load_a_model(stack, triton):
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     stub = stack.stub()
-    client.unload_model("vae_decode")
+    client.unload_model("generate")
     deadline = time.monotonic() + 30
-    while client.is_model_ready("vae_decode") and time.monotonic() < deadline:
+    while client.is_model_ready("generate") and time.monotonic() < deadline:
         time.sleep(0.1)
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(pb.GenerateRequest(prompt="a star", steps=1, seed=1), metadata=auth())
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "vae_decode" in err.value.details()
-    client.load_model("vae_decode")
-    assert client.is_model_ready("vae_decode")
+    assert "generate" in err.value.details()
+    client.load_model("generate")
+    assert client.is_model_ready("generate")
     assert len(stub.Generate(pb.GenerateRequest(prompt="a star", steps=1, seed=1), metadata=auth()).images) == 1
 
 

@@ -1,4 +1,9 @@
-"""The in-process backend: the engine in this process, run by worker threads.
+"""The in-process backend: the engine in this process.
+
+Generate requests run as coroutines on the gateway's event loop, their UNet steps batched together
+by one StepBatcher (service/engine/batching.py): concurrent requests share UNet calls, as on Triton.
+Edits run on worker threads (`workers`): DreamSteerer's model-internal steps need a thread's
+private Workbench.
 
 Training jobs run on their own threads (`training_workers`), each with a private copy of the base
 model (service.personalize.FrozenBase): a job wraps the model's layers in trainable LoRA while it
@@ -14,15 +19,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from PIL import Image
+
 from service import tracing
 from service.adapters import serialize_adapter
 from service.edit import DREAMSTEERER, Edited, EditProgress, EditSpec
 from service.edit.runner import run_edit
 from service.edit.spec import throttled
 from service.edit.workbench import Workbench
+from service.engine.batching import StepBatcher
 from service.engine.pipeline import Engine, GenerationCancelled, GenerationResult, GenerationSpec
+from service.engine.sampling import generation, run_async
 from service.personalize import FrozenBase, Progress, TrainingSpec, train
 
+
+
+def _bank_rows(engine: Engine) -> int:
+    """The most UNet rows one call may route (the adapter bank's routing table), or 64 without a bank."""
+    bank = getattr(engine.adapters, "bank", None)
+    return bank.state.max_rows if bank is not None else 64
 
 
 def _training_thread() -> None:
@@ -54,6 +69,8 @@ class InProcessBackend:
         self.tokenizer = engine.tokenizer
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
+        # Generate's model calls: every in-flight request's steps batched into shared UNet calls.
+        self.batcher = StepBatcher(engine, max_rows=_bank_rows(engine))
         self._trainers = ThreadPoolExecutor(max_workers=training_workers, thread_name_prefix="trainer",
                                             initializer=_training_thread)
         self._bases = threading.local()  # one FrozenBase per training thread, loaded on first use
@@ -82,13 +99,27 @@ class InProcessBackend:
     async def generate(
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
     ) -> GenerationResult:
-        def work(should_stop):
-            return self.engine.generate(spec, should_stop=should_stop, on_step=on_step)
+        """The sampling loop as a coroutine here, its steps batched with every other request's
+        (StepBatcher). DEADLINE_EXCEEDED (GenerationCancelled) at the first step past the deadline;
+        a caller that goes away cancels the coroutine, and its queued step is dropped."""
+        def should_stop() -> bool:
+            return deadline is not None and time.monotonic() >= deadline
 
+        engine = self.engine
         with tracing.span("backend.generate") as span:
             if span.is_recording():
                 span.set_attributes(tracing.generation_attributes(spec, self.name))
-            return await self._queued(work, deadline)
+            if should_stop():
+                raise GenerationCancelled("deadline passed while the request was queued")
+            loop = generation(spec, engine.facts, should_stop,
+                              on_step=(lambda info: on_step(info.step, info.total)) if on_step is not None else None,
+                              device=engine.device, dtype=engine.dtype)
+            out = await run_async(loop, self.batcher.execute)
+            result = GenerationResult([Image.fromarray(a) for a in out.images], out.seeds, out.timings)
+            # Waiting for a place in a UNet call is part of each step (the batch forms while the
+            # previous call runs); admission's wait is added by the gateway.
+            result.timings["queue_seconds"] = 0.0
+            return result
 
     async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
         """On the engine's worker threads (same queue as Generate): DDS iterations through the
@@ -182,5 +213,6 @@ class InProcessBackend:
             return await asyncio.wrap_future(self._trainers.submit(contextvars.copy_context().run, run))
 
     async def close(self) -> None:
+        self.batcher.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._trainers.shutdown(wait=True, cancel_futures=True)

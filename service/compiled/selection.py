@@ -16,6 +16,8 @@ restart only warms up the chosen runtime. STEERSERVE_UNET_RUNTIME=eager|compile|
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -167,6 +169,30 @@ def choose_runtime(engine: "Engine", options: "RuntimeOptions", buckets: tuple[i
     """The fastest runtime of `candidates` for this engine, from the cache or measured now; returned
     built (and warmed up for the probe shapes), ready for the caller's full warm-up."""
     key = choice_key(engine, options, buckets)
+    # One measurement at a time per key on this machine: Triton loads its models side by side, and
+    # two instances timing at once would each see the other's load. The second finds the first's.
+    with _measurement_lock(options, key):
+        return _choose(engine, options, buckets, build, candidates, key)
+
+
+@contextlib.contextmanager
+def _measurement_lock(options: "RuntimeOptions", key: str):
+    path = _cache_path(options, key).with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError:  # a read-only cache: measure without the lock
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _choose(engine, options, buckets, build, candidates, key):
     cached = cached_choice(options, key)
     if cached is not None:
         try:

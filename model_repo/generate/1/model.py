@@ -1,30 +1,52 @@
-"""Triton python-backend model `generate`: the sampling loop over BLS calls, many requests in flight.
+"""Triton python-backend model `generate`: text to image, the sampling loop and the UNet in one
+model execution, many requests in flight.
 
-Decoupled with `async def execute`: the stub runs each call as a coroutine on its event loop and
-returns at once, so one instance holds many requests, each awaiting its own unet step. The loop
-itself is service.engine.sampling.generation, the same one the in-process engine runs; here each
-of its model calls is a BLS call (service.triton.bls.execute_call). Tensors: service/triton/wire.py.
+Decoupled with `async def execute`: the stub runs each request as a coroutine on its event loop, so
+one instance holds many requests. Each runs service.engine.sampling.generation (the loop the
+in-process backend runs too), and its model calls go to this instance's own engine through a
+StepBatcher (service/engine/batching.py): the steps of every request in flight meet in one UNet
+call, rows with different adapters included, with no BLS round trip per step. Tensors:
+service/triton/wire.py.
 """
 
 import asyncio
+import json
 import time
 
 import triton_python_backend_utils as pb_utils
+from prometheus_client import CollectorRegistry
 
-from service.engine.sampling import ModelFacts, generation, run_async
+from service.engine.batching import StepBatcher
+from service.engine.sampling import generation, run_async
 from service.triton import wire
-from service.triton.bls import execute_call, request_reader, tensors
-from service.triton.parts import instance_settings, model_dir
+from service.triton.bank_metrics import BankMetrics
+from service.triton.bls import request_reader, tensors
+from service.triton.parts import instance_engine, instance_settings
+from service.triton.runtime_metrics import RuntimeInfoMetric, StepMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.facts = ModelFacts.from_dir(model_dir(instance_settings()))
+        config = json.loads(args["model_config"])
+        max_rows = int(config["parameters"]["max_rows"]["string_value"])
+        registry = CollectorRegistry()  # this instance's bank series, exported through Triton below
+        self.engine = engine = instance_engine(instance_settings(), args, max_rows=max_rows, unet_runtime=True,
+                                               registry=registry)
+        self.batcher = StepBatcher(engine, max_rows=max_rows)
+        self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if engine.adapters.manager is not None else None
+        self.runtime_info = RuntimeInfoMetric(pb_utils, engine, args)
+        self.step_metrics = StepMetrics(pb_utils, self.batcher, args)
+        pb_utils.Logger.log_info(
+            f"UNet runtime {engine.unet_runtime.name} ready in {engine.unet_runtime.stats.warmup_seconds:.1f} s: "
+            f"{engine.unet_runtime_choice.describe()}")
 
     async def execute(self, requests):
         await asyncio.gather(*(self._generate(r) for r in requests))
+        self.step_metrics.update()
+        if self.bank_metrics is not None:
+            self.bank_metrics.update()
 
     async def _generate(self, request):
         sender = request.get_response_sender()
@@ -40,8 +62,13 @@ class TritonPythonModel:
                     message = wire.generate_progress(info.step, info.batch_size, info.queue_seconds)
                     sender.send(pb_utils.InferenceResponse(output_tensors=tensors(message)))
 
-            out = await run_async(generation(spec, self.facts, should_stop, on_step), execute_call)
+            loop = generation(spec, self.engine.facts, should_stop, on_step, device=self.engine.device,
+                              dtype=self.engine.dtype)
+            out = await run_async(loop, self.batcher.execute)
             message = wire.generate_result(out.images, out.seeds, out.timings, out.steps)
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors(message)), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with its status
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(wire.status_message(exc))), flags=FINAL)
+
+    def finalize(self):
+        self.batcher.close()

@@ -1,0 +1,160 @@
+"""Continuous batching of denoising steps across in-flight requests, inside one process.
+
+Each request's sampling loop (service.engine.sampling.generation) runs as a coroutine (run_async)
+and awaits `StepBatcher.execute(call)` for each model call. Denoise calls queue here; one worker
+thread runs the model: whenever it is free, every queued step (up to `max_rows` UNet rows) becomes
+ONE `Engine.predict_noise` call, rows concatenated and answers split back. Steps of different
+requests -- at different timesteps, with different users' adapters per row, CFG's two rows or
+FineStyle's three -- share one UNet forward, as the Triton `unet` model's dynamic batcher does for
+BLS calls, but without a round trip per step: the loop and the UNet meet in one process (the
+in-process backend; Triton's `generate` model, where the loop runs inside one model execution).
+
+Encode and Decode run on the same worker thread, one at a time, between UNet calls. While the
+worker computes one call, the next steps of every other request queue up and form the next one, so
+batches grow with load by themselves; nothing waits for a batch to fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import Denoise, StepResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchStats:
+    calls: int = 0  # UNet calls made
+    rows: int = 0  # rows they held
+    steps: int = 0  # Denoise calls (request steps) they answered
+    # Per request step, summed: time queued for a UNet call, and the call's compute. Their rates'
+    # ratio is the load signal (as Triton's queue/compute duration counters for a batched model).
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    @property
+    def mean_rows(self) -> float:
+        return self.rows / self.calls if self.calls else 0.0
+
+
+class StepBatcher:
+    def __init__(self, engine, max_rows: int, name: str = "unet-steps"):
+        """`engine`: a service.engine.pipeline.Engine (its `execute` and `predict_noise`);
+        `max_rows`: the most rows one UNet call takes (the adapter bank's routing table size)."""
+        self.engine = engine
+        self.max_rows = max_rows
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._queue: deque[tuple[Denoise, asyncio.Future, float]] = deque()
+        self._draining = False
+        self.stats = BatchStats()
+
+    async def execute(self, call):
+        """One model call of a loop: Denoise batched with every other request's; others in turn."""
+        if isinstance(call, Denoise):
+            return await self._denoise(call)
+        loop = asyncio.get_running_loop()
+        # The caller's context (request id, trace span) goes with the call to the worker thread.
+        return await loop.run_in_executor(self._worker, contextvars.copy_context().run, self.engine.execute, call)
+
+    async def _denoise(self, call: Denoise) -> StepResult:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((call, future, time.perf_counter()))
+        if not self._draining:
+            self._draining = True
+            asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        """Runs UNet calls until the queue is empty (on the event loop; the compute on the worker)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                # Let the requests the last call answered take their next step first (each runs
+                # its guidance and scheduler step, then queues): otherwise the requests answered
+                # together and those that queued meanwhile would alternate, each cohort alone.
+                await asyncio.sleep(0)
+                if not self._queue:
+                    break
+                batch, rows, queued = [], 0, 0.0
+                started = time.perf_counter()
+                while self._queue and (not batch or rows + self._queue[0][0].latents.shape[0] <= self.max_rows):
+                    call, future, enqueued = self._queue.popleft()
+                    if future.done():  # its request went away (cancelled) while it waited
+                        continue
+                    batch.append((call, future))
+                    rows += call.latents.shape[0]
+                    queued += started - enqueued
+                if not batch:
+                    continue
+                answers = await loop.run_in_executor(self._worker, self._compute, [c for c, _ in batch])
+                seconds = time.perf_counter() - started
+                self.stats.calls += 1
+                self.stats.rows += rows
+                self.stats.steps += len(batch)
+                self.stats.queue_seconds += queued
+                self.stats.compute_seconds += seconds * len(batch)
+                for (call, future), answer in zip(batch, answers):
+                    if future.done():
+                        continue
+                    if isinstance(answer, BaseException):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(StepResult(answer, batch_size=rows, compute_seconds=seconds))
+        except BaseException as exc:  # noqa: BLE001 - never strand a waiting request
+            while self._queue:
+                _, future, _ = self._queue.popleft()
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        finally:
+            self._draining = False
+
+    @torch.no_grad()
+    def _compute(self, calls: list[Denoise]) -> list:
+        """Noise for each call: one predict_noise per latent shape (one for the usual all-equal
+        batch). A failing merged call (an adapter that cannot load, more distinct adapters than the
+        bank's slots) is retried call by call, so the error lands on its own request only."""
+        out: list = [None] * len(calls)
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(calls):
+            groups.setdefault((tuple(c.latents.shape[1:]), tuple(c.embeds.shape[1:])), []).append(i)
+        for indices in groups.values():
+            group = [calls[i] for i in indices]
+            try:
+                noise = self._predict(group)
+            except Exception as exc:  # noqa: BLE001 - isolate the failing request below
+                if len(group) == 1:
+                    out[indices[0]] = exc
+                    continue
+                for i in indices:
+                    try:
+                        out[i] = self._predict([calls[i]])
+                    except Exception as alone:  # noqa: BLE001
+                        out[i] = alone
+                continue
+            start = 0
+            for i, c in zip(indices, group):
+                m = c.latents.shape[0]
+                out[i] = noise[start : start + m]
+                start += m
+        return out
+
+    def _predict(self, group: list[Denoise]) -> torch.Tensor:
+        if len(group) == 1:
+            c = group[0]
+            return self.engine.predict_noise(c.latents, c.timesteps, c.embeds, c.rows)
+        return self.engine.predict_noise(torch.cat([c.latents for c in group]), torch.cat([c.timesteps for c in group]),
+                                         torch.cat([c.embeds for c in group]), [r for c in group for r in c.rows])
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
