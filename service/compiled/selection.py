@@ -211,7 +211,7 @@ def _choose(engine, options, buckets, build, candidates, key):
             choice.step_ms[kind] = {str(r): round(time_calls(runtime, engine, r), 3) for r in rows}
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run here is skipped
             choice.failed[kind] = f"{type(exc).__name__}: {exc}"[:300]
-            log.warning("UNet runtime %s cannot run here: %s", kind, choice.failed[kind])
+            log.warning("UNet runtime %s cannot run here: %s", kind, choice.failed[kind], exc_info=True)
             continue
         eager = choice.step_ms.get("eager")
         # Geometric mean over the probe shapes, relative to the first that ran (eager).

@@ -84,10 +84,35 @@ class GatewayMetrics:
 
         self.registry.register(NvmlCollector(nvml))
 
+    def watch_step_batcher(self, batcher) -> None:
+        """The in-process step batcher's counters (steps, shared UNet calls, rows, queue/compute)."""
+        self.registry.register(_StepBatcherCollector(batcher))
+
     def watch_unet_runtime(self, runtime, choice=None) -> None:
         """How the in-process engine's UNet runs (service.compiled), read from the runtime at scrape
         time; `choice`: why (service.compiled.selection.RuntimeChoice)."""
         self.registry.register(_UNetRuntimeCollector(runtime, choice))
+
+
+class _StepBatcherCollector:
+    """The in-process backend's step batcher (service/engine/batching.py), read at scrape time."""
+
+    def __init__(self, batcher):
+        self.batcher = batcher
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        st = self.batcher.stats
+        yield CounterMetricFamily("steerserve_engine_steps", "Denoising steps of Generate requests run in-process.",
+                                  value=st.steps)
+        yield CounterMetricFamily("steerserve_engine_unet_calls", "UNet calls those steps shared.", value=st.calls)
+        yield CounterMetricFamily("steerserve_engine_unet_rows", "UNet rows in those calls.", value=st.rows)
+        yield CounterMetricFamily("steerserve_engine_step_queue_seconds",
+                                  "Time steps waited for a UNet call, summed over steps.", value=st.queue_seconds)
+        yield CounterMetricFamily("steerserve_engine_step_compute_seconds",
+                                  "Compute time of the UNet calls steps ran in, summed over steps.",
+                                  value=st.compute_seconds)
 
 
 class _UNetRuntimeCollector:

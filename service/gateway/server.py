@@ -41,8 +41,10 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
     # Rows of one request: 2 per image under CFG, 3 under style guidance, with room to spare.
     engine = build_engine(settings, 4 * settings.max_num_images, registry=metrics.registry)
     metrics.watch_unet_runtime(engine.unet_runtime, engine.unet_runtime_choice)
-    return InProcessBackend(engine, settings.resolved_model_dir(), workers=settings.engine_workers, metrics=metrics,
-                            training_workers=settings.training_workers)
+    backend = InProcessBackend(engine, settings.resolved_model_dir(), workers=settings.engine_workers, metrics=metrics,
+                               training_workers=settings.training_workers)
+    metrics.watch_step_batcher(backend.batcher)
+    return backend
 
 
 MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repo"
