@@ -15,7 +15,7 @@ from service.adapters import BankedAdapters, parse_adapter
 from service.engine.batching import StepBatcher
 from service.engine.default_model import default_model_dir
 from service.engine.pipeline import AdapterUse, Engine, GenerationSpec
-from service.engine.sampling import generation, run_async
+from service.engine.sampling import generation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,7 +53,7 @@ def _alone(engine, spec):
 
 async def _together(engine, batcher, specs, should_stop=lambda: False):
     loops = [generation(s, engine.facts, should_stop, device=engine.device, dtype=engine.dtype) for s in specs]
-    return await asyncio.gather(*(run_async(loop, batcher.execute) for loop in loops), return_exceptions=True)
+    return await asyncio.gather(*(batcher.run(loop) for loop in loops), return_exceptions=True)
 
 
 def test_concurrent_requests_share_unet_calls_and_get_what_they_get_alone(engine):
@@ -94,7 +94,7 @@ def test_a_failing_request_fails_alone(engine):
 def test_a_cancelled_request_leaves_the_others(engine):
     async def scenario(batcher):
         loops = [generation(s, engine.facts, device=engine.device, dtype=engine.dtype) for s in SPECS[:3]]
-        tasks = [asyncio.ensure_future(run_async(loop, batcher.execute)) for loop in loops]
+        tasks = [asyncio.ensure_future(batcher.run(loop)) for loop in loops]
         await asyncio.sleep(0.05)
         tasks[1].cancel()
         return await asyncio.gather(*tasks, return_exceptions=True)

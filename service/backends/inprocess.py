@@ -29,7 +29,7 @@ from service.edit.spec import throttled
 from service.edit.workbench import Workbench
 from service.engine.batching import StepBatcher
 from service.engine.pipeline import Engine, GenerationCancelled, GenerationResult, GenerationSpec
-from service.engine.sampling import generation, run_async
+from service.engine.sampling import generation
 from service.personalize import FrozenBase, Progress, TrainingSpec, train
 
 
@@ -114,7 +114,7 @@ class InProcessBackend:
             loop = generation(spec, engine.facts, should_stop,
                               on_step=(lambda info: on_step(info.step, info.total)) if on_step is not None else None,
                               device=engine.device, dtype=engine.dtype)
-            out = await run_async(loop, self.batcher.execute)
+            out = await self.batcher.run(loop)
             result = GenerationResult([Image.fromarray(a) for a in out.images], out.seeds, out.timings)
             # Waiting for a place in a UNet call is part of each step (the batch forms while the
             # previous call runs); admission's wait is added by the gateway.

@@ -9,9 +9,13 @@ FineStyle's three -- share one UNet forward, as the Triton `unet` model's dynami
 BLS calls, but without a round trip per step: the loop and the UNet meet in one process (the
 in-process backend; Triton's `generate` model, where the loop runs inside one model execution).
 
-Encode and Decode run on the same worker thread, one at a time, between UNet calls. While the
-worker computes one call, the next steps of every other request queue up and form the next one, so
-batches grow with load by themselves; nothing waits for a batch to fill.
+Everything with tensors runs on that one worker thread: Encode and Decode between UNet calls, and
+each loop's own work between its calls (guidance, the scheduler step: `run` advances the generator
+there). torch's CPU thread pool is then used from one thread only; a second thread doing small ops
+beside it makes two OpenMP teams spin against each other for the cores (measured: several times
+slower steps on 2 cores). While the worker computes one call, the next steps of every other request
+queue up; the next call is formed once every request the last call answered has queued its next
+step (or finished), so requests stay in one cohort and batches grow with load by themselves.
 """
 
 from __future__ import annotations
@@ -55,7 +59,55 @@ class StepBatcher:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._queue: deque[tuple[Denoise, asyncio.Future, float]] = deque()
         self._draining = False
+        self._advancing = 0  # loops between two of their model calls (guidance, scheduler step)
+        self._settled: asyncio.Event | None = None  # created on the running loop (_cohort_settled)
         self.stats = BatchStats()
+
+    async def run(self, loop_generator):
+        """Runs a sampling loop (service.engine.sampling) to its result: its model calls batched
+        here, its own steps advanced on the worker thread too."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # request id, trace span: to the worker with each step
+
+        def advance(answer):
+            try:
+                return loop_generator.send(answer), False, None
+            except StopIteration as done:  # (a StopIteration cannot cross into a Future)
+                return None, True, done.value
+
+        self._advancing += 1
+        try:
+            answer = None
+            while True:
+                call, finished, result = await loop.run_in_executor(self._worker, context.run, advance, answer)
+                if finished:
+                    return result
+                self._advancing -= 1
+                self._wake()
+                try:
+                    answer = await self.execute(call)
+                finally:
+                    self._advancing += 1
+        finally:
+            self._advancing -= 1
+            self._wake()
+            try:
+                loop_generator.close()
+            except ValueError:  # cancelled while the worker advances it: it is collected later
+                pass
+
+    def _wake(self) -> None:
+        if self._advancing == 0 and self._settled is not None:
+            self._settled.set()
+
+    async def _cohort_settled(self) -> None:
+        """Until no loop is between calls: every request the last call answered has queued its
+        next step or finished (their work is short; it runs on the worker before the next call)."""
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        while self._advancing > 0:
+            self._settled.clear()
+            await self._settled.wait()
 
     async def execute(self, call):
         """One model call of a loop: Denoise batched with every other request's; others in turn."""
@@ -68,6 +120,7 @@ class StepBatcher:
     async def _denoise(self, call: Denoise) -> StepResult:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((call, future, time.perf_counter()))
+        self._wake()
         if not self._draining:
             self._draining = True
             asyncio.ensure_future(self._drain())
@@ -82,6 +135,7 @@ class StepBatcher:
                 # its guidance and scheduler step, then queues): otherwise the requests answered
                 # together and those that queued meanwhile would alternate, each cohort alone.
                 await asyncio.sleep(0)
+                await self._cohort_settled()
                 if not self._queue:
                     break
                 batch, rows, queued = [], 0, 0.0

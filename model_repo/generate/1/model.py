@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from prometheus_client import CollectorRegistry
 
 from service.engine.batching import StepBatcher
-from service.engine.sampling import generation, run_async
+from service.engine.sampling import generation
 from service.triton import wire
 from service.triton.bank_metrics import BankMetrics
 from service.triton.bls import request_reader, tensors
@@ -64,7 +64,7 @@ class TritonPythonModel:
 
             loop = generation(spec, self.engine.facts, should_stop, on_step, device=self.engine.device,
                               dtype=self.engine.dtype)
-            out = await run_async(loop, self.batcher.execute)
+            out = await self.batcher.run(loop)
             message = wire.generate_result(out.images, out.seeds, out.timings, out.steps)
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors(message)), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with its status
