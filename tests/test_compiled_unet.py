@@ -520,3 +520,20 @@ def test_triton_runtime_info_metric_round_trips():
             ",".join(f'{k}="{v}"' for k, v in labels.items()) + "} 1\n")
     assert parse_runtime_info(page) == ("onnx", choice.describe())
     assert parse_runtime_info("nv_inference_count 1\n") == ("", "")
+
+
+def test_triton_instances_read_files_as_utf8_like_a_normal_python_start():
+    """The stub's embedded interpreter starts with the C locale (ASCII); instance_settings sets
+    LC_CTYPE as CPython's own start would, so torch.compile's inductor can read its templates."""
+    import locale
+
+    from service.triton.parts import _interpreter_locale
+
+    before = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C")
+        assert locale.getpreferredencoding(False).upper().replace("-", "") != "UTF8"
+        _interpreter_locale()
+        assert locale.getpreferredencoding(False).upper().replace("-", "") == "UTF8"
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)

@@ -110,10 +110,6 @@ def server_environment(dist: TritonDistribution, extra: Mapping[str, str] | None
     # model.py files import the service package; make the repository importable from the stub.
     repo_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
-    # Python's UTF-8 mode in the stubs: started without a locale (LANG unset, as under many process
-    # managers) they would read files as ASCII, and torch.compile's inductor fails on its own
-    # sources (UnicodeDecodeError), which would take `compile` out of the `auto` runtime choice.
-    env.setdefault("PYTHONUTF8", "1")
     env.update(extra or {})
     return env
 

@@ -45,9 +45,30 @@ Rows = Sequence[Sequence[AdapterUse]]
 def instance_settings() -> Settings:
     """This instance's settings (its environment), with torch's intra-op threads set from them:
     every instance is its own process."""
+    _interpreter_locale()
     settings = Settings()
     torch.set_num_threads(settings.torch_threads)
     return settings
+
+
+def _interpreter_locale() -> None:
+    """What a normal Python start does and the stub's embedded interpreter does not: LC_CTYPE from
+    the environment, and C.UTF-8 where that is C/POSIX (PEP 538). Without it open() reads files as
+    ASCII, and torch.compile's inductor, reading its own UTF-8 templates, fails (UnicodeDecodeError):
+    `compile` then dropped out of the `auto` runtime choice on Triton."""
+    import locale
+
+    try:
+        locale.setlocale(locale.LC_CTYPE, "")
+    except locale.Error:
+        pass
+    if locale.getpreferredencoding(False).upper().replace("-", "") != "UTF8":
+        for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+            try:
+                locale.setlocale(locale.LC_CTYPE, name)
+                return
+            except locale.Error:
+                continue
 
 
 def instance_device(args: dict) -> str:
