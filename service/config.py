@@ -88,8 +88,9 @@ class Settings(BaseSettings):
     # server; unset = <adapter dir>/request. deploy/ points it at the Triton pod's /tmp (its data
     # volume is read-only there).
     request_adapter_dir: Path | None = None
-    # torch intra-op threads of each Triton model instance (each its own process): on a busy 2-core
-    # machine torch's 2 spinning OpenMP threads made a 20-step generation 12x slower than one.
+    # torch intra-op threads of each Triton model instance (each its own process) and of the
+    # in-process backend's model thread: on a busy 2-core machine torch's 2 spinning OpenMP threads
+    # made a 20-step generation 12x slower than one.
     torch_threads: int = Field(1, ge=1)
 
     # Request limits.

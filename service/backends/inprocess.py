@@ -57,7 +57,8 @@ class InProcessBackend:
     name = "inprocess"
 
     def __init__(
-        self, engine: Engine, model_dir, workers: int = 1, metrics=None, training_workers: int = 1
+        self, engine: Engine, model_dir, workers: int = 1, metrics=None, training_workers: int = 1,
+        torch_threads: int | None = None,
     ):
         """`workers` engine threads run requests; the gateway's admission (service/admission) is
         the one queue in front of them and holds at most that many running, so a request handed
@@ -70,7 +71,8 @@ class InProcessBackend:
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
         # Generate's model calls: every in-flight request's steps batched into shared UNet calls.
-        self.batcher = StepBatcher(engine, max_rows=_bank_rows(engine))
+        # `torch_threads` on its model thread (STEERSERVE_TORCH_THREADS, 1): see batching._model_thread.
+        self.batcher = StepBatcher(engine, max_rows=_bank_rows(engine), threads=torch_threads)
         self._trainers = ThreadPoolExecutor(max_workers=training_workers, thread_name_prefix="trainer",
                                             initializer=_training_thread)
         self._bases = threading.local()  # one FrozenBase per training thread, loaded on first use

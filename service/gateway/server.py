@@ -38,11 +38,16 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
     if settings.unet_runtime == "triton_engine":
         raise ValueError("unet_runtime 'triton_engine' runs only inside Triton's unet model (backend 'triton'); "
                          "in-process, use auto, eager, compile or onnx")
+    # The engine is built (and `auto` measures) with the threads it will serve with on its model
+    # thread (batching._model_thread): one team of `torch_threads`, measured as it will run.
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
     # Rows of one request: 2 per image under CFG, 3 under style guidance, with room to spare.
     engine = build_engine(settings, 4 * settings.max_num_images, registry=metrics.registry)
     metrics.watch_unet_runtime(engine.unet_runtime, engine.unet_runtime_choice)
     backend = InProcessBackend(engine, settings.resolved_model_dir(), workers=settings.engine_workers, metrics=metrics,
-                               training_workers=settings.training_workers)
+                               training_workers=settings.training_workers, torch_threads=settings.torch_threads)
     metrics.watch_step_batcher(backend.batcher)
     return backend
 
