@@ -52,6 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.common import ROOT, write_results
+from service.config import Settings
 
 CACHE = ROOT / "var" / "bench-cache" / "race"
 SYSTEMS = ("inprocess", "triton", "diffusers", "diffusers-batched")
@@ -486,7 +487,7 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--threads", type=int, default=0,
-                    help="the diffusers servers' torch threads (0: torch's default here, which the in-process engine uses)")
+                    help="the diffusers servers' torch threads (0: torch's default here)")
     ap.add_argument("--window-ms", type=float, default=10.0, help="diffusers-batched: the batching window")
     ap.add_argument("--max-batch", type=int, default=16, help="diffusers-batched: most images in one pipeline call")
     ap.add_argument("--tenants", type=int, default=4,
@@ -548,7 +549,7 @@ def main(argv=None) -> int:
                     prompts=PROMPTS,
                     adapter_files=[dict(name=a["name"], rank=a["rank"], alpha=2.0 * a["rank"]) for a in adapters]),
         threads={
-            "inprocess": f"{default_threads} (torch's default here; the service sets none on its engine threads)",
+            "inprocess": f"{Settings.model_construct().torch_threads} on the model thread (STEERSERVE_TORCH_THREADS default; two 2-thread OpenMP teams in one process fight for 2 cores)",
             "triton": "1 per Triton model instance, each its own process (STEERSERVE_TORCH_THREADS default)",
             "diffusers": str(threads), "diffusers-batched": str(threads),
         },

@@ -99,7 +99,7 @@ def choice_key(engine: "Engine", options: "RuntimeOptions", buckets: tuple[int, 
     h.update(json.dumps({
         "format": CHOICE_FORMAT, "graph": graph_key(engine.unet, engine.adapters.bank, graph_shape(engine, buckets[-1])),
         "device": _device_identity(engine.device), "torch": torch.__version__, "onnxruntime": ort_version,
-        "buckets": list(buckets), "compile_mode": options.compile_mode,
+        "buckets": list(buckets), "compile_mode": options.compile_mode, "candidates": list(options.candidates),
     }, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -115,7 +115,7 @@ def cached_choice(options: "RuntimeOptions", key: str) -> RuntimeChoice | None:
         choice = RuntimeChoice(**data)
     except (OSError, ValueError, TypeError):
         return None
-    if choice.kind not in CANDIDATES or choice.key != key:
+    if choice.kind not in options.candidates or choice.key != key:
         return None
     choice.chosen_by = "cached measurement"
     return choice
@@ -196,13 +196,16 @@ def _choose(engine, options, buckets, build, candidates, key):
     cached = cached_choice(options, key)
     if cached is not None:
         try:
-            return build(cached.kind), cached
+            runtime = build(cached.kind)
+            runtime.warmup([(r, *_latent_size(engine)) for r in probe_rows(buckets)])  # builds lazily
+            return runtime, cached
         except Exception as exc:  # noqa: BLE001 - the cached winner no longer builds: measure again
             log.warning("cached UNet runtime %s failed to build (%s); measuring again", cached.kind, exc)
     choice = RuntimeChoice(kind="eager", chosen_by="measured at start", key=key)
     rows = probe_rows(buckets)
     best: tuple[float, str, "UNetRuntime"] | None = None
-    for kind in candidates:
+    # eager first when it is a candidate: the reference every other is scored against.
+    for kind in sorted(candidates, key=lambda k: k != "eager"):
         started = time.perf_counter()
         try:
             runtime = build(kind)
@@ -213,11 +216,13 @@ def _choose(engine, options, buckets, build, candidates, key):
             choice.failed[kind] = f"{type(exc).__name__}: {exc}"[:300]
             log.warning("UNet runtime %s cannot run here: %s", kind, choice.failed[kind], exc_info=True)
             continue
-        eager = choice.step_ms.get("eager")
-        # Geometric mean over the probe shapes, relative to the first that ran (eager).
-        reference = eager or choice.step_ms[kind]
+        # Geometric mean over the probe shapes, relative to one reference for all: eager's times
+        # when it ran, else the first candidate that did.
+        reference = choice.step_ms.get("eager") or next(iter(choice.step_ms.values()))
         score = statistics.geometric_mean([choice.step_ms[kind][r] / reference[r] for r in choice.step_ms[kind]])
         if best is None or score < best[0]:
+            if best is not None:
+                _release(best[2])
             best = (score, kind, runtime)
         else:
             _release(runtime)

@@ -72,9 +72,10 @@ class StepBatcher:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_model_thread,
                                           initargs=(threads,))
         self._queue: deque[tuple[Denoise, asyncio.Future, float]] = deque()
-        self._draining = False
+        self._drain_task: asyncio.Task | None = None
         self._advancing = 0  # loops between two of their model calls (guidance, scheduler step)
         self._settled: asyncio.Event | None = None  # created on the running loop (_cohort_settled)
+        self._settled_loop = None
         self.stats = BatchStats()
 
     async def run(self, loop_generator):
@@ -117,8 +118,9 @@ class StepBatcher:
     async def _cohort_settled(self) -> None:
         """Until no loop is between calls: every request the last call answered has queued its
         next step or finished (their work is short; it runs on the worker before the next call)."""
-        if self._settled is None:
-            self._settled = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self._settled is None or self._settled_loop is not loop:  # an Event belongs to one loop
+            self._settled, self._settled_loop = asyncio.Event(), loop
         while self._advancing > 0:
             self._settled.clear()
             await self._settled.wait()
@@ -135,14 +137,15 @@ class StepBatcher:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((call, future, time.perf_counter()))
         self._wake()
-        if not self._draining:
-            self._draining = True
-            asyncio.ensure_future(self._drain())
+        task = self._drain_task
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            self._drain_task = asyncio.ensure_future(self._drain())
         return await future
 
     async def _drain(self) -> None:
         """Runs UNet calls until the queue is empty (on the event loop; the compute on the worker)."""
         loop = asyncio.get_running_loop()
+        batch: list = []
         try:
             while True:
                 # Let the requests the last call answered take their next step first (each runs
@@ -177,14 +180,16 @@ class StepBatcher:
                         future.set_exception(answer)
                     else:
                         future.set_result(StepResult(answer, batch_size=rows, compute_seconds=seconds))
+                batch = []
         except BaseException as exc:  # noqa: BLE001 - never strand a waiting request
-            while self._queue:
-                _, future, _ = self._queue.popleft()
+            # The call in flight (its rows already taken from the queue) and everything queued.
+            failure = exc if isinstance(exc, Exception) else RuntimeError(f"step batcher stopped: {exc!r}")
+            stranded = [future for _, future in batch] + [future for _, future, _ in self._queue]
+            self._queue.clear()
+            for future in stranded:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(failure)
             raise
-        finally:
-            self._draining = False
 
     @torch.no_grad()
     def _compute(self, calls: list[Denoise]) -> list:
