@@ -215,7 +215,7 @@ def test_triton_unet_model_runs_the_onnx_graph(onnx_engine, eager, adapters, mod
         log = server.log_path.read_text()
     torch.testing.assert_close(torch.from_numpy(noise), eager.predict_noise(latents, timesteps, embeds, MIXED_ROWS),
                                rtol=0, atol=ATOL)
-    assert "UNet runtime onnx warmed up" in log
+    assert "UNet runtime onnx ready in" in log and "set by STEERSERVE_UNET_RUNTIME" in log
     assert sorted(p.name for p in cache_dir.iterdir()) == exports_before  # the same graph, not a new export
 
 

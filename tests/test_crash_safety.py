@@ -52,6 +52,9 @@ class GatewayProcess:
             STEERSERVE_API_KEYS=",".join(f"{t}:{n}" for t, n in TOKENS.items()),
             STEERSERVE_CHECKPOINT_EVERY="2", STEERSERVE_JOB_PREVIEWS="0", STEERSERVE_DEFAULT_STEPS="2",
             PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+            # Not what these tests are about: `auto` would measure the runtimes (a cold torch.compile)
+            # at every start of every process (tests/test_compiled_unet.py, test_cli.py cover it).
+            STEERSERVE_UNET_RUNTIME="eager",
         )
         if crash_point:
             env["STEERSERVE_CRASH_POINT"] = crash_point
