@@ -180,14 +180,7 @@ class Ours:
                 for tenant in range(len(self.tokens))]
             yield self
         finally:
-            try:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(30)
-            except ProcessLookupError:
-                pass
+            stop_group(server, grace_s=120)
 
     def stats(self) -> dict:
         return {}
@@ -209,6 +202,18 @@ class Ours:
                 raise RuntimeError("no image in the answer")
 
         return send
+
+
+def stop_group(server: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the server's process group (Triton and its stubs too), SIGKILL past the grace."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(30)
+    except ProcessLookupError:
+        pass
 
 
 class Diffusers:
@@ -246,14 +251,7 @@ class Diffusers:
             self.names = [a["name"] for a in adapters]
             yield self
         finally:
-            try:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(30)
-            except ProcessLookupError:
-                pass
+            stop_group(server, grace_s=60)
 
     def stats(self) -> dict:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)

@@ -28,6 +28,12 @@ class _JsonFileSource(PydanticBaseSettingsSource):
         return json.loads(Path(path).read_text())
 
 
+
+def _auto_candidates() -> tuple[str, ...]:
+    from service.compiled.runtime import AUTO_CANDIDATES
+
+    return AUTO_CANDIDATES
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEERSERVE_", extra="ignore")
 
@@ -150,7 +156,7 @@ class Settings(BaseSettings):
     # graphs on a GPU) or "onnx" (onnxruntime, the bank as graph inputs). Adapter swaps never
     # recompile any of them.
     unet_runtime: str = "auto"
-    unet_runtime_candidates: list[str] = Field(default_factory=lambda: ["eager", "onnx", "compile"])  # what auto measures
+    unet_runtime_candidates: list[str] = Field(default_factory=lambda: list(_auto_candidates()))  # what auto measures
     unet_batch_buckets: list[int] = Field(default_factory=list)  # "1,2,4,8"; empty = powers of two
     unet_compile_mode: str = "auto"  # torch.compile mode; auto = reduce-overhead on CUDA
     unet_warmup: bool = True  # compile / export every bucket at start, before serving
@@ -195,8 +201,9 @@ class Settings(BaseSettings):
             value = [part for part in value.replace(" ", "").split(",") if part]
         if isinstance(value, list):
             for kind in value:
-                if kind not in ("eager", "onnx", "compile"):
-                    raise ValueError(f"STEERSERVE_UNET_RUNTIME_CANDIDATES: {kind!r} is not one of eager, onnx, compile")
+                if kind not in _auto_candidates():
+                    raise ValueError(f"STEERSERVE_UNET_RUNTIME_CANDIDATES: {kind!r} is not one of "
+                                     f"{', '.join(_auto_candidates())}")
             if not value:
                 raise ValueError("STEERSERVE_UNET_RUNTIME_CANDIDATES needs at least one runtime")
         return value

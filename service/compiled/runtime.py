@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 # auto: the fastest of eager / compile / onnx on this model and device, measured at start or read
 # from the cached measurement (selection.py).
 RUNTIMES = ("auto", "eager", "compile", "onnx", "triton_engine")
+# What `auto` may choose from (STEERSERVE_UNET_RUNTIME_CANDIDATES narrows it).
+AUTO_CANDIDATES = ("eager", "onnx", "compile")
 
 
 class UNetRuntime(Protocol):
@@ -131,7 +133,7 @@ class RuntimeOptions:
     """How the engine's UNet runs (Settings.unet_* / STEERSERVE_UNET_* on both backends)."""
 
     kind: str = "eager"  # one of RUNTIMES (Settings default: auto)
-    candidates: tuple[str, ...] = ("eager", "onnx", "compile")  # what `auto` measures
+    candidates: tuple[str, ...] = AUTO_CANDIDATES  # what `auto` measures
     buckets: tuple[int, ...] = ()  # batch buckets for compiled graphs; () = powers of two up to max_rows
     compile_mode: str = "auto"  # torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA, default on CPU
     warmup: bool = True  # compile / export / build every bucket at the default resolution at start

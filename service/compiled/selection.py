@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .runtime import AUTO_CANDIDATES as CANDIDATES
+
 if TYPE_CHECKING:
     from service.engine.pipeline import Engine
 
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("eager", "onnx", "compile")
 CHOICE_FORMAT = 1
 
 

@@ -1,7 +1,7 @@
 """Continuous batching of denoising steps across in-flight requests, inside one process.
 
-Each request's sampling loop (service.engine.sampling.generation) runs as a coroutine (run_async)
-and awaits `StepBatcher.execute(call)` for each model call. Denoise calls queue here; one worker
+Each request's sampling loop (service.engine.sampling.generation) runs as a coroutine
+(`StepBatcher.run`) whose model calls go to `StepBatcher.execute`. Denoise calls queue here; one worker
 thread runs the model: whenever it is free, every queued step (up to `max_rows` UNet rows) becomes
 ONE `Engine.predict_noise` call, rows concatenated and answers split back. Steps of different
 requests -- at different timesteps, with different users' adapters per row, CFG's two rows or

@@ -7,8 +7,10 @@ itself. Who runs it decides only how a model call executes:
 
 - `run(loop, execute)`: each call in this thread (the in-process engine, which also serves the
   trainers' class images and previews);
-- `await run_async(loop, execute)`: each call awaited (the Triton `generate` model, whose
-  `Denoise` is a BLS call to the `unet` model that batches steps of many requests).
+- `await run_async(loop, execute)`: each call awaited (the Triton `edit` model, whose `Denoise`
+  is a BLS call to the `unet` model that batches steps of many requests);
+- `await StepBatcher.run(loop)` (service/engine/batching.py): Generate on both backends, the
+  steps of every request in flight batched into shared UNet calls in one process.
 
 So the two paths cannot drift apart: same numbers, same order, same checks. The time a call takes
 is the time the generator is suspended at its `yield`, so timings are measured here too.

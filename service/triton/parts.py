@@ -7,9 +7,10 @@ these, and answers with wire.py again, so tests and benchmarks exercise the same
   step-level batching point: one call runs ONE denoising step for any number of samples from
   different requests, each with its own latents, timestep, prompt embeddings and adapters (rows
   of the adapter bank), in a single UNet forward.
-- the `generate` model runs the one sampling loop (service.engine.sampling.generation) with
-  `run_async`, each model call a BLS call to the parts above (service/triton/bls.py), so it keeps
-  many requests in flight on one event loop.
+- the `generate` model runs the one sampling loop (service.engine.sampling.generation) on its
+  own engine through a StepBatcher (service/engine/batching.py), many requests in flight on one
+  event loop, their steps in shared UNet calls; the `edit` model's loops make each model call a
+  BLS call to the parts above (service/triton/bls.py).
 - `Personalize`: one training job; `EditWorker`: one edit, each model call where it can run.
 
 A model instance is configured by Settings read from its environment (the same STEERSERVE_* names
