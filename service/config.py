@@ -130,13 +130,22 @@ class Settings(BaseSettings):
     tenant_burst: int = Field(10, ge=1)  # requests one tenant may send at once under the rate limit
 
     # Personalization jobs.
-    training_workers: int = 1  # jobs trained at once (each on its own copy of the base model)
+    training_workers: int = Field(1, ge=1)  # jobs trained at once per replica (each on its own copy of the base model)
+    # Training beside serving (service/engine/priority.py): serving goes first; a training step starts
+    # only when the compute serving holds while it has work leaves room for it. False: both run as
+    # the OS schedules them. compute_units: cores (CPU) or 1 (GPU) to share; 0 = this machine's.
+    serving_first: bool = True
+    compute_units: int = Field(0, ge=0)
+    # Triton: where the server's model processes share serving's busy units; unset = a folder in
+    # /dev/shm named after the tritonserver process (its stubs' parent).
+    serving_state_dir: Path | None = None
     max_queued_jobs: int = 16  # QUEUED jobs of all tenants; beyond: RESOURCE_EXHAUSTED
     max_jobs_per_tenant: int = 2  # QUEUED + RUNNING jobs of one tenant; beyond: RESOURCE_EXHAUSTED
     # Per-tenant adapter quota (imports and finished jobs; RESOURCE_EXHAUSTED beyond it). A job
-    # counts against the count from the moment it is queued.
-    tenant_max_adapters: int = Field(100, ge=1)
-    tenant_max_adapter_bytes: int = Field(2 * 1024**3, ge=1)
+    # counts against the count from the moment it is queued. A tenant is a calling service whose
+    # own users each have adapters: thousands per tenant is the normal case (bench/scale.py).
+    tenant_max_adapters: int = Field(10_000, ge=1)
+    tenant_max_adapter_bytes: int = Field(64 * 1024**3, ge=1)
     checkpoint_every: int = 50  # training steps between checkpoints (a restart resumes from the last)
     job_previews: int = 4  # preview images of a finished job ("a <token> <class_word>", seeds 0..n-1)
     job_max_attempts: int = 3  # starts of one job (restarts, model server outages) before it FAILS
@@ -148,7 +157,11 @@ class Settings(BaseSettings):
     # Adapter bank (same variable names configure the Triton model instances).
     adapter_slots: int = 16  # slots including slot 0 (the base model)
     adapter_max_rank: int = 16
-    adapter_host_cache: int = 64  # parsed adapters kept in host memory after eviction
+    # Parsed adapters kept in host memory (also after eviction from their slot), so a slot miss copies
+    # instead of reading the store: bounded by bytes (adapters differ ~10x in size with rank and
+    # layers) and by entries. Per model process (each Triton generate/unet instance has its own).
+    adapter_host_cache: int = Field(10_000, ge=0)  # entries (0: no host cache)
+    adapter_host_cache_bytes: int = Field(2 * 1024**3, ge=0)  # bytes
 
     # How the UNet runs (service/compiled; the same variables configure the Triton `unet` model):
     # "auto" (the fastest of the candidates, measured at the first start on this model and device,

@@ -43,7 +43,8 @@ def build_engine(
             loader = blob_loader(settings.adapters_path(), settings.request_adapters_path())
         BankedAdapters.attach(
             engine, loader, num_slots=settings.adapter_slots, max_rank=settings.adapter_max_rank, max_rows=max_rows,
-            host_cache_size=settings.adapter_host_cache, registry=registry,
+            host_cache_size=settings.adapter_host_cache, host_cache_bytes=settings.adapter_host_cache_bytes,
+            registry=registry,
         )
     if unet_runtime:
         from service.compiled import configure_unet_runtime

@@ -308,3 +308,96 @@ def test_engine_hook_routes_rows_to_pinned_slots():
         assert state.slot_ids[:4, :2].tolist() == [[slots["a"], 0], [0, 0], [slots["b"], slots["a"]], [slots["a"], 0]]
         assert state.weights[:4, :2].tolist() == [[1, 0], [0, 0], [0.5, 1], [1, 0]]
     assert manager.pinned() == {} and not manager.bank.state.slot_ids.any()
+
+
+# -- thousands of adapters: bytes, fairness, loading off the request path (bench/scale.py) ------------
+
+
+def test_host_cache_is_bounded_by_bytes():
+    size = make_adapter("a").nbytes()
+    manager, store = make_manager(num_slots=2, host_cache_size=100, host_cache_bytes=int(2.5 * size))
+    for key in "abcd":
+        manager.prefetch(key)
+    assert manager.host_cached() == ["c", "d"]  # two fit in 2.5 adapters' bytes
+    assert manager.metrics.host_cache_bytes._value.get() == 2 * size
+    manager, _ = make_manager(num_slots=2, host_cache_bytes=size - 1)  # larger than the whole bound: not kept
+    manager.prefetch("a")
+    assert manager.host_cached() == [] and manager.metrics.host_cache_bytes._value.get() == 0
+
+
+def test_one_tenants_burst_recycles_its_own_host_cache_entries():
+    size = make_adapter("a").nbytes()
+    manager, store = make_manager(keys="abcdefgh", num_slots=2, host_cache_bytes=4 * size)
+    manager.prefetch("a", owner="bob")
+    manager.prefetch("b", owner="bob")
+    for key in "cdefgh":  # alice's burst: six new adapters
+        manager.prefetch(key, owner="alice")
+    cached = manager.host_cached()
+    assert "a" in cached and "b" in cached  # bob's two (his share: 2 of 4) survived
+    assert len(cached) == 4 and cached[-1] == "h"
+    # Without owners (plain LRU) the burst flushes them.
+    manager, _ = make_manager(keys="abcdefgh", num_slots=2, host_cache_bytes=4 * size)
+    for key in "abcdefgh":
+        manager.prefetch(key)
+    assert manager.host_cached() == list("efgh")
+
+
+def test_one_tenants_burst_recycles_its_own_slots():
+    manager, store = make_manager(keys="abcdefgh", num_slots=5, host_cache_size=0)  # 4 adapter slots
+    manager.prefetch("a", owner="bob")
+    manager.prefetch("b", owner="bob")
+    for key in "cdefgh":
+        manager.prefetch(key, owner="alice")
+    resident = manager.resident()
+    assert {"a", "b"} <= set(resident) and len(resident) == 4
+    assert counts(manager)["evictions"] == 4  # alice's own, each time
+
+
+def test_an_acquisition_pins_its_resident_adapters_before_loading_its_misses():
+    manager, store = make_manager(num_slots=3)  # 2 adapter slots
+    manager.prefetch("a")
+    manager.prefetch("b")  # resident: a (least recently used), b
+    slot_a = manager.resident()["a"]
+    with manager.acquire(["c", "a"]) as slots:  # c must evict b, not a (which this call needs)
+        assert slots["a"] == slot_a and slot_holds(manager.bank, slots["c"], "c")
+    assert counts(manager)["evictions"] == 1 and store.reads == {"a": 1, "b": 1, "c": 1}
+
+
+def test_prefetch_reads_off_the_callers_thread_and_the_use_only_copies():
+    manager, store = make_manager(num_slots=3, delay=0.2)
+    t0 = time.perf_counter()
+    manager.prefetch_async(["a", "b"], {"a": "bob"})
+    assert time.perf_counter() - t0 < 0.1  # returned at once; the reads run on the loader thread
+    with manager.acquire(["a"]) as slots:  # waits for the read under way instead of reading again
+        assert slot_holds(manager.bank, slots["a"], "a")
+    deadline = time.monotonic() + 5
+    while manager.prefetching() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.reads == {"a": 1, "b": 1}
+    assert counts(manager)["host"] == 1 and counts(manager)["store"] == 0  # "a" came from host memory
+    assert manager.metrics.prefetched._value.get() == 2
+    manager.prefetch_async(["a", "b"])  # at hand: nothing read
+    assert store.reads == {"a": 1, "b": 1}
+    manager.close()
+
+
+def test_a_failed_prefetch_leaves_the_error_to_the_request():
+    manager, store = make_manager(keys="ab", num_slots=3)
+    manager.prefetch_async(["missing"])
+    deadline = time.monotonic() + 5
+    while manager.prefetching() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(AdapterNotFoundError):
+        with manager.acquire(["missing"]):
+            pass
+    assert store.reads["missing"] == 2 and manager.host_cached() == []
+
+
+def test_a_prefetch_racing_a_delete_is_not_cached():
+    manager, store = make_manager(num_slots=3, delay=0.2)
+    manager.prefetch_async(["a"])
+    manager.invalidate("a")  # deleted while being read
+    deadline = time.monotonic() + 5
+    while manager.prefetching() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert manager.host_cached() == []

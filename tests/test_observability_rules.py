@@ -194,7 +194,7 @@ def test_promtool_accepts_the_rules(tmp_path):
                          timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"SUCCESS: {len(rules())} rules found" in out.stdout, out.stdout
-    assert len(recorded()) == 12 and len(alerts()) == 9
+    assert len(recorded()) == 14 and len(alerts()) == 10
 
 
 UNIT_TESTS = """
@@ -414,6 +414,51 @@ tests:
       - alertname: SteerServeJobQueueGrowing
         eval_time: 30m30s
         exp_alerts: [{exp_labels: {severity: ticket}, exp_annotations: {summary: "30 personalization jobs queued and the queue keeps growing"}}]
+  # The training queue per job slot: 6 queued (store-wide, the same on both gateways) over 2 + 2 slots.
+  # Two jobs run; their steps wait 0.8 s of each second for serving: crowded out, a ticket after 30 m.
+  - interval: 1m
+    input_series:
+      - series: 'steerserve_jobs_queued{instance="gw-0"}'
+        values: '6x60'
+      - series: 'steerserve_jobs_queued{instance="gw-1"}'
+        values: '6x60'
+      - series: 'steerserve_training_workers{instance="gw-0"}'
+        values: '2x60'
+      - series: 'steerserve_training_workers{instance="gw-1"}'
+        values: '2x60'
+      - series: 'steerserve_jobs_running{instance="gw-0"}'
+        values: '1x60'
+      - series: 'steerserve_jobs_running{instance="gw-1"}'
+        values: '1x60'
+      - series: 'steerserve_training_wait_seconds_total{instance="gw-0"}'
+        values: '0+48x60'
+      - series: 'steerserve_training_wait_seconds_total{instance="gw-1"}'
+        values: '0+48x60'
+    promql_expr_test:
+      - expr: steerserve:training_queue_per_worker:ratio
+        eval_time: 10m
+        exp_samples: [{labels: 'steerserve:training_queue_per_worker:ratio', value: 1.5}]
+      - expr: steerserve:training_wait:ratio_rate5m
+        eval_time: 10m
+        exp_samples: [{labels: 'steerserve:training_wait:ratio_rate5m', value: 0.8}]
+    alert_rule_test:
+      - {alertname: SteerServeTrainingCrowdedOut, eval_time: 20m, exp_alerts: []}
+      - alertname: SteerServeTrainingCrowdedOut
+        eval_time: 45m
+        exp_alerts: [{exp_labels: {severity: ticket}, exp_annotations: {summary: "Training steps wait for serving 80% of the time while jobs queue"}}]
+  # Waiting as much, but no job queues beyond the slots: serving simply comes first; no alert.
+  - interval: 1m
+    input_series:
+      - series: 'steerserve_jobs_queued{instance="gw-0"}'
+        values: '1x60'
+      - series: 'steerserve_training_workers{instance="gw-0"}'
+        values: '2x60'
+      - series: 'steerserve_jobs_running{instance="gw-0"}'
+        values: '2x60'
+      - series: 'steerserve_training_wait_seconds_total{instance="gw-0"}'
+        values: '0+96x60'
+    alert_rule_test:
+      - {alertname: SteerServeTrainingCrowdedOut, eval_time: 45m, exp_alerts: []}
 """
 
 

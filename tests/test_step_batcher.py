@@ -143,3 +143,44 @@ def test_the_in_process_gateway_batches_concurrent_generate_calls(gateway):
 
     for a, b in zip(alone, together):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
+
+
+def test_a_call_takes_only_the_steps_whose_adapters_fit_the_banks_slots(model_cache, tmp_path):
+    """Three requests with three different adapters, a bank of two adapter slots: every UNet call
+    applies at most two; the third request waits for the next call instead of failing the merged
+    one (and being retried alone); all three get what they get alone, each adapter read once
+    (prefetched into host memory when its request arrived)."""
+    engine = Engine.from_pretrained(default_model_dir(model_cache))
+    files = {k: parse_adapter(str(write_reference_lora(tmp_path / k, engine.unet, rank=4, alpha=4.0, seed=s, std=0.1)))
+             for k, s in (("a", 1), ("b", 2), ("c", 3))}
+    reads: list[str] = []
+
+    def load(key):
+        reads.append(key)
+        return files[key]
+
+    hook = BankedAdapters.attach(engine, load, num_slots=3, max_rank=8, max_rows=32, registry=CollectorRegistry())
+    calls: list[set[str]] = []
+    predict = engine.predict_noise
+
+    def spy(latents, timesteps, embeds, rows):
+        calls.append({use.key for row in rows for use in row})
+        return predict(latents, timesteps, embeds, rows)
+
+    engine.predict_noise = spy
+    specs = [GenerationSpec(prompt=p, steps=4, seed=i, adapters=(AdapterUse(k, tenant=f"t{i}"),))
+             for i, (p, k) in enumerate((("a red circle", "a"), ("a blue square", "b"), ("a green star", "c")))]
+    batcher = StepBatcher(engine, max_rows=32)
+    try:
+        outs = asyncio.run(_together(engine, batcher, specs))
+    finally:
+        batcher.close()
+        engine.predict_noise = predict
+    assert all(not isinstance(out, BaseException) for out in outs), outs
+    assert calls and max(len(keys) for keys in calls) <= 2, calls
+    assert batcher.stats.deferred > 0
+    assert sorted(reads) == ["a", "b", "c"]  # none read twice: no failed merged call, no reload
+    assert hook.manager.metrics.prefetched._value.get() == 3
+    for spec, out in zip(specs, outs):
+        assert np.abs(out.images.astype(np.int16) - _alone(engine, spec)).max() <= 1, spec.prompt
+    hook.manager.close()

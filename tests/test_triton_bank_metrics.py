@@ -60,11 +60,13 @@ def test_bank_metrics_follow_the_manager(model_cache):
     values = {name: m.value for name, m in {**metrics._gauges, **metrics._counters}.items()}
     assert values["steerserve_triton_adapter_pinned_slots"] == 0
     assert values["steerserve_triton_adapter_resident"] == 2
-    assert values["steerserve_triton_adapter_cache_misses_total"] == 3
+    assert values["steerserve_triton_adapter_cache_misses_total:store"] == 3  # a0, a1, a2 read from the store
+    assert values["steerserve_triton_adapter_cache_misses_total:host"] == 0
     assert values["steerserve_triton_adapter_cache_hits_total"] == 1
+    assert values["steerserve_triton_adapter_host_cache_bytes"] == sum(files[k].nbytes() for k in files)
     assert values["steerserve_triton_adapter_evictions_total"] == 1
     metrics.update()  # counters move by deltas: no double counting
-    assert metrics._counters["steerserve_triton_adapter_cache_misses_total"].value == 3
+    assert metrics._counters["steerserve_triton_adapter_cache_misses_total:store"].value == 3
 
     metrics.manager = None  # a failure inside update() is logged, never raised into execute()
     metrics.update()

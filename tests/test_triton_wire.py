@@ -104,9 +104,12 @@ def test_training_request_and_responses_round_trip():
 
 
 def test_adapter_rows_round_trip():
-    uses = (AdapterUse("k1", 0.5), AdapterUse("k2", 1.25, style=True))
+    uses = (AdapterUse("k1", 0.5), AdapterUse("k2", 1.25, style=True), AdapterUse("k3", 1.0, tenant="acme"),
+            AdapterUse("k4", 0.5, style=True, tenant="acme"))
     assert wire.decode_adapters(wire.encode_adapters(uses)) == uses
     assert wire.decode_adapters(b"") == ()
+    # Rows written before the tenant was carried still read (a gateway older than its Triton).
+    assert wire.decode_adapters(b'[["k1", 0.5], ["k2", 1.0, 1]]') == (AdapterUse("k1", 0.5), AdapterUse("k2", 1.0, style=True))
 
 
 @pytest.mark.parametrize("raised, expected", [

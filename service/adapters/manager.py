@@ -5,15 +5,28 @@ their slots (refcounts) until the request is done; a miss loads the adapter (hos
 ``loader``, e.g. the safetensors blob store), validates it against the bank and copies it in place
 into a free slot or the least recently used unpinned one. Loads of different adapters run in
 parallel outside the lock; concurrent requests for the same missing adapter share one load.
+
+At thousands of adapters (bench/scale.py) three more rules matter:
+- the host cache is bounded by bytes (adapters differ 10x in size with their rank and layers), as
+  well as by entries;
+- eviction is fair between tenants: a slot or a host-cache entry is taken from a tenant holding more
+  than its share (slots or bytes divided by the tenants present) before anyone else's, least
+  recently used first, so one tenant's burst of new adapters recycles its own and cannot flush
+  everyone's;
+- reading, parsing and validating an adapter happens off the request path: ``prefetch_async`` hands
+  it to a loader thread as soon as a request names it (the step batcher does, while the current
+  UNet call runs), so the step that uses it only copies it into a slot.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -23,6 +36,9 @@ from .errors import AdapterBankFull
 from .formats import Adapter
 
 Loader = Callable[[str], Adapter]
+Owners = Mapping[str, str]  # adapter key -> the tenant using it (fair eviction); "" when unknown
+
+log = logging.getLogger(__name__)
 
 
 class _NoFreeSlot(Exception):
@@ -56,6 +72,16 @@ class AdapterMetrics:
         self.host_cached = Gauge(
             "steerserve_adapter_host_cached", "Parsed adapters kept in host memory.", registry=registry
         )
+        self.host_cache_bytes = Gauge(
+            "steerserve_adapter_host_cache_bytes",
+            "Bytes of the parsed adapters kept in host memory (bounded by STEERSERVE_ADAPTER_HOST_CACHE_BYTES).",
+            registry=registry,
+        )
+        self.prefetched = Counter(
+            "steerserve_adapter_prefetched",
+            "Adapters read, parsed and validated into host memory ahead of their first step, off the request path.",
+            registry=registry,
+        )
 
 
 class AdapterManager:
@@ -66,6 +92,7 @@ class AdapterManager:
         loader: ``key -> Adapter`` for adapters in neither a slot nor the host cache; may raise
             AdapterNotFoundError or AdapterFormatError. Called without the manager's lock held.
         host_cache_size: parsed adapters kept in host memory after eviction from their slot (0: none).
+        host_cache_bytes: the most bytes of parsed adapters kept in host memory (None: no byte bound).
         acquire_timeout_s: how long an acquisition waits for a pinned slot to free up before
             raising AdapterBankFull (0: fail at once).
     """
@@ -76,12 +103,14 @@ class AdapterManager:
         loader: Loader,
         *,
         host_cache_size: int = 64,
+        host_cache_bytes: int | None = None,
         acquire_timeout_s: float = 0.0,
         registry: CollectorRegistry | None = None,
     ):
         self.bank = bank
         self.loader = loader
         self.host_cache_size = host_cache_size
+        self.host_cache_bytes = host_cache_bytes
         self.acquire_timeout_s = acquire_timeout_s
         self.metrics = AdapterMetrics(registry)
         self._cond = threading.Condition()
@@ -92,6 +121,12 @@ class AdapterManager:
         self._loading: set[str] = set()  # keys being loaded by some thread
         self._orphans: set[int] = set()  # slots of invalidated adapters, freed by their last release
         self._host: OrderedDict[str, Adapter] = OrderedDict()
+        self._host_size: dict[str, int] = {}  # key -> its bytes
+        self._host_total = 0
+        self._tenant_bytes: dict[str, int] = {}  # tenant -> bytes of its adapters in the host cache
+        self._owner: dict[str, str] = {}  # key -> the tenant that used it last (slots and host cache)
+        self._prefetching: set[str] = set()  # keys a loader thread is reading into the host cache
+        self._prefetcher: ThreadPoolExecutor | None = None  # created on first use
         # Bumped by invalidate(key), so a load racing a delete/re-import of that key is not published.
         self._versions: dict[str, int] = {}
         # Per-request adapters (an edit's steered copy): never stored, never in the host cache,
@@ -102,8 +137,10 @@ class AdapterManager:
     # Acquire / release
 
     @contextmanager
-    def acquire(self, keys: Sequence[str]) -> Iterator[dict[str, int]]:
+    def acquire(self, keys: Sequence[str], owners: Owners | None = None) -> Iterator[dict[str, int]]:
         """Pin the adapters ``keys`` (loading them if needed) and yield {key: slot} for the block.
+
+        ``owners``: the tenant of each key, for fair eviction (missing: the tenant seen last).
 
         All or nothing: if one adapter cannot be made resident, the ones already pinned are
         released and the error (AdapterBankFull, AdapterNotFoundError, AdapterFormatError) raised.
@@ -116,6 +153,11 @@ class AdapterManager:
             raise AdapterBankFull(
                 f"{len(keys)} adapters in one request, but the bank has {self.bank.num_slots - 1} slots"
             )
+        with self._cond:
+            self._note_owners(owners)
+            # Resident ones first: pinning them before any miss evicts keeps a miss from evicting an
+            # adapter this very acquisition needs (and then loading it back).
+            keys.sort(key=lambda k: k not in self._slot_of)
         deadline = time.monotonic() + self.acquire_timeout_s
         while True:
             slots: dict[str, int] = {}
@@ -164,7 +206,7 @@ class AdapterManager:
                     self._pins[slot] = self._pins.get(slot, 0) + 1
                     self.metrics.hits.inc()
                     return slot
-                if key not in self._loading:
+                if key not in self._loading and key not in self._prefetching:
                     break
                 self._cond.wait()  # another thread is loading this key: share its result
             self._loading.add(key)
@@ -181,7 +223,7 @@ class AdapterManager:
             if adapter is None:
                 # Validate before any slot is touched: a bad file is refused, never half-loaded.
                 adapter = self.bank.prepare(self.loader(key))
-            slot = self._reserve_slot()
+            slot = self._reserve_slot(self._owner.get(key, ""))
             self.bank.load_slot(slot, adapter, check=False)
         except BaseException:
             with self._cond:
@@ -210,13 +252,13 @@ class AdapterManager:
             self._cond.notify_all()
         return slot
 
-    def _reserve_slot(self) -> int:
-        """A free slot, else the LRU unpinned one (evicted); pinned once for the caller."""
+    def _reserve_slot(self, tenant: str) -> int:
+        """A free slot, else an unpinned one (evicted, see _slot_victim); pinned once for the caller."""
         with self._cond:
             if self._free:
                 slot = self._free.pop()
             else:
-                victim = next((k for k, s in self._slot_of.items() if not self._pins.get(s)), None)
+                victim = self._slot_victim(tenant)
                 if victim is None:
                     raise _NoFreeSlot
                 slot = self._slot_of.pop(victim)
@@ -225,6 +267,40 @@ class AdapterManager:
                 self.metrics.resident.set(len(self._slot_of))
             self._pins[slot] = 1
             return slot
+
+    def _slot_victim(self, tenant: str) -> str | None:
+        """The resident adapter to evict, least recently used first among: the requesting tenant's
+        own if taking one more slot would put it over its share (slots / tenants resident, itself
+        included), else those of a tenant over its share, else any unpinned one. A tenant's burst of
+        new adapters thus recycles its own slots once it holds its share, and leaves the others'."""
+        held: dict[str, int] = {}
+        for k in self._slot_of:
+            owner = self._owner.get(k, "")
+            held[owner] = held.get(owner, 0) + 1
+        share = (self.bank.num_slots - 1) / len(held.keys() | {tenant})
+        unpinned = [k for k, s in self._slot_of.items() if not self._pins.get(s)]  # least recently used first
+        if held.get(tenant, 0) + 1 > share:
+            own = next((k for k in unpinned if self._owner.get(k, "") == tenant), None)
+            if own is not None:
+                return own
+        over = next((k for k in unpinned if held[self._owner.get(k, "")] > share), None)
+        return over if over is not None else (unpinned[0] if unpinned else None)
+
+    def _note_owners(self, owners: Owners | None) -> None:
+        """Record who uses each key now (one blob imported by two tenants is theirs in turn)."""
+        for key, tenant in (owners or {}).items():
+            before = self._owner.get(key)
+            if before == tenant:
+                continue
+            self._owner[key] = tenant
+            size = self._host_size.get(key)
+            if size is not None:  # its host-cache bytes move to the new owner's account
+                left = self._tenant_bytes.get(before or "", 0) - size
+                if left > 0:
+                    self._tenant_bytes[before or ""] = left
+                else:
+                    self._tenant_bytes.pop(before or "", None)
+                self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + size
 
     def _release(self, slots: Sequence[int] | Iterator[int]) -> None:
         with self._cond:
@@ -239,13 +315,104 @@ class AdapterManager:
             self._cond.notify_all()
 
     def _remember_on_host(self, key: str, adapter: Adapter) -> None:
+        """Keep ``key``'s parsed adapter in host memory, evicting (fairly, see _host_victim) to stay
+        within the entry and byte bounds. One larger than the whole byte bound is not kept."""
+        size = adapter.nbytes()
+        if self.host_cache_size <= 0 or (self.host_cache_bytes is not None and size > self.host_cache_bytes):
+            return
+        self._forget_on_host(key)
+        self._host[key] = adapter
+        self._host_size[key] = size
+        self._host_total += size
+        owner = self._owner.get(key, "")
+        self._tenant_bytes[owner] = self._tenant_bytes.get(owner, 0) + size
+        while len(self._host) > self.host_cache_size or (
+                self.host_cache_bytes is not None and self._host_total > self.host_cache_bytes):
+            self._forget_on_host(self._host_victim(keep=key))
+        self._host_gauges()
+
+    def _host_victim(self, keep: str) -> str:
+        """The host-cache entry to drop (never `keep`, the one just added, unless it is alone),
+        least recently used first among: those of `keep`'s tenant if it is over its share of the
+        bytes (the bound / tenants present), else those of any tenant over its share, else any."""
+        bound = self.host_cache_bytes if self.host_cache_bytes is not None else self._host_total
+        share = bound / max(1, len(self._tenant_bytes))
+        tenant = self._owner.get(keep, "")
+        others = [k for k in self._host if k != keep]  # least recently used first
+        if not others:
+            return keep
+        if self._tenant_bytes.get(tenant, 0) > share:
+            own = next((k for k in others if self._owner.get(k, "") == tenant), None)
+            if own is not None:
+                return own
+        over = next((k for k in others if self._tenant_bytes.get(self._owner.get(k, ""), 0) > share), None)
+        return over if over is not None else others[0]
+
+    def _forget_on_host(self, key: str) -> None:
+        if self._host.pop(key, None) is None:
+            return
+        size = self._host_size.pop(key)
+        self._host_total -= size
+        owner = self._owner.get(key, "")
+        left = self._tenant_bytes.get(owner, 0) - size
+        if left > 0:
+            self._tenant_bytes[owner] = left
+        else:
+            self._tenant_bytes.pop(owner, None)
+        if key not in self._slot_of and key not in self._loading:
+            self._owner.pop(key, None)  # known nowhere any more: its tenant is noted again at its next use
+
+    def _host_gauges(self) -> None:
+        self.metrics.host_cached.set(len(self._host))
+        self.metrics.host_cache_bytes.set(self._host_total)
+
+    # --------------------------------------------------------------------------------------------
+    # Prefetch: reading adapters off the request path
+
+    def prefetch_async(self, keys: Sequence[str], owners: Owners | None = None) -> None:
+        """Start reading ``keys`` that are in neither a slot nor host memory into the host cache, on
+        the loader thread; returns at once. A later acquire() of a key still being read waits for
+        it instead of reading it again; a read that fails is forgotten (that acquire() reads it
+        again and raises the error to its request)."""
         if self.host_cache_size <= 0:
             return
-        self._host[key] = adapter
-        self._host.move_to_end(key)
-        while len(self._host) > self.host_cache_size:
-            self._host.popitem(last=False)
-        self.metrics.host_cached.set(len(self._host))
+        with self._cond:
+            self._note_owners(owners)
+            todo = [k for k in dict.fromkeys(keys)
+                    if k not in self._slot_of and k not in self._host and k not in self._loading
+                    and k not in self._prefetching and k not in self._ephemeral]
+            if not todo:
+                return
+            self._prefetching.update(todo)
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefetch",
+                                                      initializer=_loader_thread)
+            versions = {k: self._versions.get(k, 0) for k in todo}
+        for key in todo:
+            self._prefetcher.submit(self._prefetch_one, key, versions[key])
+
+    def _prefetch_one(self, key: str, version: int) -> None:
+        adapter = None
+        try:
+            adapter = self.bank.prepare(self.loader(key))
+        except Exception as exc:  # noqa: BLE001 - the request that uses it reads it again and fails alone
+            log.debug("prefetch of adapter %s failed: %s", key[:12], exc)
+        finally:
+            with self._cond:
+                self._prefetching.discard(key)
+                if adapter is not None and version == self._versions.get(key, 0) and key not in self._slot_of:
+                    self._remember_on_host(key, adapter)
+                    self.metrics.prefetched.inc()
+                self._cond.notify_all()
+
+    def prefetching(self) -> list[str]:
+        with self._cond:
+            return list(self._prefetching)
+
+    def close(self) -> None:
+        """Stop the loader thread (reads queued are dropped)."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
 
     # --------------------------------------------------------------------------------------------
     # Management
@@ -255,8 +422,8 @@ class AdapterManager:
         request uses it, from its slot. Requests already holding it finish with the old weights."""
         with self._cond:
             self._versions[key] = self._versions.get(key, 0) + 1
-            self._host.pop(key, None)
             slot = self._slot_of.pop(key, None)
+            self._forget_on_host(key)
             if slot is not None:
                 if self._pins.get(slot):
                     self._orphans.add(slot)  # freed by the last release
@@ -264,7 +431,7 @@ class AdapterManager:
                     self._adapter_in.pop(slot, None)
                     self._free.append(slot)
             self.metrics.resident.set(len(self._slot_of))
-            self.metrics.host_cached.set(len(self._host))
+            self._host_gauges()
 
     @contextmanager
     def ephemeral(self, adapter: Adapter, prefix: str = "request") -> Iterator[str]:
@@ -301,9 +468,9 @@ class AdapterManager:
                 return self._adapter_in[slot]
         return self.bank.prepare(self.loader(key))
 
-    def prefetch(self, key: str) -> None:
+    def prefetch(self, key: str, owner: str | None = None) -> None:
         """Make ``key`` resident without keeping it pinned (e.g. right after ImportAdapter)."""
-        with self.acquire([key]):
+        with self.acquire([key], {key: owner} if owner is not None else None):
             pass
 
     def resident(self) -> dict[str, int]:
@@ -328,3 +495,11 @@ class AdapterManager:
         """Textual-inversion vectors {token: [n, hidden]} of the adapter in a pinned slot."""
         adapter = self.adapter_in_slot(slot)
         return dict(adapter.token_embeddings) if adapter is not None else {}
+
+
+def _loader_thread() -> None:
+    """The prefetch thread's torch ops (validation) on one intra-op thread: beside the model thread,
+    a second multi-threaded OpenMP team would fight it for the cores (service/engine/batching.py)."""
+    import torch
+
+    torch.set_num_threads(1)

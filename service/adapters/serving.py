@@ -43,6 +43,7 @@ class BankedAdapters:
         max_rows: int = 64,
         max_adapters_per_row: int = 4,
         host_cache_size: int = 64,
+        host_cache_bytes: int | None = None,
         acquire_timeout_s: float = 0.0,
         text_encoder_lora: bool = True,
         registry: CollectorRegistry | None = None,
@@ -62,7 +63,8 @@ class BankedAdapters:
             max_adapters_per_row=max_adapters_per_row,
         )
         manager = AdapterManager(
-            bank, loader, host_cache_size=host_cache_size, acquire_timeout_s=acquire_timeout_s, registry=registry
+            bank, loader, host_cache_size=host_cache_size, host_cache_bytes=host_cache_bytes,
+            acquire_timeout_s=acquire_timeout_s, registry=registry,
         )
         hook = cls(bank, manager, PromptEncoder(engine.tokenizer, engine.text_encoder))
         engine.adapters = hook
@@ -72,16 +74,29 @@ class BankedAdapters:
     def _keys(rows: Sequence[Sequence[AdapterUseLike]]) -> list[str]:
         return list(dict.fromkeys(use.key for row in rows for use in row))
 
+    @staticmethod
+    def _owners(rows: Sequence[Sequence[AdapterUseLike]]) -> dict[str, str]:
+        return {use.key: use.tenant for row in rows for use in row if getattr(use, "tenant", "")}
+
+    @property
+    def slot_capacity(self) -> int:
+        """Distinct adapters one model call can apply (the bank's slots but the base model's)."""
+        return self.bank.num_slots - 1
+
+    def prefetch(self, rows: Sequence[Sequence[AdapterUseLike]]) -> None:
+        """Start reading the rows' adapters that are not at hand, off the request path (returns at once)."""
+        self.manager.prefetch_async(self._keys(rows), self._owners(rows))
+
     @contextmanager
     def hold(self, rows: Sequence[Sequence[AdapterUseLike]]) -> Iterator[dict[str, int]]:
         """Pin the rows' adapters for a whole request (so per-step ``activate`` calls always hit)."""
-        with self.manager.acquire(self._keys(rows)) as slots:
+        with self.manager.acquire(self._keys(rows), self._owners(rows)) as slots:
             yield slots
 
     @contextmanager
     def activate(self, rows: Sequence[Sequence[AdapterUseLike]]) -> Iterator[None]:
         """Within the block, model-call row i applies ``rows[i]``'s adapters with their weights."""
-        with self.manager.acquire(self._keys(rows)) as slots:
+        with self.manager.acquire(self._keys(rows), self._owners(rows)) as slots:
             routed = [[(slots[use.key], float(use.weight)) for use in row] for row in rows]
             with self.bank.activate(routed):
                 yield
@@ -92,7 +107,7 @@ class BankedAdapters:
         """Prompt embeddings with each row's textual-inversion tokens and text-encoder LoRA."""
         if self.prompt_encoder is None:
             return None
-        with self.manager.acquire(self._keys(rows)) as slots:
+        with self.manager.acquire(self._keys(rows), self._owners(rows)) as slots:
             tokens = [self._row_tokens(row, slots) for row in rows]
             routed = [[(slots[use.key], float(use.weight)) for use in row] for row in rows]
             with self.bank.activate(routed):

@@ -39,6 +39,9 @@ class Backend(Protocol):
     def forget_adapter(self, key: str) -> None:
         """The adapter was deleted from the store: drop it from any cache."""
 
+    def preload_adapter(self, key: str, tenant: str) -> None:
+        """A job just stored this adapter: start loading it where requests will use it (returns at once)."""
+
     async def generate(
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
     ) -> GenerationResult:

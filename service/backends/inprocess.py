@@ -5,9 +5,11 @@ by one StepBatcher (service/engine/batching.py): concurrent requests share UNet 
 Edits run on worker threads (`workers`): DreamSteerer's model-internal steps need a thread's
 private Workbench.
 
-Training jobs run on their own threads (`training_workers`), each with a private copy of the base
-model (service.personalize.FrozenBase): a job wraps the model's layers in trainable LoRA while it
-runs, which must never reach the engine that serves Generate.
+Training jobs run on their own threads (`training_workers`: jobs trained at once), each with a
+private copy of the base model (service.personalize.FrozenBase): a job wraps the model's layers in
+trainable LoRA while it runs, which must never reach the engine that serves Generate. Serving goes
+first: while a request is in flight it holds its share of the cores, and training steps fill what is
+left (service/engine/priority.py, `STEERSERVE_SERVING_FIRST`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from service.edit.runner import run_edit
 from service.edit.spec import throttled
 from service.edit.workbench import Workbench
 from service.engine.batching import StepBatcher
-from service.engine.pipeline import Engine, GenerationCancelled, GenerationResult, GenerationSpec
+from service.engine.priority import ComputeShare, TurnTaking, default_units
+from service.engine.pipeline import AdapterUse, Engine, GenerationCancelled, GenerationResult, GenerationSpec
 from service.engine.sampling import generation
 from service.personalize import FrozenBase, Progress, TrainingSpec, train
 
@@ -58,7 +61,7 @@ class InProcessBackend:
 
     def __init__(
         self, engine: Engine, model_dir, workers: int = 1, metrics=None, training_workers: int = 1,
-        torch_threads: int | None = None,
+        torch_threads: int | None = None, serving_first: bool = True, compute_units: int = 0,
     ):
         """`workers` engine threads run requests; the gateway's admission (service/admission) is
         the one queue in front of them and holds at most that many running, so a request handed
@@ -75,6 +78,11 @@ class InProcessBackend:
         self.batcher = StepBatcher(engine, max_rows=_bank_rows(engine), threads=torch_threads)
         self._trainers = ThreadPoolExecutor(max_workers=training_workers, thread_name_prefix="trainer",
                                             initializer=_training_thread)
+        # Serving first, training in the gaps: requests hold their model thread's cores while in
+        # flight; each training step (one thread: _training_thread) waits for room.
+        self.share = ComputeShare(compute_units or default_units(str(engine.device)), serving_units=torch_threads or 1,
+                                  training_units=1, enabled=serving_first,
+                                  on_wait=metrics.training_wait.inc if metrics is not None else None)
         self._bases = threading.local()  # one FrozenBase per training thread, loaded on first use
         self._workbenches = threading.local()  # one Workbench (private model copy) per engine thread
         self._waiting = 0
@@ -98,6 +106,11 @@ class InProcessBackend:
         if manager is not None:
             manager.invalidate(key)
 
+    def preload_adapter(self, key: str, tenant: str) -> None:
+        """Into the serving bank's host cache, on its loader thread: the first request then only
+        copies it into a slot."""
+        self.engine.adapters.prefetch([[AdapterUse(key, tenant=tenant)]])
+
     async def generate(
         self, spec: GenerationSpec, deadline: float | None, on_step: Callable[[int, int], None] | None = None
     ) -> GenerationResult:
@@ -116,7 +129,8 @@ class InProcessBackend:
             loop = generation(spec, engine.facts, should_stop,
                               on_step=(lambda info: on_step(info.step, info.total)) if on_step is not None else None,
                               device=engine.device, dtype=engine.dtype)
-            out = await self.batcher.run(loop)
+            with self.share.serving():
+                out = await self.batcher.run(loop)
             result = GenerationResult([Image.fromarray(a) for a in out.images], out.seeds, out.timings)
             # Waiting for a place in a UNet call is part of each step (the batch forms while the
             # previous call runs); admission's wait is added by the gateway.
@@ -139,7 +153,8 @@ class InProcessBackend:
         with tracing.span("backend.edit") as span:
             if span.is_recording():
                 span.set_attributes(tracing.edit_attributes(spec, self.name))
-            return await self._queued(work, deadline)
+            with self.share.serving():
+                return await self._queued(work, deadline)
 
     async def unet_runtime(self) -> tuple[str, str]:
         choice = self.engine.unet_runtime_choice
@@ -208,10 +223,10 @@ class InProcessBackend:
             return serialize_adapter(train(base, spec, reports, resume))
 
         with tracing.span("backend.personalize") as span:
-            reports = progress
+            reports = TurnTaking(progress, self.share)
             if span.is_recording():
                 span.set_attributes(tracing.training_attributes(spec, self.name, resume))
-                reports = tracing.traced_progress(progress, span)
+                reports = TurnTaking(tracing.traced_progress(progress, span), self.share)
             return await asyncio.wrap_future(self._trainers.submit(contextvars.copy_context().run, run))
 
     async def close(self) -> None:

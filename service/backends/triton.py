@@ -221,6 +221,10 @@ class TritonBackend:
         """Model instances keep a deleted adapter's slot until LRU evicts it: a key names bytes,
         and a request reaches them only through a row some tenant still owns."""
 
+    def preload_adapter(self, key: str, tenant: str) -> None:
+        """Nothing beyond the job's previews: they run through `generate` on the replica the router
+        sends this adapter's requests to (adapter affinity), which loads it there."""
+
     def client(self, replica: Replica) -> aioclient.InferenceServerClient:
         # Created on first use so its channel belongs to the gateway's event loop.
         if replica.client is None:

@@ -16,6 +16,13 @@ beside it makes two OpenMP teams spin against each other for the cores (measured
 slower steps on 2 cores). While the worker computes one call, the next steps of every other request
 queue up; the next call is formed once every request the last call answered has queued its next
 step (or finished), so requests stay in one cohort and batches grow with load by themselves.
+
+Thousands of adapters: a call takes queued steps, oldest first, while their distinct adapters fit
+the adapter bank's slots (`slot_capacity`); a step that would overflow them waits for the next call
+(first in line) rather than failing the merged call. As soon as a request's model call arrives here,
+its adapters start loading into host memory on the adapter manager's loader thread
+(`AdapterHook.prefetch`), while the current call computes: the call that uses them then only copies
+them into a slot.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ class BatchStats:
     # ratio is the load signal (as Triton's queue/compute duration counters for a batched model).
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
+    deferred: int = 0  # steps left for a later call when one was formed (rows or adapter slots full)
 
     @property
     def mean_rows(self) -> float:
@@ -127,6 +135,9 @@ class StepBatcher:
 
     async def execute(self, call):
         """One model call of a loop: Denoise batched with every other request's; others in turn."""
+        rows = getattr(call, "rows", None)
+        if rows:  # read its adapters from the store now, off the model thread (no-op when at hand)
+            self.engine.adapters.prefetch(rows)
         if isinstance(call, Denoise):
             return await self._denoise(call)
         loop = asyncio.get_running_loop()
@@ -155,15 +166,8 @@ class StepBatcher:
                 await self._cohort_settled()
                 if not self._queue:
                     break
-                batch, rows, queued = [], 0, 0.0
                 started = time.perf_counter()
-                while self._queue and (not batch or rows + self._queue[0][0].latents.shape[0] <= self.max_rows):
-                    call, future, enqueued = self._queue.popleft()
-                    if future.done():  # its request went away (cancelled) while it waited
-                        continue
-                    batch.append((call, future))
-                    rows += call.latents.shape[0]
-                    queued += started - enqueued
+                batch, rows, queued = self._take_batch(started)
                 if not batch:
                     continue
                 answers = await loop.run_in_executor(self._worker, self._compute, [c for c, _ in batch])
@@ -190,6 +194,36 @@ class StepBatcher:
                 if not future.done():
                     future.set_exception(failure)
             raise
+
+    def _take_batch(self, now: float) -> tuple[list, int, float]:
+        """The next call's steps, oldest first: up to `max_rows` rows, and only while their distinct
+        adapters fit the bank's slots; those that do not fit stay queued, first in line next time."""
+        capacity = self.engine.adapters.slot_capacity
+        batch, rows, queued = [], 0, 0.0
+        adapters: set[str] = set()
+        left: deque = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            call, future, enqueued = item
+            if future.done():  # its request went away (cancelled) while it waited
+                continue
+            m = call.latents.shape[0]
+            keys = {use.key for row in call.rows for use in row}
+            fits = not batch or (rows + m <= self.max_rows and (capacity is None or len(adapters | keys) <= capacity))
+            if not fits:
+                left.append(item)
+                if rows >= self.max_rows:
+                    break
+                continue
+            batch.append((call, future))
+            rows += m
+            adapters |= keys
+            queued += now - enqueued
+        left.extend(self._queue)
+        self._queue = left
+        if batch:
+            self.stats.deferred += len(left)
+        return batch, rows, queued
 
     @torch.no_grad()
     def _compute(self, calls: list[Denoise]) -> list:

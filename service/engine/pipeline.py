@@ -93,10 +93,20 @@ class AdapterHook(Protocol):
     ) -> torch.Tensor | None:
         """Prompt embeddings with learned tokens (textual inversion), or None to use the plain encoder."""
 
+    # Distinct adapters one model call can apply (None: no bound).
+    slot_capacity: int | None
+
+    def prefetch(self, rows: Sequence[Sequence[AdapterUse]]) -> None:
+        """Start making the rows' adapters ready without waiting (off the request path)."""
+
 
 class NoAdapters:
     bank = None
     manager = None
+    slot_capacity = None
+
+    def prefetch(self, rows):
+        return None
 
     def hold(self, rows):
         if any(rows):

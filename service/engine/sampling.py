@@ -42,6 +42,9 @@ class AdapterUse:
     key: str
     weight: float = 1.0
     style: bool = False
+    # The tenant whose adapter it is: the adapter bank's eviction is fair between tenants. "" when
+    # unknown (tests, tools); never used to decide access (the gateway already has).
+    tenant: str = ""
 
 
 Rows = Sequence[Sequence[AdapterUse]]

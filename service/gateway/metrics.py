@@ -49,6 +49,13 @@ class GatewayMetrics:
         self.training_steps = Counter(
             "steerserve_training_steps", "Optimisation steps run by personalization jobs.", ["method"], registry=r
         )
+        # Training capacity per replica: the training queue over it is what scales training apart
+        # from serving (deploy/observability: steerserve:training_queue_per_worker).
+        self.training_capacity = Gauge(
+            "steerserve_training_workers", "Jobs this replica trains at once (STEERSERVE_TRAINING_WORKERS).", registry=r)
+        self.training_wait = Counter(
+            "steerserve_training_wait_seconds",
+            "Time training steps waited for serving to leave room (serving first, training in the gaps).", registry=r)
         self.training_seconds = Histogram(
             "steerserve_training_seconds", "Wall time of a job attempt from start to adapter and previews.",
             ["method"], buckets=(5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200), registry=r,

@@ -47,7 +47,8 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
     engine = build_engine(settings, 4 * settings.max_num_images, registry=metrics.registry)
     metrics.watch_unet_runtime(engine.unet_runtime, engine.unet_runtime_choice)
     backend = InProcessBackend(engine, settings.resolved_model_dir(), workers=settings.engine_workers, metrics=metrics,
-                               training_workers=settings.training_workers, torch_threads=settings.torch_threads)
+                               training_workers=settings.training_workers, torch_threads=settings.torch_threads,
+                               serving_first=settings.serving_first, compute_units=settings.compute_units)
     metrics.watch_step_batcher(backend.batcher)
     return backend
 
@@ -66,6 +67,7 @@ def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, s
         "STEERSERVE_ADAPTER_SLOTS": str(settings.adapter_slots),
         "STEERSERVE_ADAPTER_MAX_RANK": str(settings.adapter_max_rank),
         "STEERSERVE_ADAPTER_HOST_CACHE": str(settings.adapter_host_cache),
+        "STEERSERVE_ADAPTER_HOST_CACHE_BYTES": str(settings.adapter_host_cache_bytes),
         "STEERSERVE_UNET_RUNTIME": settings.unet_runtime,
         "STEERSERVE_UNET_RUNTIME_CANDIDATES": ",".join(settings.unet_runtime_candidates),
         "STEERSERVE_UNET_BATCH_BUCKETS": ",".join(map(str, settings.unet_batch_buckets)),
@@ -73,6 +75,9 @@ def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, s
         "STEERSERVE_UNET_WARMUP": "1" if settings.unet_warmup else "0",
         "STEERSERVE_COMPILED_DIR": str(settings.compiled_path().resolve()),
         "STEERSERVE_TORCH_THREADS": str(settings.torch_threads),
+        "STEERSERVE_TRAINING_WORKERS": str(settings.training_workers),
+        "STEERSERVE_SERVING_FIRST": "1" if settings.serving_first else "0",
+        "STEERSERVE_COMPUTE_UNITS": str(settings.compute_units),
     }
 
 
@@ -172,6 +177,7 @@ async def start_gateway(
     check = adapter_checker(backend.model_dir, settings.adapter_max_rank)
     # The one request queue: Generate and Edit calls, and finished jobs' previews.
     admission = Admission(settings.admission_limits(backend.name), metrics)
+    metrics.training_capacity.set(settings.training_workers)
     runner = JobRunner(
         settings, JobStore(db), adapters, CheckpointStore(Path(settings.data_dir) / "checkpoints"), backend, check, metrics,
         admission=admission,

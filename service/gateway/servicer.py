@@ -351,7 +351,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
                 except NotFound:
                     raise ServiceError(grpc.StatusCode.NOT_FOUND,
                                        f"adapters[{i}].adapter_id: adapter {adapter_id!r} not found")
-                uses.append(AdapterUse(key=record.key, weight=weight, style=record.method == FINESTYLE))
+                uses.append(AdapterUse(key=record.key, weight=weight, style=record.method == FINESTYLE,
+                                       tenant=tenant))
             spec.adapters = tuple(uses)
             if spec.style_guidance_scale > 0 and not spec.uses_style_guidance:
                 raise invalid("style_guidance_scale", "applies to FINESTYLE adapters and none of adapters is one; "
@@ -484,7 +485,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         if record.token and not _names_token(request.target_prompt, record.token):
             raise invalid("target_prompt", f"must name the adapter's concept by its token {record.token!r} "
                                            f"(e.g. 'a {record.token} {record.class_word or 'thing'} ...')")
-        spec.adapter = AdapterUse(key=record.key)
+        spec.adapter = AdapterUse(key=record.key, tenant=tenant)
         spec.adapter_method = record.method
         spec.token = record.token
         spec.class_word = record.class_word if _names_token(request.target_prompt, record.class_word) else ""

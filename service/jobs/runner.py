@@ -359,6 +359,8 @@ class JobRunner:
                 crashpoints.reached("job.adapter_registered")
             self.store.update(job_id, owner=self.owner, adapter_id=record.adapter_id, message="making previews",
                               eta_seconds=None)
+            # Where it will serve, before the user's first request (and the previews) ask for it.
+            self.backend.preload_adapter(record.key, job.tenant)
             previews, note = await self._previews(job, record.key)
             # A finished job still says it survived a restart (its RUNNING message may be missed).
             resumed_from = progress.resumed_from if trained_now else job.checkpoint_step
@@ -454,7 +456,7 @@ class JobRunner:
         style = job.method == FINESTYLE
         spec = GenerationSpec(prompt=requests.preview_prompt(pb.PersonalizeRequest.FromString(job.request)),
                               steps=self.settings.default_steps, seed=0, num_images=min(n, self.settings.max_num_images),
-                              adapters=(AdapterUse(adapter_key, style=style),),
+                              adapters=(AdapterUse(adapter_key, style=style, tenant=job.tenant),),
                               style_guidance_scale=finestyle.STYLE_GUIDANCE_SCALE if style else 0.0)
         try:
             if self.admission is None:

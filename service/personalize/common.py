@@ -276,11 +276,20 @@ class TrainingRun:
             self.step = int(state["step"])
 
     def steps(self) -> Iterator[int]:
+        """Each step's number; the caller's loop body is the step. A Progress with `step_turn()` (a
+        job trained beside serving: service/engine/priority.py) holds each step until its turn."""
         flush_denormals()
+        turn = getattr(self.progress, "step_turn", None)
         while self.step < self.spec.steps:
             if self.progress.should_stop():
                 raise TrainingStopped(f"stopped before step {self.step + 1} of {self.spec.steps}")
-            yield self.step
+            if turn is None:
+                yield self.step
+                continue
+            with turn():  # held while the caller's loop body (the step) runs
+                if self.progress.should_stop():
+                    raise TrainingStopped(f"stopped before step {self.step + 1} of {self.spec.steps}")
+                yield self.step
 
     def update(self, loss: torch.Tensor) -> None:
         optimizer_step(self.optimizer, loss, self.params.values(), self.max_grad_norm)

@@ -76,6 +76,9 @@ class Progress(Protocol):
     def should_stop(self) -> bool:
         """Checked before every step: True ends training with TrainingStopped (cancel, shutdown)."""
 
+    # Optional: `step_turn() -> context manager` around every step, which may wait before entering
+    # (training beside serving waits for serving's gaps: service/engine/priority.TurnTaking).
+
 
 class TrainingStopped(Exception):
     """Training was told to stop (Progress.should_stop); nothing was produced."""

@@ -18,11 +18,15 @@ class BankMetrics:
         "steerserve_triton_adapter_resident": "Adapters resident in the bank slots of a Triton model instance.",
         "steerserve_triton_adapter_pinned_slots": "Bank slots pinned by requests in flight in a Triton model instance.",
         "steerserve_triton_adapter_host_cached": "Parsed adapters kept in host memory by a Triton model instance.",
+        "steerserve_triton_adapter_host_cache_bytes": "Bytes of parsed adapters kept in host memory by a Triton model instance.",
     }
-    COUNTERS = {  # Triton metric -> the manager's series it mirrors (in the instance's own registry)
-        "steerserve_triton_adapter_cache_hits_total": "steerserve_adapter_cache_hits_total",
-        "steerserve_triton_adapter_cache_misses_total": "steerserve_adapter_cache_misses_total",
-        "steerserve_triton_adapter_evictions_total": "steerserve_adapter_evictions_total",
+    # Triton metric -> the manager's series it mirrors (in the instance's own registry), and the
+    # values of that series' `source` label kept apart (misses: from host memory or the store).
+    COUNTERS = {
+        "steerserve_triton_adapter_cache_hits_total": ("steerserve_adapter_cache_hits_total", ()),
+        "steerserve_triton_adapter_cache_misses_total": ("steerserve_adapter_cache_misses_total", ("host", "store")),
+        "steerserve_triton_adapter_evictions_total": ("steerserve_adapter_evictions_total", ()),
+        "steerserve_triton_adapter_prefetched_total": ("steerserve_adapter_prefetched_total", ()),
     }
 
     def __init__(self, pb_utils, engine: Engine, registry, args: dict):
@@ -36,22 +40,30 @@ class BankMetrics:
                for name, text in self.GAUGES.items()},
             **{name: pb_utils.MetricFamily(name=name, description=f"{source} of a Triton model instance's adapter bank.",
                                            kind=pb_utils.MetricFamily.COUNTER)
-               for name, source in self.COUNTERS.items()},
+               for name, (source, _) in self.COUNTERS.items()},
         }
         self._gauges = {name: self._families[name].Metric(labels=labels) for name in self.GAUGES}
-        self._counters = {name: self._families[name].Metric(labels=labels) for name in self.COUNTERS}
-        self._seen = {name: 0.0 for name in self.COUNTERS}
+        # One Triton metric per (name, source): keys "name" or "name:source".
+        self._counters = {}
+        for name, (_, sources) in self.COUNTERS.items():
+            for source in sources or (None,):
+                key = f"{name}:{source}" if source else name
+                self._counters[key] = self._families[name].Metric(labels=dict(labels, source=source) if source else labels)
+        self._seen = {key: 0.0 for key in self._counters}
 
     def values(self) -> dict[str, float]:
         values = {
             "steerserve_triton_adapter_resident": len(self.manager.resident()),
             "steerserve_triton_adapter_pinned_slots": sum(1 for n in self.manager.pinned().values() if n > 0),
             "steerserve_triton_adapter_host_cached": len(self.manager.host_cached()),
+            "steerserve_triton_adapter_host_cache_bytes": self.manager.metrics.host_cache_bytes._value.get(),
         }
-        for name, source in self.COUNTERS.items():
-            # misses carry a "source" label: sum its series
-            values[name] = sum(sample.value for metric in self.registry.collect() for sample in metric.samples
-                               if sample.name == source)
+        samples = [sample for metric in self.registry.collect() for sample in metric.samples]
+        for name, (series, sources) in self.COUNTERS.items():
+            for source in sources or (None,):
+                key = f"{name}:{source}" if source else name
+                values[key] = sum(s.value for s in samples
+                                  if s.name == series and (source is None or s.labels.get("source") == source))
         return values
 
     def update(self) -> None:

@@ -29,6 +29,7 @@ from service.adapters import serialize_adapter
 from service.adapters.loading import blob_loader, request_adapter
 from service.config import Settings
 from service.engine.pipeline import AdapterUse, Engine, flush_denormals
+from service.engine.priority import ComputeShare, ServingState, default_units, serving_state_folder
 from service.personalize import FrozenBase, TrainingSpec, train
 from service.serving import build_engine
 
@@ -93,6 +94,16 @@ def instance_engine(settings: Settings, args: dict, max_rows: int, adapters: boo
     return build_engine(settings, max_rows, device=instance_device(args), model_dir=model_dir(settings),
                         adapters=adapters and settings.adapter_dir is not None, unet_runtime=unet_runtime,
                         registry=registry)
+
+
+def instance_share(settings: Settings, args: dict) -> ComputeShare:
+    """This instance's side of "serving first, training in the gaps" (service/engine/priority.py):
+    the server's serving instances publish their busy units to the training instances through
+    ServingState files (one folder per Triton server)."""
+    return ComputeShare(settings.compute_units or default_units(instance_device(args)),
+                        serving_units=settings.torch_threads, training_units=settings.torch_threads,
+                        enabled=settings.serving_first,
+                        state=ServingState(serving_state_folder(settings.serving_state_dir)))
 
 
 # -- the parts ---------------------------------------------------------------------------------------

@@ -96,12 +96,19 @@ def _text(value) -> str:
 
 
 def encode_adapters(uses: Sequence[AdapterUse]) -> bytes:
-    """[[key, weight], ...], with a third element 1 for a FineStyle style adapter."""
-    return json.dumps([[u.key, u.weight, 1] if u.style else [u.key, u.weight] for u in uses]).encode()
+    """[[key, weight], ...], with a third element 1 for a FineStyle style adapter (else 0 when a
+    fourth follows) and a fourth, the owning tenant, when known (the bank's fair eviction)."""
+    def one(u: AdapterUse) -> list:
+        if u.tenant:
+            return [u.key, u.weight, int(u.style), u.tenant]
+        return [u.key, u.weight, 1] if u.style else [u.key, u.weight]
+
+    return json.dumps([one(u) for u in uses]).encode()
 
 
 def decode_adapters(raw: bytes | str) -> tuple[AdapterUse, ...]:
-    return tuple(AdapterUse(key=str(u[0]), weight=float(u[1]), style=len(u) > 2 and bool(u[2])) for u in json.loads(raw or "[]"))
+    return tuple(AdapterUse(key=str(u[0]), weight=float(u[1]), style=len(u) > 2 and bool(u[2]),
+                            tenant=str(u[3]) if len(u) > 3 else "") for u in json.loads(raw or "[]"))
 
 
 def _deadline_tensors(timeout_s: float | None) -> Tensors:
@@ -201,7 +208,7 @@ def edit_request(spec: "EditSpec", progress: bool, timeout_s: float | None) -> T
     """The spec as JSON of every field but the source, the source as uint8 [H, W, 3]."""
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in ("source", "options", "adapter")}
     fields["options"] = dataclasses.asdict(spec.options)
-    fields["adapter"] = [spec.adapter.key, spec.adapter.weight] if spec.adapter is not None else None
+    fields["adapter"] = [spec.adapter.key, spec.adapter.weight, spec.adapter.tenant] if spec.adapter is not None else None
     return {"SPEC": strings([json.dumps(fields)]), "SOURCE": np.ascontiguousarray(spec.source, dtype=np.uint8),
             "PROGRESS": np.array([progress]), **_deadline_tensors(timeout_s)}
 
@@ -212,7 +219,8 @@ def read_edit_request(get: Get) -> tuple["EditSpec", float | None, bool]:
     fields = json.loads(_one(get, "SPEC"))
     fields["options"] = EditOptions(**fields["options"])
     adapter = fields.pop("adapter")
-    fields["adapter"] = AdapterUse(key=str(adapter[0]), weight=float(adapter[1])) if adapter else None
+    fields["adapter"] = (AdapterUse(key=str(adapter[0]), weight=float(adapter[1]),
+                                    tenant=str(adapter[2]) if len(adapter) > 2 else "") if adapter else None)
     spec = EditSpec(source=np.asarray(get("SOURCE"), dtype=np.uint8), **fields)
     return (spec, *_read_deadline(get))
 

@@ -21,7 +21,7 @@ from service.engine.sampling import generation
 from service.triton import wire
 from service.triton.bank_metrics import BankMetrics
 from service.triton.bls import request_reader, tensors
-from service.triton.parts import instance_engine, instance_settings
+from service.triton.parts import instance_engine, instance_settings, instance_share
 from service.triton.runtime_metrics import RuntimeInfoMetric, StepMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -32,8 +32,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         max_rows = int(config["parameters"]["max_rows"]["string_value"])
         registry = CollectorRegistry()  # this instance's bank series, exported through Triton below
-        self.engine = engine = instance_engine(instance_settings(), args, max_rows=max_rows, unet_runtime=True,
-                                               registry=registry)
+        settings = instance_settings()
+        self.engine = engine = instance_engine(settings, args, max_rows=max_rows, unet_runtime=True, registry=registry)
+        self.share = instance_share(settings, args)  # serving first: training steps wait while requests run
         self.batcher = StepBatcher(engine, max_rows=max_rows)
         self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if engine.adapters.manager is not None else None
         self.runtime_info = RuntimeInfoMetric(pb_utils, engine, args)
@@ -64,7 +65,8 @@ class TritonPythonModel:
 
             loop = generation(spec, self.engine.facts, should_stop, on_step, device=self.engine.device,
                               dtype=self.engine.dtype)
-            out = await self.batcher.run(loop)
+            with self.share.serving():
+                out = await self.batcher.run(loop)
             message = wire.generate_result(out.images, out.seeds, out.timings, out.steps)
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors(message)), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with its status
@@ -72,3 +74,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.batcher.close()
+        self.share.state.close()

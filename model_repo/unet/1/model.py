@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from service.triton import wire
 from service.triton.bank_metrics import BankMetrics
 from service.triton.bls import request_reader, tensors
-from service.triton.parts import UNetStep, instance_engine, instance_settings
+from service.triton.parts import UNetStep, instance_engine, instance_settings, instance_share
 from service.triton.runtime_metrics import RuntimeInfoMetric
 
 
@@ -21,7 +21,9 @@ class TritonPythonModel:
     def initialize(self, args):
         max_batch = json.loads(args["model_config"])["max_batch_size"]
         registry = CollectorRegistry()  # this instance's bank series, exported through Triton below
-        engine = instance_engine(instance_settings(), args, max_rows=max_batch, unet_runtime=True, registry=registry)
+        settings = instance_settings()
+        engine = instance_engine(settings, args, max_rows=max_batch, unet_runtime=True, registry=registry)
+        self.share = instance_share(settings, args)  # edits' steps: serving first, training in the gaps
         self.step = UNetStep(engine)
         self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if engine.adapters.manager is not None else None
         runtime = engine.unet_runtime
@@ -31,6 +33,10 @@ class TritonPythonModel:
             f"{engine.unet_runtime_choice.describe()} (shapes {sorted(runtime.stats.shapes)})")
 
     def execute(self, requests):
+        with self.share.serving():
+            return self._execute(requests)
+
+    def _execute(self, requests):
         try:
             samples = [wire.read_denoise_call(request_reader(r)) for r in requests]
             started = time.perf_counter()
@@ -60,3 +66,6 @@ class TritonPythonModel:
         if isinstance(result, Exception):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(wire.status_message(result)))
         return pb_utils.InferenceResponse(output_tensors=tensors(wire.noise_result(*result)))
+
+    def finalize(self):
+        self.share.state.close()

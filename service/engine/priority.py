@@ -1,0 +1,197 @@
+"""Serving first, training in the gaps: step-level priority between the requests a replica serves
+and the personalization jobs it trains on the same compute.
+
+A replica's compute is counted in units: CPU cores this process may use, or 1 for a GPU (one
+device runs one step at a time well; see docs/training_beside_serving.md for CUDA stream priorities).
+While serving has work (a Generate or Edit in flight) it holds `serving_units` of them: its model
+thread's torch threads on a CPU, the whole device on a GPU. Serving never waits for training. A
+training step needs `training_units` and starts only when the units serving holds plus those of the
+training steps already running leave room for it; otherwise it waits, re-checking as serving's work
+comes and goes. The unit of preemption is one training step (tens to hundreds of milliseconds): a
+serving burst that starts while training steps run waits at most for those steps' ends to have its
+units back, and a training job never loses more than the time serving actually needs.
+
+Who calls what:
+- serving: `with share.serving(): ...` around each request (in-process: the backend's Generate and
+  Edit; Triton: the `generate` and `unet` model instances, which publish it to the other processes
+  of the same Triton server through `ServingState` files);
+- training: the job's Progress offers `step_turn()` (service.personalize.TrainingRun wraps each
+  optimisation step in it): `TurnTaking` adds it with this share.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def default_units(device: str) -> int:
+    """1 on a GPU, else the CPU cores this process may run on."""
+    if str(device).startswith("cuda"):
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class ServingState:
+    """Serving's busy units, shared by the processes of one model server (Triton's model stubs):
+    each serving process writes its own small file `<folder>/serving-<pid>` (4 bytes: the units it
+    holds now), training processes sum the files of live processes. No locks across processes: a
+    reader sees each writer's last whole write."""
+
+    _FORMAT = "<i"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._path = self.folder / f"serving-{os.getpid()}"
+        self._fd: int | None = None
+
+    def publish(self, units: int) -> None:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.pwrite(self._fd, struct.pack(self._FORMAT, units), 0)
+
+    def others_busy(self) -> int:
+        """Units held by the serving processes other than this one (dead ones' files are removed)."""
+        total = 0
+        for path in self.folder.glob("serving-*"):
+            suffix = path.name[len("serving-"):]
+            if not suffix.isdigit() or int(suffix) == os.getpid():
+                continue
+            pid = int(suffix)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            if len(data) == 4:
+                total += struct.unpack(self._FORMAT, data)[0]
+        return total
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._path.unlink(missing_ok=True)
+
+
+def serving_state_folder(explicit: str | Path | None = None) -> Path:
+    """Where the processes of one Triton server meet: STEERSERVE_SERVING_STATE_DIR, else a folder
+    named after the parent process (the tritonserver that started every model stub) in /dev/shm
+    (or the temp folder)."""
+    if explicit:
+        return Path(explicit)
+    import tempfile
+
+    root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return root / f"steerserve-serving-{os.getuid()}-{os.getppid()}"
+
+
+class ComputeShare:
+    """Step-level priority of serving over training on `units` of compute (see the module doc).
+
+    `enabled=False` keeps the accounting (metrics) but never holds a training step back: training and
+    serving then share the machine as the OS schedules them (the comparison the co-scheduling
+    benchmark makes). `state`: the ServingState of other processes (Triton), if any.
+    """
+
+    POLL_S = 0.02  # how often a waiting training step re-checks serving in other processes
+
+    def __init__(self, units: int, serving_units: int, training_units: int = 1, *, enabled: bool = True,
+                 state: ServingState | None = None, on_wait: Callable[[float], None] | None = None):
+        self.units = max(1, units)
+        self.serving_units = min(max(1, serving_units), self.units)
+        self.training_units = max(1, training_units)
+        self.enabled = enabled
+        self.state = state
+        self.on_wait = on_wait  # seconds a training step waited for serving (a metric)
+        self._cond = threading.Condition()
+        self._serving = 0  # requests in flight here
+        self._training = 0  # training steps running here
+        self.waited_seconds = 0.0
+        self.steps = 0
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around one request: while any is in flight, serving holds its units."""
+        with self._cond:
+            self._serving += 1
+            if self._serving == 1 and self.state is not None:
+                self.state.publish(self.serving_units)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving -= 1
+                if self._serving == 0:
+                    if self.state is not None:
+                        self.state.publish(0)
+                    self._cond.notify_all()
+
+    def serving_busy(self) -> int:
+        """Units serving holds now (this process and, with a ServingState, the others)."""
+        local = self.serving_units if self._serving else 0
+        return local + (self.state.others_busy() if self.state is not None else 0)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def _room(self) -> bool:
+        if self._training == 0 and self.serving_busy() == 0:
+            return True
+        used = min(self.units, self.serving_busy()) + self._training * self.training_units
+        return used + self.training_units <= self.units
+
+    @contextmanager
+    def training_step(self, should_stop: Callable[[], bool] | None = None) -> Iterator[None]:
+        """Around one optimisation step: waits for room (serving first), then holds training's units.
+        Returns early (the step runs) if `should_stop` turns true while waiting, so the caller's own
+        stop check ends the job at once."""
+        t0 = time.perf_counter()
+        with self._cond:
+            while self.enabled and not self._room():
+                if should_stop is not None and should_stop():
+                    break
+                self._cond.wait(self.POLL_S)
+            self._training += 1
+        waited = time.perf_counter() - t0
+        self.waited_seconds += waited
+        self.steps += 1
+        if self.on_wait is not None:
+            self.on_wait(waited)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._training -= 1
+                self._cond.notify_all()
+
+
+class TurnTaking:
+    """A training job's Progress with `step_turn()`: each optimisation step waits for its turn on the
+    ComputeShare (service.personalize.TrainingRun calls it). Everything else goes to `progress`."""
+
+    def __init__(self, progress, share: ComputeShare):
+        self._progress = progress
+        self._share = share
+
+    def step_turn(self):
+        return self._share.training_step(self._progress.should_stop)
+
+    def __getattr__(self, name):
+        return getattr(self._progress, name)
