@@ -274,16 +274,25 @@ class Server:
         return out
 
     def rss_mb(self) -> float:
-        """Resident memory of the server's process group (gateway, Triton, model stubs), MB."""
-        total = 0
+        """Resident memory of the server and every process under it (gateway, Triton, its model
+        stubs: Triton runs in its own session), MB."""
+        parent: dict[int, int] = {}
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                    parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        tree, grew = {self.process.pid}, True
+        while grew:
+            below = {pid for pid, ppid in parent.items() if ppid in tree} - tree
+            tree |= below
+            grew = bool(below)
+        total = 0
+        for pid in tree:
             try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                pgid = int(stat.rsplit(")", 1)[1].split()[2])
-                if pgid == self.process.pid:
-                    total += int(Path(f"/proc/{entry}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             except (OSError, ValueError, IndexError):
                 continue
         return total / 2**20
@@ -504,8 +513,8 @@ def render(report: dict) -> str:
                          f"{row.get('refused_then_retried', 0)} | {row['errors']} |")
     lines += ["", "Zipf over one adapter (images/s: higher is better, goal >= "
               f"{GOAL_RATIO:g}x; latency: lower is better), and the adapter bank under the Zipf load:", "",
-              "| system | images/s ratio | p50 ratio | p99 ratio | server p99 ratio | bank hit rate | host-cache hit rate | loads/s (from store) | evictions | resident / host-cached (MB) | server RSS MB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| system | images/s ratio | p50 ratio | p99 ratio | server p99 ratio | bank hit rate | host-cache hit rate | slot loads/s | read ahead | evictions | resident / host-cached (MB) | server RSS MB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in res.items():
         if "error" in r:
             continue
@@ -515,7 +524,7 @@ def render(report: dict) -> str:
         lines.append(
             f"| {name} | **{_f(ratio['images_per_s'], '{:.2f}x')}** ({'met' if met else 'not met'}) | {_f(ratio['p50'], '{:.2f}x')} | "
             f"{_f(ratio['p99'], '{:.2f}x')} | {_f(ratio.get('service_p99'), '{:.2f}x')} | {_f(b['bank_hit_rate'], '{:.1%}')} | {_f(b['host_cache_hit_rate'], '{:.1%}')} | "
-            f"{_f(b['loads_per_s'], '{:.1f}')} ({_f(b['store_loads_per_s'], '{:.1f}')}) | {b['evictions']:.0f} | "
+            f"{_f(b['loads_per_s'], '{:.1f}')} | {b['prefetched']:.0f} | {b['evictions']:.0f} | "
             f"{_f(b['resident'], '{:.0f}')} / {_f(b['host_cached'], '{:.0f}')} ({_f(host_mb, '{:.0f}')}) | {z['rss_mb']:.0f} |")
     if report.get("registry"):
         lines += ["", "Registry lookups (AdapterStore.get by tenant and id, SQLite, the lookup a request's every adapter "
@@ -536,7 +545,8 @@ def render(report: dict) -> str:
         "shared UNet calls and for its adapters included, admission's wait excluded), the bank's share of it. "
         "Bank hit rate: adapter acquisitions served by a resident slot (each UNet call acquires its rows' adapters); "
         "host-cache hit rate: of the bank's misses, those copied from the parsed copy in host memory rather than read "
-        "from the store; loads/s: misses a second (from the store in brackets). Latency is per request, client side. "
+        "from the store on the request path; slot loads/s: misses a second; read ahead: adapters the loader thread read "
+        "from the store into host memory as their request arrived, off the request path. Latency is per request, client side. "
         "Both loads run on the same warm server one after the other; the one-adapter load is the best case the "
         "bank can have (every row in one slot). On a CPU a batched UNet call costs about the sum of its rows; "
         "no GPU was available for these figures.",

@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     # instead of reading the store: bounded by bytes (adapters differ ~10x in size with rank and
     # layers) and by entries. Per model process (each Triton generate/unet instance has its own).
     adapter_host_cache: int = Field(10_000, ge=0)  # entries (0: no host cache)
-    adapter_host_cache_bytes: int = Field(2 * 1024**3, ge=0)  # bytes
+    adapter_host_cache_bytes: int = Field(1024**3, ge=0)  # bytes (0: no host cache)
 
     # How the UNet runs (service/compiled; the same variables configure the Triton `unet` model):
     # "auto" (the fastest of the candidates, measured at the first start on this model and device,

@@ -401,3 +401,38 @@ def test_a_prefetch_racing_a_delete_is_not_cached():
     while manager.prefetching() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert manager.host_cached() == []
+
+
+def test_an_acquire_reads_a_still_queued_prefetch_itself():
+    """The loader thread reads one adapter at a time: an acquire of a key still waiting in its queue
+    reads it at once instead of waiting behind the others; the loader then skips it."""
+    manager, store = make_manager(num_slots=3, delay=0.3)
+    manager.prefetch_async(["a", "b"])
+    time.sleep(0.05)  # "a" is being read, "b" waits in the queue
+    t0 = time.perf_counter()
+    with manager.acquire(["b"]) as slots:
+        assert slot_holds(manager.bank, slots["b"], "b")
+    assert time.perf_counter() - t0 < 0.5  # its own read (0.3 s), not a's and then its own
+    deadline = time.monotonic() + 5
+    while manager.prefetching() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert store.reads == {"a": 1, "b": 1}
+    manager.close()
+
+
+def test_closing_the_loader_never_strands_an_acquire():
+    manager, store = make_manager(keys="abcdef", num_slots=3, delay=0.2)
+    manager.prefetch_async(list("abcdef"))
+    manager.close()  # queued reads dropped with their marks
+    with manager.acquire(["f"]) as slots:
+        assert slot_holds(manager.bank, slots["f"], "f")
+    manager.prefetch_async(["e"])  # after close: nothing queued, nothing marked
+    assert manager.prefetching() == []
+
+
+def test_the_owner_map_keeps_only_what_is_kept():
+    manager, store = make_manager(keys="abcdefgh", num_slots=3, host_cache_size=2)
+    for key in "abcdefgh":
+        manager.prefetch(key, owner=f"t-{key}")
+    assert set(manager._owner) == set(manager.resident()) | set(manager.host_cached())

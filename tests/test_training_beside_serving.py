@@ -189,3 +189,27 @@ def test_turn_taking_wraps_a_jobs_progress():
     assert progress.should_stop() is False  # the rest goes to the job's own Progress
     _run(progress)
     assert share.steps == 3
+
+
+def test_units_are_capped_by_the_cgroup_quota(monkeypatch):
+    from service.engine import priority
+
+    monkeypatch.setattr(priority, "_cgroup_cpu_quota", lambda: 1)
+    assert priority.default_units("cpu") == 1
+    monkeypatch.setattr(priority, "_cgroup_cpu_quota", lambda: None)
+    assert priority.default_units("cpu") >= 1
+    assert priority.default_units("cuda:0") == 1
+
+
+def test_an_unusable_serving_state_never_fails_a_request(tmp_path):
+    from service.engine.priority import open_serving_state
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert open_serving_state(blocker / "sub") is None  # cannot be a folder: logged, no state
+    state = ServingState(tmp_path / "ok")
+    state._fd = 10**6  # a descriptor that is not open: every write fails
+    share = ComputeShare(units=1, serving_units=1, state=state)
+    with share.serving():
+        pass
+    assert share._serving == 0

@@ -52,7 +52,7 @@ def settings(tmp_path_factory, model_dir):
     return Settings(
         host="127.0.0.1", grpc_port=0, metrics_port=free_port(), api_keys=dict(TOKENS), backend="triton",
         data_dir=tmp_path_factory.mktemp("triton-data"), model_dir=model_dir, default_steps=3,
-        checkpoint_every=2, job_previews=2,
+        checkpoint_every=2, job_previews=2, training_workers=2,
     )
 
 
@@ -342,6 +342,24 @@ def test_edit_on_triton_with_each_subject_method(stack, triton, model_dir):
     with pytest.raises(grpc.RpcError) as err:
         stub.Edit(edit_request(stored["DREAMBOOTH_LORA"], steps=1000), metadata=auth(), timeout=2)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_two_jobs_train_at_once_on_tritons_personalize_model(stack):
+    """STEERSERVE_TRAINING_WORKERS=2: the personalize instance trains two jobs at once (a thread and
+    a base-model copy each, their responses streamed one at a time into the stub: two threads
+    sending at once crashed tritonserver), and both finish."""
+    stub = stack.stub()
+    jobs = [stub.Personalize(_crescent_request(f"triton-pair-{i}", steps=60), metadata=auth()) for i in range(2)]
+    overlapped, ended = False, (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        states = [stub.GetJob(pb.GetJobRequest(job_id=j.job_id), metadata=auth()) for j in jobs]
+        overlapped |= all(j.state == pb.RUNNING and 0 < j.step < 60 for j in states)
+        if all(j.state in ended for j in states):
+            break
+        time.sleep(0.2)
+    assert [j.state for j in states] == [pb.SUCCEEDED, pb.SUCCEEDED], [j.error for j in states]
+    assert overlapped
 
 
 def test_personalize_on_triton_streams_checkpoints_and_cancels(stack):

@@ -125,7 +125,8 @@ class AdapterManager:
         self._host_total = 0
         self._tenant_bytes: dict[str, int] = {}  # tenant -> bytes of its adapters in the host cache
         self._owner: dict[str, str] = {}  # key -> the tenant that used it last (slots and host cache)
-        self._prefetching: set[str] = set()  # keys a loader thread is reading into the host cache
+        self._prefetching: set[str] = set()  # keys queued for or being read by the loader thread
+        self._prefetch_started: set[str] = set()  # those of them the loader thread is reading now
         self._prefetcher: ThreadPoolExecutor | None = None  # created on first use
         # Bumped by invalidate(key), so a load racing a delete/re-import of that key is not published.
         self._versions: dict[str, int] = {}
@@ -163,7 +164,7 @@ class AdapterManager:
             slots: dict[str, int] = {}
             try:
                 for key in keys:
-                    slots[key] = self._pin(key)
+                    slots[key] = self._pin(key, (owners or {}).get(key))
                 break
             except _NoFreeSlot:
                 self._release(slots.values())
@@ -197,8 +198,10 @@ class AdapterManager:
                     )
                 self._cond.wait(remaining)
 
-    def _pin(self, key: str) -> int:
+    def _pin(self, key: str, owner: str | None = None) -> int:
         with self._cond:
+            if owner is not None:
+                self._note_owners({key: owner})
             while True:
                 slot = self._slot_of.get(key)
                 if slot is not None:
@@ -206,9 +209,14 @@ class AdapterManager:
                     self._pins[slot] = self._pins.get(slot, 0) + 1
                     self.metrics.hits.inc()
                     return slot
+                if key in self._prefetching and key not in self._prefetch_started:
+                    # Still queued behind other reads on the loader thread: read it here now rather
+                    # than wait for them (the loader skips it when its turn comes).
+                    self._prefetching.discard(key)
+                    break
                 if key not in self._loading and key not in self._prefetching:
                     break
-                self._cond.wait()  # another thread is loading this key: share its result
+                self._cond.wait()  # another thread is reading this key: share its result
             self._loading.add(key)
             version = self._versions.get(key, 0)
             cached = self._host.get(key)
@@ -223,7 +231,7 @@ class AdapterManager:
             if adapter is None:
                 # Validate before any slot is touched: a bad file is refused, never half-loaded.
                 adapter = self.bank.prepare(self.loader(key))
-            slot = self._reserve_slot(self._owner.get(key, ""))
+            slot = self._reserve_slot(owner if owner is not None else self._owner.get(key, ""))
             self.bank.load_slot(slot, adapter, check=False)
         except BaseException:
             with self._cond:
@@ -263,6 +271,7 @@ class AdapterManager:
                     raise _NoFreeSlot
                 slot = self._slot_of.pop(victim)
                 self._adapter_in.pop(slot, None)
+                self._forget_owner_if_unknown(victim)
                 self.metrics.evictions.inc()
                 self.metrics.resident.set(len(self._slot_of))
             self._pins[slot] = 1
@@ -317,10 +326,14 @@ class AdapterManager:
     def _remember_on_host(self, key: str, adapter: Adapter) -> None:
         """Keep ``key``'s parsed adapter in host memory, evicting (fairly, see _host_victim) to stay
         within the entry and byte bounds. One larger than the whole byte bound is not kept."""
+        if key in self._host and self._host[key] is adapter:
+            self._host.move_to_end(key)  # already kept (and charged to its owner)
+            return
         size = adapter.nbytes()
         if self.host_cache_size <= 0 or (self.host_cache_bytes is not None and size > self.host_cache_bytes):
             return
-        self._forget_on_host(key)
+        if key in self._host:  # a different copy (re-read after a delete and re-import): replace it
+            self._host_size_remove(key)
         self._host[key] = adapter
         self._host_size[key] = size
         self._host_total += size
@@ -349,8 +362,14 @@ class AdapterManager:
         return over if over is not None else others[0]
 
     def _forget_on_host(self, key: str) -> None:
-        if self._host.pop(key, None) is None:
+        if key not in self._host:
             return
+        self._host_size_remove(key)
+        self._forget_owner_if_unknown(key)
+
+    def _host_size_remove(self, key: str) -> None:
+        """Drop `key` from the host cache and its bytes from the totals."""
+        del self._host[key]
         size = self._host_size.pop(key)
         self._host_total -= size
         owner = self._owner.get(key, "")
@@ -359,8 +378,13 @@ class AdapterManager:
             self._tenant_bytes[owner] = left
         else:
             self._tenant_bytes.pop(owner, None)
-        if key not in self._slot_of and key not in self._loading:
-            self._owner.pop(key, None)  # known nowhere any more: its tenant is noted again at its next use
+
+    def _forget_owner_if_unknown(self, key: str) -> None:
+        """A key in no slot, no host cache and no read any more: its tenant is noted again at its
+        next use (so the owner map stays as large as what is kept, not as all keys ever seen)."""
+        if (key not in self._slot_of and key not in self._host and key not in self._loading
+                and key not in self._prefetching):
+            self._owner.pop(key, None)
 
     def _host_gauges(self) -> None:
         self.metrics.host_cached.set(len(self._host))
@@ -374,7 +398,7 @@ class AdapterManager:
         the loader thread; returns at once. A later acquire() of a key still being read waits for
         it instead of reading it again; a read that fails is forgotten (that acquire() reads it
         again and raises the error to its request)."""
-        if self.host_cache_size <= 0:
+        if self.host_cache_size <= 0 or self.host_cache_bytes == 0:
             return
         with self._cond:
             self._note_owners(owners)
@@ -389,9 +413,27 @@ class AdapterManager:
                                                       initializer=_loader_thread)
             versions = {k: self._versions.get(k, 0) for k in todo}
         for key in todo:
-            self._prefetcher.submit(self._prefetch_one, key, versions[key])
+            try:
+                future = self._prefetcher.submit(self._prefetch_one, key, versions[key])
+            except RuntimeError:  # closed (or broken): the request reads it itself
+                self._unmark_prefetch(key)
+            else:
+                # A read that never runs (cancelled at close, a broken pool) must not leave its key
+                # marked: an acquire would wait for it for ever.
+                future.add_done_callback(lambda f, k=key: self._unmark_prefetch(k) if f.cancelled() or f.exception() else None)
+
+    def _unmark_prefetch(self, key: str) -> None:
+        with self._cond:
+            self._prefetching.discard(key)
+            self._prefetch_started.discard(key)
+            self._forget_owner_if_unknown(key)
+            self._cond.notify_all()
 
     def _prefetch_one(self, key: str, version: int) -> None:
+        with self._cond:
+            if key not in self._prefetching:  # an acquire took it over while it was queued
+                return
+            self._prefetch_started.add(key)
         adapter = None
         try:
             adapter = self.bank.prepare(self.loader(key))
@@ -400,9 +442,11 @@ class AdapterManager:
         finally:
             with self._cond:
                 self._prefetching.discard(key)
+                self._prefetch_started.discard(key)
                 if adapter is not None and version == self._versions.get(key, 0) and key not in self._slot_of:
                     self._remember_on_host(key, adapter)
                     self.metrics.prefetched.inc()
+                self._forget_owner_if_unknown(key)
                 self._cond.notify_all()
 
     def prefetching(self) -> list[str]:
@@ -410,9 +454,14 @@ class AdapterManager:
             return list(self._prefetching)
 
     def close(self) -> None:
-        """Stop the loader thread (reads queued are dropped)."""
+        """Stop the loader thread. Reads still queued are dropped, and so are their keys' marks: an
+        acquire() waiting for one reads the adapter itself."""
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=False, cancel_futures=True)
+        with self._cond:
+            self._prefetching.clear()
+            self._prefetch_started.clear()
+            self._cond.notify_all()
 
     # --------------------------------------------------------------------------------------------
     # Management
@@ -424,6 +473,7 @@ class AdapterManager:
             self._versions[key] = self._versions.get(key, 0) + 1
             slot = self._slot_of.pop(key, None)
             self._forget_on_host(key)
+            self._forget_owner_if_unknown(key)
             if slot is not None:
                 if self._pins.get(slot):
                     self._orphans.add(slot)  # freed by the last release

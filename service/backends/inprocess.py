@@ -231,5 +231,7 @@ class InProcessBackend:
 
     async def close(self) -> None:
         self.batcher.close()
+        if self.engine.adapters.manager is not None:
+            self.engine.adapters.manager.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._trainers.shutdown(wait=True, cancel_futures=True)

@@ -137,7 +137,10 @@ class StepBatcher:
         """One model call of a loop: Denoise batched with every other request's; others in turn."""
         rows = getattr(call, "rows", None)
         if rows:  # read its adapters from the store now, off the model thread (no-op when at hand)
-            self.engine.adapters.prefetch(rows)
+            try:
+                self.engine.adapters.prefetch(rows)
+            except Exception as exc:  # noqa: BLE001 - only an optimisation: the step reads them itself
+                log.debug("adapter prefetch failed: %s", exc)
         if isinstance(call, Denoise):
             return await self._denoise(call)
         loop = asyncio.get_running_loop()
@@ -201,24 +204,30 @@ class StepBatcher:
         capacity = self.engine.adapters.slot_capacity
         batch, rows, queued = [], 0, 0.0
         adapters: set[str] = set()
+        taken: list = []
         left: deque = deque()
-        while self._queue:
-            item = self._queue.popleft()
-            call, future, enqueued = item
-            if future.done():  # its request went away (cancelled) while it waited
-                continue
-            m = call.latents.shape[0]
-            keys = {use.key for row in call.rows for use in row}
-            fits = not batch or (rows + m <= self.max_rows and (capacity is None or len(adapters | keys) <= capacity))
-            if not fits:
-                left.append(item)
-                if rows >= self.max_rows:
-                    break
-                continue
-            batch.append((call, future))
-            rows += m
-            adapters |= keys
-            queued += now - enqueued
+        try:
+            while self._queue:
+                item = self._queue.popleft()
+                call, future, enqueued = item
+                if future.done():  # its request went away (cancelled) while it waited
+                    continue
+                m = call.latents.shape[0]
+                keys = {use.key for row in call.rows for use in row}
+                fits = not batch or (rows + m <= self.max_rows and (capacity is None or len(adapters | keys) <= capacity))
+                if not fits:
+                    left.append(item)
+                    if rows >= self.max_rows:
+                        break
+                    continue
+                taken.append(item)
+                batch.append((call, future))
+                rows += m
+                adapters |= keys
+                queued += now - enqueued
+        except BaseException:
+            self._queue = deque(taken) + left + self._queue  # nothing lost: _drain fails them all
+            raise
         left.extend(self._queue)
         self._queue = left
         if batch:

@@ -21,6 +21,7 @@ Who calls what:
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -29,15 +30,38 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 
 def default_units(device: str) -> int:
-    """1 on a GPU, else the CPU cores this process may run on."""
+    """1 on a GPU, else the CPU cores this process may use: its CPU affinity, capped by a cgroup CPU
+    quota (a Kubernetes CPU limit), rounded up."""
     if str(device).startswith("cuda"):
         return 1
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, quota)
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """CPUs the cgroup may use (cgroup v2 cpu.max, v1 cfs quota/period), rounded up; None without one."""
+    import math
+
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else math.ceil(int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else math.ceil(quota / period)
+    except (OSError, ValueError):
+        return None
 
 
 class ServingState:
@@ -50,14 +74,19 @@ class ServingState:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)  # raises if it cannot be made: see open_serving_state
         self._path = self.folder / f"serving-{os.getpid()}"
         self._fd: int | None = None
 
     def publish(self, units: int) -> None:
-        if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.pwrite(self._fd, struct.pack(self._FORMAT, units), 0)
+        """Best effort: a failure is logged, never raised into the request that publishes."""
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.pwrite(self._fd, struct.pack(self._FORMAT, units), 0)
+        except OSError as exc:
+            log.warning("serving state %s not written (training elsewhere will not see this load): %s",
+                        self._path, exc)
 
     def others_busy(self) -> int:
         """Units held by the serving processes other than this one (dead ones' files are removed)."""
@@ -87,6 +116,17 @@ class ServingState:
             os.close(self._fd)
             self._fd = None
             self._path.unlink(missing_ok=True)
+
+
+def open_serving_state(folder: str | Path) -> ServingState | None:
+    """The ServingState in `folder`, or None (logged) where it cannot be made: serving then never
+    waits on it, and training in other processes does not see this one's load."""
+    try:
+        return ServingState(folder)
+    except OSError as exc:
+        log.warning("serving state folder %s unusable (%s): training beside serving in other processes "
+                    "will not see this one's requests", folder, exc)
+        return None
 
 
 def serving_state_folder(explicit: str | Path | None = None) -> Path:
@@ -133,7 +173,7 @@ class ComputeShare:
         with self._cond:
             self._serving += 1
             if self._serving == 1 and self.state is not None:
-                self.state.publish(self.serving_units)
+                self.state.publish(self.serving_units)  # best effort, never raises
         try:
             yield
         finally:

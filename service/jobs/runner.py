@@ -360,7 +360,10 @@ class JobRunner:
             self.store.update(job_id, owner=self.owner, adapter_id=record.adapter_id, message="making previews",
                               eta_seconds=None)
             # Where it will serve, before the user's first request (and the previews) ask for it.
-            self.backend.preload_adapter(record.key, job.tenant)
+            try:
+                self.backend.preload_adapter(record.key, job.tenant)
+            except Exception as exc:  # noqa: BLE001 - best effort: the first request loads it anyway
+                log.warning("job %s: preloading its adapter failed: %s", job_id, exc)
             previews, note = await self._previews(job, record.key)
             # A finished job still says it survived a restart (its RUNNING message may be missed).
             resumed_from = progress.resumed_from if trained_now else job.checkpoint_step

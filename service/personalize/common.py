@@ -286,7 +286,10 @@ class TrainingRun:
             if turn is None:
                 yield self.step
                 continue
-            with turn():  # held while the caller's loop body (the step) runs
+            # Held while the caller's loop body (the step) runs. If the body raises, the turn ends
+            # when this generator is closed: at once for `for step in run.steps()` (the trainers'
+            # only form); code keeping the iterator must close it (contextlib.closing).
+            with turn():
                 if self.progress.should_stop():
                     raise TrainingStopped(f"stopped before step {self.step + 1} of {self.spec.steps}")
                 yield self.step

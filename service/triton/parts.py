@@ -29,7 +29,7 @@ from service.adapters import serialize_adapter
 from service.adapters.loading import blob_loader, request_adapter
 from service.config import Settings
 from service.engine.pipeline import AdapterUse, Engine, flush_denormals
-from service.engine.priority import ComputeShare, ServingState, default_units, serving_state_folder
+from service.engine.priority import ComputeShare, default_units, open_serving_state, serving_state_folder
 from service.personalize import FrozenBase, TrainingSpec, train
 from service.serving import build_engine
 
@@ -100,10 +100,10 @@ def instance_share(settings: Settings, args: dict) -> ComputeShare:
     """This instance's side of "serving first, training in the gaps" (service/engine/priority.py):
     the server's serving instances publish their busy units to the training instances through
     ServingState files (one folder per Triton server)."""
+    state = open_serving_state(serving_state_folder(settings.serving_state_dir)) if settings.serving_first else None
     return ComputeShare(settings.compute_units or default_units(instance_device(args)),
                         serving_units=settings.torch_threads, training_units=settings.torch_threads,
-                        enabled=settings.serving_first,
-                        state=ServingState(serving_state_folder(settings.serving_state_dir)))
+                        enabled=settings.serving_first, state=state)
 
 
 # -- the parts ---------------------------------------------------------------------------------------

@@ -74,4 +74,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.batcher.close()
-        self.share.state.close()
+        if self.share.state is not None:
+            self.share.state.close()
+        if self.engine.adapters.manager is not None:
+            self.engine.adapters.manager.close()

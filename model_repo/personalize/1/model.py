@@ -25,19 +25,30 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class _StreamedProgress:
-    """personalize.Progress that answers with responses on the request's stream."""
+    """personalize.Progress that answers with responses on the request's stream. `stub_lock`: held
+    around every call into the stub (send, is_cancelled): with two jobs training at once, two
+    threads streaming responses concurrently crashed tritonserver's python backend (SIGSEGV in
+    libtriton_python.so, measured with STEERSERVE_TRAINING_WORKERS=2)."""
 
-    def __init__(self, request, sender):
-        self.request, self.sender = request, sender
+    def __init__(self, request, sender, stub_lock):
+        self.request, self.sender, self.stub_lock = request, sender, stub_lock
+
+    def send(self, message, flags=None):
+        with self.stub_lock:
+            if flags is None:
+                self.sender.send(message)
+            else:
+                self.sender.send(message, flags=flags)
 
     def step(self, step, total, loss):
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.training_step(step, loss))))
+        self.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.training_step(step, loss))))
 
     def checkpoint(self, step, state):
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.training_checkpoint(step, state))))
+        self.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.training_checkpoint(step, state))))
 
     def should_stop(self):
-        return self.request.is_cancelled()
+        with self.stub_lock:
+            return self.request.is_cancelled()
 
 
 class TritonPythonModel:
@@ -55,6 +66,7 @@ class TritonPythonModel:
                                                            "instance": args["model_instance_name"]})
         self.share.on_wait = self._waited
         self.local = threading.local()  # one Personalize (base model copy) per training thread
+        self.stub_lock = threading.Lock()  # one thread at a time talks to the stub (_StreamedProgress)
         self.pool = ThreadPoolExecutor(max_workers=settings.training_workers, thread_name_prefix="personalize",
                                        initializer=torch.set_num_threads, initargs=(settings.torch_threads,))
         # The first thread's base model now, so a model that cannot load fails initialize().
@@ -63,7 +75,8 @@ class TritonPythonModel:
     def _waited(self, seconds: float) -> None:
         if seconds > 0:
             try:
-                self.wait_metric.increment(seconds)
+                with self.stub_lock:  # called from the training threads: one at a time into the stub
+                    self.wait_metric.increment(seconds)
             except Exception as exc:  # noqa: BLE001 - a metric must never fail a job
                 pb_utils.Logger.log_warn(f"training wait metric not updated: {exc}")
 
@@ -79,13 +92,16 @@ class TritonPythonModel:
         return None
 
     def _train(self, request):
-        sender = request.get_response_sender()
+        with self.stub_lock:
+            sender = request.get_response_sender()
+        stream = _StreamedProgress(request, sender, self.stub_lock)
         try:
-            spec, resume = wire.read_training_request(request_reader(request))
-            adapter = self._personalize()(spec, resume, TurnTaking(_StreamedProgress(request, sender), self.share))
-            sender.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.training_result(adapter))), flags=FINAL)
+            with self.stub_lock:
+                spec, resume = wire.read_training_request(request_reader(request))
+            adapter = self._personalize()(spec, resume, TurnTaking(stream, self.share))
+            stream.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.training_result(adapter))), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with its status
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(wire.status_message(exc))), flags=FINAL)
+            stream.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(wire.status_message(exc))), flags=FINAL)
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)

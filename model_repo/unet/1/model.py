@@ -68,4 +68,5 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=tensors(wire.noise_result(*result)))
 
     def finalize(self):
-        self.share.state.close()
+        if self.share.state is not None:
+            self.share.state.close()
