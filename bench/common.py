@@ -20,6 +20,48 @@ from prometheus_client import CollectorRegistry
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env() -> dict:
+    """This environment without any STEERSERVE_* or OTEL_* setting: the servers run on defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("STEERSERVE_", "OTEL_"))}
+
+
+def stop_group(server: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the server's process group (Triton and its stubs too), SIGKILL past the grace."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(30)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def serve_process(model_dir, env: dict, log_path: Path, ready_timeout_s: float, label: str):
+    """`python -m service serve --model-dir MODEL_DIR` with `env`, in its own session, its output in
+    `log_path`; yields (the process, seconds it took) once it logs that it listens (raises with the
+    log's end if it exits or takes longer); stopped with its process group at the end."""
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model-dir", str(model_dir)], env=env,
+                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started = time.monotonic()
+    try:
+        while "listening on" not in Path(log_path).read_text():
+            if server.poll() is not None or time.monotonic() - started > ready_timeout_s:
+                raise RuntimeError(f"{label}: serve did not come up:\n{Path(log_path).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield server, time.monotonic() - started
+    finally:
+        stop_group(server, grace_s=120)
+
+
 @contextmanager
 def served_gateway(ready_timeout_s: float = 120.0):
     """A `steerserve serve` process (in-process backend, default settings, a temporary data folder)

@@ -42,8 +42,6 @@ import os
 import platform
 import random
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -51,7 +49,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.common import ROOT, write_results
+from bench.common import ROOT, clean_env, free_port, serve_process, stop_group, write_results
 from service.config import Settings
 
 CACHE = ROOT / "var" / "bench-cache" / "race"
@@ -71,12 +69,6 @@ GUIDANCE = 7.5  # the service's default guidance_scale (service/gateway/validati
 GOAL_CLIENTS, GOAL_RATIO = 8, 2.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     xs = sorted(values)
@@ -84,11 +76,6 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def clean_env() -> dict:
-    """This environment without any STEERSERVE_* or OTEL_* setting: the servers run on defaults."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("STEERSERVE_", "OTEL_"))}
 
 
 # -- adapters ---------------------------------------------------------------------------------------
@@ -152,16 +139,8 @@ class Ours:
                    PYTHONUNBUFFERED="1")
         if self.name == "triton":
             env.update(STEERSERVE_BACKEND="triton", STEERSERVE_TRITON_START_TIMEOUT_S=str(int(ready_timeout_s)))
-        with open(log_path, "w") as log:
-            server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model-dir", str(self.model_dir)],
-                                      env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        started = time.monotonic()
-        try:
-            while "listening on" not in log_path.read_text():
-                if server.poll() is not None or time.monotonic() - started > ready_timeout_s:
-                    raise RuntimeError(f"{self.name}: serve did not come up:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-            self.info["start_seconds"] = time.monotonic() - started
+        with serve_process(self.model_dir, env, log_path, ready_timeout_s, self.name) as (_, seconds):
+            self.info["start_seconds"] = seconds
             self.address = f"127.0.0.1:{port}"
             stub = pb_grpc.SteerServeStub(grpc.insecure_channel(self.address))
             info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self.metadata(0), timeout=60)
@@ -179,8 +158,6 @@ class Ours:
                                     metadata=self.metadata(tenant), timeout=120).adapter_id for a in adapters]
                 for tenant in range(len(self.tokens))]
             yield self
-        finally:
-            stop_group(server, grace_s=120)
 
     def stats(self) -> dict:
         return {}
@@ -202,18 +179,6 @@ class Ours:
                 raise RuntimeError("no image in the answer")
 
         return send
-
-
-def stop_group(server: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM to the server's process group (Triton and its stubs too), SIGKILL past the grace."""
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(30)
-    except ProcessLookupError:
-        pass
 
 
 class Diffusers:

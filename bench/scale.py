@@ -41,7 +41,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,8 +50,8 @@ from contextlib import contextmanager
 from itertools import accumulate
 from pathlib import Path
 
-from bench.common import ROOT, write_results
-from bench.race import clean_env, free_port, machine, percentile, stop_group
+from bench.common import ROOT, clean_env, free_port, serve_process, write_results
+from bench.race import machine, percentile
 
 CACHE = ROOT / "var" / "bench-cache" / "scale"
 SYSTEMS = ("inprocess", "triton")
@@ -187,17 +186,8 @@ class Server:
         if self.name == "triton":
             env.update(STEERSERVE_BACKEND="triton", STEERSERVE_TRITON_START_TIMEOUT_S=str(int(ready_timeout_s)))
         env.update(self.overrides)
-        with open(log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--model-dir", str(self.model_dir)], env=env, cwd=ROOT,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        started = time.monotonic()
-        try:
-            while "listening on" not in log_path.read_text():
-                if self.process.poll() is not None or time.monotonic() - started > ready_timeout_s:
-                    raise RuntimeError(f"{self.name}: serve did not come up:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-            self.info["start_seconds"] = time.monotonic() - started
+        with serve_process(self.model_dir, env, log_path, ready_timeout_s, self.name) as (self.process, seconds):
+            self.info["start_seconds"] = seconds
             self.address = f"127.0.0.1:{port}"
             if self.name == "triton":
                 found = re.search(r"metrics (http://\S+/metrics)", log_path.read_text())
@@ -214,8 +204,6 @@ class Server:
             self.ids = self._import(stub, adapters)
             self.info["import_seconds"] = time.monotonic() - t0
             yield self
-        finally:
-            stop_group(self.process, grace_s=120)
 
     def _import(self, stub, adapters: list[dict]) -> dict:
         """Each tenant's adapters, imported unless an earlier run's data folder has them (by name,

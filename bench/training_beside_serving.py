@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import io
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -37,8 +36,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.common import ROOT, write_results
-from bench.race import clean_env, free_port, machine, percentile, stop_group
+from bench.common import ROOT, clean_env, free_port, serve_process, write_results
+from bench.race import machine, percentile
 
 CACHE = ROOT / "var" / "bench-cache" / "cotrain"
 SYSTEMS = ("inprocess", "triton")
@@ -74,23 +73,12 @@ class Server:
                    PYTHONUNBUFFERED="1")
         if self.name == "triton":
             env.update(STEERSERVE_BACKEND="triton", STEERSERVE_TRITON_START_TIMEOUT_S=str(int(ready_timeout_s)))
-        with open(log_path, "w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model-dir", str(self.model_dir)],
-                                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        started = time.monotonic()
-        try:
-            while "listening on" not in log_path.read_text():
-                if self.process.poll() is not None or time.monotonic() - started > ready_timeout_s:
-                    raise RuntimeError(f"{self.label}: serve did not come up:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
+        with serve_process(self.model_dir, env, log_path, ready_timeout_s, self.label) as (self.process, _):
             self.address = f"127.0.0.1:{port}"
             self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             self.stub = pb_grpc.SteerServeStub(grpc.insecure_channel(self.address))
             self.stubs = [pb_grpc.SteerServeStub(grpc.insecure_channel(self.address)) for _ in range(64)]
             yield self
-        finally:
-            stop_group(self.process, grace_s=120)
 
     def md(self, tenant: int = 0):
         return [("authorization", f"Bearer {self.tokens[tenant]}")]

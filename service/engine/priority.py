@@ -116,6 +116,10 @@ class ServingState:
             os.close(self._fd)
             self._fd = None
             self._path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()  # the server's last serving process to go removes the folder
+        except OSError:
+            pass
 
 
 def open_serving_state(folder: str | Path) -> ServingState | None:
