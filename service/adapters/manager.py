@@ -155,9 +155,8 @@ class AdapterManager:
                 f"{len(keys)} adapters in one request, but the bank has {self.bank.num_slots - 1} slots"
             )
         with self._cond:
-            self._note_owners(owners)
             # Resident ones first: pinning them before any miss evicts keeps a miss from evicting an
-            # adapter this very acquisition needs (and then loading it back).
+            # adapter this very acquisition needs (and then loading it back). Owners: noted by _pin.
             keys.sort(key=lambda k: k not in self._slot_of)
         deadline = time.monotonic() + self.acquire_timeout_s
         while True:

@@ -196,9 +196,10 @@ class ComputeShare:
     # -- training --------------------------------------------------------------------------------
 
     def _room(self) -> bool:
-        if self._training == 0 and self.serving_busy() == 0:
+        busy = self.serving_busy()  # (reads the other processes' files: once per check)
+        if self._training == 0 and busy == 0:
             return True
-        used = min(self.units, self.serving_busy()) + self._training * self.training_units
+        used = min(self.units, busy) + self._training * self.training_units
         return used + self.training_units <= self.units
 
     @contextmanager
