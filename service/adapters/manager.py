@@ -287,12 +287,19 @@ class AdapterManager:
             held[owner] = held.get(owner, 0) + 1
         share = (self.bank.num_slots - 1) / len(held.keys() | {tenant})
         unpinned = [k for k, s in self._slot_of.items() if not self._pins.get(s)]  # least recently used first
-        if held.get(tenant, 0) + 1 > share:
-            own = next((k for k in unpinned if self._owner.get(k, "") == tenant), None)
+        return self._fair_victim(unpinned, tenant, held.get(tenant, 0) + 1 > share, held, share)
+
+    def _fair_victim(self, candidates: Sequence[str], tenant: str, tenant_over: bool,
+                     held: Mapping[str, float], share: float) -> str | None:
+        """The eviction rule of slots and host memory alike, over `candidates` (least recently used
+        first): `tenant`'s own if it is (or would be) over its share, else one of a tenant holding
+        more than `share`, else the least recently used."""
+        if tenant_over:
+            own = next((k for k in candidates if self._owner.get(k, "") == tenant), None)
             if own is not None:
                 return own
-        over = next((k for k in unpinned if held[self._owner.get(k, "")] > share), None)
-        return over if over is not None else (unpinned[0] if unpinned else None)
+        over = next((k for k in candidates if held.get(self._owner.get(k, ""), 0) > share), None)
+        return over if over is not None else (candidates[0] if candidates else None)
 
     def _note_owners(self, owners: Owners | None) -> None:
         """Record who uses each key now (one blob imported by two tenants is theirs in turn)."""
@@ -303,12 +310,16 @@ class AdapterManager:
             self._owner[key] = tenant
             size = self._host_size.get(key)
             if size is not None:  # its host-cache bytes move to the new owner's account
-                left = self._tenant_bytes.get(before or "", 0) - size
-                if left > 0:
-                    self._tenant_bytes[before or ""] = left
-                else:
-                    self._tenant_bytes.pop(before or "", None)
-                self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + size
+                self._charge(before or "", -size)
+                self._charge(tenant, size)
+
+    def _charge(self, tenant: str, size: int) -> None:
+        """Add `size` (negative: remove) to the bytes `tenant` holds in the host cache."""
+        left = self._tenant_bytes.get(tenant, 0) + size
+        if left > 0:
+            self._tenant_bytes[tenant] = left
+        else:
+            self._tenant_bytes.pop(tenant, None)
 
     def _release(self, slots: Sequence[int] | Iterator[int]) -> None:
         with self._cond:
@@ -336,8 +347,7 @@ class AdapterManager:
         self._host[key] = adapter
         self._host_size[key] = size
         self._host_total += size
-        owner = self._owner.get(key, "")
-        self._tenant_bytes[owner] = self._tenant_bytes.get(owner, 0) + size
+        self._charge(self._owner.get(key, ""), size)
         while len(self._host) > self.host_cache_size or (
                 self.host_cache_bytes is not None and self._host_total > self.host_cache_bytes):
             self._forget_on_host(self._host_victim(keep=key))
@@ -353,12 +363,7 @@ class AdapterManager:
         others = [k for k in self._host if k != keep]  # least recently used first
         if not others:
             return keep
-        if self._tenant_bytes.get(tenant, 0) > share:
-            own = next((k for k in others if self._owner.get(k, "") == tenant), None)
-            if own is not None:
-                return own
-        over = next((k for k in others if self._tenant_bytes.get(self._owner.get(k, ""), 0) > share), None)
-        return over if over is not None else others[0]
+        return self._fair_victim(others, tenant, self._tenant_bytes.get(tenant, 0) > share, self._tenant_bytes, share)
 
     def _forget_on_host(self, key: str) -> None:
         if key not in self._host:
@@ -371,12 +376,7 @@ class AdapterManager:
         del self._host[key]
         size = self._host_size.pop(key)
         self._host_total -= size
-        owner = self._owner.get(key, "")
-        left = self._tenant_bytes.get(owner, 0) - size
-        if left > 0:
-            self._tenant_bytes[owner] = left
-        else:
-            self._tenant_bytes.pop(owner, None)
+        self._charge(self._owner.get(key, ""), -size)
 
     def _forget_owner_if_unknown(self, key: str) -> None:
         """A key in no slot, no host cache and no read any more: its tenant is noted again at its
