@@ -278,8 +278,11 @@ def test_flood_from_one_tenant_does_not_starve_another(tmp_path, model_cache):
     assert bob[0] == "ok"
     # Ahead of bob: only the request running (+ scheduling slack).
     assert bob[1] <= 2 * solo + 0.5, (bob[1], solo)
-    assert ok and len(refused) >= 12, (len(ok), len(refused), others)  # most of the excess: refused ...
-    assert max(refused) < 1.0  # ... at once, not queued past the deadline
+    # About deadline / solo requests fit in alice's 4 s; the excess beyond them (give or take two
+    # for the estimate's noise on 2 shared cores) is refused ...
+    fits = int(4.0 / solo)
+    assert ok and len(refused) >= 24 - fits - 2, (len(ok), len(refused), others, fits)
+    assert refused and max(refused) < 1.0  # ... at once, not queued past the deadline
     # Estimates move with the machine's load (2 shared cores in CI): the last few admitted may still
     # end with DEADLINE_EXCEEDED; nothing else.
     assert set(others) <= {grpc.StatusCode.DEADLINE_EXCEEDED} and len(others) <= 5, others
