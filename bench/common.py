@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -43,11 +44,33 @@ def stop_group(server: subprocess.Popen, grace_s: float) -> None:
         pass
 
 
+@dataclass
+class Served:
+    """A running `steerserve serve` process and where to reach it."""
+    process: subprocess.Popen
+    start_seconds: float
+    address: str  # gRPC, host:port
+    metrics_url: str  # the gateway's Prometheus endpoint
+
+
 @contextmanager
-def serve_process(model_dir, env: dict, log_path: Path, ready_timeout_s: float, label: str):
-    """`python -m service serve --model-dir MODEL_DIR` with `env`, in its own session, its output in
-    `log_path`; yields (the process, seconds it took) once it logs that it listens (raises with the
-    log's end if it exits or takes longer); stopped with its process group at the end."""
+def serve_process(model_dir, log_path: Path, ready_timeout_s: float, label: str, *, backend: str, data_dir: Path,
+                  api_keys: dict[str, str], settings: dict[str, str] | None = None):
+    """`python -m service serve --model-dir MODEL_DIR` on `backend` ("inprocess" or "triton"), its data in
+    `data_dir`, tokens to tenants `api_keys`, on free loopback ports, every other setting at its
+    default but `settings`; in its own session, its output in `log_path`. Yields a `Served` once it
+    logs that it listens (raises with the log's end if it exits or takes longer); stopped with its
+    process group at the end."""
+    port, metrics_port = free_port(), free_port()
+    env = clean_env()
+    env.update(STEERSERVE_DATA_DIR=str(data_dir), STEERSERVE_GRPC_PORT=str(port),
+               STEERSERVE_METRICS_PORT=str(metrics_port), STEERSERVE_HOST="127.0.0.1",
+               STEERSERVE_API_KEYS=",".join(f"{token}:{tenant}" for token, tenant in api_keys.items()),
+               PYTHONUNBUFFERED="1")
+    if backend == "triton":
+        env.update(STEERSERVE_BACKEND="triton", STEERSERVE_TRITON_START_TIMEOUT_S=str(int(ready_timeout_s)))
+    env.update(settings or {})
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model-dir", str(model_dir)], env=env,
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -57,7 +80,7 @@ def serve_process(model_dir, env: dict, log_path: Path, ready_timeout_s: float, 
             if server.poll() is not None or time.monotonic() - started > ready_timeout_s:
                 raise RuntimeError(f"{label}: serve did not come up:\n{Path(log_path).read_text()[-3000:]}")
             time.sleep(0.5)
-        yield server, time.monotonic() - started
+        yield Served(server, time.monotonic() - started, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         stop_group(server, grace_s=120)
 

@@ -131,17 +131,11 @@ class Ours:
         from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 
         self.pb, self.pb_grpc, self.grpc = pb, pb_grpc, grpc
-        self.data.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        env = clean_env()
-        env.update(STEERSERVE_DATA_DIR=str(self.data), STEERSERVE_GRPC_PORT=str(port), STEERSERVE_METRICS_PORT="0",
-                   STEERSERVE_API_KEYS=",".join(f"{t}:race-tenant-{i}" for i, t in enumerate(self.tokens)),
-                   PYTHONUNBUFFERED="1")
-        if self.name == "triton":
-            env.update(STEERSERVE_BACKEND="triton", STEERSERVE_TRITON_START_TIMEOUT_S=str(int(ready_timeout_s)))
-        with serve_process(self.model_dir, env, log_path, ready_timeout_s, self.name) as (_, seconds):
-            self.info["start_seconds"] = seconds
-            self.address = f"127.0.0.1:{port}"
+        keys = {t: f"race-tenant-{i}" for i, t in enumerate(self.tokens)}
+        with serve_process(self.model_dir, log_path, ready_timeout_s, self.name, backend=self.name,
+                           data_dir=self.data, api_keys=keys) as served:
+            self.info["start_seconds"] = served.start_seconds
+            self.address = served.address
             stub = pb_grpc.SteerServeStub(grpc.insecure_channel(self.address))
             info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self.metadata(0), timeout=60)
             self.info.update(backend=info.backend, unet_runtime=info.unet_runtime,

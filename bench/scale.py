@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from itertools import accumulate
 from pathlib import Path
 
-from bench.common import ROOT, clean_env, free_port, serve_process, write_results
+from bench.common import ROOT, serve_process, write_results
 from bench.race import machine, percentile
 
 CACHE = ROOT / "var" / "bench-cache" / "scale"
@@ -176,26 +176,18 @@ class Server:
         from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 
         self.pb, self.pb_grpc, self.grpc = pb, pb_grpc, grpc
-        self.data.mkdir(parents=True, exist_ok=True)
-        port, metrics_port = free_port(), free_port()
-        env = clean_env()
-        env.update(STEERSERVE_DATA_DIR=str(self.data), STEERSERVE_GRPC_PORT=str(port),
-                   STEERSERVE_METRICS_PORT=str(metrics_port), STEERSERVE_HOST="127.0.0.1",
-                   STEERSERVE_API_KEYS=",".join(f"{t}:scale-tenant-{i}" for i, t in enumerate(self.tokens)),
-                   PYTHONUNBUFFERED="1")
-        if self.name == "triton":
-            env.update(STEERSERVE_BACKEND="triton", STEERSERVE_TRITON_START_TIMEOUT_S=str(int(ready_timeout_s)))
-        env.update(self.overrides)
-        with serve_process(self.model_dir, env, log_path, ready_timeout_s, self.name) as (self.process, seconds):
-            self.info["start_seconds"] = seconds
-            self.address = f"127.0.0.1:{port}"
-            if self.name == "triton":
+        keys = {t: f"scale-tenant-{i}" for i, t in enumerate(self.tokens)}
+        with serve_process(self.model_dir, log_path, ready_timeout_s, self.name, backend=self.name,
+                           data_dir=self.data, api_keys=keys, settings=self.overrides) as served:
+            self.process, self.address = served.process, served.address
+            self.info["start_seconds"] = served.start_seconds
+            if self.name == "triton":  # the bank's counters are Triton's (its own metrics endpoint)
                 found = re.search(r"metrics (http://\S+/metrics)", log_path.read_text())
                 if found is None:
                     raise RuntimeError("triton: no metrics address in the serve log")
                 self.metrics_url = found.group(1).rstrip(")")
             else:
-                self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+                self.metrics_url = served.metrics_url
             stub = pb_grpc.SteerServeStub(grpc.insecure_channel(self.address))
             info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self.metadata(0), timeout=60)
             self.info.update(backend=info.backend, unet_runtime=info.unet_runtime,

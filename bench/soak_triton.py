@@ -102,7 +102,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
-    rng = random.Random(args.seed)
 
     data = Path(tempfile.mkdtemp(prefix="steerserve-soak-"))
     model_dir = default_model_dir(data / "models")

@@ -36,7 +36,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.common import ROOT, clean_env, free_port, serve_process, write_results
+from bench.common import ROOT, serve_process, write_results
 from bench.race import machine, percentile
 
 CACHE = ROOT / "var" / "bench-cache" / "cotrain"
@@ -60,22 +60,14 @@ class Server:
         from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 
         self.pb, self.grpc = pb, grpc
-        data = CACHE / self.name
-        data.mkdir(parents=True, exist_ok=True)
         logs = CACHE / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{self.name}-{'first' if self.serving_first else 'norule'}.log"
-        port, metrics_port = free_port(), free_port()
-        env = clean_env()
-        env.update(STEERSERVE_DATA_DIR=str(data), STEERSERVE_GRPC_PORT=str(port), STEERSERVE_METRICS_PORT=str(metrics_port),
-                   STEERSERVE_API_KEYS=",".join(f"{t}:tenant-{i}" for i, t in enumerate(self.tokens)),
-                   STEERSERVE_TRAINING_WORKERS="2", STEERSERVE_SERVING_FIRST="1" if self.serving_first else "0",
-                   PYTHONUNBUFFERED="1")
-        if self.name == "triton":
-            env.update(STEERSERVE_BACKEND="triton", STEERSERVE_TRITON_START_TIMEOUT_S=str(int(ready_timeout_s)))
-        with serve_process(self.model_dir, env, log_path, ready_timeout_s, self.label) as (self.process, _):
-            self.address = f"127.0.0.1:{port}"
-            self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        keys = {t: f"tenant-{i}" for i, t in enumerate(self.tokens)}
+        settings = dict(STEERSERVE_TRAINING_WORKERS="2", STEERSERVE_SERVING_FIRST="1" if self.serving_first else "0")
+        with serve_process(self.model_dir, log_path, ready_timeout_s, self.label, backend=self.name,
+                           data_dir=CACHE / self.name, api_keys=keys, settings=settings) as served:
+            self.process, self.address, self.metrics_url = served.process, served.address, served.metrics_url
             self.stub = pb_grpc.SteerServeStub(grpc.insecure_channel(self.address))
             self.stubs = [pb_grpc.SteerServeStub(grpc.insecure_channel(self.address)) for _ in range(64)]
             yield self

@@ -439,14 +439,11 @@ class AdapterManager:
         except Exception as exc:  # noqa: BLE001 - the request that uses it reads it again and fails alone
             log.debug("prefetch of adapter %s failed: %s", key[:12], exc)
         finally:
-            with self._cond:
-                self._prefetching.discard(key)
-                self._prefetch_started.discard(key)
+            with self._cond:  # (re-entrant: _unmark_prefetch takes it again)
                 if adapter is not None and version == self._versions.get(key, 0) and key not in self._slot_of:
                     self._remember_on_host(key, adapter)
                     self.metrics.prefetched.inc()
-                self._forget_owner_if_unknown(key)
-                self._cond.notify_all()
+                self._unmark_prefetch(key)
 
     def prefetching(self) -> list[str]:
         with self._cond:

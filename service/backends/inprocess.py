@@ -223,10 +223,10 @@ class InProcessBackend:
             return serialize_adapter(train(base, spec, reports, resume))
 
         with tracing.span("backend.personalize") as span:
-            reports = TurnTaking(progress, self.share)
             if span.is_recording():
                 span.set_attributes(tracing.training_attributes(spec, self.name, resume))
-                reports = TurnTaking(tracing.traced_progress(progress, span), self.share)
+                progress = tracing.traced_progress(progress, span)
+            reports = TurnTaking(progress, self.share)  # each step waits for serving's room
             return await asyncio.wrap_future(self._trainers.submit(contextvars.copy_context().run, run))
 
     async def close(self) -> None:
