@@ -29,6 +29,27 @@ def stores(database, tmp_path):
     return AdapterStore(db, tmp_path / "blobs"), JobStore(db), tmp_path
 
 
+class Clock:
+    """The lease clock a test moves by hand (JobStore(clock=...)): a lease runs out when the test
+    says so, not when a sleep hopes it has."""
+
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clocked(stores):
+    """The job store of `stores` on a hand-driven lease clock, and that clock."""
+    clock = Clock()
+    return JobStore(stores[1].db, clock=clock), clock
+
+
 def test_adapter_roundtrip_and_checksum(stores):
     adapters, _, root = stores
     rec = adapters.create("t1", "dog", "DREAMBOOTH_LORA", b"weights", token="<sks>", rank=4)
@@ -176,12 +197,14 @@ def test_each_job_is_claimed_by_one_runner(stores, database):
         assert job.state == JobState.RUNNING and job.lease_owner == owner and job.attempts == 1
 
 
-def test_an_expired_lease_is_taken_over_and_fences_the_old_runner(stores):
-    _, jobs, _ = stores
+def test_an_expired_lease_is_taken_over_and_fences_the_old_runner(clocked):
+    jobs, clock = clocked
     job = jobs.create("t1", "DREAMBOOTH_LORA", "dog", 10, b"r")
-    first, previous = jobs.claim("dead-runner", lease_s=0.2)
+    first, previous = jobs.claim("dead-runner", lease_s=10)
     assert previous == "" and jobs.claim("other", lease_s=60) is None  # held: nothing to claim
-    time.sleep(0.3)  # dead-runner stops renewing
+    clock.advance(9.9)  # dead-runner stops renewing
+    assert jobs.claim("other", lease_s=60) is None  # its lease still runs
+    clock.advance(0.2)  # and now it is over
     second, previous = jobs.claim("other", lease_s=60)
     assert second.job_id == job.job_id and previous == "dead-runner" and second.attempts == 2
     with pytest.raises(LeaseLost):  # the presumed-dead runner wakes up: its writes are refused
@@ -203,13 +226,15 @@ def test_heartbeat_renews_and_reports_a_cancellation(stores):
     assert jobs.heartbeat("me", [job.job_id], lease_s=60)[job.job_id].state == JobState.CANCELLED
 
 
-def test_released_job_waits_for_its_not_before(stores):
-    _, jobs, _ = stores
+def test_released_job_waits_for_its_not_before(clocked):
+    jobs, clock = clocked
     job = jobs.create("t1", "DREAMBOOTH_LORA", "dog", 10, b"r")
     jobs.claim("me", lease_s=60)
-    jobs.release(job.job_id, "me", message="waiting to retry", retry_in_s=0.3)
+    jobs.release(job.job_id, "me", message="waiting to retry", retry_in_s=30)
     assert jobs.claim("me", lease_s=60) is None
-    time.sleep(0.35)
+    clock.advance(29.9)
+    assert jobs.claim("me", lease_s=60) is None  # not before its time
+    clock.advance(0.2)
     assert jobs.claim("me", lease_s=60)[0].attempts == 2
 
 
@@ -294,11 +319,11 @@ def test_sweep_rechecks_under_the_lock_before_removing(stores, monkeypatch):
     assert adapters.read_blob(raced[0]) == data
 
 
-def test_a_runner_never_reclaims_its_own_expired_job(stores):
-    _, jobs, _ = stores
+def test_a_runner_never_reclaims_its_own_expired_job(clocked):
+    jobs, clock = clocked
     job = jobs.create("t1", "DREAMBOOTH_LORA", "dog", 10, b"r")
-    jobs.claim("me", lease_s=0.1)
-    time.sleep(0.2)  # my heartbeat is late
+    jobs.claim("me", lease_s=10)
+    clock.advance(10.1)  # my heartbeat is late: my lease is over
     assert jobs.claim("me", lease_s=60) is None  # not a second run of my own job
     taken, previous = jobs.claim("other", lease_s=60)
     assert taken.job_id == job.job_id and previous == "me"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .db import Database, NotFound
@@ -87,8 +88,14 @@ class LeaseLost(RuntimeError):
 
 
 class JobStore:
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, clock: Callable[[], float] | None = None):
         self.db = db  # schema: service/stores/migrations.py
+        # Lease times (claims, heartbeats, not_before): the database's clock (_clock) unless a
+        # clock is given (tests drive time past a lease with one instead of sleeping through it).
+        self.clock = clock
+
+    def _now(self, conn) -> float:
+        return self.clock() if self.clock is not None else _clock(conn)
 
     def create(
         self, tenant: str, method: str, name: str, total_steps: int, request: bytes, token: str = "", class_word: str = "",
@@ -202,7 +209,7 @@ class JobStore:
         one `owner` itself holds: a late heartbeat must not make it run a job twice).
         Returns (job, previous owner: "" unless taken over), or None when there is none."""
         with self.db.transaction() as conn:
-            now = _clock(conn)
+            now = self._now(conn)
             skip_locked = " SKIP LOCKED" if conn.for_update else ""  # PostgreSQL: never wait on another claim
             row = conn.execute(
                 "SELECT * FROM jobs WHERE (state=? AND not_before<=?) "
@@ -231,7 +238,7 @@ class JobStore:
         with self.db.transaction() as conn:
             conn.execute(
                 f"UPDATE jobs SET lease_expires_at=? WHERE lease_owner=? AND state=? AND job_id IN ({marks})",
-                (_clock(conn) + lease_s, owner, JobState.RUNNING.value, *job_ids),
+                (self._now(conn) + lease_s, owner, JobState.RUNNING.value, *job_ids),
             )
             rows = conn.execute(f"SELECT * FROM jobs WHERE job_id IN ({marks})", tuple(job_ids)).fetchall()
         return {row["job_id"]: _record(row) for row in rows}
@@ -240,7 +247,7 @@ class JobStore:
         """Hands a running job back to the queue (the server stops, the model server is away); not
         claimed again for `retry_in_s` (by the database's clock, like the leases)."""
         with self.db.transaction() as conn:
-            not_before = _clock(conn) + retry_in_s if retry_in_s > 0 else 0.0
+            not_before = self._now(conn) + retry_in_s if retry_in_s > 0 else 0.0
             return self.update(job_id, owner=owner, state=JobState.QUEUED, lease_owner="", lease_expires_at=0.0,
                                eta_seconds=None, not_before=not_before, message=message)
 
