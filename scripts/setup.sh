@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with everything the service and its tests need, on a fresh machine.
 #   scripts/setup.sh          # service
-#   scripts/setup.sh --test   # + test tools (pytest; prometheus, kubectl, postgresql from apt; buf and the
+#   scripts/setup.sh --test   # + test tools (pytest; prometheus, kubectl, postgresql, openssl from apt; buf and the
 #                             #   Node example's packages from npm)
 # torch is installed FIRST and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -19,11 +19,12 @@ $PIP install -q --disable-pip-version-check -c requirements.lock -e ".[test]" -e
 if [ "${1:-}" = "--test" ]; then
   # Real servers the tests start on loopback (Debian packages): promtool + prometheus lint and
   # evaluate our metrics and rules, kubectl builds the kustomize overlays, PostgreSQL backs the
-  # multi-replica store tests.
+  # multi-replica store tests, openssl makes tests/test_tls.py's certificates.
   missing=()
   command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
   command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       apt-get update -qq >/dev/null

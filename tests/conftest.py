@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import threading
 from dataclasses import dataclass
@@ -22,6 +23,21 @@ TOKENS = {"token-alice": "alice", "token-bob": "bob"}
 # unless a test asks otherwise; `auto` itself is tested in tests/test_compiled_unet.py and,
 # end to end from a fresh `serve`, in tests/test_cli.py.
 os.environ.setdefault("STEERSERVE_UNET_RUNTIME", "eager")
+
+
+# Command-line tools scripts/setup.sh --test installs (Debian packages, as root): a test that needs
+# one FAILS when it is missing, as the tests on PostgreSQL do (tests/postgres_server.py), rather
+# than skipping and passing a run that checked nothing.
+SETUP_INSTALLS = {"promtool": "prometheus", "prometheus": "prometheus", "kubectl": "kubectl", "openssl": "openssl"}
+
+
+def required_tool(name: str) -> str:
+    """The path of `name`, one of SETUP_INSTALLS; fails the test when it is not on PATH."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found on PATH: scripts/setup.sh --test installs it (Debian package "
+                    f"{SETUP_INSTALLS[name]}; needs root and apt)", pytrace=False)
+    return path
 
 
 def free_port() -> int:

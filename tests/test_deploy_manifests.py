@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import required_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -38,9 +39,7 @@ RATIO_RULE = "steerserve:triton_queue_compute:ratio_rate1m"
 
 
 def kustomize(path: Path) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl not found: scripts/setup.sh --test installs it (Debian's kubectl package)")
+    kubectl = required_tool("kubectl")
     out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
     return [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -464,9 +463,7 @@ def test_scaling_queries_parse_and_match_the_recording_rule(builds, tmp_path):
         assert _ratio_metrics(expr) == want and expr.count('model="unet"') == 2, expr
     assert float(keda["metadata"]["threshold"]) == 0.5  # same target as the HPA
 
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not found (scripts/setup.sh --test installs Debian's prometheus package)")
+    promtool = required_tool("promtool")
     path = tmp_path / "scaling-queries.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "scaling", "rules": [
         {"record": "check:adapter_query", "expr": adapter},

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import urllib.request
 
-import pytest
-
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
-from tests.conftest import auth
+from tests.conftest import auth, required_tool
 
 
 def test_promtool_check_metrics(gateway):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool not installed: run scripts/setup.sh --test (installs Debian's prometheus)")
+    promtool = required_tool("promtool")
     gateway.stub().Generate(pb.GenerateRequest(prompt="a ring", steps=1, seed=1), metadata=auth())
     text = urllib.request.urlopen(gateway.metrics_url, timeout=10).read()
     out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)

@@ -12,21 +12,20 @@ from __future__ import annotations
 import glob
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import required_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 OBSERVABILITY = ROOT / "deploy" / "observability"
 RULES = OBSERVABILITY / "prometheus-rules.yaml"
 DASHBOARD = OBSERVABILITY / "grafana" / "steerserve.json"
 DOCS = ROOT / "docs" / "observability.md"
-PROMTOOL = shutil.which("promtool")
-KUBECTL = shutil.which("kubectl")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: scripts/setup.sh --test installs it")
+# promtool and kubectl: scripts/setup.sh --test installs them; a test that needs one fails without it.
 
 # Metrics that exist only on GPU nodes: Triton's NVML metrics and our own NVML collector's
 # (service/gateway/gpu_metrics.py). Never on this machine's /metrics.
@@ -188,10 +187,9 @@ def all_metric_names() -> dict[str, set[str]]:
 # --- the rules -------------------------------------------------------------------------------------
 
 
-@needs_promtool
 def test_promtool_accepts_the_rules(tmp_path):
-    out = subprocess.run([PROMTOOL, "check", "rules", str(rule_file(tmp_path))], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([required_tool("promtool"), "check", "rules", str(rule_file(tmp_path))],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"SUCCESS: {len(rules())} rules found" in out.stdout, out.stdout
     assert len(recorded()) == 14 and len(alerts()) == 10
@@ -475,12 +473,11 @@ def unit_tests() -> str:
     return yaml.safe_dump(tests, sort_keys=False)
 
 
-@needs_promtool
 def test_rules_behave_on_synthetic_series(tmp_path):
     rule_file(tmp_path)
     (tmp_path / "tests.yml").write_text(unit_tests())
-    out = subprocess.run([PROMTOOL, "test", "rules", "tests.yml"], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)
+    out = subprocess.run([required_tool("promtool"), "test", "rules", "tests.yml"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -569,7 +566,6 @@ def test_dashboard_is_a_well_formed_grafana_dashboard():
             assert t["expr"].strip() and t["datasource"] == p["datasource"], p["title"]
 
 
-@needs_promtool
 def test_dashboard_expressions_parse_and_read_recorded_series(tmp_path):
     """Every panel query is valid PromQL (checked by promtool as a recording rule) and every
     steerserve:* series it reads is one the rules record; every recording rule is on the dashboard."""
@@ -577,8 +573,8 @@ def test_dashboard_expressions_parse_and_read_recorded_series(tmp_path):
     (tmp_path / "dash.yml").write_text(yaml.safe_dump(
         {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:q{i}", "expr": e}
                                                       for i, e in enumerate(exprs)]}]}))
-    out = subprocess.run([PROMTOOL, "check", "rules", str(tmp_path / "dash.yml")], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([required_tool("promtool"), "check", "rules", str(tmp_path / "dash.yml")],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     used = set(_RECORDED.findall(" ".join(exprs)))
     assert used <= recorded(), used - recorded()
@@ -593,13 +589,13 @@ def test_autoscaler_queries_are_valid_and_read_recorded_or_raw_series(tmp_path):
     used = set(_RECORDED.findall(" ".join(exprs)))
     assert used <= recorded(), used - recorded()
     queries = autoscaling_promql()
-    if not queries or PROMTOOL is None:
-        pytest.skip("no autoscaler queries under deploy/" if not queries else "promtool missing")
+    if not queries:
+        pytest.skip("no autoscaler queries under deploy/")
     (tmp_path / "autoscaling.yml").write_text(yaml.safe_dump(
         {"groups": [{"name": "autoscaling", "rules": [{"record": f"autoscaling:q{i}", "expr": q}
                                                         for i, q in enumerate(queries)]}]}))
-    out = subprocess.run([PROMTOOL, "check", "rules", str(tmp_path / "autoscaling.yml")], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run([required_tool("promtool"), "check", "rules", str(tmp_path / "autoscaling.yml")],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -607,12 +603,12 @@ def test_autoscaler_queries_are_valid_and_read_recorded_or_raw_series(tmp_path):
 
 
 def _kustomize(path: Path) -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([required_tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl missing (kustomize)")
 def test_kustomization_builds_rules_monitors_and_dashboard_configmap():
     docs = _kustomize(OBSERVABILITY)
     by_kind: dict[str, list[dict]] = {}
@@ -633,7 +629,6 @@ def test_kustomization_builds_rules_monitors_and_dashboard_configmap():
     assert json.loads(cm["data"]["steerserve.json"]) == dashboard()
 
 
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl missing (kustomize)")
 @pytest.mark.parametrize("overlay", sorted(p.parent.name for p in (ROOT / "deploy" / "overlays").glob("*/kustomization.yaml")))
 def test_service_monitors_select_the_overlays_services(overlay):
     """Where an overlay includes this directory (the deployment work does), each ServiceMonitor

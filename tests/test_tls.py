@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +17,11 @@ from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.gateway.auth import Authenticator
 from service.gateway.errors import ServiceError
-from tests.conftest import TOKENS, auth, start_gateway_in_thread, stop_gateway
-
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+from tests.conftest import TOKENS, auth, required_tool, start_gateway_in_thread, stop_gateway
 
 
 def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+    subprocess.run([required_tool("openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
 def make_ca(d: Path, name: str):
