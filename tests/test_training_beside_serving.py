@@ -16,38 +16,54 @@ from service.personalize import NoProgress, TrainingSpec, TrainingStopped
 from service.personalize.common import TrainingRun
 
 
-def _running_steps(share: ComputeShare, n: int, hold_s: float) -> tuple[int, list[float]]:
-    """`n` threads each taking one training step of `hold_s`; the most steps seen running at once,
-    and each one's wait."""
-    running, peak, waits = [0], [0], []
-    lock = threading.Lock()
+class _Steps:
+    """`n` threads each taking one training step on `share`; a step, once in, stays in until
+    `release()`. `running` and `peak` are counted under `cond`, and each step's wait is kept."""
 
-    def step():
+    def __init__(self, share: ComputeShare, n: int):
+        self.cond = threading.Condition()
+        self.running = self.peak = 0
+        self.waits: list[float] = []
+        self._release = threading.Event()
+        self._threads = [threading.Thread(target=self._step, args=(share,), daemon=True) for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _step(self, share):
         t0 = time.perf_counter()
         with share.training_step():
-            with lock:
-                waits.append(time.perf_counter() - t0)
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            time.sleep(hold_s)
-            with lock:
-                running[0] -= 1
+            with self.cond:
+                self.waits.append(time.perf_counter() - t0)
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+                self.cond.notify_all()
+            self._release.wait(10)
+            with self.cond:
+                self.running -= 1
 
-    threads = [threading.Thread(target=step) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return peak[0], waits
+    def reach(self, running: int, timeout: float) -> bool:
+        """Whether `running` steps are in at once within `timeout` seconds."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.running >= running, timeout)
+
+    def release(self) -> None:
+        self._release.set()
+        for t in self._threads:
+            t.join(10)
 
 
 def test_training_fills_the_cores_serving_leaves():
     share = ComputeShare(units=2, serving_units=1)
-    assert _running_steps(share, 2, 0.1)[0] == 2  # serving idle: both jobs step at once
+    steps = _Steps(share, 2)
+    assert steps.reach(2, timeout=10)  # serving idle: both jobs step at once
+    steps.release()
     with share.serving():  # a request in flight holds its model thread's core
-        peak, _ = _running_steps(share, 2, 0.1)
-    assert peak == 1
-    assert share.steps == 4 and share.waited_seconds > 0.05
+        steps = _Steps(share, 2)
+        assert steps.reach(1, timeout=10)
+        assert not steps.reach(2, timeout=0.3)  # the second waits for the first step's end
+        steps.release()
+    assert steps.peak == 1
+    assert share.steps == 4 and share.waited_seconds > 0.25
 
 
 def test_on_one_device_training_waits_while_serving_has_work():
@@ -71,23 +87,30 @@ def test_on_one_device_training_waits_while_serving_has_work():
 def test_without_the_rule_nothing_waits():
     share = ComputeShare(units=1, serving_units=1, enabled=False)
     with share.serving():
-        peak, waits = _running_steps(share, 2, 0.05)
-    assert peak == 2 and max(waits) < 0.05
+        steps = _Steps(share, 2)
+        assert steps.reach(2, timeout=10)  # both in, beside a request, on one unit
+        steps.release()
+    assert steps.peak == 2
 
 
 def test_a_waiting_step_stops_when_the_job_is_cancelled():
     share = ComputeShare(units=1, serving_units=1)
+    waiting = threading.Event()
     stop = threading.Event()
     done = threading.Event()
 
+    def should_stop():
+        waiting.set()  # asked while it waits for its turn
+        return stop.is_set()
+
     def job():
-        with share.training_step(stop.is_set):
+        with share.training_step(should_stop):
             done.set()
 
     with share.serving():
         t = threading.Thread(target=job)
         t.start()
-        time.sleep(0.1)
+        assert waiting.wait(2) and not done.is_set()  # held back by the request
         stop.set()  # cancelled while it waits: it returns (the job's own check then stops it)
         assert done.wait(2)
     t.join()

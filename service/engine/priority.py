@@ -64,62 +64,185 @@ def _cgroup_cpu_quota() -> int | None:
         return None
 
 
+_HAVE_PROC = os.path.exists("/proc/self/stat")
+
+
+def _process_state(pid: int) -> tuple[bool, int | None]:
+    """(alive, start time) of process `pid` as this process sees it. The start time is
+    /proc/<pid>/stat's field 22 (clock ticks after boot): a pid used again by a later process has
+    another one. A zombie (killed, not yet reaped) counts as dead. Without /proc: os.kill, start None."""
+    if _HAVE_PROC:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return False, None
+        except OSError:  # readable by nobody here (hidepid): alive, start unknown
+            return True, None
+        try:
+            fields = data[data.rindex(b")") + 2:].split()  # after "pid (comm) ": field 3 (state) on
+            if fields[0] in (b"Z", b"X"):
+                return False, None
+            return True, int(fields[19])
+        except (ValueError, IndexError):
+            return True, None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, None
+    except PermissionError:
+        pass
+    return True, None
+
+
 class ServingState:
     """Serving's busy units, shared by the processes of one model server (Triton's model stubs):
-    each serving process writes its own small file `<folder>/serving-<pid>` (4 bytes: the units it
-    holds now), training processes sum the files of live processes. No locks across processes: a
-    reader sees each writer's last whole write."""
+    each serving process writes its own small file `<folder>/serving-<pid>`, training processes sum
+    the files of the live ones. No locks across processes: each write is one pwrite of the whole
+    record, and a reader sees each writer's last whole write.
 
-    _FORMAT = "<i"
+    An entry cannot go stale (the folder may outlive a container restart, and pids are used again):
+    the record carries its writer's start time, so the file an earlier process with the same pid
+    left is not taken for the live one's, and a heartbeat with a lease, rewritten every lease/4 by a
+    daemon thread while the process holds units, so a busy entry whose writer stopped (crashed,
+    frozen) stops counting `lease_s` later. Readers remove entries that are stale: a dead or zombie
+    writer, another start time, an expired busy lease, or a record of another format (the old
+    4-byte one). A writer whose file a reader removed writes it again at its next write."""
 
-    def __init__(self, folder: str | Path):
+    MAGIC = b"SSv2"
+    # magic, writer's start time (ticks after boot; 0 = unknown), units, heartbeat (time.monotonic:
+    # CLOCK_MONOTONIC, the same clock for every process of a machine), lease in seconds.
+    _FORMAT = "<4sQidd"
+    SIZE = struct.calcsize(_FORMAT)
+    LEASE_S = 10.0  # a busy entry counts this long after its last heartbeat
+
+    def __init__(self, folder: str | Path, lease_s: float | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)  # raises if it cannot be made: see open_serving_state
-        self._path = self.folder / f"serving-{os.getpid()}"
+        self.lease_s = float(lease_s or self.LEASE_S)
+        self._pid = os.getpid()
+        self._path = self.folder / f"serving-{self._pid}"
+        self._start = _process_state(self._pid)[1] or 0
         self._fd: int | None = None
+        self._units = 0
+        self._lock = threading.Lock()  # one record written at a time (publish, heartbeat)
+        self._closed = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._failing = False
 
     def publish(self, units: int) -> None:
         """Best effort: a failure is logged, never raised into the request that publishes."""
+        with self._lock:
+            self._units = units
+            self._write()
+            if units > 0 and self._heartbeat is None and not self._closed.is_set():
+                try:
+                    self._heartbeat = threading.Thread(target=self._beat, name="serving-state-heartbeat",
+                                                       daemon=True)
+                    self._heartbeat.start()
+                except RuntimeError as exc:  # no thread to be had: the entry expires during long requests
+                    self._heartbeat = None
+                    log.warning("serving state heartbeat not started: %s", exc)
+
+    def _beat(self) -> None:
+        while not self._closed.wait(self.lease_s / 4):
+            with self._lock:
+                if self._units > 0 and not self._closed.is_set():
+                    self._write()
+
+    def _write(self) -> None:
+        """One pwrite of the whole record (the lock held)."""
+        record = struct.pack(self._FORMAT, self.MAGIC, self._start, self._units, time.monotonic(), self.lease_s)
         try:
+            if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+                os.close(self._fd)  # a reader took the file for stale (a late heartbeat): made again
+                self._fd = None
             if self._fd is None:
-                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.pwrite(self._fd, struct.pack(self._FORMAT, units), 0)
+                self._fd = self._create(record)
+            else:
+                os.pwrite(self._fd, record, 0)
+            self._failing = False
         except OSError as exc:
-            log.warning("serving state %s not written (training elsewhere will not see this load): %s",
-                        self._path, exc)
+            if not self._failing:
+                log.warning("serving state %s not written (training elsewhere will not see this load): %s",
+                            self._path, exc)
+            self._failing = True
+
+    def _create(self, record: bytes) -> int:
+        """The file, whole from the start: written aside, then renamed over whatever an earlier
+        process with this pid left (readers never see it empty)."""
+        self.folder.mkdir(parents=True, exist_ok=True)  # another process's close may have removed it
+        aside = self.folder / f".serving-{self._pid}.new"
+        fd = os.open(aside, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.pwrite(fd, record, 0)
+            os.replace(aside, self._path)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def _entry_units(self, pid: int, record: bytes, now: float) -> int | None:
+        """The units an entry holds, or None where it is stale (to be removed)."""
+        alive, start = _process_state(pid)
+        if not alive or len(record) != self.SIZE:
+            return None
+        magic, written_start, units, heartbeat, lease = struct.unpack(self._FORMAT, record)
+        if magic != self.MAGIC:
+            return None
+        if start is not None and written_start and written_start != start:
+            return None  # left by an earlier process with this pid
+        if units > 0 and not -lease <= now - heartbeat <= lease:
+            return None  # busy, but no heartbeat within its lease (or of another boot's clock)
+        return max(0, units)
 
     def others_busy(self) -> int:
-        """Units held by the serving processes other than this one (dead ones' files are removed)."""
+        """Units held by the serving processes other than this one (stale entries are removed)."""
         total = 0
+        now = time.monotonic()
         for path in self.folder.glob("serving-*"):
             suffix = path.name[len("serving-"):]
-            if not suffix.isdigit() or int(suffix) == os.getpid():
+            if not suffix.isdigit() or int(suffix) == self._pid:
                 continue
-            pid = int(suffix)
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                path.unlink(missing_ok=True)
-                continue
-            except PermissionError:
-                pass
-            try:
-                data = path.read_bytes()
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 continue
-            if len(data) == 4:
-                total += struct.unpack(self._FORMAT, data)[0]
+            try:
+                inode = os.fstat(fd).st_ino
+                record = os.pread(fd, self.SIZE + 1, 0)
+            finally:
+                os.close(fd)
+            units = self._entry_units(int(suffix), record, now)
+            if units is None:
+                _remove_if_same(path, inode)
+            else:
+                total += units
         return total
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            self._path.unlink(missing_ok=True)
+        self._closed.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=1)
+        with self._lock:
+            self._units = 0
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+                self._path.unlink(missing_ok=True)
         try:
             self.folder.rmdir()  # the server's last serving process to go removes the folder
         except OSError:
             pass
+
+
+def _remove_if_same(path: Path, inode: int) -> None:
+    """Removes `path` if it is still the file read (not one its writer has just made again)."""
+    try:
+        if os.stat(path).st_ino == inode:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def open_serving_state(folder: str | Path) -> ServingState | None:
