@@ -1,6 +1,7 @@
 """`steerserve`: run the service, or call it.
 
     steerserve serve [--host H] [--grpc-port P] [--metrics-port M]
+    steerserve prepare-runtime [--model-dir D]     # measure the UNet runtime choice ahead of serving
     steerserve generate "a red circle" -o out.png [--adapter ID[:WEIGHT]] [--seed 1] ...
     steerserve personalize --method dreambooth-lora --name my-dog --class-word dog a.png b.png c.png
     steerserve edit source.png --source-prompt ... --target-prompt ... --adapter ID -o edited.png
@@ -51,8 +52,9 @@ def cmd_serve(args) -> int:
         print(f"SteerServe {pb.DESCRIPTOR.package} listening on {address} (model: {gateway.servicer.backend.model_name})")
         engine = getattr(gateway.servicer.backend, "engine", None)
         if engine is not None and engine.unet_runtime_choice is not None:
-            print(f"UNet runtime {engine.unet_runtime.name}, ready in {engine.unet_runtime.stats.warmup_seconds:.1f} s: "
-                  f"{engine.unet_runtime_choice.describe()}")
+            from service.compiled.configure import runtime_status
+
+            print(runtime_status(engine))
         if gateway.metrics_port:
             print(f"Prometheus metrics: http://{settings.host}:{gateway.metrics_port}/metrics")
         triton = gateway.servicer.backend.server
@@ -321,6 +323,26 @@ def cmd_info(args) -> int:
 # -- argument parsing ----------------------------------------------------------------------------
 
 
+def cmd_prepare_runtime(args) -> int:
+    """Measures the `auto` UNet runtime choice now and builds its artefacts into the compiled folder
+    (at image build, by a Kubernetes Job, or on a shared volume), so that servers starting on this
+    hardware find them: they serve eager at once and switch to the cached winner in seconds."""
+    from service.config import Settings
+    from service.serving import build_engine
+
+    overrides = {k: v for k, v in dict(data_dir=args.data_dir, model_dir=args.model_dir).items() if v is not None}
+    settings = Settings(**overrides, unet_runtime="auto", unet_runtime_measure="blocking")
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    # The row tables the servers use: the in-process engine's (4 rows per image) and Triton's
+    # generate/unet models' (model_repo: 64).
+    for rows in args.rows or sorted({4 * settings.max_num_images, 64}):
+        engine = build_engine(settings, rows)
+        print(f"{rows} rows: {engine.unet_runtime_choice.describe()}", flush=True)
+    return 0
+
+
 def cmd_hash_token(args) -> int:
     from service.keys import DIGEST_PREFIX, token_digest
 
@@ -348,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dev", action="store_true", help="create and print a development token if no keys are set")
     s.add_argument("--demo", action="store_true", help="with --dev: make one Generate call once ready, save var/demo.png")
     s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("prepare-runtime", help="measure the auto UNet runtime choice and build its artefacts into "
+                                               "the compiled folder now (image build, a Job, a shared volume)")
+    r.add_argument("--data-dir", help="where the compiled folder is (env STEERSERVE_DATA_DIR, default ./var)")
+    r.add_argument("--model-dir", help="diffusers folder (env STEERSERVE_MODEL_DIR; default: embedded model)")
+    r.add_argument("--rows", type=int, action="append", help="bank rows to prepare for (default: in-process and Triton's)")
+    r.set_defaults(func=cmd_prepare_runtime)
 
     h = sub.add_parser("hash-token", help="print the sha256 digest of an API token (read from stdin) for "
                                           "STEERSERVE_API_KEYS, so configs need not hold the token itself")

@@ -164,11 +164,18 @@ class Settings(BaseSettings):
     adapter_host_cache_bytes: int = Field(1024**3, ge=0)  # bytes (0: no host cache)
 
     # How the UNet runs (service/compiled; the same variables configure the Triton `unet` model):
-    # "auto" (the fastest of the candidates, measured at the first start on this model and device,
-    # then read from the cached measurement), or forced: "eager", "compile" (torch.compile, CUDA
-    # graphs on a GPU) or "onnx" (onnxruntime, the bank as graph inputs). Adapter swaps never
-    # recompile any of them.
+    # "auto" (the fastest of the candidates on this model and device: eager serves at once while the
+    # choice is read from the cached measurement or measured in the background, then the winner
+    # takes over), or forced: "eager", "compile" (torch.compile, CUDA graphs on a GPU) or "onnx"
+    # (onnxruntime, the bank as graph inputs), built before serving. Adapter swaps never recompile
+    # any of them.
     unet_runtime: str = "auto"
+    # auto: "background" (start-up never waits) or "blocking" (measure before serving).
+    unet_runtime_measure: Literal["background", "blocking"] = "background"
+    # A file the background measurement waits for (at most unet_runtime_ready_timeout_s): the
+    # embedded Triton's launcher writes it once every model has loaded.
+    unet_runtime_ready_file: Path | None = None
+    unet_runtime_ready_timeout_s: float = Field(600.0, ge=0)
     unet_runtime_candidates: list[str] = Field(default_factory=lambda: list(_auto_candidates()))  # what auto measures
     unet_batch_buckets: list[int] = Field(default_factory=list)  # "1,2,4,8"; empty = powers of two
     unet_compile_mode: str = "auto"  # torch.compile mode; auto = reduce-overhead on CUDA
@@ -279,7 +286,9 @@ class Settings(BaseSettings):
         return RuntimeOptions(kind=self.unet_runtime, candidates=tuple(self.unet_runtime_candidates),
                               buckets=tuple(self.unet_batch_buckets),
                               compile_mode=self.unet_compile_mode, warmup=self.unet_warmup,
-                              cache_dir=self.compiled_path())
+                              cache_dir=self.compiled_path(), measure=self.unet_runtime_measure,
+                              threads=self.torch_threads, ready_file=self.unet_runtime_ready_file,
+                              ready_timeout_s=self.unet_runtime_ready_timeout_s)
 
     @field_validator("api_keys", mode="before")
     @classmethod

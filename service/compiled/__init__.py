@@ -18,20 +18,16 @@ Select one with STEERSERVE_UNET_RUNTIME (Settings.unet_runtime) for both backend
 
 from __future__ import annotations
 
-from .runtime import (
-    RUNTIMES,
-    EagerUNet,
-    UNetRuntime,
-    RuntimeOptions,
-    batch_buckets,
-    configure_unet_runtime,
-)
+from .configure import ServingRuntime, build_runtime, configure_unet_runtime
+from .runtime import RUNTIMES, EagerUNet, RuntimeOptions, UNetRuntime, batch_buckets
 
 __all__ = [
     "RUNTIMES",
     "EagerUNet",
     "RuntimeOptions",
+    "ServingRuntime",
     "UNetRuntime",
     "batch_buckets",
+    "build_runtime",
     "configure_unet_runtime",
 ]

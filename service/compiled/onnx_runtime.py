@@ -53,10 +53,13 @@ class OnnxUNet(GraphRuntime):
         self._local = threading.local()
 
     @classmethod
-    def for_engine(cls, engine, cache_dir: Path, max_rows: int) -> "OnnxUNet":
-        """The engine's banked UNet exported (or found in ``cache_dir``) for its default resolution."""
+    def for_engine(cls, engine, cache_dir: Path, max_rows: int, threads: int | None = None) -> "OnnxUNet":
+        """The engine's banked UNet exported (or found in ``cache_dir``) for its default resolution;
+        `threads`: onnxruntime's intra-op threads, the serving thread's torch threads (default: this
+        thread's)."""
         bank = engine.adapters.bank
-        return cls(exported_unet(engine.unet, bank, graph_shape(engine, max_rows), cache_dir), engine.unet, bank)
+        return cls(exported_unet(engine.unet, bank, graph_shape(engine, max_rows), cache_dir), engine.unet, bank,
+                   threads=threads)
 
     def _bind(self, binding, name: str, tensor: torch.Tensor) -> None:
         assert tensor.is_contiguous()

@@ -1,21 +1,19 @@
-"""The UNet runtime interface, the eager default, batch buckets and the one place that picks a runtime."""
+"""What every compiled UNet runtime shares: the runtime names, batch buckets, row padding, warm-up
+inputs and the options. The runtime interface and the eager runtime are the engine's
+(service/engine/unet.py); building and choosing one is service/compiled/configure.py."""
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from service.engine.pipeline import Engine
+from service.engine.unet import EagerUNet, RuntimeStats, UNetRuntime
 
-log = logging.getLogger(__name__)
+__all__ = ["AUTO_CANDIDATES", "RUNTIMES", "EagerUNet", "RuntimeOptions", "RuntimeStats", "UNetRuntime",
+           "batch_buckets", "bucket_for", "pad_rows", "row_timesteps", "warmup_inputs"]
 
 # triton_engine: only inside Triton's `unet` model, each step a BLS call to `unet_engine` (the
 # graph as a TensorRT plan at deploy; see triton_engine.py).
@@ -24,54 +22,6 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "eager", "compile", "onnx", "triton_engine")
 # What `auto` may choose from (STEERSERVE_UNET_RUNTIME_CANDIDATES narrows it).
 AUTO_CANDIDATES = ("eager", "onnx", "compile")
-
-
-class UNetRuntime(Protocol):
-    """One UNet forward: latents [m, C, h, w], timesteps [m], embeds [m, L, D] -> noise [m, C, h, w].
-
-    Called by Engine.predict_noise inside the adapter bank's ``activate`` block, so row i's adapters
-    are already routed; a runtime never decides residency or routing, it only executes.
-    """
-
-    name: str
-
-    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor: ...
-
-    def warmup(self, shapes: Sequence[tuple[int, int, int]]) -> None:
-        """Prepare (compile, capture, build) for these (rows, latent height, latent width) shapes."""
-
-
-@dataclass
-class RuntimeStats:
-    """Counters a runtime keeps; exported by the gateway (steerserve_unet_*)."""
-
-    calls: int = 0
-    fallback_calls: int = 0  # shapes the compiled form does not cover, run eager
-    warmup_seconds: float = 0.0
-    shapes: set = field(default_factory=set)  # distinct (rows or bucket, h, w) run in the compiled form
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def count(self, fallback: bool = False) -> None:
-        with self._lock:
-            self.calls += 1
-            self.fallback_calls += int(fallback)
-
-
-class EagerUNet:
-    """The banked UNet module called as it is."""
-
-    name = "eager"
-
-    def __init__(self, unet: torch.nn.Module):
-        self.unet = unet
-        self.stats = RuntimeStats()
-
-    def __call__(self, latents, timesteps, embeds):
-        self.stats.count()
-        return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
-
-    def warmup(self, shapes) -> None:
-        return None
 
 
 def batch_buckets(max_rows: int, buckets: Sequence[int] = ()) -> tuple[int, ...]:
@@ -138,65 +88,21 @@ class RuntimeOptions:
     compile_mode: str = "auto"  # torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA, default on CPU
     warmup: bool = True  # compile / export / build every bucket at the default resolution at start
     cache_dir: Path | None = None  # where exported ONNX graphs are kept (keyed by model and bank layout)
+    # auto: "background" serves eager at once and switches to the measured winner once it is built
+    # and warmed up (start-up never waits on measurement); "blocking" measures before returning
+    # (`steerserve prepare-runtime`, at image build or by a Job, and tests).
+    measure: str = "background"
+    threads: int | None = None  # torch intra-op threads of the thread that serves: measured with the same
+    ready_file: Path | None = None  # background measurement waits for this file (Triton: all models loaded)
+    ready_timeout_s: float = 600.0  # ... at most this long, then measures anyway
+    failure_ttl_s: float = 86400.0  # a cached choice with failed candidates is measured again after this
+
+    @property
+    def compiled_dir(self) -> Path:
+        return Path(self.cache_dir or Path("var") / "compiled")
 
     def __post_init__(self):
         if self.kind not in RUNTIMES:
             raise ValueError(f"unknown UNet runtime {self.kind!r}; use one of {', '.join(RUNTIMES)}")
-
-
-def _max_rows(engine: "Engine") -> int:
-    bank = engine.adapters.bank
-    return bank.state.max_rows if bank is not None else 64
-
-
-def warmup_shapes(engine: "Engine", buckets: Sequence[int]) -> list[tuple[int, int, int]]:
-    size = engine.limits.default_size // engine.vae_scale_factor
-    return [(b, size, size) for b in buckets]
-
-
-def build_runtime(engine: "Engine", kind: str, options: RuntimeOptions, buckets: Sequence[int]) -> UNetRuntime:
-    """`kind`'s runtime for this engine (its adapter bank attached: compiled forms must see the
-    banked layers), not yet warmed up."""
-    if kind == "eager":
-        return EagerUNet(engine.unet)
-    if kind == "compile":
-        from .torch_compile import CompiledUNet
-
-        # Inductor's compiled kernels and FX graphs, kept beside the ONNX exports so a restart
-        # reuses them (torch's default is a /tmp folder that does not survive a new pod).
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(options.cache_dir or Path("var") / "compiled") / "inductor"))
-
-        return CompiledUNet(engine.unet, buckets, mode=options.compile_mode, text_length=engine.tokenizer.model_max_length)
-    if kind == "onnx":
-        from .onnx_runtime import OnnxUNet
-
-        return OnnxUNet.for_engine(engine, options.cache_dir or Path("var") / "compiled", max_rows=buckets[-1])
-    if kind == "triton_engine":
-        from .triton_engine import TritonEngineUNet
-
-        return TritonEngineUNet.for_engine(engine, options.cache_dir or Path("var") / "compiled", max_rows=buckets[-1])
-    raise ValueError(f"unknown UNet runtime {kind!r}")
-
-
-def configure_unet_runtime(engine: "Engine", options: RuntimeOptions) -> UNetRuntime:
-    """Puts ``options.kind``'s runtime on ``engine`` (after its adapter bank is attached) and warms
-    it up; `auto` first picks the fastest candidate by measurement (selection.py). Returns the
-    runtime; `engine.unet_runtime_choice` says what was chosen and why, `stats.warmup_seconds` how
-    long the start took (measurement included)."""
-    from .selection import RuntimeChoice, choose_runtime
-
-    buckets = batch_buckets(_max_rows(engine), options.buckets)
-    started = time.perf_counter()
-    if options.kind == "auto":
-        runtime, choice = choose_runtime(engine, options, buckets,
-                                         lambda kind: build_runtime(engine, kind, options, buckets),
-                                         candidates=options.candidates)
-    else:
-        runtime, choice = build_runtime(engine, options.kind, options, buckets), RuntimeChoice(options.kind, "setting")
-    engine.unet_runtime = runtime
-    engine.unet_runtime_choice = choice
-    if options.warmup:
-        runtime.warmup(warmup_shapes(engine, buckets))
-    runtime.stats.warmup_seconds = time.perf_counter() - started
-    log.info("UNet runtime %s ready in %.1f s: %s", runtime.name, runtime.stats.warmup_seconds, choice.describe())
-    return runtime
+        if self.measure not in ("background", "blocking"):
+            raise ValueError(f"unknown measure mode {self.measure!r}; use background or blocking")

@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from service.compiled.runtime import EagerUNet, UNetRuntime
+from .unet import EagerUNet, UNetRuntime
 
 from .sampling import (
     AdapterUse,

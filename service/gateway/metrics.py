@@ -95,10 +95,10 @@ class GatewayMetrics:
         """The in-process step batcher's counters (steps, shared UNet calls, rows, queue/compute)."""
         self.registry.register(_StepBatcherCollector(batcher))
 
-    def watch_unet_runtime(self, runtime, choice=None) -> None:
-        """How the in-process engine's UNet runs (service.compiled), read from the runtime at scrape
-        time; `choice`: why (service.compiled.selection.RuntimeChoice)."""
-        self.registry.register(_UNetRuntimeCollector(runtime, choice))
+    def watch_unet_runtime(self, engine) -> None:
+        """How the in-process engine's UNet runs (service.compiled) and why, read from the engine at
+        scrape time (`auto` switches from eager to the measured winner while serving)."""
+        self.registry.register(_UNetRuntimeCollector(engine))
 
 
 class _StepBatcherCollector:
@@ -123,20 +123,24 @@ class _StepBatcherCollector:
 
 
 class _UNetRuntimeCollector:
-    def __init__(self, runtime, choice=None):
-        self.runtime = runtime
-        self.choice = choice
+    def __init__(self, engine):
+        self.engine = engine
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        stats = self.runtime.stats
+        runtime, choice = self.engine.unet_runtime, self.engine.unet_runtime_choice
+        stats = runtime.stats
         info = GaugeMetricFamily("steerserve_unet_runtime_info",
-                                 "The UNet runtime in use, and how it was chosen (setting, measured at start, "
-                                 "cached measurement).", labels=["runtime", "chosen_by"])
-        info.add_metric([self.runtime.name, self.choice.chosen_by if self.choice is not None else "setting"], 1)
+                                 "The UNet runtime in use, and how it was chosen (setting, measuring: eager "
+                                 "serves meanwhile, measured, cached measurement).", labels=["runtime", "chosen_by"])
+        info.add_metric([runtime.name, choice.chosen_by if choice is not None else "setting"], 1)
         yield info
-        speedup = self.choice.speedup(self.runtime.name) if self.choice is not None else None
+        yield CounterMetricFamily(
+            "steerserve_unet_runtime_failures",
+            "UNet calls the runtime failed at serving time, answered by eager (that shape stays eager).",
+            value=getattr(runtime, "failures", 0))
+        speedup = choice.speedup(runtime.name) if choice is not None else None
         if speedup is not None:
             yield GaugeMetricFamily("steerserve_unet_runtime_speedup",
                                     "Eager UNet call time over the chosen runtime's, as measured when it was chosen.",

@@ -45,7 +45,7 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
     torch.set_num_threads(settings.torch_threads)
     # Rows of one request: 2 per image under CFG, 3 under style guidance, with room to spare.
     engine = build_engine(settings, 4 * settings.max_num_images, registry=metrics.registry)
-    metrics.watch_unet_runtime(engine.unet_runtime, engine.unet_runtime_choice)
+    metrics.watch_unet_runtime(engine)
     backend = InProcessBackend(engine, settings.resolved_model_dir(), workers=settings.engine_workers, metrics=metrics,
                                training_workers=settings.training_workers, torch_threads=settings.torch_threads,
                                serving_first=settings.serving_first, compute_units=settings.compute_units)

@@ -162,6 +162,10 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args)  # e.g. --model-config-name=gpu (deploy/)
         self.log_path = self.work_dir / "tritonserver.log"
+        # Written once every model has loaded: the instances' background UNet runtime measurement
+        # waits for it, so it never times calls while other models load beside it.
+        self.ready_file = self.work_dir / "models-ready"
+        self.extra_env.setdefault("STEERSERVE_UNET_RUNTIME_READY_FILE", str(self.ready_file.resolve()))
         self.process: subprocess.Popen | None = None
         self._closed = False  # after close(), start() refuses (a supervisor's restart may race it)
 
@@ -212,6 +216,7 @@ class TritonServer:
             raise TritonStartError("the server was closed")
         dist = TritonDistribution.find()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.ready_file.unlink(missing_ok=True)
         log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             self.command(dist),
@@ -230,6 +235,7 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self.ready_file.write_text(str(self.process.pid))
         return self
 
     def is_ready(self) -> bool:

@@ -1,8 +1,8 @@
 """What a Triton instance that runs the UNet exports on Triton's /metrics beside nv_*: the runtime
 it chose (an info metric) and, for `generate`, its in-instance step batching (the load signal).
 
-The instance decides at start (STEERSERVE_UNET_RUNTIME, by default `auto`: measured, or the cached
-measurement; service/compiled/selection.py). Operators see it on Triton's /metrics beside nv_*;
+The instance serves at once (STEERSERVE_UNET_RUNTIME, by default `auto`: eager until the cached or
+newly measured winner is warmed up in the background; service/compiled/configure.py). Operators see it on Triton's /metrics beside nv_*;
 the gateway reads it back for GetServerInfo (parse_runtime_info).
 """
 
@@ -16,19 +16,33 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 class RuntimeInfoMetric:
-    """One gauge series (value 1) labelled with the runtime and why it was chosen."""
+    """One gauge series (value 1) labelled with the runtime and why it was chosen. `auto` serves
+    eager while it measures and then switches: `update` (each execute) moves the 1 to the new
+    labels and sets the old series to 0."""
 
     def __init__(self, pb_utils, engine, args: dict):
-        runtime, choice = engine.unet_runtime, engine.unet_runtime_choice
+        self.engine = engine
+        self._base_labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         # Triton drops a family whose Python object is collected while its metrics live: keep both.
         self.family = pb_utils.MetricFamily(name=METRIC, description="The UNet runtime a Triton unet instance runs "
                                             "(STEERSERVE_UNET_RUNTIME; auto = the fastest measured).",
                                             kind=pb_utils.MetricFamily.GAUGE)
-        self.metric = self.family.Metric(labels={
-            "model": args["model_name"], "instance": args["model_instance_name"], "runtime": runtime.name,
-            "choice": choice.describe()[:400] if choice is not None else "",
-        })
-        self.metric.set(1)
+        self.metrics: dict[tuple[str, str], object] = {}
+        self.shown: tuple[str, str] | None = None
+        self.update()
+
+    def update(self) -> None:
+        runtime, choice = self.engine.unet_runtime, self.engine.unet_runtime_choice
+        labels = (runtime.name, choice.describe()[:400] if choice is not None else "")
+        if labels == self.shown:
+            return
+        if self.shown is not None:
+            self.metrics[self.shown].set(0)
+        if labels not in self.metrics:
+            self.metrics[labels] = self.family.Metric(labels={**self._base_labels, "runtime": labels[0],
+                                                              "choice": labels[1]})
+        self.metrics[labels].set(1)
+        self.shown = labels
 
 
 def parse_runtime_info(text: str) -> tuple[str, str]:

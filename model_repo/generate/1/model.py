@@ -16,6 +16,7 @@ import time
 import triton_python_backend_utils as pb_utils
 from prometheus_client import CollectorRegistry
 
+from service.compiled.configure import runtime_status
 from service.engine.batching import StepBatcher
 from service.engine.sampling import generation
 from service.triton import wire
@@ -35,17 +36,17 @@ class TritonPythonModel:
         settings = instance_settings()
         self.engine = engine = instance_engine(settings, args, max_rows=max_rows, unet_runtime=True, registry=registry)
         self.share = instance_share(settings, args)  # serving first: training steps wait while requests run
-        self.batcher = StepBatcher(engine, max_rows=max_rows)
+        # The model thread runs the torch threads the UNet runtime was measured with.
+        self.batcher = StepBatcher(engine, max_rows=max_rows, threads=settings.torch_threads)
         self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if engine.adapters.manager is not None else None
         self.runtime_info = RuntimeInfoMetric(pb_utils, engine, args)
         self.step_metrics = StepMetrics(pb_utils, self.batcher, args)
-        pb_utils.Logger.log_info(
-            f"UNet runtime {engine.unet_runtime.name} ready in {engine.unet_runtime.stats.warmup_seconds:.1f} s: "
-            f"{engine.unet_runtime_choice.describe()}")
+        pb_utils.Logger.log_info(runtime_status(engine))
 
     async def execute(self, requests):
         await asyncio.gather(*(self._generate(r) for r in requests))
         self.step_metrics.update()
+        self.runtime_info.update()
         if self.bank_metrics is not None:
             self.bank_metrics.update()
 

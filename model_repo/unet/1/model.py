@@ -10,6 +10,7 @@ import time
 import triton_python_backend_utils as pb_utils
 from prometheus_client import CollectorRegistry
 
+from service.compiled.configure import runtime_status
 from service.triton import wire
 from service.triton.bank_metrics import BankMetrics
 from service.triton.bls import request_reader, tensors
@@ -26,11 +27,8 @@ class TritonPythonModel:
         self.share = instance_share(settings, args)  # edits' steps: serving first, training in the gaps
         self.step = UNetStep(engine)
         self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if engine.adapters.manager is not None else None
-        runtime = engine.unet_runtime
         self.runtime_info = RuntimeInfoMetric(pb_utils, engine, args)
-        pb_utils.Logger.log_info(
-            f"UNet runtime {runtime.name} ready in {runtime.stats.warmup_seconds:.1f} s: "
-            f"{engine.unet_runtime_choice.describe()} (shapes {sorted(runtime.stats.shapes)})")
+        pb_utils.Logger.log_info(runtime_status(engine))
 
     def execute(self, requests):
         with self.share.serving():
@@ -50,6 +48,7 @@ class TritonPythonModel:
             results = [self._alone(r) for r in requests]
         if self.bank_metrics is not None:
             self.bank_metrics.update()
+        self.runtime_info.update()
         return [self._response(r) for r in results]
 
     def _alone(self, request):
