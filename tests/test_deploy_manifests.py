@@ -215,7 +215,7 @@ def test_cpu_overlay_has_no_gpu(builds):
         spec = pod_spec(obj)
         assert not spec.get("nodeSelector") and not spec.get("tolerations"), obj["metadata"]["name"]
     assert not objects(build, "Job")
-    assert config_data(build)["STEERSERVE_UNET_RUNTIME"] == "auto"  # measured per pod at its first start (docs/compiled_unet.md)
+    assert config_data(build)["STEERSERVE_UNET_RUNTIME"] == "auto"  # measured once per hardware, shared (docs/startup.md)
 
 
 # -- every container sized, probed, non-root -----------------------------------------------------
@@ -561,3 +561,18 @@ def test_manifests_use_the_images_built_here(builds):
     assert ".venv" in ignore and "var" in ignore and ".git" in ignore
     assert not {"service", "model_repo", "pyproject.toml", "requirements.lock", "README.md"} & set(ignore)
     assert "!deploy/tensorrt/build_unet_plan.sh" in ignore
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_pods_share_the_compiled_folder(builds, overlay):
+    """The UNet runtime choice and its artefacts live on one volume every Triton pod mounts at
+    STEERSERVE_COMPILED_DIR's default place: a pod that autoscaling adds reads them instead of
+    measuring again (an emptyDir would make each new pod measure)."""
+    build = builds[overlay]
+    triton = one(build, "Deployment", "steerserve-triton")
+    volumes = {v["name"]: v for v in pod_spec(triton)["volumes"]}
+    assert volumes["compiled"]["persistentVolumeClaim"]["claimName"] == "steerserve-compiled"
+    mounts = {m["name"]: m for c in containers(triton) for m in c.get("volumeMounts", [])}
+    assert mounts["compiled"]["mountPath"] == "/var/cache/steerserve/compiled" and not mounts["compiled"].get("readOnly")
+    claim = one(build, "PersistentVolumeClaim", "steerserve-compiled")
+    assert claim["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "cpu" else ["ReadWriteMany"])
