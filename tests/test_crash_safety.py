@@ -186,9 +186,14 @@ def test_random_kills_during_imports_never_leave_a_partial_adapter(tmp_path, mod
                 i += 1
 
         workers = [threading.Thread(target=client, args=(w,)) for w in range(3)]
+        before = len(answered)
         for w in workers:
             w.start()
-        time.sleep(rng.uniform(0.5, 2.0))
+        deadline = time.monotonic() + 60  # imports are going through (this round's first one answered)...
+        while len(answered) == before:
+            assert time.monotonic() < deadline and any(w.is_alive() for w in workers), "no import answered"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))  # ...then the kill at a random instant among them: the test's subject
         gateway.proc.send_signal(signal.SIGKILL)
         assert gateway.killed()
         stop.set()

@@ -33,6 +33,12 @@ def run(coro):
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
+async def until(predicate) -> None:
+    """Returns once predicate() holds (callers bound it with asyncio.wait_for)."""
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
 # -- the router ------------------------------------------------------------------------------------
 
 
@@ -255,9 +261,11 @@ def test_a_replica_leaving_dns_drains_before_its_channel_closes():
             answers["now"] = ["10.0.0.2:8001"]  # its pod is terminating
             await router.refresh()
             assert all(router.pick([k]).address == "10.0.0.2:8001" for k in ("a", "b", "c"))
-            await asyncio.sleep(0)
-            assert "10.0.0.1:8001" not in closed  # the stream still runs on its channel
-        await asyncio.sleep(0)  # the close scheduled when the stream ended
+            # The stream still runs on its channel: not closed, and nothing scheduled that would
+            # close it (no task but this one).
+            assert "10.0.0.1:8001" not in closed and asyncio.all_tasks() == {asyncio.current_task()}
+        # The close scheduled when the stream ended (a task of its own): polled, 5 s at most.
+        await asyncio.wait_for(until(lambda: "10.0.0.1:8001" in closed), 5)
         assert closed == ["steerserve-triton:8001", "10.0.0.1:8001"]
 
     run(scenario())

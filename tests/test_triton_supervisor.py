@@ -83,8 +83,10 @@ def test_an_external_server_that_is_not_ready_is_reported_not_restarted():
     async def scenario():
         ready = {"value": True}
         changes = []
+        probes = {"n": 0}
 
         async def probe():
+            probes["n"] += 1
             return ready["value"]
 
         sup = TritonSupervisor(probe, None, lambda up, why: changes.append(up), poll_s=0.02).start()
@@ -94,7 +96,10 @@ def test_an_external_server_that_is_not_ready_is_reported_not_restarted():
                 await asyncio.sleep(0.01)
             assert not sup.exited  # requests still go to it: its own errors say what is missing
             waiter = asyncio.ensure_future(sup.wait_up())
-            await asyncio.sleep(0.1)
+            seen = probes["n"]
+            while probes["n"] < seen + 3:  # three more not-ready answers have been seen (run(): 30 s limit)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # and anything they woke has run
             assert not waiter.done()
             ready["value"] = True
             await asyncio.wait_for(waiter, 5)
