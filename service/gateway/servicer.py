@@ -1,13 +1,17 @@
 """The SteerServe RPC handlers: authenticate, validate, call the backend or a store, answer.
 
-Every handler runs inside `_rpc`, which does what all RPCs share: metrics, authentication (tenant),
-deadline, and turning exceptions into gRPC statuses with a message that names the problem.
+Every handler runs inside `_rpc` (unary or server-streaming alike), which does what all RPCs share:
+metrics, request id, trace span and access log, authentication (the handler gets the tenant), and
+turning exceptions into gRPC statuses with a message that names the problem (`_status_for`). What
+the answers look like on the wire is in messages.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import inspect
 import logging
 import math
 import re
@@ -15,9 +19,6 @@ import time
 from typing import Callable
 
 import grpc
-import numpy as np
-from PIL import Image
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from service import __version__, tracing
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
@@ -30,7 +31,6 @@ from service.config import Settings
 from service.edit import DREAMSTEERER, EditRefused, EditSpec
 from service.edit.spec import overall_progress, phases
 from service.errors import Busy, InvalidRequest, Unavailable
-from service.engine.images import encode_png
 from service.engine.pipeline import AdapterUse, GenerationCancelled
 from service.jobs import JobRunner, NameTaken, QueueFull
 from service.personalize import FINESTYLE, SUBJECT_METHODS
@@ -43,7 +43,8 @@ from service.stores import (
 
 from . import validation
 from .auth import Authenticator
-from .errors import ServiceError, invalid
+from .errors import ServiceError, invalid, not_found
+from .messages import adapter_message, edit_response, generate_response, job_event, job_message, profile_message
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("steerserve.gateway")
@@ -55,72 +56,58 @@ _JOB_POLL_SECONDS = 0.25
 
 
 def _rpc(handler):
-    """Wraps a unary handler `(self, request, context, tenant)`: metrics, auth, status mapping."""
+    """Wraps a handler `(self, request, context, tenant)` -- a coroutine for a unary RPC, an async
+    generator for a server-streaming one -- in `_served`."""
     name = handler.__name__
 
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def streaming(self: "SteerServeServicer", request, context: grpc.aio.ServicerContext):
+            async with _served(self, name, context) as tenant:
+                async for message in handler(self, request, context, tenant):
+                    yield message
+
+        return streaming
+
     @functools.wraps(handler)
-    async def wrapper(self: "SteerServeServicer", request, context: grpc.aio.ServicerContext):
-        m = self.metrics
-        m.rpc_in_flight.labels(name).inc()
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        call = _Call(name, context)
-        try:
-            tenant = call.tenant = self.auth.tenant_for(call.metadata)
+    async def unary(self: "SteerServeServicer", request, context: grpc.aio.ServicerContext):
+        async with _served(self, name, context) as tenant:
             return await handler(self, request, context, tenant)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
-            code, message = _status_for(exc)
-            call.failed(message, exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
-            await context.abort(code, message, _pushback(exc) + call.trailer)
-        finally:
-            m.rpc_in_flight.labels(name).dec()
-            m.rpc_duration.labels(name).observe(time.perf_counter() - started)
-            m.rpc_requests.labels(name, code.name).inc()
-            call.end(code, started)
 
-    return wrapper
+    return unary
 
 
-def _rpc_stream(handler):
-    """`_rpc` for a server-streaming handler `(self, request, context, tenant)`, an async generator."""
-    name = handler.__name__
-
-    @functools.wraps(handler)
-    async def wrapper(self: "SteerServeServicer", request, context: grpc.aio.ServicerContext):
-        m = self.metrics
-        m.rpc_in_flight.labels(name).inc()
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        call = _Call(name, context)
-        try:
-            tenant = call.tenant = self.auth.tenant_for(call.metadata)
-            async for message in handler(self, request, context, tenant):
-                yield message
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
-            code, message = _status_for(exc)
-            call.failed(message, exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
-            await context.abort(code, message, _pushback(exc) + call.trailer)
-        finally:
-            m.rpc_in_flight.labels(name).dec()
-            m.rpc_duration.labels(name).observe(time.perf_counter() - started)
-            m.rpc_requests.labels(name, code.name).inc()
-            call.end(code, started)
-
-    return wrapper
+@contextlib.asynccontextmanager
+async def _served(servicer: "SteerServeServicer", name: str, context: grpc.aio.ServicerContext):
+    """What every RPC shares, around its handler (which gets the tenant): in-flight, duration and
+    per-code metrics, the `_Call` (request id, trace span, access log), authentication, and any
+    exception turned into a status (`_status_for`) with the retry-pushback trailer where it has one."""
+    m = servicer.metrics
+    m.rpc_in_flight.labels(name).inc()
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    call = _Call(name, context)
+    try:
+        call.tenant = servicer.auth.tenant_for(call.metadata)
+        yield call.tenant
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
+        code, message = _status_for(exc)
+        call.failed(message, exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", name)
+        await context.abort(code, message, _pushback(exc) + call.trailer)
+    finally:
+        m.rpc_in_flight.labels(name).dec()
+        m.rpc_duration.labels(name).observe(time.perf_counter() - started)
+        m.rpc_requests.labels(name, code.name).inc()
+        call.end(code, started)
 
 
 class _Call:
-    """What `_rpc` keeps of one call beside metrics: its request id (the caller's `x-request-id`
+    """What `_served` keeps of one call beside metrics: its request id (the caller's `x-request-id`
     when well formed, else a new one; sent back as trailing metadata and put on log records), its
     trace span (tracing on only), and the access-log line at its end."""
 
@@ -195,73 +182,6 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if is_disk_full(exc):  # the stores removed what they had begun to write
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server's storage is full ({exc}); nothing was stored"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def profile_message(chosen) -> pb.ModelProfile:
-    """The served model's profile (service/profiles.ChosenProfile) as the API reports it."""
-    p = chosen.profile
-    return pb.ModelProfile(
-        name=p.name, chosen_by=chosen.source, description=p.description,
-        edit_guidance_scale=float(p.edit.get("guidance_scale", 0.0)),
-        training=[
-            pb.MethodDefaults(method=pb.PersonalizationMethod.Value(method), steps=d.steps, learning_rate=d.learning_rate,
-                              rank=d.rank, batch_size=d.batch_size, prior_loss_weight=d.prior_loss_weight,
-                              num_class_images=d.num_class_images if d.prior_loss_weight else 0,
-                              train_text_encoder=d.train_text_encoder, source=p.sources.get(method, ""))
-            for method, d in p.training.items()
-        ],
-    )
-
-
-def adapter_message(record: AdapterRecord) -> pb.Adapter:
-    return pb.Adapter(
-        adapter_id=record.adapter_id,
-        name=record.name,
-        method=pb.PersonalizationMethod.Value(record.method)
-        if record.method in pb.PersonalizationMethod.keys()
-        else pb.PERSONALIZATION_METHOD_UNSPECIFIED,
-        token=record.token,
-        class_word=record.class_word,
-        rank=record.rank,
-        size_bytes=record.size_bytes,
-        num_parameters=record.num_parameters,
-        sha256=record.sha256,
-        created_at=_timestamp(record.created_at),
-        source=record.source,
-    )
-
-
-def job_message(job: JobRecord, previews: list[bytes] = ()) -> pb.Job:
-    return pb.Job(
-        job_id=job.job_id,
-        state=pb.JobState.Value(job.state.value),
-        progress=job.progress,
-        adapter_id=job.adapter_id,
-        error=job.error,
-        method=pb.PersonalizationMethod.Value(job.method),
-        name=job.name,
-        step=job.step,
-        total_steps=job.total_steps,
-        created_at=_timestamp(job.created_at),
-        updated_at=_timestamp(job.updated_at),
-        loss=job.loss or 0.0,
-        eta_seconds=job.eta_seconds or 0.0,
-        token=job.token,
-        class_word=job.class_word,
-        message=job.message,
-        previews=[pb.Image(data=png, mime_type="image/png", **_png_size(png)) for png in previews],
-    )
-
-
-def _png_size(png: bytes) -> dict:
-    # Width and height are the first fields of a PNG's IHDR chunk (bytes 16-24).
-    return {"width": int.from_bytes(png[16:20], "big"), "height": int.from_bytes(png[20:24], "big")}
 
 
 def _names_token(prompt: str, word: str) -> bool:
@@ -343,14 +263,10 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
     async def Generate(self, request: pb.GenerateRequest, context, tenant: str) -> pb.GenerateResponse:
         with tracing.span("validate"):
             spec, refs = validation.generate_spec(request, self.limits, self.backend.count_tokens)
-            # Resolve adapter ids within the tenant only: another tenant's id is simply NOT_FOUND.
+            # Adapter ids resolve within the tenant only (`_adapter`).
             uses = []
             for i, (adapter_id, weight) in enumerate(refs):
-                try:
-                    record = self.adapter_store.get(tenant, adapter_id)
-                except NotFound:
-                    raise ServiceError(grpc.StatusCode.NOT_FOUND,
-                                       f"adapters[{i}].adapter_id: adapter {adapter_id!r} not found")
+                record = self._adapter(tenant, adapter_id, f"adapters[{i}].adapter_id")
                 uses.append(AdapterUse(key=record.key, weight=weight, style=record.method == FINESTYLE,
                                        tenant=tenant))
             spec.adapters = tuple(uses)
@@ -361,14 +277,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
                                       lambda deadline: self.backend.generate(spec, deadline))
         self.metrics.images.inc(len(result.images))
         self.metrics.denoising_steps.inc(spec.steps)
-        return pb.GenerateResponse(
-            images=[
-                pb.Image(data=encode_png(img), width=img.width, height=img.height, mime_type="image/png")
-                for img in result.images
-            ],
-            seeds=result.seeds,
-            timings=pb.Timings(**result.timings),
-        )
+        return generate_response(result)
 
     # -- Personalize and jobs ------------------------------------------------------------------
 
@@ -383,8 +292,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
 
     @_rpc
     async def GetJob(self, request: pb.GetJobRequest, context, tenant: str) -> pb.Job:
-        job = self.job_store.get(tenant, validation.check_id("job_id", request.job_id))
-        return job_message(job, self.job_store.previews(job.job_id))
+        return self._job_with_previews(self.job_store.get(tenant, validation.check_id("job_id", request.job_id)))
 
     @_rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context, tenant: str) -> pb.ListJobsResponse:
@@ -392,10 +300,9 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
 
     @_rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context, tenant: str) -> pb.Job:
-        job = self.jobs.cancel(tenant, validation.check_id("job_id", request.job_id))
-        return job_message(job, self.job_store.previews(job.job_id))
+        return self._job_with_previews(self.jobs.cancel(tenant, validation.check_id("job_id", request.job_id)))
 
-    @_rpc_stream
+    @_rpc
     async def WatchJob(self, request: pb.WatchJobRequest, context, tenant: str):
         """Server-streaming: one event per observed change (committed rows, polled), then ends when
         the job finishes; the last event's job carries the previews."""
@@ -406,20 +313,13 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             seen = (job.state, job.step, job.loss, job.error, job.message)
             if seen != last:
                 last = seen
-                yield pb.JobEvent(
-                    job_id=job.job_id,
-                    state=pb.JobState.Value(job.state.value),
-                    step=job.step,
-                    total_steps=job.total_steps,
-                    loss=job.loss or 0.0,
-                    message=job.error or job.message,
-                    time=_timestamp(job.updated_at),
-                    job=job_message(job, self.job_store.previews(job.job_id) if job.state.finished else ()),
-                    eta_seconds=job.eta_seconds or 0.0,
-                )
+                yield job_event(job, self._job_with_previews(job) if job.state.finished else job_message(job))
             if job.state.finished:
                 return
             await asyncio.sleep(_JOB_POLL_SECONDS)
+
+    def _job_with_previews(self, job: JobRecord) -> pb.Job:
+        return job_message(job, self.job_store.previews(job.job_id))
 
     # -- Edit ----------------------------------------------------------------------------------
 
@@ -429,7 +329,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             spec = self._edit_spec(request, tenant)
         return await self._edit(spec, context, tenant)
 
-    @_rpc_stream
+    @_rpc
     async def EditStream(self, request: pb.EditRequest, context, tenant: str):
         """Server-streaming Edit: an event per progress report (at most a few a second), then the
         result. Errors end the stream with the same statuses as Edit."""
@@ -470,10 +370,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         spec = validation.edit_request(request, self.limits, self.backend.count_tokens)
         if not request.adapter_id:
             return spec
-        try:
-            record = self.adapter_store.get(tenant, request.adapter_id)
-        except NotFound:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"adapter_id: adapter {request.adapter_id!r} not found")
+        record = self._adapter(tenant, request.adapter_id, "adapter_id")
         if spec.method == DREAMSTEERER and record.method not in SUBJECT_METHODS:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, (
                 f"adapter_id: DreamSteerer steers subject adapters (DREAMBOOTH_LORA, TEXTUAL_INVERSION, "
@@ -496,23 +393,16 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
                                       lambda deadline: self.backend.edit(spec, deadline, progress))
         self.metrics.edits.labels(spec.method).inc()
         self.metrics.images.inc()
-        image = Image.fromarray(edited.image)
-        mask = None
-        if edited.mask is not None:
-            mask = Image.fromarray((np.asarray(edited.mask) * 255).round().astype(np.uint8), mode="L")
-        t = edited.timings
-        return pb.EditResponse(
-            image=pb.Image(data=encode_png(image), width=image.width, height=image.height, mime_type="image/png"),
-            mask=pb.Image(data=encode_png(mask), width=mask.width, height=mask.height, mime_type="image/png")
-            if mask is not None else None,
-            seed=spec.seed,
-            timings=pb.Timings(queue_seconds=t.get("queue_seconds", 0.0), denoise_seconds=t.get("dds_seconds", 0.0),
-                               decode_seconds=t.get("decode_seconds", 0.0), total_seconds=t.get("total_seconds", 0.0),
-                               mask_seconds=t.get("mask_seconds", 0.0), guided_seconds=t.get("guided_seconds", 0.0),
-                               steer_seconds=t.get("steer_seconds", 0.0)),
-        )
+        return edit_response(edited, spec.seed)
 
     # -- Adapters ------------------------------------------------------------------------------
+
+    def _adapter(self, tenant: str, adapter_id: str, field: str) -> AdapterRecord:
+        """The tenant's adapter a request names in `field`: another tenant's id is simply NOT_FOUND."""
+        try:
+            return self.adapter_store.get(tenant, adapter_id)
+        except NotFound:
+            raise not_found(f"{field}: adapter {adapter_id!r} not found")
 
     @_rpc
     async def ImportAdapter(self, request: pb.ImportAdapterRequest, context, tenant: str) -> pb.Adapter:
