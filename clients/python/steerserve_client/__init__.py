@@ -9,11 +9,12 @@
 See docs/clients.md for errors, retries, deadlines and TLS.
 """
 
+from ._common import Timeouts
 from ._connection import ConfigError, Connection
 from ._generated.steerserve.v1 import steerserve_pb2 as pb
 from ._retry import NO_RETRY, SAFE_TO_RETRY, RetryPolicy
 from .aio import AsyncClient, AsyncJobHandle
-from .client import Client, JobHandle, Timeouts
+from .client import Client, JobHandle
 from .errors import (
     AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, JobFailed, NotFound,
     PermissionDenied, ResourceExhausted, SteerServeError, Unauthenticated, Unavailable,

@@ -13,19 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import grpc
 
-from . import _requests as build
+from ._common import _UNSET, Call, ClientBase, JobHandleBase, Reopenings, Tries, edit_without_result
 from ._connection import Connection
 from ._generated.steerserve.v1 import steerserve_pb2 as pb
-from ._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
-from ._retry import RetryPolicy
-from .client import _UNSET, Timeouts, _reopen_delay
-from .errors import JobFailed, SteerServeError, Unavailable, from_rpc_error
-from .types import Adapter, EditProgress, EditResult, GenerateResult, Job, JobEvent
+from .errors import SteerServeError, Unavailable, from_rpc_error
+from .types import Adapter, EditResult, GenerateResult, Job, JobEvent
 
 
 async def _report(callback, value) -> None:
@@ -35,113 +31,76 @@ async def _report(callback, value) -> None:
             await result
 
 
-class AsyncClient:
-    def __init__(self, address: str | None = None, token: str | None = None, *, tls: bool | None = None,
-                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
-                 retry: RetryPolicy | None = None, timeouts: Timeouts | None = None,
-                 metadata: Iterable[tuple[str, str]] = ()):
-        self.connection = Connection.from_env(address, token, tls=tls, ca_file=ca_file, cert_file=cert_file,
-                                              key_file=key_file)
-        self.retry = retry or RetryPolicy()
-        self.timeouts = timeouts or Timeouts()
-        self._metadata = self.connection.metadata() + tuple(metadata)
-        self._channel = self.connection.aio_channel()
-        self._stub = pb_grpc.SteerServeStub(self._channel)
-        self.adapters = AsyncAdapters(self)
-        self.jobs = AsyncJobs(self)
-
-    async def close(self) -> None:
-        await self._channel.close()
-
+class AsyncClient(ClientBase):
     async def __aenter__(self) -> "AsyncClient":
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _call(self, rpc: str, request, timeout):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _open_channel(self, connection: Connection) -> grpc.aio.Channel:
+        return connection.aio_channel()
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def _unary(self, call: Call):
+        tries = Tries(call, self.retry)
         while True:
-            attempt += 1
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return await getattr(self._stub, rpc)(request, metadata=self._metadata, timeout=left)
+                reply = await self._start(call.rpc, call.request, tries.next())
             except grpc.aio.AioRpcError as err:
                 error = from_rpc_error(err)
-            left = None if deadline is None else deadline - time.monotonic()
-            wait = self.retry.delay(rpc, attempt, error, left)
-            if wait is None:
-                raise error from None
-            await asyncio.sleep(wait)
+            else:
+                return call.read(reply)
+            await asyncio.sleep(tries.wait(error))
 
-    async def _stream(self, rpc: str, request, timeout) -> AsyncIterator:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
+    async def _stream(self, call: Call) -> AsyncIterator:
+        tries = Tries(call, self.retry)
         while True:
-            attempt += 1
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             started = False
-            call = getattr(self._stub, rpc)(request, metadata=self._metadata, timeout=left)
+            stream = self._start(call.rpc, call.request, tries.next())
             try:
-                async for message in call:
+                async for message in stream:
                     started = True
-                    yield message
+                    yield call.read(message)
                 return
             except grpc.aio.AioRpcError as err:
                 error = from_rpc_error(err)
             finally:
-                call.cancel()  # the caller stopped early: end the server's stream too
-            left = None if deadline is None else deadline - time.monotonic()
-            wait = None if started else self.retry.delay(rpc, attempt, error, left)
-            if wait is None:
-                raise error from None
-            await asyncio.sleep(wait)
+                stream.cancel()  # the caller stopped early: end the server's stream too
+            await asyncio.sleep(tries.wait(error, repeatable=not started))
 
-    def _timeout(self, given, default):
-        return default if given is _UNSET else given
+    # -- API -----------------------------------------------------------------------------------
 
     async def info(self, *, timeout=_UNSET) -> pb.ServerInfo:
-        return await self._call("GetServerInfo", pb.GetServerInfoRequest(), self._timeout(timeout, self.timeouts.read))
+        return await self._unary(self._calls.info(timeout))
 
     async def generate(self, prompt: str, *, adapters=None, timeout=_UNSET, **options) -> GenerateResult:
-        request = build.generate(prompt, adapters=adapters, **options)
-        return GenerateResult.from_pb(await self._call("Generate", request,
-                                                       self._timeout(timeout, self.timeouts.generate)))
+        return await self._unary(self._calls.generate(prompt, adapters, timeout, options))
 
     async def personalize(self, method, name: str, images, *, wait: bool = False, progress=None, timeout=_UNSET,
                           **options):
-        request = build.personalize(method, name, images, **options)
-        job = Job.from_pb(await self._call("Personalize", request, self._timeout(timeout, self.timeouts.upload)))
-        handle = AsyncJobHandle(self, job)
+        handle = AsyncJobHandle(self, await self._unary(self._calls.personalize(method, name, images, timeout, options)))
         return await handle.wait(progress=progress) if wait else handle
 
     async def edit(self, source, source_prompt: str, target_prompt: str, *, adapter_id: str = "",
                    method="dreamsteerer", progress=None, timeout=_UNSET, **options) -> EditResult:
-        request = build.edit(source, source_prompt, target_prompt, adapter_id=adapter_id, method=method, **options)
-        timeout = self._timeout(timeout, self.timeouts.edit)
+        call = self._calls.edit(source, source_prompt, target_prompt, adapter_id, method, progress is not None,
+                                timeout, options)
         if progress is None:
-            return EditResult.from_pb(await self._call("Edit", request, timeout))
-        async with contextlib.aclosing(self._stream("EditStream", request, timeout)) as stream:
-            async for event in stream:
-                await _report(progress, EditProgress(event.phase, event.step, event.total_steps, event.progress))
-                if event.HasField("result"):
-                    return EditResult.from_pb(event.result)
-        raise SteerServeError(grpc.StatusCode.INTERNAL, "the edit stream ended without a result")
+            return await self._unary(call)
+        async with contextlib.aclosing(self._stream(call)) as stream:
+            async for report, result in stream:
+                await _report(progress, report)
+                if result is not None:
+                    return result
+        raise edit_without_result()
 
 
-class AsyncJobHandle:
-    def __init__(self, client: AsyncClient, job: Job):
-        self._client = client
-        self.job = job
-
-    @property
-    def job_id(self) -> str:
-        return self.job.job_id
-
-    def __repr__(self) -> str:
-        return f"AsyncJobHandle({self.job.job_id!r}, {self.job.state})"
-
+class AsyncJobHandle(JobHandleBase):
     async def refresh(self) -> Job:
         self.job = await self._client.jobs.get(self.job_id)
         return self.job
@@ -158,9 +117,7 @@ class AsyncJobHandle:
     async def wait(self, progress=None, *, timeout=_UNSET) -> Job:
         async for event in self.watch(timeout=timeout):
             await _report(progress, event)
-        if self.job.state != "SUCCEEDED":
-            raise JobFailed(self.job)
-        return self.job
+        return self._outcome()
 
 
 class AsyncJobs:
@@ -168,49 +125,32 @@ class AsyncJobs:
         self._c = client
 
     async def get(self, job_id: str, *, timeout=_UNSET) -> Job:
-        c = self._c
-        return Job.from_pb(await c._call("GetJob", pb.GetJobRequest(job_id=job_id),
-                                         c._timeout(timeout, c.timeouts.read)))
+        return await self._c._unary(self._c._calls.get_job(job_id, timeout))
 
     async def list(self, *, timeout=_UNSET) -> list[Job]:
-        c = self._c
-        r = await c._call("ListJobs", pb.ListJobsRequest(), c._timeout(timeout, c.timeouts.read))
-        return [Job.from_pb(j) for j in r.jobs]
+        return await self._c._unary(self._c._calls.list_jobs(timeout))
 
     async def cancel(self, job_id: str, *, timeout=_UNSET) -> Job:
-        c = self._c
-        return Job.from_pb(await c._call("CancelJob", pb.CancelJobRequest(job_id=job_id),
-                                         c._timeout(timeout, c.timeouts.read)))
+        return await self._c._unary(self._c._calls.cancel_job(job_id, timeout))
 
     async def handle(self, job_id: str) -> AsyncJobHandle:
         return AsyncJobHandle(self._c, await self.get(job_id))
 
     async def watch(self, job_id: str, *, timeout=_UNSET) -> AsyncIterator[JobEvent]:
         """As Client.jobs.watch: reopened after UNAVAILABLE or an early end, within the retry policy."""
-        c = self._c
-        timeout = c._timeout(timeout, c.timeouts.watch)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        barren = 0
+        watching = Reopenings(self._c._calls.watch_job(job_id, timeout), self._c.retry)
         while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             error: SteerServeError | None = None
             try:
-                async with contextlib.aclosing(c._stream("WatchJob", pb.WatchJobRequest(job_id=job_id), left)) as stream:
-                    async for message in stream:
-                        barren = 0
-                        event = JobEvent.from_pb(message)
+                async with contextlib.aclosing(self._c._stream(watching.opening())) as stream:
+                    async for event in stream:
+                        watching.event()
                         yield event
                         if event.job.finished:
                             return
             except Unavailable as err:
                 error = err
-            barren += 1
-            wait = _reopen_delay(c.retry, barren, deadline)
-            if wait is None:
-                if error is not None:
-                    raise error
-                raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"the watch of job {job_id} kept ending before the job")
-            await asyncio.sleep(wait)
+            await asyncio.sleep(watching.wait(error))
 
 
 class AsyncAdapters:
@@ -218,28 +158,21 @@ class AsyncAdapters:
         self._c = client
 
     async def list(self, *, timeout=_UNSET) -> list[Adapter]:
-        c = self._c
-        r = await c._call("ListAdapters", pb.ListAdaptersRequest(), c._timeout(timeout, c.timeouts.read))
-        return [Adapter.from_pb(a) for a in r.adapters]
+        return await self._c._unary(self._c._calls.list_adapters(timeout))
 
     async def get(self, adapter_id: str, *, timeout=_UNSET) -> Adapter:
-        c = self._c
-        return Adapter.from_pb(await c._call("GetAdapter", pb.GetAdapterRequest(adapter_id=adapter_id),
-                                             c._timeout(timeout, c.timeouts.read)))
+        return await self._c._unary(self._c._calls.get_adapter(adapter_id, timeout))
 
     async def import_(self, name: str, safetensors, *, token: str = "", alpha: float = 0.0,
                       idempotency_key: str | None = None, timeout=_UNSET) -> Adapter:
-        c = self._c
-        request = build.import_adapter(name, safetensors, token=token, alpha=alpha, idempotency_key=idempotency_key)
-        return Adapter.from_pb(await c._call("ImportAdapter", request, c._timeout(timeout, c.timeouts.upload)))
+        return await self._c._unary(self._c._calls.import_adapter(name, safetensors, token, alpha, idempotency_key,
+                                                                  timeout))
 
     async def export(self, adapter_id: str, *, timeout=_UNSET) -> tuple[Adapter, bytes]:
-        c = self._c
-        r = await c._call("ExportAdapter", pb.ExportAdapterRequest(adapter_id=adapter_id),
-                          c._timeout(timeout, c.timeouts.upload))
-        return Adapter.from_pb(r.adapter), bytes(r.safetensors)
+        return await self._c._unary(self._c._calls.export_adapter(adapter_id, timeout))
 
     async def delete(self, adapter_id: str, *, timeout=_UNSET) -> None:
-        c = self._c
-        await c._call("DeleteAdapter", pb.DeleteAdapterRequest(adapter_id=adapter_id),
-                      c._timeout(timeout, c.timeouts.read))
+        await self._c._unary(self._c._calls.delete_adapter(adapter_id, timeout))
+
+
+AsyncClient._Adapters, AsyncClient._Jobs = AsyncAdapters, AsyncJobs  # what `client.adapters` and `client.jobs` are
