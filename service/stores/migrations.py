@@ -13,9 +13,30 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, ContextManager, Protocol
 
-from .db import Connection, Database
+
+# What the migrations use of service.stores.db's Connection and Database. Not imported from there:
+# db.py imports this module (open_database migrates), and the two must not import each other.
+class Connection(Protocol):
+    def execute(self, sql: str, params: Any = ()) -> Any: ...
+
+    def executescript(self, sql: str) -> None: ...
+
+    def columns(self, table: str) -> set[str]: ...
+
+    def lock(self, key: str) -> None: ...
+
+
+class Database(Protocol):
+    dialect: str
+
+    def connect(self) -> Connection: ...
+
+    def transaction(self) -> ContextManager[Connection]: ...
+
+    def type(self, name: str) -> str: ...
+
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS adapters (

@@ -5,6 +5,8 @@ request's adapter applied, one module per step:
 - mask.py:     the subject mask (the concept words' cross-attention on the noised source)
 - guided.py:   the spatial-feature-guided samples (source UNet features injected while sampling)
 - steering.py: EDSD + mode shifting, gradients to a copy of the adapter's trainable set
+- bench.py:    the Workbench, which runs a call's step with the adapter applied (re-exported here)
+- protocol.py: what the steps use of the workbench (Bench), so they need not import bench.py
 
 The serving UNet (the adapter bank, batched across requests) is never touched: a workbench belongs
 to one worker thread (in-process) or one Triton `edit` instance.
@@ -15,64 +17,12 @@ to one worker thread (in-process) or one Triton `edit` instance.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
-
-import torch
-
-from service.adapters import Adapter
-from service.engine.pipeline import flush_denormals
-from service.engine.sampling import noise_prediction
-from service.personalize.common import FrozenBase
-
 from ..spec import GuidedSamples, Steer, SubjectMask
 from . import guided, mask, steering
 from .applied import Applied, applied
+from .bench import Workbench
 from .mask import _layer_grid, word_positions
+from .protocol import Bench
 from .steering import DEFAULT_STEER_LR, STEER_LR
 
-
-class Workbench:
-    def __init__(self, base: FrozenBase):
-        self.base = base
-
-    def execute(self, call, adapter: Adapter, should_stop=lambda: False, progress=None):
-        """Runs one call with `adapter` applied; `should_stop` is checked between steps (raises
-        GenerationCancelled), `progress(phase, step, total)` hears about each step."""
-        flush_denormals()
-        report = progress or (lambda phase, step, total: None)
-        with self.base.lock, self.applied(adapter, trainable=isinstance(call, Steer)) as on:
-            if isinstance(call, SubjectMask):
-                return mask.subject_mask(self, call, on)
-            if isinstance(call, GuidedSamples):
-                return guided.guided_samples(self, call, on, should_stop, report)
-            if isinstance(call, Steer):
-                return steering.steer(self, call, on, should_stop, report)
-        raise TypeError(f"not a workbench call: {type(call).__name__}")
-
-    def applied(self, adapter: Adapter, trainable: bool = False) -> AbstractContextManager[Applied]:
-        return applied(self.base.engine, adapter, trainable)
-
-    def edsd_objective(self, call: Steer, adapter: Adapter, samples: int = 8) -> float:
-        """What steering lowers, for tests and benchmarks (steering.edsd_objective)."""
-        return steering.edsd_objective(self, call, adapter, samples)
-
-    # -- what the steps share -----------------------------------------------------------------------
-
-    def embed(self, prompts: Sequence[str], tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.base.prompt_encoder.embed(list(prompts), [tokens] * len(prompts)).to(self.base.engine.dtype)
-
-    def epsilon(self, prediction: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """The noise a prediction implies (service.engine.sampling.noise_prediction)."""
-        scheduler = self.base.schedule.scheduler
-        return noise_prediction(prediction, x_t, scheduler.alphas_cumprod[int(t)], scheduler.config.prediction_type)
-
-    def unet(self, latents, t, embeds) -> torch.Tensor:
-        """One UNet call; `t` one timestep for every row or one per row."""
-        t = torch.as_tensor(t, device=self.base.engine.device).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(latents.shape[0])
-        return self.base.unet(latents.to(self.base.engine.dtype), t, encoder_hidden_states=embeds).sample
-
-
-__all__ = ["Applied", "DEFAULT_STEER_LR", "STEER_LR", "Workbench", "_layer_grid", "word_positions"]
+__all__ = ["Applied", "Bench", "DEFAULT_STEER_LR", "STEER_LR", "Workbench", "_layer_grid", "word_positions"]

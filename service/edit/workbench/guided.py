@@ -16,7 +16,7 @@ from ..spec import GuidedSamples
 from .applied import Applied
 
 if TYPE_CHECKING:
-    from . import Workbench
+    from .protocol import Bench
 
 # Plug-and-play feature injection mapped onto a diffusers UNet: the decoder's second-level ResNet
 # output for the first `feature_fraction` of the steps (pnp-diffusers: 80%), the self-attention
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def guided_samples(bench: "Workbench", call: GuidedSamples, applied: Applied, should_stop=lambda: False,
+def guided_samples(bench: "Bench", call: GuidedSamples, applied: Applied, should_stop=lambda: False,
                    report=lambda phase, step, total: None) -> torch.Tensor:
     """Invert the source with DDIM (pre-trained model, source prompt), then sample `n` images
     of the prompt with the personalized model from the inverted noise while the source

@@ -14,14 +14,14 @@ from ..spec import EditRefused, SubjectMask
 from .applied import Applied
 
 if TYPE_CHECKING:
-    from . import Workbench
+    from .protocol import Bench
 
 # Attention read at these (low) noise levels, as service.personalize.attention_maps.
 MASK_TIMESTEPS = (50, 150, 300)
 
 
 @torch.no_grad()
-def subject_mask(bench: "Workbench", call: SubjectMask, applied: Applied) -> torch.Tensor:
+def subject_mask(bench: "Bench", call: SubjectMask, applied: Applied) -> torch.Tensor:
     """[h, w] binary mask: the concept words' cross-attention on the noised source, averaged
     over heads, layers and a few low timesteps (Prompt-to-Prompt's local blend: layer maps
     normalised, a 3x3 max-pool, scaled to [0, 1], threshold)."""

@@ -18,7 +18,7 @@ from ..spec import EditRefused, Steer
 from .applied import Applied
 
 if TYPE_CHECKING:
-    from . import Workbench
+    from .protocol import Bench
 
 # Steering learning rates (Adam), per adapter method: about a third to a tenth of each method's
 # training rate (docs/personalize/*.md), since steering nudges a trained adapter for a few steps.
@@ -26,7 +26,7 @@ STEER_LR = {DREAMBOOTH_LORA: 1e-3, TEXTUAL_INVERSION: 5e-3, CUSTOM_DIFFUSION: 1e
 DEFAULT_STEER_LR = 1e-3
 
 
-def steer(bench: "Workbench", call: Steer, applied: Applied, should_stop=lambda: False,
+def steer(bench: "Bench", call: Steer, applied: Applied, should_stop=lambda: False,
           report=lambda phase, step, total: None):
     """Tunes the applied copy for `steer_steps` steps; returns (steered Adapter, losses).
 
@@ -126,7 +126,7 @@ def _draws(schedule, o, call: Steer, z_src: torch.Tensor, guided: torch.Tensor |
 
 
 @torch.no_grad()
-def _pretrained_scores(bench: "Workbench", applied: Applied, call: Steer, draws: list[_Draw],
+def _pretrained_scores(bench: "Bench", applied: Applied, call: Steer, draws: list[_Draw],
                        chunk: int = 16) -> list[torch.Tensor]:
     """eps_pre(x_src_t, source prompt) of every step, the adapter off, `chunk` rows per UNet call."""
     with applied.off():
@@ -144,7 +144,7 @@ def _pretrained_scores(bench: "Workbench", applied: Applied, call: Steer, draws:
 
 
 @torch.no_grad()
-def edsd_objective(bench: "Workbench", call: Steer, adapter: Adapter, samples: int = 8) -> float:
+def edsd_objective(bench: "Bench", call: Steer, adapter: Adapter, samples: int = 8) -> float:
     """The EDSD distance 1/2 |eps_phi(x~_t, target) - eps_pre(x_src_t, source)|^2 of `adapter`,
     averaged over a fixed set of (t, noise): what steering lowers (tests, benchmarks)."""
     o = call.options
