@@ -1,6 +1,7 @@
-"""BLS: the sampling loop's model calls (`Encode`, `Denoise`, `Decode`) as calls to the shared
-text_encoder / unet / vae_decode models, from inside another python-backend model (`generate`,
-`edit`). Importable only inside Triton's python backend (triton_python_backend_utils)."""
+"""BLS: the edit loops' model calls (`Encode`, `Denoise`, `Decode`) as calls to the shared
+text_encoder / unet / vae_decode models, from inside the `edit` python-backend model (`generate`
+runs its loops' calls on its own engine, no BLS); and the pb_utils tensor helpers every model uses.
+Importable only inside Triton's python backend (triton_python_backend_utils)."""
 
 import triton_python_backend_utils as pb_utils
 
@@ -37,7 +38,7 @@ async def _call(model: str, message: wire.Tensors) -> wire.Get:
 
 
 async def execute_call(call):
-    """One model call of the sampling loop, as a BLS call to the model that computes it."""
+    """One model call of an edit loop, as a BLS call to the model that computes it."""
     if isinstance(call, Encode):
         return wire.read_embeds(await _call(wire.TEXT_ENCODER, wire.encode_call(call)))
     if isinstance(call, Denoise):

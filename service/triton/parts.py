@@ -3,14 +3,14 @@
 Each `model_repo/<name>/1/model.py` reads its request with service/triton/wire.py, calls one of
 these, and answers with wire.py again, so tests and benchmarks exercise the same code without a server.
 
-- `TextEncode`, `UNetStep`, `VaeDecode`: the engine's parts, one call each. `UNetStep` is the
-  step-level batching point: one call runs ONE denoising step for any number of samples from
-  different requests, each with its own latents, timestep, prompt embeddings and adapters (rows
-  of the adapter bank), in a single UNet forward.
-- the `generate` model runs the one sampling loop (service.engine.sampling.generation) on its
-  own engine through a StepBatcher (service/engine/batching.py), many requests in flight on one
-  event loop, their steps in shared UNet calls; the `edit` model's loops make each model call a
-  BLS call to the parts above (service/triton/bls.py).
+- the `generate` model runs the one sampling loop (service.engine.sampling.generation) AND the
+  UNet in one instance: its own engine, through a StepBatcher (service/engine/batching.py), many
+  requests in flight on one event loop, their steps in shared UNet calls, no BLS per step.
+- `TextEncode`, `UNetStep`, `VaeDecode`: the engine's parts, one call each, served as the shared
+  `text_encoder`, `unet` and `vae_decode` models for the `edit` model, whose loops make each
+  model call a BLS call to them (service/triton/bls.py). One `UNetStep` call runs ONE denoising
+  step for any number of rows from different edits, each with its own latents, timestep, prompt
+  embeddings and adapters (rows of the adapter bank), in a single UNet forward.
 - `Personalize`: one training job; `EditWorker`: one edit, each model call where it can run.
 
 A model instance is configured by Settings read from its environment (the same STEERSERVE_* names
@@ -90,7 +90,7 @@ def instance_engine(settings: Settings, args: dict, max_rows: int, adapters: boo
                     registry=None) -> Engine:
     """The engine of one model instance (on its instance_group's device), with an adapter bank when
     `adapters` and an adapter folder is configured; the UNet runtime warmed up when `unet_runtime`
-    (the `unet` model: every step of every loop runs there)."""
+    (the models whose UNet runs every step: `generate` for its own loops, `unet` for the edits')."""
     return build_engine(settings, max_rows, device=instance_device(args), model_dir=model_dir(settings),
                         adapters=adapters and settings.adapter_dir is not None, unet_runtime=unet_runtime,
                         registry=registry)
@@ -119,7 +119,8 @@ class TextEncode:
 
 
 class UNetStep:
-    """One denoising step for the rows of any requests: one UNet forward per latent shape.
+    """One denoising step for the rows of any edits (the `unet` model, over BLS): one UNet forward
+    per latent shape.
 
     Engine.predict_noise runs each group, so a single-request call computes exactly what the
     in-process engine computes. Guidance is left to the caller (it is per request); returns per
@@ -178,7 +179,8 @@ class EditWorker:
     runs), each model call executed where it can be.
 
     - `Encode`, `Denoise`, `Decode` go to the shared models through `remote` (BLS), so every DDS
-      iteration, DreamSteerer's included, batches with Generate's steps in the `unet` model;
+      iteration, DreamSteerer's included, batches with the other edits' rows in the `unet` model
+      (Generate's steps do not go there: the `generate` model runs its UNet itself);
     - DreamSteerer's workbench calls run on this instance's private model copy (the only model this
       instance holds); the steered copy they produce is written for the request to the server's
       request-adapter folder (service.adapters.loading.request_adapter), where the shared models

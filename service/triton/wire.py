@@ -15,8 +15,9 @@ Models:
   mask, timings, steering losses; decoupled.
 - `personalize`: TrainingSpec (JSON) + PNGs (+ a checkpoint to resume) in; a response per step
   (STEP, LOSS), per checkpoint (STEP, CHECKPOINT), and the adapter file last; decoupled.
-- `text_encoder`, `unet`, `vae_decode`: the sampling loop's model calls (Encode, Denoise, Decode)
-  as BLS calls from `generate` and `edit`; `unet` batches rows of many requests.
+- `text_encoder`, `unet`, `vae_decode`: the edit loops' model calls (Encode, Denoise, Decode) as
+  BLS calls from `edit`; `unet` batches rows of many edits. (`generate` runs its loops' calls on
+  its own engine, no BLS.)
 
 Errors: a model answers a failed request with `status_message(exc)`, "<CODE>: <message>" (Triton's
 python backend has no code of its own for NOT_FOUND and the like); the gateway turns it back into
@@ -310,7 +311,7 @@ def read_training_response(get: Get) -> TrainingResponse:
     return TrainingResponse(step=step, loss=float(_one(get, "LOSS")))
 
 
-# -- the loop's model calls (BLS from generate and edit) -----------------------------------------
+# -- the loop's model calls (BLS from edit) ------------------------------------------------------
 
 
 def encode_call(call: "Encode") -> Tensors:

@@ -2,10 +2,11 @@
 
 Decoupled with `async def execute`, like `generate`. The edit loop is service.edit's (the one the
 in-process backend runs); service.triton.parts.EditWorker decides where each model call runs:
-stored-adapter rows as BLS calls to the shared text_encoder / unet / vae_decode models (the same
-service.triton.bls.execute_call the generate model uses), DreamSteerer's model-internal steps and
-the steered copy written to the request-adapter folder for the request, so its rows run in the
-shared `unet` model too. Tensors: service/triton/wire.py.
+stored-adapter rows as BLS calls to the shared text_encoder / unet / vae_decode models
+(service.triton.bls.execute_call; the `generate` model makes no such calls, it runs its UNet
+itself), DreamSteerer's model-internal steps on this instance's private model copy, and the
+steered copy written to the request-adapter folder for the request, so its rows run in the shared
+`unet` model too. Tensors: service/triton/wire.py.
 """
 
 import asyncio

@@ -1,4 +1,5 @@
-"""Triton python-backend model `unet`: one denoising step for a dynamic batch of requests.
+"""Triton python-backend model `unet`: one denoising step for a dynamic batch of requests (the
+edit loops' steps, as BLS calls from `edit`; `generate` runs its own UNet).
 
 A thin wrapper over service.triton.parts.UNetStep (tensors: service/triton/wire.py); see
 config.pbtxt for why one call is one step.
