@@ -5,7 +5,8 @@ these, and answers with wire.py again, so tests and benchmarks exercise the same
 
 - the `generate` model runs the one sampling loop (service.engine.sampling.generation) AND the
   UNet in one instance: its own engine, through a StepBatcher (service/engine/batching.py), many
-  requests in flight on one event loop, their steps in shared UNet calls, no BLS per step.
+  requests in flight on one event loop, their steps in shared UNet calls, no BLS per step (only
+  the `triton_engine` runtime sends each shared UNet call on, to `unet_engine`).
 - `TextEncode`, `UNetStep`, `VaeDecode`: the engine's parts, one call each, served as the shared
   `text_encoder`, `unet` and `vae_decode` models for the `edit` model, whose loops make each
   model call a BLS call to them (service/triton/bls.py). One `UNetStep` call runs ONE denoising
