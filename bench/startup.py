@@ -160,6 +160,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sd15-dir", default=str(ROOT / "var" / "bench-cache" / "sd15-random"))
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out_dir) / "startup.json"
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     with tempfile.TemporaryDirectory(prefix="steerserve-startup-") as tmp:

@@ -213,6 +213,9 @@ def test_triton_unet_model_runs_the_onnx_graph(onnx_engine, eager, adapters, mod
     exports_before = sorted(p.name for p in cache_dir.iterdir())
     latents, timesteps, embeds = step_inputs(eager, len(MIXED_ROWS), seed=4)
     with TritonServer(MODEL_REPOSITORY, models=("unet",), env=env, start_timeout_s=400) as server:
+        # Written once every model loaded: what `auto`'s background measurement waits for.
+        assert server.ready_file.exists() and server.extra_env["STEERSERVE_UNET_RUNTIME_READY_FILE"] == str(
+            server.ready_file.resolve())
         noise = infer_unet(server, latents, timesteps, embeds, MIXED_ROWS)
         log = server.log_path.read_text()
     torch.testing.assert_close(torch.from_numpy(noise), eager.predict_noise(latents, timesteps, embeds, MIXED_ROWS),
@@ -427,7 +430,8 @@ def test_runtime_settings(monkeypatch):
 
 
 class FakeRuntime:
-    """A runtime whose call takes `ms` milliseconds (or raises): for the choice logic alone."""
+    """A runtime whose call takes `ms` milliseconds (or raises): for the choice logic alone. Its
+    sleep is the work being timed, not a synchronisation."""
 
     def __init__(self, name: str, ms: float, fail: bool = False):
         self.name, self.ms, self.fail = name, ms, fail

@@ -15,10 +15,10 @@ from service.engine.unet import EagerUNet, RuntimeStats, UNetRuntime
 __all__ = ["AUTO_CANDIDATES", "RUNTIMES", "EagerUNet", "RuntimeOptions", "RuntimeStats", "UNetRuntime",
            "batch_buckets", "bucket_for", "pad_rows", "row_timesteps", "warmup_inputs"]
 
-# triton_engine: only inside Triton's `unet` model, each step a BLS call to `unet_engine` (the
-# graph as a TensorRT plan at deploy; see triton_engine.py).
-# auto: the fastest of eager / compile / onnx on this model and device, measured at start or read
-# from the cached measurement (selection.py).
+# triton_engine: only inside Triton (the `generate` and `unet` models), each UNet call a BLS call to
+# `unet_engine` (the graph as a TensorRT plan at deploy; see triton_engine.py).
+# auto: the fastest of eager / compile / onnx on this model and device, read from the cached
+# measurement or measured in the background while eager serves (configure.py, selection.py).
 RUNTIMES = ("auto", "eager", "compile", "onnx", "triton_engine")
 # What `auto` may choose from (STEERSERVE_UNET_RUNTIME_CANDIDATES narrows it).
 AUTO_CANDIDATES = ("eager", "onnx", "compile")

@@ -1,7 +1,7 @@
 """The UNet step sent to another Triton model that serves the exported graph (`unet_engine`).
 
-Used by the python `unet` model with STEERSERVE_UNET_RUNTIME=triton_engine: that model keeps what
-only Python can do well here -- adapter residency (AdapterManager), routing rows to slots, batching
+Used by the python `generate` and `unet` models with STEERSERVE_UNET_RUNTIME=triton_engine: they keep
+what only Python can do well here -- adapter residency (AdapterManager), routing rows to slots, batching
 steps of many requests -- and each batched step becomes one BLS call to `unet_engine`, a TensorRT
 plan at deploy (deploy/tensorrt) built from the same ONNX graph. The bank's tensors travel as the
 call's inputs (DLPack, no host copy on a GPU), so the plan never changes when adapters do.

@@ -9,7 +9,7 @@ model calls. The reference is the official notebook (google/prompt-to-prompt, DD
         z = z - lr * (eps_tgt - eps_src)                   no backward pass through the UNet
 
 Both branches' conditional and unconditional rows go into ONE UNet call per iteration (four rows),
-so the Triton `unet` model batches them with Generate's steps like any other rows. The delta
+so the Triton `unet` model batches them with other edits' rows like any other rows. The delta
 cancels what both predictions share (the noise, the source's own content) and keeps the direction
 from the source prompt to the target prompt; the edit therefore changes what the prompts differ
 in and leaves the rest.

@@ -24,7 +24,7 @@ class RuntimeInfoMetric:
         self.engine = engine
         self._base_labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         # Triton drops a family whose Python object is collected while its metrics live: keep both.
-        self.family = pb_utils.MetricFamily(name=METRIC, description="The UNet runtime a Triton unet instance runs "
+        self.family = pb_utils.MetricFamily(name=METRIC, description="The UNet runtime a Triton generate or unet instance runs "
                                             "(STEERSERVE_UNET_RUNTIME; auto = the fastest measured).",
                                             kind=pb_utils.MetricFamily.GAUGE)
         self.metrics: dict[tuple[str, str], object] = {}
