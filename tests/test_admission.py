@@ -27,10 +27,24 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def job(log: list, name: str, seconds: float):
+class Clock:
+    """Admission's clock, moved by the jobs: measured service times without waiting for them."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def job(log: list, name: str, seconds: float = 0.0, clock: Clock | None = None):
+    """A job that takes `seconds` on `clock` (none: it ends at once)."""
+
     async def work():
         log.append(("start", name))
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(0)  # (a suspension, as real work has)
+        if clock is not None:
+            clock.now += seconds
         log.append(("end", name))
         return name
 
@@ -40,11 +54,14 @@ def job(log: list, name: str, seconds: float):
 def test_a_flood_waits_behind_itself_not_in_front_of_others():
     async def scenario():
         admission = Admission(AdmissionLimits(slots=1))
-        log = []
-        flood = [asyncio.ensure_future(admission.run("alice", "generate", 10, None, job(log, f"a{i}", 0.02)))
+        log, gate = [], asyncio.Event()
+        flood = [asyncio.ensure_future(admission.run("alice", "generate", 10, None, blocked(log, f"a{i}", gate)))
                  for i in range(6)]
-        await asyncio.sleep(0.005)  # a0 runs, a1..a5 wait
-        single = asyncio.ensure_future(admission.run("bob", "generate", 10, None, job(log, "b", 0.02)))
+        await asyncio.sleep(0)  # (admitted in this order: a0 runs, a1..a5 wait)
+        assert admission.running("alice") == 1 and admission.waiting("alice") == 5
+        single = asyncio.ensure_future(admission.run("bob", "generate", 10, None, blocked(log, "b", gate)))
+        await asyncio.sleep(0)
+        gate.set()
         await asyncio.gather(*flood, single)
         starts = [name for event, name in log if event == "start"]
         return starts, admission
@@ -71,34 +88,37 @@ def blocked(log: list, name: str, gate: asyncio.Event):
 def test_requests_that_cannot_meet_their_deadline_are_refused_at_once():
     async def scenario():
         metrics = GatewayMetrics(CollectorRegistry())
-        admission = Admission(AdmissionLimits(slots=1), metrics)
+        clock = Clock()
+        admission = Admission(AdmissionLimits(slots=1), metrics, clock=clock)
         log = []
-        # Measure: one request of 10 units takes ~0.2 s (0.02 s a unit).
-        await admission.run("alice", "generate", 10, None, job(log, "calibrate", 0.2))
+        # Measure: one request of 10 units takes 0.2 s (0.02 s a unit).
+        await admission.run("alice", "generate", 10, None, job(log, "calibrate", 0.2, clock))
         rate = admission.rates.seconds_per_unit["generate"]
-        assert 0.02 <= rate <= 0.05
+        assert rate == pytest.approx(0.02)
         gate = asyncio.Event()
         flood = [asyncio.ensure_future(admission.run("alice", "generate", 10, None, blocked(log, f"a{i}", gate)))
                  for i in range(5)]
-        await asyncio.sleep(0.01)  # a0 runs; a1..a4 wait: 5 requests of alice's ahead of her next
-        t0 = asyncio.get_running_loop().time()
-        with pytest.raises(Refused) as refused:  # ~1.0 s ahead + 0.2 s to run > 0.8 s
-            await admission.run("alice", "generate", 10, time.monotonic() + 40 * rate, job(log, "late", 0))
-        refused_in = asyncio.get_running_loop().time() - t0
-        # carol is not behind alice's queue, only behind a0: ~0.2 + 0.2 s fits the same deadline.
-        fair = asyncio.ensure_future(admission.run("carol", "generate", 10, time.monotonic() + 40 * rate,
-                                                   job(log, "fair", 0)))
+        await asyncio.sleep(0)  # a0 runs; a1..a4 wait: 5 requests of alice's ahead of her next
+        assert admission.running() == 1 and admission.waiting("alice") == 4
+        # 1.0 s ahead + 0.2 s to run > 0.8 s: refused at once, before its task ever waits.
+        late = asyncio.ensure_future(admission.run("alice", "generate", 10, clock.now + 40 * rate, job(log, "late")))
+        await asyncio.sleep(0)
+        refused_at_once = late.done()
+        with pytest.raises(Refused) as refused:
+            await late
+        # carol is not behind alice's queue, only behind a0: 0.2 + 0.2 s fits the same deadline.
+        fair = asyncio.ensure_future(admission.run("carol", "generate", 10, clock.now + 40 * rate, job(log, "fair")))
         # A deadline shorter than the request itself: DEADLINE_EXCEEDED at once, not RESOURCE_EXHAUSTED.
         with pytest.raises(GenerationCancelled, match="takes about"):
-            await admission.run("carol", "generate", 10, time.monotonic() + 2 * rate, job(log, "hopeless", 0))
+            await admission.run("carol", "generate", 10, clock.now + 2 * rate, job(log, "hopeless"))
         gate.set()
         await asyncio.gather(*flood)
-        return refused.value, refused_in, await fair, metrics, log
+        return refused.value, refused_at_once, await fair, metrics, log
 
-    refused, refused_in, fair, metrics, log = run(scenario())
+    refused, refused_at_once, fair, metrics, log = run(scenario())
     assert refused.reason == "deadline" and "estimated wait" in str(refused) and "exceeds the deadline" in str(refused)
     assert refused.retry_after_s is None  # no pushback: waiting it out would use up the same deadline
-    assert refused_in < 0.05  # at once, not after queueing
+    assert refused_at_once  # not after queueing
     assert fair == "fair" and ("start", "late") not in log and ("start", "hopeless") not in log
     starts = [name for event, name in log if event == "start"]
     assert starts.index("fair") == starts.index("a0") + 1  # right after the running one
@@ -111,11 +131,12 @@ def test_requests_that_cannot_meet_their_deadline_are_refused_at_once():
 def test_an_idle_service_admits_a_request_its_estimate_calls_too_slow():
     """One slow first request must not lock short deadlines out: idle, it runs, and the estimate learns."""
     async def scenario():
-        admission = Admission(AdmissionLimits(slots=1))
+        clock = Clock()
+        admission = Admission(AdmissionLimits(slots=1), clock=clock)
         log = []
-        await admission.run("alice", "generate", 10, None, job(log, "slow first", 0.3))
+        await admission.run("alice", "generate", 10, None, job(log, "slow first", 0.3, clock))
         high = admission.rates.seconds_per_unit["generate"]
-        await admission.run("alice", "generate", 10, time.monotonic() + 0.15, job(log, "quick", 0.01))
+        await admission.run("alice", "generate", 10, clock.now + 0.15, job(log, "quick", 0.01, clock))
         return high, admission.rates.seconds_per_unit["generate"]
 
     high, after = run(scenario())
@@ -151,13 +172,13 @@ def test_a_tenant_that_gives_up_is_not_charged_for_it():
         log, gate = [], asyncio.Event()
         blocker = asyncio.ensure_future(admission.run("carol", "generate", 1, None, blocked(log, "c", gate)))
         await asyncio.sleep(0)
-        gone = [asyncio.ensure_future(admission.run("alice", "generate", 1, None, job(log, f"x{i}", 0)))
+        gone = [asyncio.ensure_future(admission.run("alice", "generate", 1, None, job(log, f"x{i}")))
                 for i in range(5)]
         await asyncio.sleep(0)
         for task in gone:
             task.cancel()
         await asyncio.gather(*gone, return_exceptions=True)
-        rest = [asyncio.ensure_future(admission.run(t, "generate", 1, None, job(log, n, 0)))
+        rest = [asyncio.ensure_future(admission.run(t, "generate", 1, None, job(log, n)))
                 for t, n in [("bob", "b1"), ("bob", "b2"), ("alice", "a")]]
         await asyncio.sleep(0)
         gate.set()
@@ -171,35 +192,46 @@ def test_a_tenant_that_gives_up_is_not_charged_for_it():
 
 def test_rate_limit_per_tenant():
     async def scenario():
-        admission = Admission(AdmissionLimits(slots=4, tenant_rate=1.0, tenant_burst=2))
+        clock = Clock()  # (the bucket refills with time: none passes here)
+        admission = Admission(AdmissionLimits(slots=4, tenant_rate=1.0, tenant_burst=2), clock=clock)
         log = []
         got = []
         for i in range(3):
             try:
-                got.append(await admission.run("alice", "generate", 1, None, job(log, f"a{i}", 0)))
+                got.append(await admission.run("alice", "generate", 1, None, job(log, f"a{i}")))
             except Refused as exc:
                 got.append(exc.reason)
-                assert 0.0 < exc.retry_after_s <= 1.0  # when alice's bucket has a token again
-        got.append(await admission.run("bob", "generate", 1, None, job(log, "b", 0)))  # bob has his own bucket
+                assert exc.retry_after_s == pytest.approx(1.0)  # when alice's bucket has a token again
+        got.append(await admission.run("bob", "generate", 1, None, job(log, "b")))  # bob has his own bucket
+        clock.now += 0.5
+        with pytest.raises(Refused, match="rate limit") as half:  # half a token back
+            await admission.run("alice", "generate", 1, None, job(log, "a3"))
+        assert half.value.retry_after_s == pytest.approx(0.5)
+        clock.now += 0.5
+        got.append(await admission.run("alice", "generate", 1, None, job(log, "a4")))  # a whole one
         return got
 
-    assert run(scenario()) == ["a0", "a1", "rate", "b"]
+    assert run(scenario()) == ["a0", "a1", "rate", "b", "a4"]
 
 
 def test_deadline_while_waiting_and_cancelled_clients_leak_nothing():
     async def scenario():
         admission = Admission(AdmissionLimits(slots=1))
-        log = []
-        blocker = asyncio.ensure_future(admission.run("alice", "generate", 1, None, job(log, "long", 0.2)))
-        await asyncio.sleep(0.01)
-        # Nothing measured yet, so it is admitted; its deadline passes while it waits.
+        log, gate = [], asyncio.Event()
+        blocker = asyncio.ensure_future(admission.run("alice", "generate", 1, None, blocked(log, "long", gate)))
+        await asyncio.sleep(0)
+        assert admission.running("alice") == 1
+        # Nothing measured yet, so it is admitted; its deadline (admission's own timer) passes while it waits.
         with pytest.raises(GenerationCancelled):
-            await admission.run("bob", "generate", 1, time.monotonic() + 0.05, job(log, "b", 0.01))
-        gone = asyncio.ensure_future(admission.run("carol", "generate", 1, None, job(log, "c", 0.01)))
-        await asyncio.sleep(0.01)
+            await admission.run("bob", "generate", 1, time.monotonic() + 0.05, job(log, "b"))
+        gone = asyncio.ensure_future(admission.run("carol", "generate", 1, None, job(log, "c")))
+        await asyncio.sleep(0)
+        assert admission.waiting("carol") == 1
         gone.cancel()  # the client went away while waiting
-        await asyncio.gather(blocker, return_exceptions=True)
-        after = await admission.run("dave", "generate", 1, None, job(log, "d", 0.01))
+        await asyncio.gather(gone, return_exceptions=True)
+        gate.set()
+        await blocker
+        after = await admission.run("dave", "generate", 1, None, job(log, "d"))
         return admission, log, after
 
     admission, log, after = run(scenario())
@@ -260,9 +292,17 @@ def test_flood_from_one_tenant_does_not_starve_another(tmp_path, model_cache):
         for _ in range(3):  # warm up, and let admission measure a request (a third tenant: bob has
             assert call("token-carol", 30)[0] == "ok"  # not used the service before the flood)
         solo = min(call("token-carol", 30)[1] for _ in range(3))
+        admission = running.gateway.servicer.admission
+
+        def flood_in(flood) -> bool:  # every one of alice's calls has reached admission
+            return admission.waiting("alice") + admission.running("alice") + sum(f.done() for f in flood) >= 24
+
         with ThreadPoolExecutor(25) as pool:
             flood = [pool.submit(call, "token-alice", 4.0) for _ in range(24)]
-            time.sleep(0.3)  # the flood is in
+            deadline = time.monotonic() + 30
+            while not flood_in(flood) and time.monotonic() < deadline:  # (polls the gateway's queue)
+                time.sleep(0.01)
+            assert flood_in(flood)
             bob = pool.submit(call, "token-bob", 30).result()
             results = [f.result() for f in flood]
         metrics = urllib.request.urlopen(running.metrics_url, timeout=10).read().decode()

@@ -95,9 +95,16 @@ def test_a_failing_request_fails_alone(engine):
 
 def test_a_cancelled_request_leaves_the_others(engine):
     async def scenario(batcher):
-        loops = [generation(s, engine.facts, device=engine.device, dtype=engine.dtype) for s in SPECS[:3]]
+        loop = asyncio.get_running_loop()
+        stepped = asyncio.Event()  # the request to cancel has run a step (cancelled mid-way, not before)
+
+        def on_step(info):  # (on the model thread)
+            loop.call_soon_threadsafe(stepped.set)
+
+        loops = [generation(s, engine.facts, on_step=on_step if i == 1 else None, device=engine.device,
+                            dtype=engine.dtype) for i, s in enumerate(SPECS[:3])]
         tasks = [asyncio.ensure_future(batcher.run(loop)) for loop in loops]
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(stepped.wait(), 60)
         tasks[1].cancel()
         return await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -109,6 +116,88 @@ def test_a_cancelled_request_leaves_the_others(engine):
     assert isinstance(outs[1], asyncio.CancelledError)
     for i in (0, 2):
         assert np.abs(outs[i].images.astype(np.int16) - _alone(engine, SPECS[i])).max() <= 1
+
+
+def test_every_step_is_measured_by_its_width_in_default_resolution_rows(engine):
+    """What BatchWidth (service/admission/width.py) fits the device's cost of wider calls from: each
+    UNet call's rows, counted at the default resolution (a row's cost goes with its pixels), and the
+    seconds until the next call (the call, then each answered request's own guidance and step)."""
+    import time
+
+    from service.admission import BatchWidth
+
+    class Recording(BatchWidth):
+        def __init__(self):
+            super().__init__()
+            self.observed = []
+
+        def observe(self, rows, seconds):
+            self.observed.append((rows, seconds))
+            super().observe(rows, seconds)
+
+    side = engine.limits.default_size
+    latent_pixels = (side // engine.vae_scale_factor) ** 2
+    specs = [GenerationSpec(prompt="a red circle", steps=3, seed=1, width=side, height=side),
+             GenerationSpec(prompt="a blue square", steps=3, seed=2, num_images=2, width=side, height=side),
+             GenerationSpec(prompt="a small star", steps=3, seed=3, width=side // 2, height=side // 2)]
+    width = Recording()
+    batcher = StepBatcher(engine, max_rows=32, width=width)
+    calls = []  # (rows at the default resolution, compute seconds) of every UNet call, in order
+    compute = batcher._compute
+
+    def spy(batch):
+        started = time.perf_counter()
+        try:
+            return compute(batch)
+        finally:
+            rows = sum(c.latents.shape[0] * c.latents.shape[-1] * c.latents.shape[-2] for c in batch) / latent_pixels
+            calls.append((rows, time.perf_counter() - started))
+
+    batcher._compute = spy
+    try:
+        outs = asyncio.run(_together(engine, batcher, specs))
+    finally:
+        batcher.close()
+    assert all(not isinstance(out, BaseException) for out in outs), outs
+    assert batcher.width is width
+    # Each observation is a call's, in order (the last call before the queue runs dry has no next
+    # one to end its step), and takes at least the call itself.
+    i = 0
+    for rows, seconds in width.observed:
+        while calls[i][0] != rows:
+            i += 1
+        assert seconds >= calls[i][1]
+        i += 1
+    assert len(calls) - 3 <= len(width.observed) < len(calls)
+    # 2 rows at 64x64, 4 rows, and 2 rows at a quarter of the pixels: a call of all three is 6.5.
+    assert {rows for rows, _ in calls} <= {2, 4, 0.5, 6, 2.5, 4.5, 6.5}
+
+
+def test_the_width_is_measured_at_start_or_read_from_the_runtime_choice(engine):
+    """measure_width(): a 2-row call against a wide one on this CPU, which costs about its rows, so
+    the width stays narrow; with the UNet runtime chooser's timings at hand, those, unmeasured."""
+    from types import SimpleNamespace
+
+    before = engine.unet_runtime_choice
+    engine.unet_runtime_choice = None
+    batcher = StepBatcher(engine, max_rows=32)
+    try:
+        batcher.measure_width().result(120)
+        measured = batcher.width
+        assert measured.seeded_by == "measured at start"
+        assert measured.slowdown(8) > 2 and measured.requests(8) <= 3, measured.describe()
+    finally:
+        batcher.close()
+    engine.unet_runtime_choice = SimpleNamespace(kind="onnx", step_ms={"eager": {"2": 50.0, "16": 400.0},
+                                                                       "onnx": {"2": 30.0, "16": 31.4}})
+    batcher = StepBatcher(engine, max_rows=32)
+    try:
+        batcher.measure_width().result(120)
+        assert batcher.width.seeded_by == "the UNet runtime chooser's timings"
+        assert batcher.width.call_seconds(16) == pytest.approx(0.0314) and batcher.width.requests(8) == 8
+    finally:
+        engine.unet_runtime_choice = before
+        batcher.close()
 
 
 def test_the_in_process_gateway_batches_concurrent_generate_calls(gateway):
@@ -128,8 +217,16 @@ def test_the_in_process_gateway_batches_concurrent_generate_calls(gateway):
     requests = [pb.GenerateRequest(prompt=f"a shape {i}", steps=6, seed=i) for i in range(4)]
     alone = [gateway.stub().Generate(r, metadata=auth()).images[0].data for r in requests]
     steps0, calls0 = metric("steerserve_engine_steps_total"), metric("steerserve_engine_unet_calls_total")
-    with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda r: gateway.stub().Generate(r, metadata=auth()).images[0].data, requests))
+    # Admission runs as many at once as this CPU's measured batch width (1-2: tests/test_batch_width.py);
+    # here all 4 (its slots), to see what the batcher does with them.
+    admission = gateway.gateway.servicer.admission
+    width, admission.width = admission.width, None
+    assert width is gateway.gateway.servicer.backend.batch_width  # the gateway's admission follows its backend
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda r: gateway.stub().Generate(r, metadata=auth()).images[0].data, requests))
+    finally:
+        admission.width = width
     steps = metric("steerserve_engine_steps_total") - steps0
     calls = metric("steerserve_engine_unet_calls_total") - calls0
     assert steps == 4 * 6 and calls < steps  # steps of different requests shared UNet calls

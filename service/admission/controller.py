@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
 from service.backends.base import BackendBusy
 from service.engine.sampling import GenerationCancelled
+
+from .width import SLOWDOWN, BatchWidth, attached
 
 T = TypeVar("T")
 
@@ -31,7 +34,7 @@ class Refused(BackendBusy):
 
 @dataclass
 class AdmissionLimits:
-    slots: int = 1  # requests the backend runs at once
+    slots: int = 1  # requests the backend runs at once; with a BatchWidth, the most it may choose
     max_queue: int = 64  # requests waiting, all tenants together
     tenant_max_queued: int = 16  # requests one tenant may have waiting
     tenant_max_running: int = 0  # of the slots, how many one tenant may hold (0: all)
@@ -46,7 +49,9 @@ class _Ticket:
     cost: float
     granted: asyncio.Future
     tag: float  # virtual start time: requests start in the order of their tags
+    deadline: float | None = None
     started: float | None = None
+    base: int = 1  # requests running at once when it started (what its time estimate assumes)
 
 
 @dataclass
@@ -79,12 +84,17 @@ class _Rates:
 
 
 class Admission:
-    def __init__(self, limits: AdmissionLimits, metrics=None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, limits: AdmissionLimits, metrics=None, clock: Callable[[], float] = time.monotonic,
+                 width: BatchWidth | None = None):
+        """`width`: how many requests share a UNet call on this device (service/admission/width.py),
+        which decides how many run at once, up to `limits.slots`; by default the one the backend
+        built beside this admission measures (attached to the same `metrics`), else `limits.slots`."""
         if limits.slots < 1:
             raise ValueError("admission needs at least one slot")
         self.limits = limits
         self.metrics = metrics
         self.clock = clock
+        self.width = width if width is not None else attached(metrics)
         self.rates = _Rates()
         self._queues: dict[str, deque[_Ticket]] = {}
         # Start-time fair queuing: virtual time advances with the tag of each request started; a
@@ -138,13 +148,33 @@ class Admission:
 
     def estimated_wait(self, tenant: str) -> float:
         """Seconds until a new request of ``tenant`` would start: the running requests' remaining
-        time and the waiting requests tagged before it, over the slots. (It does not model
-        tenant_max_running: with that limit set, a capped tenant's wait is underestimated.)"""
+        time and the waiting requests tagged before it, over the requests run at once. (It does not
+        model tenant_max_running: with that limit set, a capped tenant's wait is underestimated.)"""
         now = self.clock()
-        ahead = sum(max(0.0, self.rates.seconds(t.kind, t.cost) - (now - t.started)) for t in self._running)
+        ahead = sum(self._remaining(t, now) for t in self._running)
         tag = self._next_tag(tenant)
         ahead += sum(self.rates.seconds(t.kind, t.cost) for q in self._queues.values() for t in q if t.tag <= tag)
-        return ahead / self.limits.slots
+        return ahead / self.concurrency()
+
+    def concurrency(self, deadlines: bool = False) -> int:
+        """How many requests run at once now: the batch width this device pays for, at most the
+        slots (with `deadlines`: and no wider than lets the running requests meet theirs)."""
+        if self.width is None:
+            return self.limits.slots
+        return self.width.requests(self.limits.slots, self._deadline_slack(self.clock()) if deadlines else ())
+
+    def _remaining(self, ticket: _Ticket, now: float) -> float:
+        return max(0.0, self.rates.seconds(ticket.kind, ticket.cost) - (now - ticket.started))
+
+    def _deadline_slack(self, now: float) -> list[tuple[float, int]]:
+        """For each running request with a deadline: (time left over estimated time left, the
+        requests running at once that estimate assumes), how much slower it may run and finish."""
+        bounds = []
+        for t in self._running:
+            remaining = self._remaining(t, now) if t.deadline is not None else 0.0
+            if remaining > 0:  # (not: about done by the estimate, or nothing measured yet)
+                bounds.append((max(0.0, t.deadline - now) / remaining, t.base))
+        return bounds
 
     def _next_tag(self, tenant: str) -> float:
         return max(self._virtual_time, self._finish.get(tenant, 0.0))
@@ -196,7 +226,7 @@ class Admission:
         if lim.tenant_rate > 0:  # admitted: it takes its token (refusals take none)
             self._buckets[tenant].tokens -= 1.0
         tag = self._next_tag(tenant)
-        ticket = _Ticket(tenant, kind, cost, asyncio.get_running_loop().create_future(), tag)
+        ticket = _Ticket(tenant, kind, cost, asyncio.get_running_loop().create_future(), tag, deadline)
         self._finish[tenant] = tag + cost
         self._enqueued[ticket] = now
         self._queues.setdefault(tenant, deque()).append(ticket)
@@ -214,7 +244,7 @@ class Admission:
         """Grants free slots to the waiting requests with the smallest tags (oldest first on a tie),
         skipping tenants that hold all the slots they may."""
         limit = self.limits.tenant_max_running or self.limits.slots
-        while len(self._running) < self.limits.slots:
+        while len(self._running) < self.concurrency(deadlines=True):
             heads = [q[0] for tenant, q in self._queues.items() if self._running_by_tenant[tenant] < limit]
             if not heads:
                 break
@@ -226,6 +256,7 @@ class Admission:
             self._virtual_time = max(self._virtual_time, ticket.tag)
             self._running.add(ticket)
             self._running_by_tenant[ticket.tenant] += 1
+            ticket.base = len(self._running)
             ticket.started = self.clock()  # now, not when its task wakes: estimates count it as running
             ticket.granted.set_result(None)
         self._export()
@@ -264,3 +295,25 @@ class Admission:
             m.admission_queued.labels(tenant).set(self.waiting(tenant))
             m.admission_running.labels(tenant).set(self.running(tenant))
         m.admission_tenants.update(tenants)
+        gauge = _width_gauge(m)
+        if gauge is not None:
+            gauge.set(self.concurrency())
+
+
+_width_gauges: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
+
+
+def _width_gauge(metrics):
+    """steerserve_batch_width in the gateway's registry (one per registry, whoever asks first)."""
+    registry = getattr(metrics, "registry", None)
+    if registry is None:
+        return None
+    gauge = _width_gauges.get(registry)
+    if gauge is None:
+        from prometheus_client import Gauge
+
+        gauge = _width_gauges[registry] = Gauge(
+            "steerserve_batch_width", "Requests admission runs at once, whose steps share each UNet call: the "
+            f"widest that costs each at most {SLOWDOWN:g}x its time alone, as measured on this device (at most "
+            "STEERSERVE_ADMISSION_SLOTS).", registry=registry)
+    return gauge

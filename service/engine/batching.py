@@ -17,6 +17,12 @@ slower steps on 2 cores). While the worker computes one call, the next steps of 
 queue up; the next call is formed once every request the last call answered has queued its next
 step (or finished), so requests stay in one cohort and batches grow with load by themselves.
 
+How wide a call gets is set in front of it: admission runs as many requests at once as the batch
+width this device pays for (`self.width`, a service.admission.BatchWidth). The batcher measures
+what each step costs at its width into it (rows, and seconds from one call to the next: the UNet
+call and the answered requests' own steps), and `measure_width()` seeds it at start with a 2-row
+call against a wider one (or the UNet runtime chooser's timings of both, when there are).
+
 Thousands of adapters: a call takes queued steps, oldest first, while their distinct adapters fit
 the adapter bank's slots (`slot_capacity`); a step that would overflow them waits for the next call
 (first in line) rather than failing the merged call. As soon as a request's model call arrives here,
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import statistics
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -70,13 +77,22 @@ class BatchStats:
         return self.rows / self.calls if self.calls else 0.0
 
 
+# Model-thread seconds the start-up measurement of a wide call may take (by a CPU's estimate: a call
+# costs its rows' share of a 2-row call); wider calls are then learned from the calls served.
+_SEED_BUDGET_S = 1.5
+
+
 class StepBatcher:
-    def __init__(self, engine, max_rows: int, name: str = "unet-steps", threads: int | None = None):
+    def __init__(self, engine, max_rows: int, name: str = "unet-steps", threads: int | None = None, width=None):
         """`engine`: a service.engine.pipeline.Engine (its `execute` and `predict_noise`);
         `max_rows`: the most rows one UNet call takes (the adapter bank's routing table size);
-        `threads`: torch intra-op threads of the model thread (None: leave torch's default)."""
+        `threads`: torch intra-op threads of the model thread (None: leave torch's default);
+        `width`: the service.admission.BatchWidth its calls are measured into (None: a new one)."""
+        from service.admission.width import BatchWidth  # (here: service.admission imports the backends)
+
         self.engine = engine
         self.max_rows = max_rows
+        self.width = width if width is not None else BatchWidth()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_model_thread,
                                           initargs=(threads,))
         self._queue: deque[tuple[Denoise, asyncio.Future, float]] = deque()
@@ -160,6 +176,7 @@ class StepBatcher:
         """Runs UNet calls until the queue is empty (on the event loop; the compute on the worker)."""
         loop = asyncio.get_running_loop()
         batch: list = []
+        previous = None  # (rows, start) of the call before: the step it made took until this one
         try:
             while True:
                 # Let the requests the last call answered take their next step first (each runs
@@ -173,6 +190,12 @@ class StepBatcher:
                 batch, rows, queued = self._take_batch(started)
                 if not batch:
                     continue
+                # What a step costs each request at this width: from one call to the next, the
+                # call and every answered request's own step (guidance, scheduler), in rows at the
+                # default resolution (a row's cost goes with its pixels).
+                if previous is not None:
+                    self.width.observe(previous[0], started - previous[1])
+                previous = (self._default_rows([call for call, _ in batch]), started)
                 answers = await loop.run_in_executor(self._worker, self._compute, [c for c, _ in batch])
                 seconds = time.perf_counter() - started
                 self.stats.calls += 1
@@ -234,6 +257,59 @@ class StepBatcher:
             self.stats.deferred += len(left)
         return batch, rows, queued
 
+    def measure_width(self):
+        """Seeds `width` on the model thread (before the calls queued after this): the runtime
+        chooser's timings of 2 and more rows when the engine has them, else a 2-row call against
+        the widest of 16, 8, 4 rows that fits _SEED_BUDGET_S. A concurrent.futures.Future."""
+        return self._worker.submit(self._seed_width)
+
+    def _seed_width(self) -> None:
+        try:
+            choice = getattr(self.engine, "unet_runtime_choice", None)
+            timings = getattr(choice, "step_ms", {}).get(getattr(choice, "kind", None)) or {}
+            if len(timings) >= 2:
+                self.width.seed({float(rows): ms / 1000 for rows, ms in timings.items()},
+                                "the UNet runtime chooser's timings")
+                return
+            points = {2: self._time_rows(2)}
+            for wide in (16, 8, 4):
+                if wide <= self.max_rows and 4 * points[2] * wide / 2 <= _SEED_BUDGET_S:
+                    points[wide] = self._time_rows(wide)
+                    break
+            self.width.seed(points, "measured at start")
+            log.info("batch width: %s (%s)", self.width.describe(), self.width.seeded_by)
+        except Exception as exc:  # noqa: BLE001 - then only the calls served teach it
+            log.warning("could not measure the UNet's cost by batch width at start: %s", exc)
+
+    @torch.no_grad()
+    def _time_rows(self, rows: int, reps: int = 3) -> float:
+        """Median seconds of a `rows`-row UNet call at the default resolution, after a warm one."""
+        engine = self.engine
+        unet = engine.unet
+        size = engine.limits.default_size // engine.vae_scale_factor
+        param = next(unet.parameters())
+        like = dict(device=param.device, dtype=param.dtype)
+        latents = torch.zeros(rows, unet.config.in_channels, size, size, **like)
+        timesteps = torch.full((rows,), 999.0, device=param.device)
+        embeds = torch.zeros(rows, engine.tokenizer.model_max_length, unet.config.cross_attention_dim, **like)
+        times = []
+        for _ in range(reps + 1):
+            started = time.perf_counter()
+            noise = engine.predict_noise(latents, timesteps, embeds, [()] * rows)
+            _synchronize(noise)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])
+
+    def _default_rows(self, calls: list[Denoise]) -> float:
+        """The rows of `calls` counted at the default resolution (by pixels)."""
+        try:
+            side = self.engine.limits.default_size // self.engine.vae_scale_factor
+        except AttributeError:
+            side = None
+        if not side:
+            return float(sum(c.latents.shape[0] for c in calls))
+        return sum(c.latents.shape[0] * c.latents.shape[-1] * c.latents.shape[-2] for c in calls) / (side * side)
+
     @torch.no_grad()
     def _compute(self, calls: list[Denoise]) -> list:
         """Noise for each call: one predict_noise per latent shape (one for the usual all-equal
@@ -247,6 +323,7 @@ class StepBatcher:
             group = [calls[i] for i in indices]
             try:
                 noise = self._predict(group)
+                _synchronize(noise)  # (so that its time is the call's, on a GPU too)
             except Exception as exc:  # noqa: BLE001 - isolate the failing request below
                 if len(group) == 1:
                     out[indices[0]] = exc
@@ -273,4 +350,10 @@ class StepBatcher:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _synchronize(noise) -> None:
+    """A GPU call's time is its kernels' (they run after the call returns)."""
+    if isinstance(noise, torch.Tensor) and noise.is_cuda:
+        torch.cuda.synchronize(noise.device)
 
