@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -39,7 +38,7 @@ from service.gateway.server import MODEL_REPOSITORY, TRITON_MODELS, triton_model
 from service.triton.client import grpcclient
 from service.triton.launcher import TritonServer
 from service.adapters.loading import blob_loader
-from tests.conftest import TOKENS, auth, free_port, start_gateway_in_thread, stop_gateway
+from tests.conftest import TOKENS, auth, free_port, required_tool, start_gateway_in_thread, stop_gateway
 
 
 @pytest.fixture(scope="module")
@@ -403,7 +402,7 @@ def _metric(stack, name: str) -> float:
     return float(found[0]) if found else 0.0
 
 
-def test_supervisor_restarts_a_killed_triton_and_jobs_resume(stack, triton, model_dir):
+def test_supervisor_restarts_a_killed_triton_and_jobs_resume(stack, triton, model_dir, monkeypatch):
     """kill -9 of the Triton process group: in-flight requests fail UNAVAILABLE, health turns
     NOT_SERVING, the gateway restarts Triton, health is SERVING within 5 s of Triton being ready,
     and the training job that was running resumes from its checkpoint."""
@@ -415,6 +414,20 @@ def test_supervisor_restarts_a_killed_triton_and_jobs_resume(stack, triton, mode
     _wait_job(stub, job.job_id, lambda j: j.state == pb.RUNNING and
               servicer.job_store.get("alice", job.job_id).checkpoint_step >= 2)
     box = {}
+    # The long call's first denoising step, from the progress Triton streams back: the kill below
+    # lands while Triton runs its steps, not before the request got there.
+    generate, stepped = servicer.backend.generate, threading.Event()
+
+    async def generate_reporting_steps(spec, deadline, on_step=None):
+        def step(done, total):
+            if spec.steps == 150:  # the long call's
+                stepped.set()
+            if on_step is not None:
+                on_step(done, total)
+
+        return await generate(spec, deadline, step)
+
+    monkeypatch.setattr(servicer.backend, "generate", generate_reporting_steps)
 
     def long_call():
         try:
@@ -425,11 +438,8 @@ def test_supervisor_restarts_a_killed_triton_and_jobs_resume(stack, triton, mode
 
     thread = threading.Thread(target=long_call)
     thread.start()
-    deadline = time.monotonic() + 30
-    while _metric(stack, 'steerserve_rpc_in_flight_requests{method="Generate"}') < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(1.0)  # into its 150 steps at 256x256 (many seconds on a CPU)
+    # Into its 150 steps at 256x256 (many seconds on a CPU).
+    assert stepped.wait(60), "the long Generate ran no step in Triton within 60 s"
 
     def external_probe() -> bool:  # how an external Triton (STEERSERVE_TRITON_URL) is watched: gRPC readiness
         async def probe():
@@ -524,7 +534,6 @@ def _prometheus_api(base: str, path: str, **params) -> dict:
     return body["data"]
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus missing: scripts/setup.sh --test installs it")
 def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(stack, triton, tmp_path):
     """A real Prometheus server (1 s scrapes and evaluations) scrapes this gateway's and Triton's
     metrics ports with the shipped rules (the PrometheusRule's groups as a plain rule file, group
@@ -549,7 +558,7 @@ def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(stack, tri
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "prometheus.log", "w")
     proc = subprocess.Popen(
-        [shutil.which("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+        [required_tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
 
@@ -578,11 +587,20 @@ def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(stack, tri
         # Prometheus starts scraping a few seconds after it is ready (its target updates are batched
         # every 5 s): scraped before the requests, so rates see the counters move.
         wait("targets", targets_up)
+
+        def scraped(count: float):
+            def check():  # Prometheus's latest sample of the gateway's images counter has reached `count`
+                result = _prometheus_api(base, "/api/v1/query",
+                                         query='steerserve_images_generated_total{job="steerserve-gateway"}')["result"]
+                last["scrape"] = (count, result)
+                return bool(result) and float(result[0]["value"][1]) >= count
+            return check
+
         stub = stack.stub()
-        for k in range(3):  # spread over a few scrapes
+        for k in range(3):  # each seen by a scrape of its own before the next
             assert len(stub.Generate(pb.GenerateRequest(prompt="a blue square", steps=2, seed=k), metadata=auth(),
                                      timeout=120).images) == 1
-            time.sleep(1.5)
+            wait("scrape", scraped(_metric(stack, "steerserve_images_generated_total")))
 
         def rules_healthy():
             groups = _prometheus_api(base, "/api/v1/rules")["groups"]
