@@ -8,10 +8,10 @@ benchmarks (bench/common.py), so what is measured and exported is what serves.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from service.config import Settings
-from service.engine.pipeline import Engine
+from service.engine.pipeline import COMPONENTS, Engine
 
 
 def build_engine(
@@ -24,6 +24,7 @@ def build_engine(
     loader: Callable[[str], object] | None = None,
     unet_runtime: bool = True,
     registry=None,
+    components: Sequence[str] = COMPONENTS,
 ) -> Engine:
     """The engine of one serving process.
 
@@ -32,10 +33,12 @@ def build_engine(
     key through `loader` (default: the content-addressed blobs in settings.adapters_path()).
     `unet_runtime`: run the UNet as settings.unet_runtime says, warmed up before this returns.
     `registry`: where the bank's metrics go (default: the process's global registry).
+    `components`: the models whose weights to load (Engine.from_pretrained); the rest stay on meta.
     """
     from service.adapters import BankedAdapters
 
-    engine = Engine.from_pretrained(model_dir or settings.resolved_model_dir(), device=device or settings.device)
+    engine = Engine.from_pretrained(model_dir or settings.resolved_model_dir(), device=device or settings.device,
+                                    components=components)
     if adapters:
         if loader is None:
             from service.adapters.loading import blob_loader

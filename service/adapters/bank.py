@@ -166,7 +166,10 @@ class AdapterBank:
             raise ValueError("num_slots must be at least 2 (slot 0 is the base model)")
         if max_rank < 1 or max_adapters_per_row < 1 or max_rows < 1:
             raise ValueError("max_rank, max_rows and max_adapters_per_row must be positive")
-        param = next(unet.parameters())
+        # The routing state lives where the loaded model runs: a model not loaded (meta device, e.g.
+        # the UNet of a Triton text_encoder instance) gets banked layers without memory.
+        params = [next(unet.parameters())] + ([next(text_encoder.parameters())] if text_encoder is not None else [])
+        param = next((p for p in params if p.device.type != "meta"), params[0])
         self.device, self.dtype = param.device, param.dtype
         self.num_slots = num_slots
         self.max_rank = max_rank

@@ -29,7 +29,7 @@ import torch
 from service.adapters import serialize_adapter
 from service.adapters.loading import blob_loader, request_adapter
 from service.config import Settings
-from service.engine.pipeline import AdapterUse, Engine, flush_denormals
+from service.engine.pipeline import COMPONENTS, AdapterUse, Engine, flush_denormals
 from service.engine.priority import ComputeShare, default_units, open_serving_state, serving_state_folder
 from service.personalize import FrozenBase, TrainingSpec, train
 from service.serving import build_engine
@@ -88,13 +88,15 @@ def model_dir(settings: Settings) -> Path:
 
 
 def instance_engine(settings: Settings, args: dict, max_rows: int, adapters: bool = True, unet_runtime: bool = False,
-                    registry=None) -> Engine:
+                    registry=None, components: Sequence[str] = COMPONENTS) -> Engine:
     """The engine of one model instance (on its instance_group's device), with an adapter bank when
     `adapters` and an adapter folder is configured; the UNet runtime warmed up when `unet_runtime`
-    (the models whose UNet runs every step: `generate` for its own loops, `unet` for the edits')."""
+    (the models whose UNet runs every step: `generate` for its own loops, `unet` for the edits').
+    `components`: the models whose weights it needs (`text_encoder` and `vae_decode` load one each:
+    six full copies of an SD-size model would not fit a small machine's memory)."""
     return build_engine(settings, max_rows, device=instance_device(args), model_dir=model_dir(settings),
                         adapters=adapters and settings.adapter_dir is not None, unet_runtime=unet_runtime,
-                        registry=registry)
+                        registry=registry, components=components)
 
 
 def instance_share(settings: Settings, args: dict) -> ComputeShare:

@@ -12,7 +12,8 @@ from service.triton.parts import TextEncode, instance_engine, instance_settings
 class TritonPythonModel:
     def initialize(self, args):
         registry = CollectorRegistry()  # this instance's bank series, exported through Triton below
-        engine = instance_engine(instance_settings(), args, max_rows=64, registry=registry)
+        engine = instance_engine(instance_settings(), args, max_rows=64, registry=registry,
+                                 components=("text_encoder",))
         self.encode = TextEncode(engine)
         self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if engine.adapters.manager is not None else None
 

@@ -10,7 +10,8 @@ from service.triton.parts import VaeDecode, instance_engine, instance_settings
 class TritonPythonModel:
     def initialize(self, args):
         # The decoder never applies adapters; no bank needed.
-        self.decode = VaeDecode(instance_engine(instance_settings(), args, max_rows=1, adapters=False))
+        self.decode = VaeDecode(instance_engine(instance_settings(), args, max_rows=1, adapters=False,
+                                                    components=("vae",)))
 
     def execute(self, requests):
         responses = []
