@@ -21,7 +21,7 @@ sending --width-flood requests at once (no deadline), B one 0.3 s later. Two dev
 - a GPU-like stand-in: the same engine with `predict_noise` replaced by a sleep of
   --fixed-ms + --row-ms per row (returning zeros), a call's cost that barely grows with its rows.
 On each, admission runs "fixed 8" (what it did before: 8 at once, the slots) against "measured"
-(the batch width the backend measured: service/admission/width.py), and on the stand-in also
+(the batch width the backend measured: service/engine/width.py), and on the stand-in also
 "1 at once" (what a CPU-like width would do there). Reported: the width, B's latency against B
 alone, the flood's throughput and A's median latency.
 """
@@ -187,7 +187,7 @@ def width_markdown(report: dict, args) -> str:
         f"tenant A sends {report['flood']} Generate calls ({report['steps']} steps, no deadline) at once, 0.3 s later "
         f"tenant B sends one. Medians of {report['rounds']} rounds per policy, policies alternating, B alone measured "
         "between rounds. 'fixed 8': 8 at once (before issue 34); 'measured': the width the backend measured "
-        "(service/admission/width.py: the widest whose calls cost each request at most 1.4x its time alone).",
+        "(service/engine/width.py: the widest whose calls cost each request at most 1.4x its time alone).",
         "",
         "| device | policy | at once | B alone | B under the flood | B vs alone (rounds) | requests/s | A's median |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

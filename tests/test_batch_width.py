@@ -1,4 +1,4 @@
-"""How many requests share a UNet call (service/admission/width.py): narrow where a wider call
+"""How many requests share a UNet call (service/engine/width.py): narrow where a wider call
 costs its rows (a CPU), wide where it costs about the same (a GPU), never wider than the running
 requests' deadlines allow; admission runs that many at once, so under a flood another tenant's
 request starts while the flood still waits; and the in-process backend measures its device."""
@@ -200,7 +200,8 @@ def test_under_a_flood_another_tenants_request_runs_before_the_flood_drains(mode
     model_dir = default_model_dir(model_cache)
     metrics = GatewayMetrics(CollectorRegistry(), watch_gpus=False)
     backend = InProcessBackend(Engine.from_pretrained(model_dir), model_dir, metrics=metrics, torch_threads=1)
-    admission = Admission(AdmissionLimits(slots=8, max_queue=64, tenant_max_queued=64), metrics)
+    admission = Admission(AdmissionLimits(slots=8, max_queue=64, tenant_max_queued=64), metrics,
+                          width=backend.batch_width)
     spec = GenerationSpec(prompt="a red circle on a blue background", steps=6, seed=1)
     assert admission.width is backend.batch_width
 

@@ -119,7 +119,7 @@ def test_a_cancelled_request_leaves_the_others(engine):
 
 
 def test_every_step_is_measured_by_its_width_in_default_resolution_rows(engine):
-    """What BatchWidth (service/admission/width.py) fits the device's cost of wider calls from: each
+    """What BatchWidth (service/engine/width.py) fits the device's cost of wider calls from: each
     UNet call's rows, counted at the default resolution (a row's cost goes with its pixels), and the
     seconds until the next call (the call, then each answered request's own guidance and step)."""
     import time

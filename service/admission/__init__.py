@@ -4,7 +4,7 @@ The gateway runs every Generate and Edit through `Admission.run(tenant, cost, de
 
 - a number of requests run at once, whose denoising steps share each UNet call (the step batcher,
   in-process or in Triton's `generate` model): the batch width this device pays for
-  (`BatchWidth`, service/admission/width.py: the widest whose calls cost each request at most 1.4x
+  (`BatchWidth`, service/engine/width.py: the widest whose calls cost each request at most 1.4x
   its time alone, measured; 1-2 on a CPU, wide on a GPU), at most the slots setting, and no wider
   than the running requests' deadlines allow;
 - one FIFO queue per tenant, served in start-time fair order (each request tagged with a virtual
@@ -29,6 +29,6 @@ from __future__ import annotations
 
 from .controller import Admission, AdmissionLimits, Refused
 from .costs import edit_cost, generate_cost
-from .width import BatchWidth
+from service.engine.width import BatchWidth
 
 __all__ = ["Admission", "AdmissionLimits", "BatchWidth", "Refused", "edit_cost", "generate_cost"]

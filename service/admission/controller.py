@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
@@ -12,7 +11,7 @@ from typing import Awaitable, Callable, TypeVar
 from service.backends.base import BackendBusy
 from service.engine.sampling import GenerationCancelled
 
-from .width import SLOWDOWN, BatchWidth, attached
+from service.engine.width import BatchWidth
 
 T = TypeVar("T")
 
@@ -86,15 +85,15 @@ class _Rates:
 class Admission:
     def __init__(self, limits: AdmissionLimits, metrics=None, clock: Callable[[], float] = time.monotonic,
                  width: BatchWidth | None = None):
-        """`width`: how many requests share a UNet call on this device (service/admission/width.py),
-        which decides how many run at once, up to `limits.slots`; by default the one the backend
-        built beside this admission measures (attached to the same `metrics`), else `limits.slots`."""
+        """`width`: how many requests share a UNet call on this device (service/engine/width.py:
+        the backend's `batch_width`), which decides how many run at once, up to `limits.slots`;
+        None: `limits.slots`."""
         if limits.slots < 1:
             raise ValueError("admission needs at least one slot")
         self.limits = limits
         self.metrics = metrics
         self.clock = clock
-        self.width = width if width is not None else attached(metrics)
+        self.width = width
         self.rates = _Rates()
         self._queues: dict[str, deque[_Ticket]] = {}
         # Start-time fair queuing: virtual time advances with the tag of each request started; a
@@ -295,25 +294,4 @@ class Admission:
             m.admission_queued.labels(tenant).set(self.waiting(tenant))
             m.admission_running.labels(tenant).set(self.running(tenant))
         m.admission_tenants.update(tenants)
-        gauge = _width_gauge(m)
-        if gauge is not None:
-            gauge.set(self.concurrency())
-
-
-_width_gauges: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
-
-
-def _width_gauge(metrics):
-    """steerserve_batch_width in the gateway's registry (one per registry, whoever asks first)."""
-    registry = getattr(metrics, "registry", None)
-    if registry is None:
-        return None
-    gauge = _width_gauges.get(registry)
-    if gauge is None:
-        from prometheus_client import Gauge
-
-        gauge = _width_gauges[registry] = Gauge(
-            "steerserve_batch_width", "Requests admission runs at once, whose steps share each UNet call: the "
-            f"widest that costs each at most {SLOWDOWN:g}x its time alone, as measured on this device (at most "
-            "STEERSERVE_ADMISSION_SLOTS).", registry=registry)
-    return gauge
+        m.batch_width.set(self.concurrency())

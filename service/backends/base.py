@@ -26,6 +26,9 @@ class Backend(Protocol):
 
     # The model server this backend started and stops on close (Triton's embedded one), or None.
     server: object | None
+    # How many requests to run at once, measured where the UNet runs (service/engine/width.py),
+    # or None (the admission slots setting).
+    batch_width: object | None
 
     def count_tokens(self, text: str) -> int: ...
 

@@ -25,7 +25,6 @@ from PIL import Image
 
 from service import tracing
 from service.adapters import serialize_adapter
-from service.admission.width import attach
 from service.edit import DREAMSTEERER, Edited, EditProgress, EditSpec
 from service.edit.runner import run_edit
 from service.edit.spec import throttled
@@ -77,13 +76,10 @@ class InProcessBackend:
         # Generate's model calls: every in-flight request's steps batched into shared UNet calls.
         # `torch_threads` on its model thread (STEERSERVE_TORCH_THREADS, 1): see batching._model_thread.
         self.batcher = StepBatcher(engine, max_rows=_bank_rows(engine), threads=torch_threads)
-        # How many requests share a call pays on this device (service/admission/width.py): measured
-        # now on the model thread, then from every call; the gateway's admission (built with the
-        # same metrics) runs that many at once.
+        # How many requests share a call pays on this device (service/engine/width.py): measured
+        # now on the model thread, then from every call; the gateway's admission runs that many at once.
         self.batch_width = self.batcher.width
         self.batcher.measure_width()
-        if metrics is not None:
-            attach(metrics, self.batch_width)
         self._trainers = ThreadPoolExecutor(max_workers=training_workers, thread_name_prefix="trainer",
                                             initializer=_training_thread)
         # Serving first, training in the gaps: requests hold their model thread's cores while in

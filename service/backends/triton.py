@@ -30,6 +30,7 @@ from service import tracing
 from service.edit import Edited, EditProgress, EditSpec
 from service.engine.pipeline import GenerationCancelled, GenerationResult, GenerationSpec
 from service.engine.sampling import ModelFacts
+from service.engine.width import BatchWidth, ReplicatedWidth
 from service.errors import Busy
 from service.personalize import Progress, TrainingSpec, TrainingStopped
 from service.triton import wire
@@ -123,6 +124,10 @@ class TritonBackend:
         self.router = ReplicaRouter(url, max(1, adapter_slots - 1), registry=self._registry)
         self.router.on_removed = self._close_replica
         self.supervisor: TritonSupervisor | None = None
+        # The generate instances measure what a step costs by width and send it with each result:
+        # admission runs that many requests at once per ready replica (service/engine/width.py).
+        self._width = BatchWidth()
+        self.batch_width = ReplicatedWidth(self._width, lambda: sum(r.ready for r in self.router.replicas.values()))
 
     async def unet_runtime(self) -> tuple[str, str]:
         """What the `unet` model's instances chose, from the info metric they export on Triton's
@@ -289,6 +294,9 @@ class TritonBackend:
                 if on_step is not None:
                     on_step(response.step, spec.steps)
                 continue
+            if response.step_cost is not None:
+                fixed, per_row = response.step_cost
+                self._width.seed({2.0: fixed + 2 * per_row, 16.0: fixed + 16 * per_row}, "Triton generate")
             if self.triton_metrics is not None:
                 for size, queue in zip(response.step_batch_sizes, response.step_queue_seconds):
                     self.triton_metrics.step_batch_size.observe(size)

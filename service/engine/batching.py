@@ -18,7 +18,7 @@ queue up; the next call is formed once every request the last call answered has 
 step (or finished), so requests stay in one cohort and batches grow with load by themselves.
 
 How wide a call gets is set in front of it: admission runs as many requests at once as the batch
-width this device pays for (`self.width`, a service.admission.BatchWidth). The batcher measures
+width this device pays for (`self.width`, a service.engine.width.BatchWidth). The batcher measures
 what each step costs at its width into it (rows, and seconds from one call to the next: the UNet
 call and the answered requests' own steps), and `measure_width()` seeds it at start with a 2-row
 call against a wider one (or the UNet runtime chooser's timings of both, when there are).
@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from .sampling import Denoise, StepResult
+from .width import BatchWidth
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,7 @@ class StepBatcher:
         """`engine`: a service.engine.pipeline.Engine (its `execute` and `predict_noise`);
         `max_rows`: the most rows one UNet call takes (the adapter bank's routing table size);
         `threads`: torch intra-op threads of the model thread (None: leave torch's default);
-        `width`: the service.admission.BatchWidth its calls are measured into (None: a new one)."""
-        from service.admission.width import BatchWidth  # (here: service.admission imports the backends)
+        `width`: the BatchWidth its calls are measured into (None: a new one)."""
 
         self.engine = engine
         self.max_rows = max_rows

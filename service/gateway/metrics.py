@@ -83,6 +83,10 @@ class GatewayMetrics:
             "steerserve_admission_seconds_per_unit", "Measured seconds per unit of work (UNet row-step), per "
             "kind of request: what wait estimates are made of.", ["kind"], registry=r)
         self.admission_tenants: set[str] = set()  # tenants with series, so they are set back to 0
+        self.batch_width = Gauge(
+            "steerserve_batch_width", "Requests admission runs at once, whose steps share each UNet call: the "
+            "widest that costs each at most 1.4x its time alone, as measured on this device, times the ready "
+            "Triton replicas (at most STEERSERVE_ADMISSION_SLOTS).", registry=r)
 
     def watch_gpus(self, nvml=None) -> None:
         """steerserve_gpu_* per GPU of this node, read through NVML at scrape time (gpu_metrics.py);

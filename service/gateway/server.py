@@ -176,7 +176,7 @@ async def start_gateway(
         log.warning("removed %d unregistered adapter files left by an interrupted write", len(swept))
     check = adapter_checker(backend.model_dir, settings.adapter_max_rank)
     # The one request queue: Generate and Edit calls, and finished jobs' previews.
-    admission = Admission(settings.admission_limits(backend.name), metrics)
+    admission = Admission(settings.admission_limits(backend.name), metrics, width=backend.batch_width)
     metrics.training_capacity.set(settings.training_workers)
     runner = JobRunner(
         settings, JobStore(db), adapters, CheckpointStore(Path(settings.data_dir) / "checkpoints"), backend, check, metrics,

@@ -230,7 +230,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         self.auth = Authenticator(settings.api_keys)
         self.limits = validation.Limits(settings=settings, model=backend.limits)
         # The one request queue (Generate, Edit, and job previews through the job runner).
-        self.admission = admission or Admission(settings.admission_limits(backend.name), metrics)
+        self.admission = admission or Admission(settings.admission_limits(backend.name), metrics,
+                                                width=getattr(backend, "batch_width", None))
 
     async def _admitted(self, tenant: str, kind: str, cost: float, context, work):
         """``work(deadline)`` once admission lets it run (RESOURCE_EXHAUSTED at once if it would not

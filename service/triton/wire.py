@@ -58,7 +58,7 @@ CONTRACT: dict[str, dict[str, dict[str, str]]] = {
                    "WIDTH": "INT32", "HEIGHT": "INT32", "SEED": "INT64", "NUM_IMAGES": "INT32", "ADAPTERS": "STRING",
                    "STYLE_GUIDANCE_SCALE?": "FP32", "TIMEOUT_S?": "FP32", "PROGRESS?": "BOOL"},
         "outputs": {"STEP": "INT32", "BATCH_SIZE": "INT32", "QUEUE_US": "INT64", "IMAGES": "UINT8", "SEEDS": "INT64",
-                    "TIMINGS": "STRING", "STEP_BATCH_SIZES": "INT32", "STEP_QUEUE_US": "INT64"},
+                    "TIMINGS": "STRING", "STEP_BATCH_SIZES": "INT32", "STEP_QUEUE_US": "INT64", "STEP_COST_S": "FP64"},
     },
     EDIT: {
         "inputs": {"SPEC": "STRING", "SOURCE": "UINT8", "TIMEOUT_S?": "FP32", "PROGRESS?": "BOOL"},
@@ -166,14 +166,18 @@ def generate_progress(step: int, batch_size: int, queue_seconds: float) -> Tenso
             "QUEUE_US": np.array([int(queue_seconds * 1e6)], np.int64)}
 
 
-def generate_result(images: np.ndarray, seeds: Sequence[int], timings: dict, steps) -> Tensors:
-    """`steps`: the loop's per-step records (batch_size, queue_seconds)."""
+def generate_result(images: np.ndarray, seeds: Sequence[int], timings: dict, steps,
+                    step_cost: tuple[float, float] | None = None) -> Tensors:
+    """`steps`: the loop's per-step records (batch_size, queue_seconds); `step_cost`: what a step
+    of the instance's step batcher costs, (fixed seconds, seconds per row) as its BatchWidth fits it
+    (empty while not measured): the gateway's admission runs as many requests at once as that pays."""
     return {
         "IMAGES": images,
         "SEEDS": np.array(seeds, np.int64),
         "TIMINGS": strings([json.dumps(timings)]),
         "STEP_BATCH_SIZES": np.array([s.batch_size for s in steps], np.int32),
         "STEP_QUEUE_US": np.array([int(s.queue_seconds * 1e6) for s in steps], np.int64),
+        "STEP_COST_S": np.array(step_cost or (), np.float64),
     }
 
 
@@ -186,6 +190,7 @@ class GenerateResponse:
     result: GenerationResult | None = None
     step_batch_sizes: list[int] = dataclasses.field(default_factory=list)
     step_queue_seconds: list[float] = dataclasses.field(default_factory=list)
+    step_cost: tuple[float, float] | None = None  # (fixed, per row) seconds of the instance's steps
 
 
 def read_generate_response(get: Get) -> GenerateResponse:
@@ -199,7 +204,13 @@ def read_generate_response(get: Get) -> GenerateResponse:
                                 timings=json.loads(_one(get, "TIMINGS"))),
         step_batch_sizes=[int(v) for v in get("STEP_BATCH_SIZES")],
         step_queue_seconds=[int(v) / 1e6 for v in get("STEP_QUEUE_US")],
+        step_cost=_pair(get("STEP_COST_S")),
     )
+
+
+def _pair(values) -> tuple[float, float] | None:
+    """Two floats, or None (absent: a model of an earlier version; empty: not measured yet)."""
+    return (float(values[0]), float(values[1])) if values is not None and len(values) == 2 else None
 
 
 # -- edit ----------------------------------------------------------------------------------------

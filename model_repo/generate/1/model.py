@@ -38,6 +38,9 @@ class TritonPythonModel:
         self.share = instance_share(settings, args)  # serving first: training steps wait while requests run
         # The model thread runs the torch threads the UNet runtime was measured with.
         self.batcher = StepBatcher(engine, max_rows=max_rows, threads=settings.torch_threads)
+        # What a step costs by width, measured now on the model thread and then from every call:
+        # each result carries it, and the gateway's admission runs as many at once as that pays.
+        self.batcher.measure_width()
         self.bank_metrics = BankMetrics(pb_utils, engine, registry, args) if engine.adapters.manager is not None else None
         self.runtime_info = RuntimeInfoMetric(pb_utils, engine, args)
         self.step_metrics = StepMetrics(pb_utils, self.batcher, args)
@@ -68,7 +71,7 @@ class TritonPythonModel:
                               dtype=self.engine.dtype)
             with self.share.serving():
                 out = await self.batcher.run(loop)
-            message = wire.generate_result(out.images, out.seeds, out.timings, out.steps)
+            message = wire.generate_result(out.images, out.seeds, out.timings, out.steps, self.batcher.width.fit())
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors(message)), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with its status
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(wire.status_message(exc))), flags=FINAL)

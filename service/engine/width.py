@@ -1,5 +1,5 @@
 """How many requests share a UNet call, and so how many admission lets run at once: the one place
-that decides it (issue 34).
+that decides it. The step batcher measures into it; admission (service/admission) asks it.
 
 The step batcher (service/engine/batching.py) puts the denoising steps of every request in flight
 into one UNet call, so admitting k requests at once makes each call about k requests wide. Whether
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import statistics
 import threading
-import weakref
 from collections import defaultdict, deque
 from typing import Iterable, Mapping
 
@@ -149,18 +148,16 @@ class BatchWidth:
                 f"{self.requests(64)} at once within {self.slowdown_budget:g}x each")
 
 
-# The width a backend measures, found by the admission built beside it: the gateway hands both the
-# same metrics object (service/gateway/server.py builds the backend, then Admission with it).
-_attached: "weakref.WeakKeyDictionary[object, BatchWidth]" = weakref.WeakKeyDictionary()
+class ReplicatedWidth:
+    """The width of several model servers alike (Triton replicas): each runs `width`'s requests at
+    once, so admission runs that many per ready replica, at most `cap` in all."""
 
+    def __init__(self, width: BatchWidth, replicas):
+        self.width = width
+        self.replicas = replicas  # () -> how many ready replicas
 
-def attach(owner, width: BatchWidth) -> None:
-    """Makes `width` the one an Admission built with `owner` (the gateway's metrics) follows."""
-    _attached[owner] = width
+    def requests(self, cap: int, deadlines: Iterable[tuple[float, int]] = ()) -> int:
+        return max(1, min(int(cap), self.width.requests(cap, deadlines) * max(1, self.replicas())))
 
-
-def attached(owner) -> BatchWidth | None:
-    try:
-        return _attached.get(owner) if owner is not None else None
-    except TypeError:  # not weak-referenceable: nothing can be attached to it
-        return None
+    def describe(self) -> str:
+        return f"{self.width.describe()}, per replica ({self.replicas()} ready)"
