@@ -28,14 +28,25 @@ _ADAPTER_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CONTENT_KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
-def blob_loader(adapter_dir: Path, request_dir: Path | None = None) -> Callable[[str], Adapter]:
+def blob_loader(adapter_dir: Path, request_dir: Path | None = None) -> "BlobLoader":
     """key (adapter id) -> parsed Adapter. Ids are opaque tokens, so anything else (a path, a glob)
     is refused before it reaches the filesystem. `request_dir`: where per-request adapters are
     (default <adapter_dir>/request)."""
-    adapter_dir = Path(adapter_dir)
-    request_dir = Path(request_dir) if request_dir is not None else adapter_dir / REQUEST_ADAPTERS
+    return BlobLoader(adapter_dir, request_dir)
 
-    def load(key: str) -> Adapter:
+
+class BlobLoader:
+    """The loader of blob_loader. Its `per_request` (RequestAdapterFiles) tells an AdapterManager
+    which keys are per-request adapters and when their request has ended, so a model process drops
+    them from its slots and host memory then (AdapterManager's `per_request`)."""
+
+    def __init__(self, adapter_dir: Path, request_dir: Path | None = None):
+        self.adapter_dir = Path(adapter_dir)
+        self.per_request = RequestAdapterFiles(
+            Path(request_dir) if request_dir is not None else self.adapter_dir / REQUEST_ADAPTERS)
+
+    def __call__(self, key: str) -> Adapter:
+        adapter_dir = self.adapter_dir
         if _CONTENT_KEY.match(key):
             path = adapter_dir / "sha256" / key[:2] / f"{key}.safetensors"
             try:
@@ -48,8 +59,8 @@ def blob_loader(adapter_dir: Path, request_dir: Path | None = None) -> Callable[
         # Files written under an adapter id (tests and tools that place one by hand).
         if not _ADAPTER_KEY.match(key):
             raise AdapterNotFoundError(f"adapter key {key!r} is not an adapter id")
-        if key.startswith(REQUEST_PREFIX):
-            path = request_dir / f"{key}.safetensors"
+        if self.per_request.owns(key):
+            path = self.per_request.path(key)
             if not path.is_file():
                 raise AdapterNotFoundError(f"per-request adapter {key!r} is gone (its request ended)")
             return parse_adapter(str(path))
@@ -58,14 +69,32 @@ def blob_loader(adapter_dir: Path, request_dir: Path | None = None) -> Callable[
             raise AdapterNotFoundError(f"adapter {key!r} is not in the store at {adapter_dir}")
         return parse_adapter(str(matches[0]))
 
-    return load
+
+class RequestAdapterFiles:
+    """The per-request adapters in `folder` (written by request_adapter), as the AdapterManager's
+    PerRequestKeys: a key is one by its prefix, and its request has ended once its file is gone."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    @staticmethod
+    def owns(key: str) -> bool:
+        return key.startswith(REQUEST_PREFIX) and bool(_ADAPTER_KEY.match(key))
+
+    def ended(self, key: str) -> bool:
+        return not self.path(key).is_file()
 
 
 # Per-request adapters every model process of one server can load (a DreamSteerer edit's steered
 # copy on Triton): <request dir>/<key>.safetensors (Settings.request_adapters_path(), by default
 # <adapter dir>/request), found by blob_loader by their key's prefix. No tenant owns such a key, so
 # no request from the gateway can name one; the store's start-up sweep removes any a crash left in
-# the default folder (deploy/ puts it on the pod's /tmp, emptied with the pod).
+# the default folder (deploy/ puts it on the pod's /tmp, emptied with the pod). A model process drops
+# such a key from its bank's slots and host memory at its first call after the file is gone
+# (RequestAdapterFiles, the AdapterManager's `per_request`).
 REQUEST_ADAPTERS = "request"
 REQUEST_PREFIX = "request-"
 
