@@ -102,8 +102,8 @@ MIXED_ROWS = [
 
 @pytest.mark.slow
 def test_onnx_graph_has_the_bank_as_inputs(onnx_engine):
-    runtime = onnx_engine.unet_runtime
-    assert isinstance(runtime, OnnxUNet)
+    runtime = onnx_engine.unet_runtime.current  # what serves (a forced runtime: from the start)
+    assert isinstance(runtime, OnnxUNet) and onnx_engine.unet_runtime.ready.is_set()
     inputs = {i.name: i for i in runtime.session.get_inputs()}
     bank = onnx_engine.adapters.bank
     unet_layers = [n for n in bank.layers if n.startswith("unet.")]

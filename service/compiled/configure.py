@@ -76,6 +76,12 @@ class ServingRuntime:
     def name(self) -> str:
         return self.current.name
 
+    def __getattr__(self, attribute):
+        """What the serving runtime has of its own (an onnx graph's path and session, ...)."""
+        if attribute == "current":  # not set yet (during construction)
+            raise AttributeError(attribute)
+        return getattr(self.current, attribute)
+
     @property
     def stats(self):
         return self.current.stats
