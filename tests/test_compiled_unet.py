@@ -603,8 +603,9 @@ def test_a_runtime_failing_at_serving_time_falls_back_to_eager_for_that_shape(ea
         serving(*one)
         assert flaky.calls == 2  # other shapes still run in the compiled form
         # A call eager cannot run either is the input's fault: it raises and marks nothing.
+        three = step_inputs(eager, 3, seed=3)
         with pytest.raises(Exception):
-            serving(latents[:, :2], timesteps, embeds)
+            serving(three[0], three[1], embeds)  # 3 rows of latents, 2 of embeddings
     assert serving.failures == 1 and len(serving.failed_shapes) == 1
     assert flaky.stats.fallback_calls == 2
 
