@@ -238,3 +238,30 @@ def test_under_a_flood_another_tenants_request_runs_before_the_flood_drains(mode
         assert bob_place <= 4  # and ended before most of alice's
     finally:
         asyncio.run(backend.close())
+
+
+def test_until_measured_a_cpu_runs_one_request_at_a_time_and_a_gpu_the_slots():
+    from types import SimpleNamespace
+
+    from service.engine.batching import StepBatcher
+
+    assert BatchWidth(unknown=1).requests(8) == 1 and BatchWidth().requests(8) == 8
+    for device, expected in (("cpu", 1), ("cuda", 8)):
+        engine = SimpleNamespace(device=SimpleNamespace(type=device), unet_runtime=SimpleNamespace(on_promote=[]))
+        batcher = StepBatcher(engine, max_rows=16)
+        try:
+            assert batcher.width.requests(8) == expected
+            assert engine.unet_runtime.on_promote == [batcher.measure_width]  # measured again after a switch
+        finally:
+            batcher.close()
+
+
+def test_replicas_share_a_running_requests_deadline_base():
+    from service.engine.width import ReplicatedWidth
+
+    width = BatchWidth()
+    width.seed({2.0: 0.030 + 2 * 0.0005, 16.0: 0.030 + 16 * 0.0005})  # GPU-like: wide pays
+    two = ReplicatedWidth(width, lambda: 2)
+    assert two.requests(16) == 16
+    # 4 running over 2 replicas (2 each), one of them with no slack to spare: no replica goes wider.
+    assert two.requests(16, [(1.0, 4)]) == 4

@@ -651,6 +651,7 @@ def test_auto_serves_eager_at_once_and_drops_a_candidate_whose_warm_up_fails(mod
     assert built["compile"].threads_seen == built["onnx"].threads_seen == {1}  # the serving thread's, not 2
     cached = json.loads(next(tmp_path.glob("runtime-choice-*.json")).read_text())
     assert cached["kind"] == "compile" and "onnx" in cached["failed"]
+    assert time.time() - cached["measured_at"] < 300  # the failure's age counts from when it was seen
 
 
 def test_cached_failures_expire_and_the_key_follows_code_and_environment(eager, tmp_path, monkeypatch):
@@ -697,3 +698,43 @@ def test_a_measurement_beside_serving_times_only_quiet_calls(eager):
     runtime = FakeRuntime("eager", 1.0)
     selection.time_calls(runtime, eager, 2, budget_s=0, max_reps=3, quiet=Busy())
     assert runtime.calls == 5 + 3  # 2 warm + at least 5 timed, and the 3 overlapped ones again
+
+    class Flood(Busy):  # every timed call overlapped: the measurement still ends
+        def calls_started(self):
+            self.started += 1
+            return self.started
+
+    runtime = FakeRuntime("eager", 0.1)
+    selection.time_calls(runtime, eager, 2, budget_s=0, max_reps=3, quiet=Flood())
+    assert runtime.calls == 5 * (selection.MAX_OVERLAPS + 1)
+
+
+def test_a_switch_tells_its_listeners_once(eager):
+    from service.compiled import ServingRuntime
+    from service.compiled.runtime import EagerUNet
+
+    serving = ServingRuntime(EagerUNet(eager.unet))
+    heard = []
+    serving.on_promote.append(lambda: heard.append(serving.name))
+    serving.promote(serving.eager)  # no switch
+    serving.promote(FakeRuntime("onnx", 0.1))
+    assert heard == ["onnx"]
+
+
+def test_an_export_never_waits_for_serving(model_dir, adapters, tmp_path):
+    """`auto` exports in the background while eager serves: the export traces a copy that shares
+    the weights, so a routed call holding the bank (serving) does not hold the export up, and the
+    bank it serves from is left as it was."""
+    engine = banked_engine(model_dir, adapters)
+    bank = engine.adapters.bank
+    before = [t.data_ptr() for layer in bank.layers.values() for t in (layer.lora_A, layer.lora_Bt)]
+    done = threading.Event()
+    with bank.activate([()]):  # a serving call in flight, holding the bank's lock throughout
+        worker = threading.Thread(target=lambda: (onnx_export.exported_unet(
+            engine.unet, bank, onnx_export.graph_shape(engine, 4), tmp_path), done.set()))
+        worker.start()
+        assert done.wait(120)  # finished while the lock was held
+    worker.join()
+    assert [t.data_ptr() for layer in bank.layers.values() for t in (layer.lora_A, layer.lora_Bt)] == before
+    assert all(isinstance(layer.lora_A, torch.Tensor) for layer in bank.layers.values())
+    assert (tmp_path / next(p.name for p in tmp_path.iterdir() if p.is_dir()) / META_FILE).is_file()

@@ -68,6 +68,7 @@ class ServingRuntime:
         self.failed_shapes: dict[tuple[int, ...], str] = {}  # (rows, h, w) -> why current failed it
         self.failures = 0  # serving calls the current runtime failed and eager answered
         self.ready = threading.Event()  # set once the final runtime serves (at once unless auto measures)
+        self.on_promote: list = []  # called after a switch (the step batcher measures its width again)
         self._idle = threading.Condition()
         self._in_flight = 0
         self._started = 0
@@ -122,8 +123,14 @@ class ServingRuntime:
 
     def promote(self, runtime: UNetRuntime) -> None:
         """Serve with `runtime` from the next call on (calls in flight finish on the old one)."""
+        switched = runtime is not self.current
         self.failed_shapes = {}
         self.current = runtime
+        for callback in self.on_promote if switched else ():
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a listener's failure must not undo the switch
+                log.exception("after switching the UNet runtime")
 
     # selection.Quiet: what a measurement beside serving waits on
     def wait_idle(self) -> int:
@@ -185,10 +192,15 @@ def _in_background(engine, serving, options, buckets, started) -> None:
     serving thread's torch threads, after the model server has loaded everything (ready_file)."""
     from service.engine.pipeline import flush_denormals
 
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
-    except (AttributeError, OSError):
-        pass
+    if engine.device.type == "cpu" and (options.threads or 1) == 1:
+        # Serving first: this thread only (Linux), and the compiler processes it starts. Not where
+        # the winner keeps threads it creates from here for serving (CUDA graphs' replay thread,
+        # onnxruntime's intra-op pool with several threads): those would inherit the nice value,
+        # and an unprivileged process cannot take it back.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
     if options.threads:
         torch.set_num_threads(options.threads)  # per thread (OpenMP): as the serving thread runs
     flush_denormals()
@@ -252,6 +264,7 @@ def _choose_and_switch(engine, serving, options, buckets, started, quiet=None) -
         runtime = serving.eager
     choice.kind = runtime.name
     if dropped:
+        choice.measured_at = time.time()  # the failure's age counts from now, not from the measurement
         save_choice(options, choice)  # the next start skips what failed (until failure_ttl_s)
     engine.unet_runtime_choice = choice
     _serve(engine, serving, runtime, started)

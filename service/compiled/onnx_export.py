@@ -20,7 +20,6 @@ cached on disk under a key of everything that shapes them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -149,10 +148,34 @@ def example_inputs(graph: BankedUNetGraph, shape: GraphShape, rows: int = 2):
     return tuple(args)
 
 
+def _export_copy(unet: nn.Module, bank):
+    """The banked UNet and its bank as the exporter may change them: tracing swaps the bank's routing
+    tensors and the layers' slot buffers for graph inputs. A copy of the module tree that SHARES
+    every parameter and buffer (no memory) but has its own BankState, layers and lock, so serving
+    goes on with the real bank while an export runs (`auto` exports in the background)."""
+    import copy
+    import threading
+
+    shared = {id(t): t for t in (*unet.parameters(), *unet.buffers())}
+    state = copy.copy(bank.state)
+    state.slot_ids, state.weights, state.coef = (t.clone() for t in (bank.state.slot_ids, bank.state.weights,
+                                                                   bank.state.coef))
+    shared[id(bank.state)] = state
+    unet_copy = copy.deepcopy(unet, shared)
+    bank_copy = copy.copy(bank)
+    bank_copy.state, bank_copy._lock = state, threading.RLock()
+    bank_copy.layers = {name: unet_copy.get_submodule(name.removeprefix("unet.")) if name.startswith("unet.") else layer
+                        for name, layer in bank.layers.items()}
+    return unet_copy, bank_copy
+
+
 def export_unet(unet: nn.Module, bank, shape: GraphShape, out_dir: Path) -> Path:
-    """Exports the banked UNet to ``out_dir/unet.onnx`` (+ external data, layers.json)."""
+    """Exports the banked UNet to ``out_dir/unet.onnx`` (+ external data, layers.json), traced on a
+    copy that shares its weights (`_export_copy`): serving never waits for an export."""
     from torch.export import Dim
 
+    if bank is not None:
+        unet, bank = _export_copy(unet, bank)
     graph = BankedUNetGraph(unet, bank).eval()
     args = example_inputs(graph, shape)
     batch = Dim("batch", min=1, max=shape.max_rows)
@@ -165,9 +188,8 @@ def export_unet(unet: nn.Module, bank, shape: GraphShape, out_dir: Path) -> Path
     path = out_dir / GRAPH_FILE
     global exports_done
     exports_done += 1
-    # Tracing swaps the bank's shared routing tensors for the call's arguments: no routed call may
-    # run meanwhile (the bank's lock serializes them).
-    with torch.no_grad(), (bank._lock if bank is not None else contextlib.nullcontext()):
+    # Tracing swaps the (copied) bank's routing tensors for the call's arguments.
+    with torch.no_grad():
         torch.onnx.export(
             graph, args, str(path), dynamo=True, dynamic_shapes=tuple(dynamic), input_names=names,
             output_names=[OUTPUT], external_data=True,

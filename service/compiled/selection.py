@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHOICE_FORMAT = 2
+MAX_OVERLAPS = 20  # timed calls redone because serving overlapped them, per sample
 
 
 @dataclass
@@ -209,7 +210,7 @@ def time_calls(runtime: "UNetRuntime", engine: "Engine", rows: int, budget_s: fl
     times: list[float] = []
     deadline = None
     for i in range(max_reps + 2):
-        while True:
+        for attempt in range(MAX_OVERLAPS + 1):
             before = quiet.wait_idle() if quiet is not None else 0
             started = time.perf_counter()
             runtime(*inputs)
@@ -218,6 +219,8 @@ def time_calls(runtime: "UNetRuntime", engine: "Engine", rows: int, budget_s: fl
             elapsed = time.perf_counter() - started
             if quiet is None or quiet.calls_started() == before:
                 break
+            # else a serving call overlapped it: again, up to MAX_OVERLAPS times (under a steady
+            # flood no call is quiet; then the load is part of what is timed, for every candidate)
         if i >= 2:
             times.append(elapsed)
             deadline = deadline or time.perf_counter() + budget_s

@@ -92,7 +92,13 @@ class StepBatcher:
 
         self.engine = engine
         self.max_rows = max_rows
-        self.width = width if width is not None else BatchWidth()
+        # Until measured: one request at a time on a CPU (a call there costs about the sum of its
+        # rows, e.g. an SD-size UNet too slow to time wide calls at start), the slots on a GPU.
+        self.width = width if width is not None else BatchWidth(unknown=1 if engine.device.type == "cpu" else None)
+        # Measured again on the runtime that serves once `auto` has switched to it.
+        on_promote = getattr(engine.unet_runtime, "on_promote", None)
+        if on_promote is not None:
+            on_promote.append(self.measure_width)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_model_thread,
                                           initargs=(threads,))
         self._queue: deque[tuple[Denoise, asyncio.Future, float]] = deque()

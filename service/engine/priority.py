@@ -211,9 +211,13 @@ class ServingState:
             try:
                 inode = os.fstat(fd).st_ino
                 record = os.pread(fd, self.SIZE + 1, 0)
+                units = self._entry_units(int(suffix), record, now)
+                if units is None:
+                    # A read racing the writer's pwrite can see a torn record: read once more
+                    # before calling a live writer's entry stale.
+                    units = self._entry_units(int(suffix), os.pread(fd, self.SIZE + 1, 0), time.monotonic())
             finally:
                 os.close(fd)
-            units = self._entry_units(int(suffix), record, now)
             if units is None:
                 _remove_if_same(path, inode)
             else:

@@ -46,7 +46,9 @@ _WINDOW = 256
 
 class BatchWidth:
     def __init__(self, slowdown: float = SLOWDOWN, rows_per_request: float = ROWS_PER_REQUEST,
-                 window: int = _WINDOW):
+                 window: int = _WINDOW, unknown: int | None = None):
+        """`unknown`: how many requests at once while nothing is measured (None: the cap)."""
+        self.unknown = unknown
         self.slowdown_budget = slowdown
         self.rows_per_request = rows_per_request
         self._lock = threading.Lock()
@@ -124,11 +126,11 @@ class BatchWidth:
         most the budget (SLOWDOWN) against running alone, and slow none of the running requests
         that have a deadline past it. `deadlines`: for each of those, (slack, base): its time left
         over its estimated time left, estimated while `base` requests ran at once; running k at
-        once then takes slowdown(k, base) times that. `cap` while the cost of wider calls is not
-        known yet."""
+        once then takes slowdown(k, base) times that. While the cost of wider calls is not known
+        yet: `unknown` (a CPU's 1: wider calls almost never pay there), else `cap`."""
         cap = max(1, int(cap))
         if self.fit() is None:
-            return cap
+            return min(cap, self.unknown) if self.unknown else cap
         deadlines = list(deadlines)
         width = 1
         for k in range(2, cap + 1):
@@ -157,7 +159,10 @@ class ReplicatedWidth:
         self.replicas = replicas  # () -> how many ready replicas
 
     def requests(self, cap: int, deadlines: Iterable[tuple[float, int]] = ()) -> int:
-        return max(1, min(int(cap), self.width.requests(cap, deadlines) * max(1, self.replicas())))
+        replicas = max(1, self.replicas())
+        # A running request's `base` counts requests on every replica; its own replica ran 1/n of them.
+        per_replica = [(slack, max(1, base / replicas)) for slack, base in deadlines]
+        return max(1, min(int(cap), self.width.requests(cap, per_replica) * replicas))
 
     def describe(self) -> str:
         return f"{self.width.describe()}, per replica ({self.replicas()} ready)"
