@@ -11,6 +11,7 @@ steered copy written to the request-adapter folder for the request, so its rows 
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
@@ -27,13 +28,20 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args):
         settings = instance_settings()
-        # One model copy: the workbench's (DreamSteerer's steps, the source's VAE encoding). Every
-        # UNet row, the steered copy's included, runs in the shared models.
-        base = FrozenBase.from_pretrained(model_dir(settings), device=instance_device(args))
         adapter_dir = settings.adapters_path() if settings.adapter_dir is not None else None
         prepare = adapter_checker(model_dir(settings), settings.adapter_max_rank)
         request_dir = settings.request_adapters_path() if adapter_dir is not None else None
-        self.worker = EditWorker(Workbench(base), adapter_dir, request_dir, prepare)
+
+        def load():
+            # One model copy: the workbench's (DreamSteerer's steps, the source's VAE encoding).
+            # Every UNet row, the steered copy's included, runs in the shared models.
+            base = FrozenBase.from_pretrained(model_dir(settings), device=instance_device(args))
+            return EditWorker(Workbench(base), adapter_dir, request_dir, prepare)
+
+        # Loaded behind readiness (an SD-size copy takes tens of seconds on a CPU): the server is
+        # ready without it, and an edit arriving first waits for it.
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="edit-load")
+        self.worker = self.loader.submit(load)
         self.remote = execute_call
 
     async def execute(self, requests):
@@ -51,7 +59,8 @@ class TritonPythonModel:
             def on_progress(phase, step, total):  # already throttled by the worker
                 sender.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.edit_progress(phase, step, total))))
 
-            out = await self.worker(spec, self.remote, should_stop, on_progress if streamed else None)
+            worker = await asyncio.wrap_future(self.worker)  # raises what loading the model raised
+            out = await worker(spec, self.remote, should_stop, on_progress if streamed else None)
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors(wire.edit_result(out))), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with its status
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(wire.status_message(exc))), flags=FINAL)

@@ -69,8 +69,10 @@ class TritonPythonModel:
         self.stub_lock = threading.Lock()  # one thread at a time talks to the stub (_StreamedProgress)
         self.pool = ThreadPoolExecutor(max_workers=settings.training_workers, thread_name_prefix="personalize",
                                        initializer=torch.set_num_threads, initargs=(settings.torch_threads,))
-        # The first thread's base model now, so a model that cannot load fails initialize().
-        self.pool.submit(self._personalize).result()
+        # The first thread's base model, loaded behind readiness (an SD-size copy takes tens of
+        # seconds on a CPU): a job that comes first queues behind it on this thread, and a model
+        # that cannot load fails that job with the reason.
+        self.pool.submit(self._personalize)
 
     def _waited(self, seconds: float) -> None:
         if seconds > 0:
