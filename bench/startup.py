@@ -38,7 +38,10 @@ def _wait_serving(server: subprocess.Popen, port: int, timeout_s: float) -> floa
     from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
 
     started = time.monotonic()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    # Reconnect quickly: grpc's default backoff after the refused connections of the start grows
+    # to tens of seconds, which would be timed as start-up.
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.initial_reconnect_backoff_ms", 100),
+                                                                  ("grpc.max_reconnect_backoff_ms", 250)])
     health, stub = health_pb2_grpc.HealthStub(channel), pb_grpc.SteerServeStub(channel)
     while True:
         if server.poll() is not None:
