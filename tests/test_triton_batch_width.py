@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import numpy as np
 import pytest
-from concurrent import futures
 from prometheus_client import CollectorRegistry
-from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from service.admission import Admission, AdmissionLimits
 from service.backends.triton import TritonBackend
@@ -20,8 +17,7 @@ from service.engine.pipeline import GenerationSpec
 from service.engine.sampling import StepInfo
 from service.engine.width import BatchWidth, ReplicatedWidth
 from service.triton import wire
-from tests.conftest import free_port
-from tests.test_triton_replicas import StandInTriton
+from tests.test_triton_replicas import StandInTriton, start_stand_in
 
 CPU_LIKE = (0.0005, 0.015)  # a step costs about the sum of its rows: one request at a time pays
 GPU_LIKE = (0.030, 0.0005)  # fixed cost dominates: batch wide
@@ -65,11 +61,7 @@ def test_replicated_width_runs_the_width_per_ready_replica():
 
 @pytest.mark.parametrize("cost, expected", [(CPU_LIKE, 1), (GPU_LIKE, 8)])
 def test_the_gateway_admission_follows_what_triton_measured(model_cache, cost, expected):
-    servicer, port = CostReportingTriton(cost), free_port()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
+    server, _, port = start_stand_in(CostReportingTriton(cost))
     metrics = type("Metrics", (), {"registry": CollectorRegistry()})()
 
     async def scenario():

@@ -176,8 +176,8 @@ class StandInTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield service_pb2.ModelStreamInferResponse(infer_response=out)
 
 
-def start_stand_in():
-    servicer, port = StandInTriton(), free_port()
+def start_stand_in(servicer: "StandInTriton | None" = None):
+    servicer, port = servicer or StandInTriton(), free_port()
     server = grpc.server(futures.ThreadPoolExecutor(4))
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")

@@ -120,14 +120,11 @@ def adapter_checker(model_dir: Path, max_rank: int) -> Callable[[Adapter], Adapt
     """`prepare` of a bank built on the model's architecture on the meta device: it checks an
     uploaded adapter against the exact layers the serving bank will have, without loading weights
     (so the gateway can validate imports whichever backend holds the real model)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from service.engine.pipeline import Engine
 
-    model_dir = Path(model_dir)
+    skeleton = Engine.from_pretrained(model_dir, components=())  # every model on the meta device
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / "text_encoder"))
-        bank = AdapterBank(unet, 2, max_rank, text_encoder=text_encoder, max_rows=1)
+        bank = AdapterBank(skeleton.unet, 2, max_rank, text_encoder=skeleton.text_encoder, max_rows=1)
     # Values are checked in float32 (meta tensors hold none; the bank's dtype is the model's).
     bank.dtype = torch.float32
     return bank.prepare
