@@ -738,3 +738,24 @@ def test_an_export_never_waits_for_serving(model_dir, adapters, tmp_path):
     assert [t.data_ptr() for layer in bank.layers.values() for t in (layer.lora_A, layer.lora_Bt)] == before
     assert all(isinstance(layer.lora_A, torch.Tensor) for layer in bank.layers.values())
     assert (tmp_path / next(p.name for p in tmp_path.iterdir() if p.is_dir()) / META_FILE).is_file()
+
+
+def test_auto_leaves_out_an_export_that_would_not_fit_in_memory(eager, tmp_path, monkeypatch):
+    """An SD-size ONNX export takes about 5x the UNet's weights beside the served model: where the
+    machine has less free, `onnx` is left out with the reason instead of risking the server."""
+    from service.compiled import selection
+
+    weights = sum(p.numel() * p.element_size() for p in eager.unet.parameters())
+    built = []
+
+    def build(kind):
+        built.append(kind)
+        return FakeRuntime(kind, {"eager": 2.0, "onnx": 1.0, "compile": 1.5}[kind])
+
+    monkeypatch.setattr(selection, "_available_memory", lambda: int(2 * weights))
+    runtime, choice = selection.choose_runtime(eager, RuntimeOptions(kind="auto", cache_dir=tmp_path),
+                                               batch_buckets(64), build)
+    assert "onnx" not in built and choice.kind == "compile"
+    assert choice.failed["onnx"].startswith("not enough memory to export it")
+    monkeypatch.setattr(selection, "_available_memory", lambda: int(6 * weights))
+    assert selection.memory_shortfall("onnx", eager) is None and selection.memory_shortfall("compile", eager) is None

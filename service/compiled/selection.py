@@ -258,6 +258,36 @@ def _measurement_lock(options: "RuntimeOptions", key: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# Memory an ONNX export and its onnxruntime session take beside the served model on a CPU, as a
+# multiple of the UNet's weights: an SD 1.5-size UNet (3.4 GB in fp32) took about 16 GB more while
+# exporting (measured here); a candidate that would not fit is left out with its reason rather than
+# risking the serving process.
+EXPORT_MEMORY_FACTOR = 5.0
+
+
+def _available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can take (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_shortfall(kind: str, engine: "Engine") -> str | None:
+    """Why `kind` cannot be measured here for lack of host memory, or None."""
+    if kind != "onnx" or engine.device.type != "cpu":
+        return None
+    weights = sum(p.numel() * p.element_size() for p in engine.unet.parameters())
+    need, available = EXPORT_MEMORY_FACTOR * weights, _available_memory()
+    if available is None or available >= need:
+        return None
+    return (f"not enough memory to export it: about {need / 2**30:.1f} GiB needed beside the served model, "
+            f"{available / 2**30:.1f} GiB available")
+
+
 def _choose(engine, options, buckets, build, candidates, key, quiet):
     probes = [(r, *latent_size(engine)) for r in probe_rows(buckets)]
     cached = cached_choice(options, key)
@@ -273,6 +303,11 @@ def _choose(engine, options, buckets, build, candidates, key, quiet):
     # eager first when it is a candidate: the reference every other is scored against.
     for kind in sorted(candidates, key=lambda k: k != "eager"):
         started = time.perf_counter()
+        shortfall = memory_shortfall(kind, engine) if not _graph_cached(kind, engine, options, buckets) else None
+        if shortfall is not None:
+            choice.failed[kind] = shortfall
+            log.warning("UNet runtime %s left out: %s", kind, shortfall)
+            continue
         try:
             runtime = build(kind)
             runtime.warmup(probes)
@@ -294,6 +329,15 @@ def _choose(engine, options, buckets, build, candidates, key, quiet):
     choice.kind = best[1]
     save_choice(options, choice)
     return best[2], choice
+
+
+def _graph_cached(kind: str, engine: "Engine", options: "RuntimeOptions", buckets) -> bool:
+    """Whether `kind`'s artefact is already on disk (an ONNX graph exported earlier or ahead)."""
+    if kind != "onnx":
+        return False
+    from .onnx_export import cached_unet, graph_shape
+
+    return cached_unet(engine.unet, engine.adapters.bank, graph_shape(engine, buckets[-1]), options.compiled_dir) is not None
 
 
 def release(runtime) -> None:
