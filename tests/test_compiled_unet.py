@@ -742,7 +742,8 @@ def test_an_export_never_waits_for_serving(model_dir, adapters, tmp_path):
 
 def test_auto_leaves_out_an_export_that_would_not_fit_in_memory(eager, tmp_path, monkeypatch):
     """An SD-size ONNX export takes about 5x the UNet's weights beside the served model: where the
-    machine has less free, `onnx` is left out with the reason instead of risking the server."""
+    machine has less free, `onnx` (and `compile`) are left out with the reason instead of risking
+    the server."""
     from service.compiled import selection
 
     weights = sum(p.numel() * p.element_size() for p in eager.unet.parameters())
@@ -755,7 +756,8 @@ def test_auto_leaves_out_an_export_that_would_not_fit_in_memory(eager, tmp_path,
     monkeypatch.setattr(selection, "_available_memory", lambda: int(2 * weights))
     runtime, choice = selection.choose_runtime(eager, RuntimeOptions(kind="auto", cache_dir=tmp_path),
                                                batch_buckets(64), build)
-    assert "onnx" not in built and choice.kind == "compile"
-    assert choice.failed["onnx"].startswith("not enough memory to export it")
+    assert built == ["eager"] and choice.kind == "eager"
+    assert choice.failed["onnx"].startswith("not enough memory to build it") and "compile" in choice.failed
     monkeypatch.setattr(selection, "_available_memory", lambda: int(6 * weights))
     assert selection.memory_shortfall("onnx", eager) is None and selection.memory_shortfall("compile", eager) is None
+    assert selection.memory_shortfall("eager", eager) is None

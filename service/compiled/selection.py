@@ -260,8 +260,9 @@ def _measurement_lock(options: "RuntimeOptions", key: str):
 
 # Memory an ONNX export and its onnxruntime session take beside the served model on a CPU, as a
 # multiple of the UNet's weights: an SD 1.5-size UNet (3.4 GB in fp32) took about 16 GB more while
-# exporting (measured here); a candidate that would not fit is left out with its reason rather than
-# risking the serving process.
+# exporting (measured here). torch.compile's inductor is held to the same bound (not measured at that
+# size here). A candidate that would not fit is left out with its reason rather than risking the
+# serving process (and, on Triton, its neighbours: the kernel's OOM killer picks any of them).
 EXPORT_MEMORY_FACTOR = 5.0
 
 
@@ -278,13 +279,13 @@ def _available_memory() -> int | None:
 
 def memory_shortfall(kind: str, engine: "Engine") -> str | None:
     """Why `kind` cannot be measured here for lack of host memory, or None."""
-    if kind != "onnx" or engine.device.type != "cpu":
+    if kind not in ("onnx", "compile") or engine.device.type != "cpu":
         return None
     weights = sum(p.numel() * p.element_size() for p in engine.unet.parameters())
     need, available = EXPORT_MEMORY_FACTOR * weights, _available_memory()
     if available is None or available >= need:
         return None
-    return (f"not enough memory to export it: about {need / 2**30:.1f} GiB needed beside the served model, "
+    return (f"not enough memory to build it: about {need / 2**30:.1f} GiB needed beside the served model, "
             f"{available / 2**30:.1f} GiB available")
 
 
