@@ -337,8 +337,10 @@ def cmd_prepare_runtime(args) -> int:
     torch.set_num_threads(settings.torch_threads)
     # The row tables the servers use: the in-process engine's (4 rows per image) and Triton's
     # generate/unet models' (model_repo: 64).
+    from prometheus_client import CollectorRegistry
+
     for rows in args.rows or sorted({4 * settings.max_num_images, 64}):
-        engine = build_engine(settings, rows)
+        engine = build_engine(settings, rows, registry=CollectorRegistry())  # (each engine's bank series apart)
         print(f"{rows} rows: {engine.unet_runtime_choice.describe()}", flush=True)
     return 0
 

@@ -761,3 +761,23 @@ def test_auto_leaves_out_an_export_that_would_not_fit_in_memory(eager, tmp_path,
     monkeypatch.setattr(selection, "_available_memory", lambda: int(6 * weights))
     assert selection.memory_shortfall("onnx", eager) is None and selection.memory_shortfall("compile", eager) is None
     assert selection.memory_shortfall("eager", eager) is None
+
+
+def test_prepare_runtime_measures_ahead_and_a_server_start_reads_it(model_dir, tmp_path, monkeypatch, capsys):
+    """`steerserve prepare-runtime` (image build, a Job, a shared volume) measures before serving
+    (measure="blocking"); a server starting on the same compiled folder serves eager at once and
+    switches to that choice without measuring again."""
+    from service.cli import main
+    from service.config import Settings
+    from service.serving import build_engine
+
+    monkeypatch.setenv("STEERSERVE_UNET_RUNTIME_CANDIDATES", "eager,onnx")
+    args = ["prepare-runtime", "--data-dir", str(tmp_path), "--model-dir", str(model_dir), "--rows", "4"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^4 rows: (eager|onnx) \(measured: eager .* ms x2.*; onnx .* ms x2", printed, re.M), printed
+    settings = Settings(data_dir=tmp_path, model_dir=model_dir, unet_runtime="auto")
+    engine = build_engine(settings, 4, registry=CollectorRegistry())
+    assert engine.unet_runtime.ready.wait(120)
+    assert engine.unet_runtime_choice.chosen_by == "cached measurement"
+    assert engine.unet_runtime.name == printed.split()[2]

@@ -147,8 +147,17 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
                                  adapters=[pb.AdapterRef(adapter_id=ids[a.key], weight=a.weight) for a in spec.adapters])
         return pixels(stack.stub().Generate(req, metadata=auth(), timeout=120).images[0])
 
-    with ThreadPoolExecutor(len(specs)) as pool:
-        got = list(pool.map(call, specs))
+    # Admission runs as many at once as the generate instance's measured width pays for (on this CPU
+    # 1-2, once a result has reported it: tests/test_triton_batch_width.py); here all 4 (its slots),
+    # to see what the batcher does with them.
+    admission = stack.gateway.servicer.admission
+    width, admission.width = admission.width, None
+    assert width is stack.gateway.servicer.backend.batch_width  # the gateway's admission follows Triton's
+    try:
+        with ThreadPoolExecutor(len(specs)) as pool:
+            got = list(pool.map(call, specs))
+    finally:
+        admission.width = width
 
     # The loops and the UNet met inside `generate` (its step batcher): no per-step call to `unet`.
     assert nv_metric(triton, "nv_inference_count", "unet") == unet0
