@@ -3,7 +3,8 @@
 - formats: parse diffusers/peft LoRA safetensors into an ``Adapter``, validate, export back.
 - bank: ``AdapterBank`` (preallocated slots on the UNet's attention projections, per-row routing).
 - manager: ``AdapterManager`` (slot residency, LRU eviction, pinning, loading, metrics).
-- textual_inversion: ``PromptEncoder`` (per-row learned tokens without touching shared weights).
+- ``PromptEncoder`` (per-row learned tokens without touching shared weights) lives in
+  service/engine/text.py, which every prompt passes through; re-exported here.
 - serving: ``BankedAdapters``, the engine's AdapterHook built from the pieces above.
 
 See docs/adapter_bank.md.
@@ -23,7 +24,7 @@ from .formats import (
 )
 from .manager import AdapterManager, AdapterMetrics
 from .serving import BankedAdapters
-from .textual_inversion import PromptEncoder
+from service.engine.text import PromptEncoder
 
 __all__ = [
     "Adapter",

@@ -148,6 +148,8 @@ class AdapterBank:
         max_adapters_per_row: K, how many adapters one row may mix with weights.
         text_encoder: optionally the CLIP text encoder: its LoRA layers join the bank (same slots),
             and its embedding width is what textual-inversion vectors are checked against.
+        text_encoder_2: SDXL's second text encoder, banked like the first (module names
+            ``text_encoder_2.*``); a learned token's vector is both widths concatenated.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class AdapterBank:
         *,
         target_modules: Sequence[str] = DEFAULT_UNET_TARGETS,
         text_encoder: nn.Module | None = None,
+        text_encoder_2: nn.Module | None = None,
         text_encoder_target_modules: Sequence[str] = DEFAULT_TEXT_ENCODER_TARGETS,
         max_rows: int = 64,
         max_adapters_per_row: int = 4,
@@ -182,9 +185,12 @@ class AdapterBank:
 
         self.layers: dict[str, BankedLoRALinear] = replace_linears(unet, "unet", target_modules, make)
         self.hidden_size: int | None = None
-        if text_encoder is not None:
-            self.layers.update(replace_linears(text_encoder, "text_encoder", text_encoder_target_modules, make))
-            self.hidden_size = text_encoder.get_input_embeddings().embedding_dim
+        self.text_encoders = [("text_encoder", e) for e in (text_encoder,) if e is not None]
+        self.text_encoders += [("text_encoder_2", e) for e in (text_encoder_2,) if e is not None]
+        for prefix, encoder in self.text_encoders:
+            self.layers.update(replace_linears(encoder, prefix, text_encoder_target_modules, make))
+        if self.text_encoders:
+            self.hidden_size = sum(e.get_input_embeddings().embedding_dim for _, e in self.text_encoders)
         if not any(k.startswith("unet.") for k in self.layers):
             raise ValueError(f"no nn.Linear in the UNet matches target_modules {tuple(target_modules)}")
 
@@ -208,11 +214,12 @@ class AdapterBank:
         """
         lora = {}
         for name, module in adapter.lora.items():
-            if name not in self.layers and name.startswith("text_encoder."):
-                local = name.removeprefix("text_encoder.")
+            prefix = name.partition(".")[0]
+            if name not in self.layers and prefix in ("text_encoder", "text_encoder_2"):
+                local = name.removeprefix(prefix + ".")
                 for alias in (local.removeprefix("text_model."), "text_model." + local):
-                    if "text_encoder." + alias in self.layers:
-                        name = "text_encoder." + alias
+                    if f"{prefix}.{alias}" in self.layers:
+                        name = f"{prefix}.{alias}"
                         break
             lora[name] = module
         adapter = replace(adapter, lora=lora)

@@ -36,7 +36,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import AdapterFormatError
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TI_PREFIX = "textual_inversion."
 # The key diffusers' save_lora_weights uses for the JSON-serialized peft LoraConfig(s).
 LORA_METADATA_KEY = "lora_adapter_metadata"

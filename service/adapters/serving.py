@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from .bank import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, AdapterBank
 from .manager import AdapterManager, Loader
-from .textual_inversion import PromptEncoder
+from service.engine.text import PromptEncoder
 
 
 class AdapterUseLike(Protocol):
@@ -58,6 +58,7 @@ class BankedAdapters:
             max_rank,
             target_modules=DEFAULT_UNET_TARGETS,
             text_encoder=engine.text_encoder,
+            text_encoder_2=getattr(engine, "text_encoder_2", None),
             text_encoder_target_modules=DEFAULT_TEXT_ENCODER_TARGETS if text_encoder_lora else (),
             max_rows=max_rows,
             max_adapters_per_row=max_adapters_per_row,
@@ -66,7 +67,7 @@ class BankedAdapters:
             bank, loader, host_cache_size=host_cache_size, host_cache_bytes=host_cache_bytes,
             acquire_timeout_s=acquire_timeout_s, registry=registry,
         )
-        hook = cls(bank, manager, PromptEncoder(engine.tokenizer, engine.text_encoder))
+        hook = cls(bank, manager, PromptEncoder.of_engine(engine))
         engine.adapters = hook
         return hook
 
@@ -102,7 +103,8 @@ class BankedAdapters:
                 yield
 
     def encode_prompts(
-        self, engine, prompts: Sequence[str], rows: Sequence[Sequence[AdapterUseLike]]
+        self, engine, prompts: Sequence[str], rows: Sequence[Sequence[AdapterUseLike]],
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor | None:
         """Prompt embeddings with each row's textual-inversion tokens and text-encoder LoRA."""
         if self.prompt_encoder is None:
@@ -111,7 +113,7 @@ class BankedAdapters:
             tokens = [self._row_tokens(row, slots) for row in rows]
             routed = [[(slots[use.key], float(use.weight)) for use in row] for row in rows]
             with self.bank.activate(routed):
-                return self.prompt_encoder.encode(prompts, tokens)
+                return self.prompt_encoder.encode(prompts, tokens, size)
 
     def _row_tokens(self, row: Sequence[AdapterUseLike], slots: Mapping[str, int]) -> dict[str, torch.Tensor]:
         tokens: dict[str, torch.Tensor] = {}

@@ -46,7 +46,7 @@ def build_runtime(engine: "Engine", kind: str, options: RuntimeOptions, buckets:
         # Inductor's compiled kernels and FX graphs, kept beside the ONNX exports so a restart
         # reuses them (torch's default is a /tmp folder that does not survive a new pod).
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(options.compiled_dir / "inductor"))
-        return CompiledUNet(engine.unet, buckets, mode=options.compile_mode, text_length=engine.tokenizer.model_max_length)
+        return CompiledUNet(engine.unet, buckets, mode=options.compile_mode, text_length=engine.text_length)
     if kind == "onnx":
         from .onnx_runtime import OnnxUNet
 

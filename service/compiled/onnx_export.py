@@ -70,7 +70,7 @@ def graph_shape(engine, max_rows: int) -> GraphShape:
     size = engine.limits.default_size // engine.vae_scale_factor
     config = engine.unet.config
     return GraphShape(max_rows=max_rows, latent_channels=config.in_channels, height=size, width=size,
-                      text_length=engine.tokenizer.model_max_length, text_width=config.cross_attention_dim)
+                      text_length=engine.text_length, text_width=engine.text_width)
 
 
 class BankedUNetGraph(nn.Module):

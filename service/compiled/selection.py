@@ -206,7 +206,7 @@ def time_calls(runtime: "UNetRuntime", engine: "Engine", rows: int, budget_s: fl
     """Median milliseconds of one call of `rows` rows at the default resolution (after 2 warm calls).
     With `quiet`, each timed call starts when serving is idle, and one that a serving call overlapped
     is timed again: a measurement beside serving times the runtime, not the load."""
-    inputs = warmup_inputs(engine.unet, rows, *latent_size(engine), engine.tokenizer.model_max_length)
+    inputs = warmup_inputs(engine.unet, rows, *latent_size(engine), engine.text_length)
     times: list[float] = []
     deadline = None
     for i in range(max_reps + 2):

@@ -86,7 +86,7 @@ def dds(spec: EditSpec, facts: ModelFacts, should_stop=lambda: False, progress: 
     z_source = yield EncodeImage(spec.source)
     uses = (spec.adapter,) if spec.adapter is not None else ()
     prompts = ["", spec.source_prompt, "", spec.target_prompt]
-    embeds = yield Encode(prompts, [uses] * 4)
+    embeds = yield Encode(prompts, [uses] * 4, (spec.height, spec.width))
     t0 = time.perf_counter()
     z = yield from dds_loop(
         facts, z_source, embeds[:2], embeds[2:], uses, uses, o.iterations, o.guidance_scale, o.learning_rate,

@@ -80,7 +80,8 @@ def dreamsteerer(spec: EditSpec, facts: ModelFacts, should_stop=lambda: False, p
         t0 = time.perf_counter()
         edited = None
         if o.edsd and o.preliminary_iterations > 0:
-            embeds = yield Encode(["", spec.source_prompt, "", spec.target_prompt], [personalized] * 4)
+            embeds = yield Encode(["", spec.source_prompt, "", spec.target_prompt], [personalized] * 4,
+                                  (spec.height, spec.width))
             edited = yield from dds_loop(
                 facts, z_source, embeds[:2], embeds[2:], personalized, personalized, o.preliminary_iterations,
                 o.guidance_scale, o.learning_rate, o.t_min, o.t_max, spec.seed + 1, should_stop=should_stop,
@@ -97,7 +98,7 @@ def dreamsteerer(spec: EditSpec, facts: ModelFacts, should_stop=lambda: False, p
     source_rows = () if o.bias_correction else personalized
     t0 = time.perf_counter()
     embeds = yield Encode(["", spec.source_prompt, "", spec.target_prompt],
-                          [source_rows, source_rows, target_rows, target_rows])
+                          [source_rows, source_rows, target_rows, target_rows], (spec.height, spec.width))
     z = yield from dds_loop(
         facts, z_source, embeds[:2], embeds[2:], source_rows, target_rows, o.iterations, o.guidance_scale,
         o.learning_rate, o.t_min, o.t_max, spec.seed, mask=mask, should_stop=should_stop,

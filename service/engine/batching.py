@@ -297,7 +297,7 @@ class StepBatcher:
         like = dict(device=param.device, dtype=param.dtype)
         latents = torch.zeros(rows, unet.config.in_channels, size, size, **like)
         timesteps = torch.full((rows,), 999.0, device=param.device)
-        embeds = torch.zeros(rows, engine.tokenizer.model_max_length, unet.config.cross_attention_dim, **like)
+        embeds = torch.zeros(rows, engine.text_length, engine.text_width, **like)
         times = []
         for _ in range(reps + 1):
             started = time.perf_counter()

@@ -1,4 +1,7 @@
-"""The engine: text -> image with a Stable Diffusion 1.x/2.x-architecture model, on one device.
+"""The engine: text -> image with a Stable Diffusion 1.x/2.x/XL-architecture model, on one device.
+
+What differs between those generations (text encoders, conditioning) is the model's family
+(service/engine/families); the engine holds the family's parts and asks it, nothing else here knows.
 
 The sampling algorithm itself is `service.engine.sampling.generation`, written once; the engine
 runs it with every model call executed here, in the caller's thread (`Engine.execute`). The Triton
@@ -24,7 +27,10 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from . import families
+from .text import PromptEncoder
 
 from .unet import EagerUNet, UNetRuntime
 
@@ -52,7 +58,7 @@ __all__ = [
 ]
 
 
-COMPONENTS = ("text_encoder", "unet", "vae")
+COMPONENTS = ("text_encoder", "unet", "vae")  # text_encoder: all of the family's text encoders
 
 
 def _place(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
@@ -94,7 +100,8 @@ class AdapterHook(Protocol):
         """Within the context, UNet batch row i applies the adapters in rows[i]."""
 
     def encode_prompts(
-        self, engine: "Engine", prompts: Sequence[str], rows: Sequence[Sequence[AdapterUse]]
+        self, engine: "Engine", prompts: Sequence[str], rows: Sequence[Sequence[AdapterUse]],
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor | None:
         """Prompt embeddings with learned tokens (textual inversion), or None to use the plain encoder."""
 
@@ -120,7 +127,7 @@ class NoAdapters:
 
     activate = hold
 
-    def encode_prompts(self, engine, prompts, rows):
+    def encode_prompts(self, engine, prompts, rows, size=None):
         return None
 
 
@@ -135,8 +142,14 @@ class Engine:
         name: str = "",
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        *,
+        tokenizer_2: CLIPTokenizer | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        family: families.ModelFamily | None = None,
     ):
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = _place(text_encoder_2, device, dtype) if text_encoder_2 is not None else None
         self._counting_tokenizer = None  # count_tokens' own copy (see there)
         self.text_encoder = _place(text_encoder, device, dtype)
         self.unet = _place(unet, device, dtype)
@@ -149,26 +162,40 @@ class Engine:
         # trainers and the edit workbench call self.unet directly (they need gradients).
         self.unet_runtime: UNetRuntime = EagerUNet(self.unet)
         self.unet_runtime_choice = None  # service.compiled.selection.RuntimeChoice once configured
+        self.family = family if family is not None else families.of_configs(
+            {"text_encoder_2": True} if text_encoder_2 is not None else {}, self.unet.config, name or "model",
+            tokenizer.model_max_length)
+        self.family.install(self.unet)  # the UNet takes the family's embeds as they are
         self.facts = ModelFacts.from_configs(name, self.unet.config, self.vae.config, scheduler.config)
         self.scheduler_config = self.facts.scheduler_config
         self.limits = self.facts.limits
         self.vae_scale_factor = self.limits.vae_scale_factor
         # The text encoder is cheap and shared; one lock keeps tokenizer/encoder use simple.
         self._text_lock = threading.Lock()
+        self.prompt_encoder = PromptEncoder.of_engine(self)
+
+    @property
+    def text_length(self) -> int:
+        """L of the conditioning `embeds` [rows, L, D] the UNet takes (the family's)."""
+        return self.family.text_length
+
+    @property
+    def text_width(self) -> int:
+        return self.family.text_width
 
     @classmethod
     def from_pretrained(
         cls, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
         components: Sequence[str] = COMPONENTS,
     ) -> "Engine":
-        """Loads a diffusers-format SD 1.x/2.x folder from local disk only (never the hub).
+        """Loads a diffusers-format SD 1.x/2.x/XL folder from local disk only (never the hub); a
+        folder of another architecture is refused (families.UnsupportedModel) before any weight.
 
         `components`: the models whose weights this engine needs; the others are built on the meta
         device from their configs (their architecture, config and layer names, no memory), e.g. a
         Triton `vae_decode` instance loads the VAE alone: on an SD 1.5 folder, 0.3 GB instead of 4.3."""
         model_dir = Path(model_dir)
-        if not (model_dir / "model_index.json").is_file():
-            raise FileNotFoundError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
+        family = families.detect(model_dir)
         unknown = set(components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
@@ -181,11 +208,21 @@ class Engine:
             with torch.device("meta"):
                 return skeleton()
 
+        def text_encoder(tower: families.TextTower, model_class):
+            path = model_dir / tower.text_encoder
+            return load("text_encoder", lambda: model_class.from_pretrained(path, dtype=dtype, **kw),
+                        lambda: model_class(model_class.config_class.from_pretrained(path, **kw)))
+
+        second = {}
+        if len(family.towers) > 1:
+            tower = family.towers[1]
+            second = dict(tokenizer_2=CLIPTokenizer.from_pretrained(model_dir / tower.tokenizer, **kw),
+                          text_encoder_2=text_encoder(tower, CLIPTextModelWithProjection))
         return cls(
+            **second,
+            family=family,
             tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer", **kw),
-            text_encoder=load("text_encoder",
-                              lambda: CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype, **kw),
-                              lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / "text_encoder", **kw))),
+            text_encoder=text_encoder(family.towers[0], CLIPTextModel),
             unet=load("unet", lambda: UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=dtype, **kw),
                       lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet", **kw))),
             vae=load("vae", lambda: AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=dtype, **kw),
@@ -217,7 +254,7 @@ class Engine:
     def execute(self, call: ModelCall):
         """One model call of a sampling loop, in this thread."""
         if isinstance(call, Encode):
-            return self.encode_prompts(call.prompts, call.rows)
+            return self.encode_prompts(call.prompts, call.rows, call.size)
         if isinstance(call, Denoise):
             noise = self.predict_noise(call.latents, call.timesteps, call.embeds, call.rows)
             return StepResult(noise, batch_size=call.latents.shape[0], compute_seconds=0.0)
@@ -234,16 +271,18 @@ class Engine:
 
     @torch.no_grad()
     def encode_prompts(
-        self, prompts: Sequence[str], rows: Sequence[Sequence[AdapterUse]] | None = None
+        self, prompts: Sequence[str], rows: Sequence[Sequence[AdapterUse]] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        """The UNet's conditioning [len(prompts), L, D] for images of size (h, w) (default: the
+        model's own), row i with the adapters of rows[i] (learned tokens, text-encoder LoRA)."""
         rows = rows if rows is not None else [()] * len(prompts)
         with self._text_lock:
             if any(rows):
-                embeds = self.adapters.encode_prompts(self, prompts, rows)
+                embeds = self.adapters.encode_prompts(self, prompts, rows, size)
                 if embeds is not None:
                     return embeds
-            ids = self.tokenize(prompts)
-            return self.text_encoder(ids)[0]
+            return self.prompt_encoder.encode(prompts, None, size)
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(

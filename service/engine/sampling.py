@@ -175,10 +175,12 @@ def ddim_config(scheduler_config) -> dict:
 
 @dataclass(frozen=True)
 class Encode:
-    """Prompt embeddings [len(prompts), L, D], row i with the adapters of rows[i]."""
+    """Prompt embeddings [len(prompts), L, D], row i with the adapters of rows[i], for images of
+    `size` (h, w): SDXL's conditioning carries it (None: the model's own size)."""
 
     prompts: list[str]
     rows: list[tuple[AdapterUse, ...]]
+    size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ def generation(
 
     # 1. Text: every prediction's prompt for every sample, each row with its adapters (learned tokens).
     t0 = time.perf_counter()
-    embeds = yield Encode([prompt for prompt, _ in predictions for _ in range(n)], rows)
+    embeds = yield Encode([prompt for prompt, _ in predictions for _ in range(n)], rows, (spec.height, spec.width))
     t_text = time.perf_counter() - t0
 
     # 2. Denoise from per-image seeded noise.

@@ -37,7 +37,7 @@ class FrozenBase:
     def __init__(self, engine: Engine, model_dir=None, class_cache_size: int = 8):
         self.engine = engine
         self.schedule = NoiseSchedule.of_model(model_dir, engine.scheduler_config, engine.device)
-        self.prompt_encoder = PromptEncoder(engine.tokenizer, engine.text_encoder)
+        self.prompt_encoder = PromptEncoder.of_engine(engine)
         self.lock = threading.Lock()  # one job at a time on these modules
         self._class_cache: OrderedDict[tuple, Posteriors] = OrderedDict()
         self._class_cache_size = class_cache_size

@@ -9,7 +9,7 @@ The loop: each step, a batch of the subject photos (VAE posterior samples), nois
 random timestep; the prompt "a <token> <class_word>" is encoded with v in the token's place, and
 the MSE between the UNet's prediction and the noise is minimised over v alone. Gradients reach v
 through the frozen text encoder and UNet. The tokenizer and the embedding table are never touched:
-the vector is injected per prompt (service/adapters/textual_inversion.py), as at serving time.
+the vector is injected per prompt (service/engine/text.py), as at serving time.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 DreamBooth binds the subject to a *rare existing* token ("sks"): the token's embedding stays frozen,
 and a rare one carries little meaning to overwrite. Textual Inversion and Custom Diffusion learn a
 *new* embedding, so their token is a placeholder ("<sks>") whose vector the adapter carries; the
-prompt encoder swaps it in per request (service/adapters/textual_inversion.py).
+prompt encoder swaps it in per request (service/engine/text.py).
 
 A token must not collide with a real word, or prompts that use the word would change meaning:
 a token is refused when its letters (angle brackets aside) are an English dictionary word

@@ -116,9 +116,9 @@ class TextEncode:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def __call__(self, prompts: Sequence[str], rows: Rows) -> np.ndarray:
+    def __call__(self, prompts: Sequence[str], rows: Rows, size: tuple[int, int] | None = None) -> np.ndarray:
         flush_denormals()
-        return self.engine.encode_prompts(list(prompts), list(rows)).float().cpu().numpy()
+        return self.engine.encode_prompts(list(prompts), list(rows), size).float().cpu().numpy()
 
 
 class UNetStep:

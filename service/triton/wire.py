@@ -69,7 +69,7 @@ CONTRACT: dict[str, dict[str, dict[str, str]]] = {
         "inputs": {"SPEC": "STRING", "IMAGES": "STRING", "RESUME?": "STRING"},
         "outputs": {"STEP": "INT32", "LOSS": "FP32", "CHECKPOINT": "STRING", "ADAPTER": "STRING"},
     },
-    TEXT_ENCODER: {"inputs": {"PROMPTS": "STRING", "ADAPTERS": "STRING"}, "outputs": {"EMBEDS": "FP32"}},
+    TEXT_ENCODER: {"inputs": {"PROMPTS": "STRING", "ADAPTERS": "STRING", "SIZE?": "INT32"}, "outputs": {"EMBEDS": "FP32"}},
     UNET: {
         "inputs": {"LATENTS": "FP32", "TIMESTEP": "INT64", "EMBEDS": "FP32", "ADAPTERS": "STRING"},
         "outputs": {"NOISE": "FP32", "BATCH_SIZE": "INT32", "COMPUTE_US": "INT64"},
@@ -326,11 +326,16 @@ def read_training_response(get: Get) -> TrainingResponse:
 
 
 def encode_call(call: "Encode") -> Tensors:
-    return {"PROMPTS": strings(call.prompts), "ADAPTERS": strings([encode_adapters(r) for r in call.rows])}
+    tensors = {"PROMPTS": strings(call.prompts), "ADAPTERS": strings([encode_adapters(r) for r in call.rows])}
+    if call.size is not None:  # the image size (h, w) the conditioning is for (SDXL's time_ids)
+        tensors["SIZE"] = np.array(call.size, dtype=np.int32)
+    return tensors
 
 
-def read_encode_call(get: Get) -> tuple[list[str], list[tuple[AdapterUse, ...]]]:
-    return [_text(p) for p in get("PROMPTS")], [decode_adapters(a) for a in get("ADAPTERS")]
+def read_encode_call(get: Get) -> tuple[list[str], list[tuple[AdapterUse, ...]], tuple[int, int] | None]:
+    size = get("SIZE")
+    return ([_text(p) for p in get("PROMPTS")], [decode_adapters(a) for a in get("ADAPTERS")],
+            None if size is None else (int(size.reshape(-1)[0]), int(size.reshape(-1)[1])))
 
 
 def embeds_result(embeds: np.ndarray) -> Tensors:
