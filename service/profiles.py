@@ -8,9 +8,10 @@ step size) lives in a profile, and the served model folder picks its profile:
 1. `STEERSERVE_MODEL_PROFILE` (a setting) names one explicitly, else
 2. the folder's `steerserve_profile.json` ({"profile": "<name>"}) names one (the embedded model's
    does), else
-3. the UNet's text width says which Stable Diffusion generation it is: cross_attention_dim 768 is
-   SD 1.x (CLIP ViT-L), 1024 is SD 2.x (OpenCLIP ViT-H); anything else gets SD 1.x's profile, with
-   `source` saying it was a guess.
+3. the folder says which Stable Diffusion generation it is: an SDXL folder (two text encoders, a
+   UNet with `text_time` added conditioning: service/engine/families) or a UNet text width of 2048
+   is SDXL; cross_attention_dim 768 is SD 1.x (CLIP ViT-L), 1024 is SD 2.x (OpenCLIP ViT-H);
+   anything else gets SD 1.x's profile, with `source` saying it was a guess.
 
 Every value says where it comes from (`sources`): the embedded model's from the recorded dev-split
 sweep (bench/results/sweep_personalize.md), Stable Diffusion's from the papers' and diffusers'
@@ -130,7 +131,41 @@ SD2 = ModelProfile(
     sources={**SD1.sources, "note": "the diffusers examples use the same settings for 2.x"},
 )
 
-PROFILES: dict[str, ModelProfile] = {p.name: p for p in (WORLD, SD1, SD2)}
+# Stable Diffusion XL at 1024 px: diffusers' SDXL training examples where there is one, each value
+# with its reference (docs/profiles.md). Their READMEs run batch 1 with 4 accumulation steps; we
+# have no accumulation, so batch 4 (the same update: the loss is a mean over the batch).
+SDXL = ModelProfile(
+    name="stable-diffusion-xl",
+    description="Stable Diffusion XL (1024 px, CLIP ViT-L + OpenCLIP ViT-bigG text encoders): published example settings",
+    training={
+        # train_dreambooth_lora_sdxl.py README_sdxl: lr 1e-4 (no --scale_lr), batch 1 x accumulation
+        # 4, 500 steps, --rank default 4, no prior preservation, text encoders not trained.
+        "DREAMBOOTH_LORA": TrainingDefaults(steps=500, learning_rate=1e-4, rank=4, batch_size=4),
+        # textual_inversion_sdxl.py README_sdxl: lr 5e-4 --scale_lr x (batch 1 x accumulation 4) =
+        # 2e-3, 500 steps.
+        "TEXTUAL_INVERSION": TrainingDefaults(steps=500, learning_rate=2e-3, rank=0, batch_size=4),
+        # No SDXL recipe is published (train_custom_diffusion.py serves SD 1.x/2.x): SD 1.x's,
+        # itself the README's with the LoRA example's lr and rank for our LoRA K/V.
+        "CUSTOM_DIFFUSION": SD1.training["CUSTOM_DIFFUSION"],
+        # FineStyle published no SD settings: a K/V LoRA with DreamBooth-LoRA's SDXL example settings
+        # (as SD 1.x's FineStyle takes SD 1.x DreamBooth-LoRA's).
+        "FINESTYLE": TrainingDefaults(steps=500, learning_rate=1e-4, rank=4, batch_size=4),
+    },
+    # DDS on SDXL: the notebook's method (200 iterations, t in [50, 950), 0.049 per latent element:
+    # EditOptions' own) with SDXL's own sampling guidance, 5.0 (StableDiffusionXLPipeline's
+    # default), where the notebook used SD 1.x's 7.5 (that pipeline's default).
+    edit={"guidance_scale": 5.0},
+    sources={
+        "DREAMBOOTH_LORA": "diffusers examples/dreambooth/README_sdxl (train_dreambooth_lora_sdxl.py)",
+        "TEXTUAL_INVERSION": "diffusers examples/textual_inversion/README_sdxl (textual_inversion_sdxl.py)",
+        "CUSTOM_DIFFUSION": "carried over from the SD 1.x profile: no SDXL recipe published for Custom Diffusion",
+        "FINESTYLE": "none published for SD: DreamBooth-LoRA's SDXL example settings on K/V",
+        "edit": "DDS notebook (google/prompt-to-prompt DDS_zeroshot.ipynb) with SDXL's default guidance 5.0 "
+                "(diffusers StableDiffusionXLPipeline)",
+    },
+)
+
+PROFILES: dict[str, ModelProfile] = {p.name: p for p in (WORLD, SD1, SD2, SDXL)}
 EMBEDDED = WORLD
 
 
@@ -160,11 +195,26 @@ def choose(model_dir: str | Path | None, override: str | None = None) -> ChosenP
             raise ValueError(f"{marker}: unknown profile {name!r}; one of {', '.join(PROFILES)}")
         return ChosenProfile(PROFILES[name], "model folder")
     width = _cross_attention_dim(root)
+    if _is_sdxl(root):
+        return ChosenProfile(SDXL, "detected (two text encoders, UNet text_time conditioning: SDXL)")
+    if width == 2048:
+        return ChosenProfile(SDXL, "detected (UNet text width 2048: SDXL)")
     if width == 768:
         return ChosenProfile(SD1, "detected (UNet text width 768: SD 1.x)")
     if width == 1024:
         return ChosenProfile(SD2, "detected (UNet text width 1024: SD 2.x)")
-    return ChosenProfile(SD1, f"guessed (UNet text width {width}: not SD 1.x or 2.x; SD 1.x settings)")
+    return ChosenProfile(SD1, f"guessed (UNet text width {width}: not SD 1.x, 2.x or XL; SD 1.x settings)")
+
+
+def _is_sdxl(root: Path) -> bool:
+    """Whether the folder is SDXL by the model families' own test (service/engine/families), which
+    the engine serves it by: a tiny or fine-tuned SDXL of another width is SDXL too."""
+    index, unet = root / "model_index.json", root / "unet" / "config.json"
+    if not (index.is_file() and unet.is_file()):
+        return False
+    from service.engine.families import SDXL as SDXLFamily
+
+    return SDXLFamily.matches(json.loads(index.read_text()), json.loads(unet.read_text()))
 
 
 def _cross_attention_dim(root: Path) -> int | None:

@@ -16,7 +16,7 @@ from service.config import Settings
 from service.engine.pipeline import Engine, GenerationSpec
 from service.engine.tokenizer import build_clip_tokenizer
 from service.jobs import requests
-from service.profiles import PROFILES, SD1, SD2, WORLD, choose
+from service.profiles import PROFILES, SD1, SD2, SDXL, WORLD, choose
 
 
 def sd_structured_folder(path, text_width: int = 768):
@@ -78,7 +78,36 @@ def test_sd2_width_and_unknown_models(tmp_path):
         choose(None, "no-such-profile")
     with pytest.raises(ValueError, match="model_profile"):
         Settings(model_profile="no-such-profile")
-    assert set(PROFILES) == {"steerserve-world", "stable-diffusion-1", "stable-diffusion-2"}
+    assert set(PROFILES) == {"steerserve-world", "stable-diffusion-1", "stable-diffusion-2", "stable-diffusion-xl"}
+
+
+def test_sdxl_folders_get_the_sdxl_settings(tmp_path):
+    """SDXL by the model families' test (two text encoders, `text_time` added conditioning) at any
+    width (a tiny one: 64), or by SDXL base's text width 2048 alone."""
+    tiny = tmp_path / "sdxl-tiny"
+    (tiny / "unet").mkdir(parents=True)
+    (tiny / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    (tiny / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 64, "addition_embed_type": "text_time"}))
+    wide = tmp_path / "sdxl-width"
+    (wide / "unet").mkdir(parents=True)
+    (wide / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 2048}))
+    for folder in (tiny, wide):
+        chosen = choose(str(folder))
+        assert chosen.profile is SDXL and chosen.source.startswith("detected"), chosen
+    # An SD 1.x-width folder with text_time conditioning but one text encoder is not SDXL.
+    (tiny / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (tiny / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 768, "addition_embed_type": "text_time"}))
+    choose.cache_clear()
+    assert choose(str(tiny)).profile is SD1
+    # The published SDXL recipes (docs/profiles.md cites each); every default names its source.
+    db, ti = SDXL.training["DREAMBOOTH_LORA"], SDXL.training["TEXTUAL_INVERSION"]
+    assert (db.steps, db.learning_rate, db.rank, db.batch_size) == (500, 1e-4, 4, 4)  # README_sdxl, 1 x 4 accumulation
+    assert (ti.steps, ti.learning_rate, ti.batch_size) == (500, 2e-3, 4)  # 5e-4 x --scale_lr x 4
+    assert SDXL.training["CUSTOM_DIFFUSION"] == SD1.training["CUSTOM_DIFFUSION"]
+    assert "carried over from the SD 1.x profile" in SDXL.sources["CUSTOM_DIFFUSION"]
+    assert SDXL.edit["guidance_scale"] == 5.0
+    assert set(SDXL.sources) >= set(SDXL.training) | {"edit"}
 
 
 def test_job_defaults_come_from_the_profile():

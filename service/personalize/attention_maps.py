@@ -24,7 +24,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 from scipy import ndimage
 
-from .common import FrozenBase, Posteriors
+from .common import FrozenBase, Posteriors, with_time_ids
 
 ARTICLES = frozenset({"a", "an", "the", "and", "of", "on", "in"})
 # Low noise levels locate objects best on the world model (mean box IoU 0.60 over 9 objects of 5
@@ -107,8 +107,11 @@ def cross_attention_maps(
     training resolution `base.size` (the image resized and centre-cropped like training data).
     The phrases must occur in the prompt in this order."""
     engine = base.engine
-    latent = Posteriors.of_images(base, [image]).mean  # [1, C, h, w]
-    embeds = engine.encode_prompts([prompt])
+    posterior = Posteriors.of_images(base, [image])
+    latent = posterior.mean  # [1, C, h, w]
+    # SDXL: conditioned on the image's own size and crop, as its training pairs are.
+    embeds = with_time_ids(base, engine.encode_prompts([prompt], size=(base.size, base.size)), posterior.time_ids)
+    # Token positions are the first tokenizer's; SDXL's second tokenizes alike (same vocabulary).
     positions = phrase_token_positions(engine.tokenizer, prompt, phrases)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed)).to(latent)
 

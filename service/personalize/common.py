@@ -55,6 +55,12 @@ class FrozenBase:
         return self.engine.text_encoder
 
     @property
+    def text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+        """(adapter-format prefix, encoder) of each text encoder: SDXL's two, one otherwise."""
+        second = getattr(self.engine, "text_encoder_2", None)
+        return [("text_encoder", self.engine.text_encoder)] + ([("text_encoder_2", second)] if second is not None else [])
+
+    @property
     def size(self) -> int:
         return self.engine.limits.default_size
 
@@ -78,20 +84,47 @@ class FrozenBase:
 # -- data ------------------------------------------------------------------------------------------
 
 
+def centre_crop(image_size: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) of an image of (w, h) pixels: its shorter
+    side resized to `size`, a centred size x size crop (diffusers' DreamBooth data pipeline with
+    --center_crop; the offsets round down, as `to_pixels` crops)."""
+    width, height = image_size
+    scale = size / min(width, height)
+    w, h = max(size, round(width * scale)), max(size, round(height * scale))
+    return w, h, (w - size) // 2, (h - size) // 2
+
+
 def to_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """[N, 3, size, size] in [-1, 1]: each image RGB, its shorter side resized to `size` (bicubic),
     centre-cropped (diffusers' DreamBooth data pipeline with --center_crop)."""
     out = []
     for image in images:
         image = image.convert("RGB")
-        scale = size / min(image.size)
-        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        w, h, left, top = centre_crop(image.size, size)
         if (w, h) != image.size:
             image = image.resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))
         out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
     return torch.stack(out)
+
+
+def crop_time_ids(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """[N, 6] SDXL's size and crop conditioning of each image as `to_pixels` prepares it: original
+    (height, width), the crop's (top, left) in the resized image, the target (size, size). What
+    diffusers' train_dreambooth_lora_sdxl.py records per image (`original_sizes`,
+    `crop_top_lefts`) and its compute_time_ids makes of them."""
+    rows = []
+    for image in images:
+        _, _, left, top = centre_crop(image.size, size)
+        rows.append([image.height, image.width, top, left, size, size])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def square_time_ids(n: int, height: int, width: int | None = None) -> torch.Tensor:
+    """[n, 6] time ids of images drawn at (height, width) and not cropped: (h, w, 0, 0, h, w), what
+    generation uses (the class images of prior preservation are such images)."""
+    width = height if width is None else width
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(n, 1)
 
 
 @dataclass
@@ -101,10 +134,15 @@ class Posteriors:
 
     mean: torch.Tensor  # [N, C, h, w], already multiplied by the VAE's scaling factor
     std: torch.Tensor
+    # [N, 6]: each image's size and crop conditioning (SDXL's time_ids: original h, w, crop top,
+    # left, target h, w); read only by families that take it (`with_time_ids`).
+    time_ids: torch.Tensor | None = None
 
     @classmethod
     @torch.no_grad()
-    def of_pixels(cls, base: FrozenBase, pixels: torch.Tensor) -> "Posteriors":
+    def of_pixels(cls, base: FrozenBase, pixels: torch.Tensor, time_ids: torch.Tensor | None = None) -> "Posteriors":
+        """Posteriors of [N, 3, H, W] pixels; `time_ids` [N, 6] where they were cut from larger
+        images (default: whole H x W images, uncropped)."""
         flush_denormals()
         vae = base.engine.vae
         means, stds = [], []
@@ -113,11 +151,13 @@ class Posteriors:
             means.append(dist.mean.float())
             stds.append(dist.std.float())
         scaling = vae.config.scaling_factor
-        return cls(torch.cat(means) * scaling, torch.cat(stds) * scaling)
+        if time_ids is None:
+            time_ids = square_time_ids(pixels.shape[0], pixels.shape[-2], pixels.shape[-1])
+        return cls(torch.cat(means) * scaling, torch.cat(stds) * scaling, time_ids.float().cpu())
 
     @classmethod
     def of_images(cls, base: FrozenBase, images: Sequence[Image.Image]) -> "Posteriors":
-        return cls.of_pixels(base, to_pixels(images, base.size))
+        return cls.of_pixels(base, to_pixels(images, base.size), crop_time_ids(images, base.size))
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -211,18 +251,34 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
 
 def encode_text(base: FrozenBase, prompts: Sequence[str], tokens: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Prompt embeddings with gradients: through learned token vectors (`tokens`) and any LoRA on
-    the text encoder. The same per-row token injection serves them (service/adapters)."""
-    return base.prompt_encoder.embed(list(prompts), [tokens or {}] * len(prompts))
+    the text encoder(s). The same per-row token injection serves them (service/adapters). For the
+    training resolution; `with_time_ids` gives each row its own image's size conditioning."""
+    return base.prompt_encoder.embed(list(prompts), [tokens or {}] * len(prompts), (base.size, base.size))
+
+
+def with_time_ids(base: FrozenBase, embeds: torch.Tensor, time_ids: torch.Tensor | None) -> torch.Tensor:
+    """embeds [B, L, D] with row i conditioned on time_ids[i] (SDXL: the training image's original
+    size, crop and target size, as diffusers' SDXL training scripts pass `add_time_ids` per image);
+    `embeds` as they are for a family without size conditioning (SD 1.x, 2.x)."""
+    family = base.engine.family
+    if time_ids is None or not hasattr(family, "with_time_ids"):
+        return embeds
+    return family.with_time_ids(embeds, time_ids.to(embeds.device))
 
 
 def token_init(base: FrozenBase, word: str) -> torch.Tensor:
     """[1, D] starting vector of a learned token: the mean input embedding of `word`'s tokens
-    (Textual Inversion's initializer word; one token in the paper, averaged when it splits)."""
-    ids = base.engine.tokenizer(word, add_special_tokens=False).input_ids
-    if not ids:
-        raise ValueError(f"initializer word {word!r} has no tokens")
-    table = base.text_encoder.get_input_embeddings().weight
-    return table[torch.tensor(ids, device=table.device)].float().mean(0, keepdim=True).detach().clone()
+    (Textual Inversion's initializer word; one token in the paper, averaged when it splits), in
+    every text encoder's own table: D is their widths together, in the prompt encoder's order
+    (SDXL: CLIP ViT-L's 768 columns, then OpenCLIP ViT-bigG's 1280)."""
+    parts = []
+    for tokenizer, encoder in base.prompt_encoder.towers:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"initializer word {word!r} has no tokens")
+        table = encoder.get_input_embeddings().weight
+        parts.append(table[torch.tensor(ids, device=table.device)].float().mean(0, keepdim=True).detach())
+    return torch.cat(parts, dim=-1).clone()
 
 
 # -- the optimisation loop's bookkeeping --------------------------------------------------------------

@@ -16,6 +16,12 @@ canvas (prompt "a far away" / "very small" when under 0.6x) or enlarged and crop
 "close up"), and the loss counts only the latent cells that hold the image, not the padding. With
 prior preservation (prior_loss_weight > 0) the base model's own "a <class_word>" images regularise, as DreamBooth's do
 (the paper retrieves real images of the class; none can be downloaded here).
+
+On SDXL (no published Custom Diffusion recipe; diffusers' script is SD 1.x/2.x only) the same: K/V
+of every attn2 read the 2048-wide concatenation of both text encoders' states, the token has a
+vector in each encoder (common.token_init), and each view is conditioned on its photo's original
+size and crop (`time_ids`; an enlarged view's crop offset grows with it, a shrunk one keeps its
+photo's: SDXL's conditioning has no term for a photo pasted small on a canvas).
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ from .common import (
     TrainingRun,
     adamw,
     batch_indices,
+    crop_time_ids,
     denoising_loss,
     encode_text,
     step_generator,
     to_pixels,
     token_init,
+    with_time_ids,
 )
 from .spec import NoProgress, Progress, TrainingSpec
 
@@ -57,7 +65,7 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
     views = scale_augmented(spec.images, base.size, base.engine.vae_scale_factor,
                             per_image=spec.extra.get("augmentations", 8), seed=spec.seed,
                             enabled=spec.extra.get("augment", AUGMENT))
-    subject = Posteriors.of_pixels(base, views.pixels)
+    subject = Posteriors.of_pixels(base, views.pixels, views.time_ids)
     prompts = [_prompt(spec, modifier) for modifier in views.modifiers]
     prior = base.class_images(spec.class_word, spec.num_class_images, spec.seed) if spec.prior_loss_weight > 0 else None
     class_prompt = f"a {spec.class_word}"
@@ -72,15 +80,18 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
         for step in run.steps():
             g = step_generator(spec.seed, step)
             index = batch_indices(len(subject), spec.batch_size, g)
-            latents, masks = subject.sample(index, g), views.masks[index]
+            latents, masks, time_ids = subject.sample(index, g), views.masks[index], subject.time_ids[index]
             texts = [prompts[i] for i in index.tolist()]
             n = latents.shape[0]
             if prior is not None:
-                latents = torch.cat([latents, prior.sample(batch_indices(len(prior), n, g), g)])
+                prior_index = batch_indices(len(prior), n, g)
+                latents = torch.cat([latents, prior.sample(prior_index, g)])
                 masks = torch.cat([masks, torch.ones_like(masks)])
+                time_ids = torch.cat([time_ids, prior.time_ids[prior_index]])
                 texts += [class_prompt] * n
             noisy, t, target = base.schedule.noise(latents, g)
             embeds = encode_text(base, texts, {spec.token: vector}).to(base.engine.dtype)
+            embeds = with_time_ids(base, embeds, time_ids)
             pred = base.unet(noisy, t, encoder_hidden_states=embeds).sample
             losses = denoising_loss(pred, target, masks.to(pred.device)) * base.schedule.weight(t)
             loss = losses[:n].mean()
@@ -97,10 +108,11 @@ def _prompt(spec: TrainingSpec, modifier: str) -> str:
 
 
 class ScaledViews:
-    def __init__(self, pixels: torch.Tensor, masks: torch.Tensor, modifiers: list[str]):
+    def __init__(self, pixels: torch.Tensor, masks: torch.Tensor, modifiers: list[str], time_ids: torch.Tensor):
         self.pixels = pixels  # [M, 3, size, size]
         self.masks = masks  # [M, 1, size / f, size / f]: 1 where the latent cell holds image
         self.modifiers = modifiers  # the words the prompt gains for each view ("" for none)
+        self.time_ids = time_ids  # [M, 6]: each view's size and crop conditioning (SDXL)
 
 
 def scale_augmented(
@@ -110,13 +122,15 @@ def scale_augmented(
     the time shrunk to size/3..size and pasted at a random place on a blank canvas, else enlarged to
     1.2..1.4 x size and randomly cropped back), with their loss masks and prompt words."""
     base_pixels = to_pixels(images, size)
+    base_ids = crop_time_ids(images, size)
     cells = size // factor
     rng = np.random.default_rng(seed)
-    pixels, masks, modifiers = [], [], []
-    for image in base_pixels:
+    pixels, masks, modifiers, time_ids = [], [], [], []
+    for image, ids in zip(base_pixels, base_ids):
         pixels.append(image)
         masks.append(torch.ones(1, cells, cells))
         modifiers.append("")
+        time_ids.append(ids)
         for _ in range(per_image - 1 if enabled else 0):
             if rng.uniform() < 0.66:
                 scale = int(rng.integers(size // 3, size + 1))
@@ -126,11 +140,14 @@ def scale_augmented(
             resized = torch.nn.functional.interpolate(image[None], size=(scale, scale), mode="bicubic",
                                                       align_corners=False, antialias=True)[0].clamp(-1, 1)
             mask = torch.zeros(1, cells, cells)
+            view_ids = ids.clone()
             if scale > size:
                 top, left = (int(v) for v in rng.integers(0, scale - size + 1, 2))
                 view = resized[:, top : top + size, left : left + size]
                 mask[:] = 1.0
                 modifier = str(rng.choice(["zoomed in", "close up"]))
+                # The photo resized scale/size times larger, cropped at (top, left) of that.
+                view_ids[2:4] = torch.round(ids[2:4] * scale / size) + torch.tensor([top, left])
             else:
                 top, left = (int(v) for v in rng.integers(0, size - scale + 1, 2))
                 view = torch.zeros(3, size, size)  # blank (mid-grey) canvas
@@ -141,4 +158,5 @@ def scale_augmented(
             pixels.append(view)
             masks.append(mask)
             modifiers.append(modifier)
-    return ScaledViews(torch.stack(pixels), torch.stack(masks), modifiers)
+            time_ids.append(view_ids)
+    return ScaledViews(torch.stack(pixels), torch.stack(masks), modifiers, torch.stack(time_ids))

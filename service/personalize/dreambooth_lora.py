@@ -1,10 +1,15 @@
 """DreamBooth with LoRA: bind a rare token to a subject by fine-tuning low-rank updates of the UNet's
 attention (Ruiz et al., "DreamBooth", CVPR 2023; LoRA as in diffusers'
-examples/dreambooth/train_dreambooth_lora.py). docs/personalize/dreambooth_lora.md says what we
-chose and why.
+examples/dreambooth/train_dreambooth_lora.py, and train_dreambooth_lora_sdxl.py on SDXL).
+docs/personalize/dreambooth_lora.md says what we chose and why.
 
     a few photos of the subject, "a <token> <class_word>"  ->  LoRA on attn1/attn2 q, k, v, out
-                                                              (+ the text encoder's attention, optional)
+                                                              (+ the text encoders' attention, optional)
+
+On SDXL, as diffusers' SDXL script: the same UNet layers (to_q, to_k, to_v, to_out.0 of every
+attention), with the text encoders trained both get LoRA on q/k/v/out_proj, and each image is
+conditioned on its own original size and centre-crop offset (`time_ids`; the class images on their
+generated size).
 
 The loop: each step, a batch of the subject photos (VAE posterior samples), noised at a uniform
 random timestep; the loss is the MSE between the UNet's prediction and the noise, with the prompt
@@ -31,6 +36,7 @@ from .common import (
     denoising_loss,
     encode_text,
     step_generator,
+    with_time_ids,
 )
 from .spec import NoProgress, Progress, TrainingSpec
 
@@ -45,14 +51,16 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
     prior = base.class_images(spec.class_word, spec.num_class_images, spec.seed) if spec.prior_loss_weight > 0 else None
     class_prompt = f"a {spec.class_word}"
 
-    # 2. Trainable: LoRA on the UNet's attention projections (and the text encoder's, optionally).
+    # 2. Trainable: LoRA on the UNet's attention projections (and the text encoders', optionally:
+    # SDXL's two both, as diffusers' SDXL script does).
     with contextlib.ExitStack() as stack:
         layers = stack.enter_context(lora.lora_layers(base.unet, "unet", DEFAULT_UNET_TARGETS, spec.rank, spec.seed))
         if spec.train_text_encoder:
-            # A new dict: each lora_layers block restores the layers of the dict IT yielded.
-            layers = layers | stack.enter_context(
-                lora.lora_layers(base.text_encoder, "text_encoder", DEFAULT_TEXT_ENCODER_TARGETS, spec.rank, spec.seed + 1)
-            )
+            for i, (prefix, encoder) in enumerate(base.text_encoders):
+                # A new dict: each lora_layers block restores the layers of the dict IT yielded.
+                layers = layers | stack.enter_context(
+                    lora.lora_layers(encoder, prefix, DEFAULT_TEXT_ENCODER_TARGETS, spec.rank, spec.seed + 1 + i)
+                )
         params = lora.parameters(layers)
         run = TrainingRun(spec, progress, params, adamw(list(params.values()), spec.learning_rate), resume)
 
@@ -62,13 +70,17 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
         # 3. The loop.
         for step in run.steps():
             g = step_generator(spec.seed, step)
-            latents = subject.sample(batch_indices(len(subject), spec.batch_size, g), g)
+            index = batch_indices(len(subject), spec.batch_size, g)
+            latents, time_ids = subject.sample(index, g), subject.time_ids[index]
             n = latents.shape[0]
             if prior is not None:
-                latents = torch.cat([latents, prior.sample(batch_indices(len(prior), n, g), g)])
+                prior_index = batch_indices(len(prior), n, g)
+                latents = torch.cat([latents, prior.sample(prior_index, g)])
+                time_ids = torch.cat([time_ids, prior.time_ids[prior_index]])
             noisy, t, target = base.schedule.noise(latents, g)
             text = fixed_text if fixed_text is not None else _embeddings(base, spec, class_prompt)
             embeds = torch.cat([text[:1].expand(n, -1, -1)] + ([text[1:].expand(n, -1, -1)] if prior is not None else []))
+            embeds = with_time_ids(base, embeds, time_ids)
             pred = base.unet(noisy, t, encoder_hidden_states=embeds).sample
             losses = denoising_loss(pred, target) * base.schedule.weight(t)
             loss = losses[:n].mean()

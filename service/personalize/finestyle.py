@@ -17,6 +17,12 @@ mean to the image, not how the image is drawn from itself.
 
 At sampling, `service.engine.sampling.style_guidance` separates the style's pull from the
 prompt's: two scales, three predictions per step.
+
+On SDXL the same K/V adapters (attn2 reads both text encoders' states, 2048 wide), and every pair
+is conditioned on where it was cut from (`time_ids`: the style image's original size, the crop's
+top-left in the image resized so the crop is the training size, the training size), as SDXL was
+trained on crops: a concept crop is, to SDXL, a crop of a larger picture, and a sample drawn with
+SDXL's uncropped (0, 0) asks for a whole picture.
 """
 
 from __future__ import annotations
@@ -30,7 +36,18 @@ from service.adapters import DEFAULT_UNET_TARGETS, Adapter
 
 from . import lora
 from .attention_maps import concept_regions, cross_attention_maps
-from .common import FrozenBase, Posteriors, TrainingRun, adamw, denoising_loss, encode_text, step_generator, to_pixels
+from .common import (
+    FrozenBase,
+    Posteriors,
+    TrainingRun,
+    adamw,
+    centre_crop,
+    denoising_loss,
+    encode_text,
+    step_generator,
+    to_pixels,
+    with_time_ids,
+)
 from .spec import Concept, NoProgress, Progress, TrainingSpec
 
 # A style is invoked by its phrase, not a learned word. Defaults: service/profiles.py.
@@ -67,6 +84,8 @@ class Pairs:
     boxes: list[tuple[int, int, int, int]]  # the region of the training image each pair was cut from
     kinds: list[str]  # "concept", "background" or "whole"
     concept_boxes: list[tuple[int, int, int, int] | None]  # each concept's region (given or located)
+    # [M, 6]: each pair's size and crop conditioning (SDXL's time_ids; `box_time_ids`)
+    time_ids: torch.Tensor | None = None
 
 
 def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(), resume: bytes | None = None) -> Adapter:
@@ -79,12 +98,12 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
         crop_margin=tuple(spec.extra.get("crop_margin", CROP_MARGIN)),
         concept_phrases=spec.extra.get("concept_phrases", True),
     )
-    latents = Posteriors.of_pixels(base, pairs.pixels)
+    latents = Posteriors.of_pixels(base, pairs.pixels, pairs.time_ids)
     cells = latents.mean.shape[-1]
     # A latent cell counts only if all of its pixels do.
     masks = -torch.nn.functional.adaptive_max_pool2d(-pairs.masks, cells)
     with torch.no_grad():  # the text encoder is frozen: the captions' embeddings are fixed
-        text = encode_text(base, pairs.captions).to(base.engine.dtype)
+        text = with_time_ids(base, encode_text(base, pairs.captions).to(base.engine.dtype), latents.time_ids)
     # The whole image weighs as much as one concept's set of crops: it is the one pair that shows
     # the concepts in their places in the style, and with data scaling off it is every pair.
     cut = sum(r is not None for r in pairs.concept_boxes)
@@ -151,8 +170,13 @@ def build_pairs(
         maps = cross_attention_maps(base, image, caption, [concepts[i].phrase for i in missing], seed=seed)
         for i, box in zip(missing, concept_regions(maps)):
             regions[i] = box
+
+    def done() -> Pairs:
+        ids = torch.stack([box_time_ids(image.size, box, size) for box in boxes])
+        return Pairs(torch.stack(pixels), torch.stack(masks), captions, boxes, kinds, regions, ids)
+
     if not data_scaling:
-        return Pairs(torch.stack(pixels), torch.stack(masks), captions, boxes, kinds, regions)
+        return done()
 
     def add(box, text, kind, hidden, keep=None):
         pixels.append(resized_crop(whole, box, size))
@@ -172,7 +196,19 @@ def build_pairs(
             add(crop_around(region, size, rng, crop_margin), caption, "concept", others, region)
     for box in background_boxes(located, size, background_crops, rng):
         add(box, style_phrase, "background", located)
-    return Pairs(torch.stack(pixels), torch.stack(masks), captions, boxes, kinds, regions)
+    return done()
+
+
+def box_time_ids(image_size: tuple[int, int], box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """[6] SDXL time ids of a square crop `box` of the training image (`to_pixels`' centre crop of an
+    image of (w, h) pixels), resized to `size`: the same pixels are the original image resized so the
+    crop is size wide, cropped at the box's top-left there. (original h, w, top, left, size, size);
+    the whole training image gives what `common.crop_time_ids` does."""
+    w, h = image_size
+    _, _, left, top = centre_crop(image_size, size)
+    x0, y0, x1, _ = box
+    scale = size / (x1 - x0)
+    return torch.tensor([h, w, round((top + y0) * scale), round((left + x0) * scale), size, size], dtype=torch.float32)
 
 
 def crop_mask(box, hidden, size: int, keep=None) -> torch.Tensor:
@@ -204,7 +240,7 @@ def map_box(box, image_size: tuple[int, int], size: int) -> tuple[int, int, int,
     is then located by cross-attention, as if no box was given)."""
     w, h = image_size
     scale = size / min(w, h)
-    left, top = (max(size, round(w * scale)) - size) // 2, (max(size, round(h * scale)) - size) // 2
+    _, _, left, top = centre_crop(image_size, size)
     x0, y0, x1, y1 = (round(v * scale) for v in box)
     x0, x1 = (int(v) for v in np.clip([x0 - left, x1 - left], 0, size))
     y0, y1 = (int(v) for v in np.clip([y0 - top, y1 - top], 0, size))

@@ -10,6 +10,13 @@ random timestep; the prompt "a <token> <class_word>" is encoded with v in the to
 the MSE between the UNet's prediction and the noise is minimised over v alone. Gradients reach v
 through the frozen text encoder and UNet. The tokenizer and the embedding table are never touched:
 the vector is injected per prompt (service/engine/text.py), as at serving time.
+
+On SDXL the token has a vector in each text encoder (one tensor, CLIP ViT-L's columns then
+OpenCLIP ViT-bigG's, as the adapter format and the prompt encoder carry it), each initialised from
+the initializer word in its own encoder's table and trained together, as diffusers' pivotal-tuning
+SDXL script (advanced_diffusion_training, --train_text_encoder_ti) does; diffusers'
+textual_inversion_sdxl.py trains the first encoder's alone. Each image is conditioned on its own
+original size and crop (`time_ids`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from .common import (
     encode_text,
     step_generator,
     token_init,
+    with_time_ids,
 )
 from .spec import NoProgress, Progress, TrainingSpec
 
@@ -47,10 +55,12 @@ def train(base: FrozenBase, spec: TrainingSpec, progress: Progress = NoProgress(
     # 3. The loop.
     for step in run.steps():
         g = step_generator(spec.seed, step)
-        latents = subject.sample(batch_indices(len(subject), spec.batch_size, g), g)
+        index = batch_indices(len(subject), spec.batch_size, g)
+        latents = subject.sample(index, g)
         noisy, t, target = base.schedule.noise(latents, g)
         text = encode_text(base, [spec.prompt], {spec.token: vector}).to(base.engine.dtype)
-        pred = base.unet(noisy, t, encoder_hidden_states=text.expand(latents.shape[0], -1, -1)).sample
+        embeds = with_time_ids(base, text.expand(latents.shape[0], -1, -1), subject.time_ids[index])
+        pred = base.unet(noisy, t, encoder_hidden_states=embeds).sample
         run.update((denoising_loss(pred, target) * base.schedule.weight(t)).mean())
 
     # 4. The adapter: the token and its vector.

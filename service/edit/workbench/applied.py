@@ -55,9 +55,13 @@ def applied(engine, adapter: Adapter, trainable: bool = False) -> Iterator[Appli
     layers: dict[str, LoRALinear] = {}
     g = torch.Generator().manual_seed(0)  # unused: A and B are overwritten with the adapter's
     roots = {"unet": engine.unet, "text_encoder": engine.text_encoder}
+    if getattr(engine, "text_encoder_2", None) is not None:  # SDXL's second text encoder
+        roots["text_encoder_2"] = engine.text_encoder_2
     try:
         for name, module in adapter.lora.items():
             root_name, path = _local_name(name, roots)
+            if root_name not in roots:
+                raise EditRefused(f"adapter layer {name!r} is not in the model (it has no {root_name})")
             made = replace_linears(roots[root_name], root_name, (path,),
                                    lambda linear: LoRALinear(linear, module.rank, module.alpha, g))
             if not made:
@@ -88,8 +92,8 @@ def _local_name(name: str, roots) -> tuple[str, str]:
     """(component, module path inside it) of an adapter layer name; text-encoder names with or
     without transformers 4's `text_model.` level both resolve (as the adapter bank does)."""
     component, _, path = name.partition(".")
-    if component == "text_encoder":
-        modules = dict(roots["text_encoder"].named_modules())
+    if component in ("text_encoder", "text_encoder_2") and component in roots:
+        modules = dict(roots[component].named_modules())
         for alias in (path, path.removeprefix("text_model."), "text_model." + path):
             if alias in modules:
                 return component, alias

@@ -46,8 +46,16 @@ class Workbench:
 
     # -- what the steps share -----------------------------------------------------------------------
 
-    def embed(self, prompts: Sequence[str], tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.base.prompt_encoder.embed(list(prompts), [tokens] * len(prompts)).to(self.base.engine.dtype)
+    def embed(self, prompts: Sequence[str], tokens: dict[str, torch.Tensor],
+              size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Conditioning of prompts with the applied tokens, for images of size (h, w) (SDXL's
+        time_ids; the steps pass their source's, `size_of`)."""
+        return self.base.prompt_encoder.embed(list(prompts), [tokens] * len(prompts), size).to(self.base.engine.dtype)
+
+    def size_of(self, latent: torch.Tensor) -> tuple[int, int]:
+        """(h, w) in pixels of the image a latent [.., h, w] decodes to."""
+        f = self.base.engine.vae_scale_factor
+        return int(latent.shape[-2]) * f, int(latent.shape[-1]) * f
 
     def epsilon(self, prediction: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """The noise a prediction implies (service.engine.sampling.noise_prediction)."""

@@ -35,8 +35,9 @@ def guided_samples(bench: "Bench", call: GuidedSamples, applied: Applied, should
     alphas = scheduler.alphas_cumprod.to(engine.device)
 
     # DDIM inversion: x_t from x_{t-1} with the noise predicted at x_{t-1}.
+    size = bench.size_of(call.latent)  # SDXL's time_ids: the source's own size
     with applied.off():
-        source_embeds = bench.embed([call.source_prompt], {})
+        source_embeds = bench.embed([call.source_prompt], {}, size)
     trajectory: dict[int, torch.Tensor] = {}
     x = call.latent.to(engine.device, engine.dtype)
     alpha_prev = torch.tensor(1.0, device=engine.device)
@@ -62,9 +63,9 @@ def guided_samples(bench: "Bench", call: GuidedSamples, applied: Applied, should
         fresh = torch.randn(x_T.shape[1:], generator=g).to(x_T)
         starts.append(math.sqrt(0.75) * x_T[0] + math.sqrt(0.25) * fresh)
     latents = torch.stack(starts)
-    prompt_embeds = bench.embed(["", call.prompt], applied.tokens)
+    prompt_embeds = bench.embed(["", call.prompt], applied.tokens, size)
     with applied.off():
-        source_row = bench.embed([call.source_prompt], {})
+        source_row = bench.embed([call.source_prompt], {}, size)
     embeds = torch.cat([source_row, prompt_embeds[:1].expand(n, -1, -1), prompt_embeds[1:].expand(n, -1, -1)])
     with _FeatureInjection(bench.base.unet) as inject:
         for i, t in enumerate(timesteps.tolist()):

@@ -27,7 +27,7 @@ def subject_mask(bench: "Bench", call: SubjectMask, applied: Applied) -> torch.T
     normalised, a 3x3 max-pool, scaled to [0, 1], threshold)."""
     latent = call.latent
     h, w = latent.shape[-2:]
-    embeds = bench.embed([call.prompt], applied.tokens)
+    embeds = bench.embed([call.prompt], applied.tokens, bench.size_of(latent))
     positions = word_positions(bench.base.prompt_encoder, call.prompt, call.words, applied.tokens)
     if not positions:
         raise EditRefused(f"none of the concept's words {list(call.words)} occurs in the target prompt {call.prompt!r}")
@@ -62,7 +62,9 @@ def _layer_grid(h: int, w: int, positions: int) -> tuple[int, int]:
 
 def word_positions(prompt_encoder, prompt: str, words: Sequence[str], tokens: dict) -> list[int]:
     """Positions (in the encoded prompt, start token included) of `words`: a learned token's
-    injected positions, or a plain word's token ids where they occur."""
+    injected positions, or a plain word's token ids where they occur. The first tokenizer's: SDXL's
+    second has the same vocabulary (it pads differently, after the end token), so the positions
+    are those of both encoders' states."""
     ids, mask, _ = prompt_encoder.tokenize([prompt], [tokens])
     ids, mask = ids[0].tolist(), mask[0]
     out: list[int] = []

@@ -57,10 +57,11 @@ def steer(bench: "Bench", call: Steer, applied: Applied, should_stop=lambda: Fal
     # a one-row call per step (on CPU a 1-row UNet call costs half a 4-row one).
     eps_pre = _pretrained_scores(bench, applied, call, draws) if call.edited is not None else []
     losses = []
+    size = bench.size_of(z_src)  # SDXL's time_ids: the source's own size
     for step, d in enumerate(draws):
         if should_stop():
             raise GenerationCancelled(f"stopped before steering step {step + 1} of {o.steer_steps}")
-        target_embeds = bench.embed([call.target_prompt], applied.tokens)
+        target_embeds = bench.embed([call.target_prompt], applied.tokens, size)
         # Every row that needs a gradient in ONE forward and backward: the EDSD pair (noised edit,
         # noised source) at t, then the guided samples at their own timesteps.
         rows, timesteps = [], []
@@ -130,7 +131,7 @@ def _pretrained_scores(bench: "Bench", applied: Applied, call: Steer, draws: lis
                        chunk: int = 16) -> list[torch.Tensor]:
     """eps_pre(x_src_t, source prompt) of every step, the adapter off, `chunk` rows per UNet call."""
     with applied.off():
-        source_embeds = bench.embed([call.source_prompt], {})
+        source_embeds = bench.embed([call.source_prompt], {}, bench.size_of(call.source))
     out: list[torch.Tensor] = []
     for start in range(0, len(draws), chunk):
         part = draws[start : start + chunk]
@@ -151,9 +152,10 @@ def edsd_objective(bench: "Bench", call: Steer, adapter: Adapter, samples: int =
     g = torch.Generator().manual_seed(1234)
     scheduler = bench.base.schedule.scheduler
     with bench.base.lock, bench.applied(adapter) as applied:
+        size = bench.size_of(call.source)
         with applied.off():
-            source_embeds = bench.embed([call.source_prompt], {})
-        target_embeds = bench.embed([call.target_prompt], applied.tokens)
+            source_embeds = bench.embed([call.source_prompt], {}, size)
+        target_embeds = bench.embed([call.target_prompt], applied.tokens, size)
         total = 0.0
         for _ in range(samples):
             t = torch.randint(o.t_min, o.t_max, (1,), generator=g)
