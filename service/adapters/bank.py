@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .formats import Adapter, validate_adapter
+from .formats import Adapter, ServedModel, validate_adapter
 
 # Attention projections of self-attention (attn1) and cross-attention (attn2) in diffusers' UNets.
 DEFAULT_UNET_TARGETS = tuple(
@@ -150,6 +150,8 @@ class AdapterBank:
             and its embedding width is what textual-inversion vectors are checked against.
         text_encoder_2: SDXL's second text encoder, banked like the first (module names
             ``text_encoder_2.*``); a learned token's vector is both widths concatenated.
+        family_title: the model family's title (service/engine/families, e.g. "Stable Diffusion
+            XL"): a refusal of an adapter made for another family names both.
     """
 
     def __init__(
@@ -164,6 +166,7 @@ class AdapterBank:
         text_encoder_target_modules: Sequence[str] = DEFAULT_TEXT_ENCODER_TARGETS,
         max_rows: int = 64,
         max_adapters_per_row: int = 4,
+        family_title: str | None = None,
     ):
         if num_slots < 2:
             raise ValueError("num_slots must be at least 2 (slot 0 is the base model)")
@@ -183,14 +186,20 @@ class AdapterBank:
         def make(linear: nn.Linear) -> BankedLoRALinear:
             return BankedLoRALinear(linear, num_slots, max_rank, self.state)
 
+        # The UNet's text-conditioning width, read before the layers are replaced (whether or not
+        # cross-attention is banked): what an adapter made for another family is told apart by.
+        text_width = next((m.in_features for n, m in unet.named_modules()
+                           if n.endswith("attn2.to_k") and isinstance(m, nn.Linear)), None)
         self.layers: dict[str, BankedLoRALinear] = replace_linears(unet, "unet", target_modules, make)
         self.hidden_size: int | None = None
         self.text_encoders = [("text_encoder", e) for e in (text_encoder,) if e is not None]
         self.text_encoders += [("text_encoder_2", e) for e in (text_encoder_2,) if e is not None]
         for prefix, encoder in self.text_encoders:
             self.layers.update(replace_linears(encoder, prefix, text_encoder_target_modules, make))
+        widths = {prefix: e.get_input_embeddings().embedding_dim for prefix, e in self.text_encoders}
         if self.text_encoders:
-            self.hidden_size = sum(e.get_input_embeddings().embedding_dim for _, e in self.text_encoders)
+            self.hidden_size = sum(widths.values())
+        self.model = ServedModel(family_title, text_width, widths)
         if not any(k.startswith("unet.") for k in self.layers):
             raise ValueError(f"no nn.Linear in the UNet matches target_modules {tuple(target_modules)}")
 
@@ -208,7 +217,8 @@ class AdapterBank:
     def prepare(self, adapter: Adapter) -> Adapter:
         """``adapter`` with module names resolved to this bank's layers, validated.
 
-        Raises AdapterFormatError unless every tensor fits. transformers 5 dropped the
+        Raises AdapterFormatError unless every tensor fits (naming the family an adapter was made
+        for when its shapes say it is not this model's). transformers 5 dropped the
         ``text_model.`` level of CLIPTextModel's module names; files trained with transformers 4
         still carry it, so both spellings resolve to the same layer.
         """
@@ -223,7 +233,7 @@ class AdapterBank:
                         break
             lora[name] = module
         adapter = replace(adapter, lora=lora)
-        validate_adapter(adapter, self.module_shapes, self.max_rank, self.dtype, self.hidden_size)
+        validate_adapter(adapter, self.module_shapes, self.max_rank, self.dtype, self.hidden_size, self.model)
         return adapter
 
     def load_slot(self, slot: int, adapter: Adapter, *, check: bool = True) -> None:

@@ -17,8 +17,10 @@ Alpha comes, in order of precedence, from a per-module ``<module>.alpha`` tensor
 
 Textual-inversion vectors travel in our own files as ``textual_inversion.<token>`` tensors of shape
 [num_vectors, hidden] (or [hidden]); a diffusers ``learned_embeds.safetensors`` ({token: vector}) is
-accepted too. diffusers' LoRA loader refuses any key without "lora" in it, so the diffusers export
-writes the LoRA and the token vectors as two separate files.
+accepted too, and so is the published SDXL layout (``clip_l`` [n, 768] and ``clip_g`` [n, 1280], the
+token named by the caller), as one [n, 768 + 1280] vector: hidden is every text encoder's width
+concatenated, in the model's encoder order. diffusers' LoRA loader refuses any key without "lora"
+in it, so the diffusers export writes the LoRA and the token vectors as two separate files.
 """
 
 from __future__ import annotations
@@ -42,6 +44,18 @@ TI_PREFIX = "textual_inversion."
 LORA_METADATA_KEY = "lora_adapter_metadata"
 KIND_METADATA_KEY = "steerserve_adapter_kind"
 ADAPTER_KINDS = ("subject", "style")
+
+# The published SDXL textual-inversion layout: the token's vectors for each text encoder, CLIP ViT-L
+# (text_encoder) then OpenCLIP ViT-bigG (text_encoder_2). diffusers loads them one encoder at a time.
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+# Text-conditioning widths of the published Stable Diffusion generations (the UNet's cross-attention
+# input, and a learned token's width: SDXL's is 768 + 1280): what a refusal guesses an adapter was
+# made for. Titles as service/engine/families names them.
+FAMILY_OF_TEXT_WIDTH = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
+_TWO_ENCODER_FAMILY = "Stable Diffusion XL"
+# A UNet's cross-attention key/value projections take the text conditioning: their down/A matrices
+# are as wide as the conditioning of the model a LoRA was trained on.
+_CROSS_ATTENTION_KV = re.compile(r"^unet\..*\battn2\.to_[kv]$")
 
 # (suffix of the down/A matrix, suffix of the up/B matrix), most specific first.
 _LORA_SUFFIXES = (
@@ -168,7 +182,8 @@ def parse_adapter(
     """Parse a LoRA and/or textual-inversion safetensors file (bytes or path) into an Adapter.
 
     ``default_alpha`` applies to modules whose file carries no alpha; ``token`` names the concept
-    of a textual-inversion file that stores a single unnamed vector (A1111's ``emb_params``).
+    of a textual-inversion file that stores unnamed vectors (A1111's ``emb_params``, SDXL's
+    ``clip_l`` + ``clip_g``).
     Raises AdapterFormatError naming the offending key on anything that cannot be served.
     """
     tensors, metadata = _read(source)
@@ -180,7 +195,12 @@ def parse_adapter(
     ups: dict[str, tuple[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     tokens: dict[str, torch.Tensor] = {}
+    sdxl = _sdxl_embedding(tensors, token)
+    if sdxl is not None:
+        tokens[token] = sdxl
     for key, value in tensors.items():
+        if key in SDXL_EMBEDDING_KEYS:
+            continue
         if key.startswith(TI_PREFIX):
             tokens[key[len(TI_PREFIX) :]] = value
             continue
@@ -251,6 +271,33 @@ def parse_adapter(
     return adapter
 
 
+def _sdxl_embedding(tensors: Mapping[str, torch.Tensor], token: str | None) -> torch.Tensor | None:
+    """The token vector [n, w_l + w_g] of a file in SDXL's ``clip_l`` / ``clip_g`` layout (None: not one).
+
+    One tensor per token serves every family: PromptEncoder gives each text encoder its own columns,
+    text_encoder's first, so clip_l's columns come first.
+    """
+    present = [k for k in SDXL_EMBEDDING_KEYS if k in tensors]
+    if not present:
+        return None
+    if len(present) == 1:
+        (other,) = set(SDXL_EMBEDDING_KEYS) - set(present)
+        raise AdapterFormatError(
+            f"{present[0]}: an SDXL embedding holds vectors for both text encoders; {other} is missing")
+    if not token:
+        raise AdapterFormatError("clip_l, clip_g: an SDXL embedding needs a token name")
+    parts = [tensors[k] for k in SDXL_EMBEDDING_KEYS]
+    parts = [t[None] if t.ndim == 1 else t for t in parts]
+    if any(t.ndim != 2 for t in parts) or parts[0].shape[0] != parts[1].shape[0]:
+        raise AdapterFormatError(
+            f"clip_l {tuple(tensors['clip_l'].shape)}, clip_g {tuple(tensors['clip_g'].shape)}: expected "
+            "[n, width] each, with the same number of vectors n")
+    if not all(t.is_floating_point() for t in parts):
+        raise AdapterFormatError(f"clip_l, clip_g: dtypes {parts[0].dtype}, {parts[1].dtype} are not floating-point")
+    dtype = torch.promote_types(parts[0].dtype, parts[1].dtype)
+    return torch.cat([t.to(dtype) for t in parts], dim=1)
+
+
 def _scalar(key: str, value: torch.Tensor) -> float:
     if value.numel() != 1:
         raise AdapterFormatError(f"{key}: alpha must be a scalar, got shape {tuple(value.shape)}")
@@ -261,20 +308,37 @@ def _scalar(key: str, value: torch.Tensor) -> float:
 # Validation
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What a bank knows of its model beyond the layers, so a refusal can name a family mismatch."""
+
+    title: str | None = None  # the model family's title ("Stable Diffusion XL"); None: not known
+    text_width: int | None = None  # the UNet's cross-attention input width (its text conditioning)
+    # Text encoder component -> its token-embedding width, in the order of a token's columns.
+    text_encoders: Mapping[str, int] = field(default_factory=dict)
+
+
 def validate_adapter(
     adapter: Adapter,
     module_shapes: Mapping[str, tuple[int, int]],
     max_rank: int,
     dtype: torch.dtype,
     hidden_size: int | None = None,
+    model: ServedModel | None = None,
 ) -> None:
     """Check an adapter against the modules a bank serves; raise AdapterFormatError on the first problem.
 
     ``module_shapes`` maps module path -> (out_features, in_features) of each served Linear;
-    values are checked finite after the cast to ``dtype`` (fp16 overflows to inf).
+    values are checked finite after the cast to ``dtype`` (fp16 overflows to inf). With ``model``,
+    an adapter whose shapes say it was made for another model family is refused saying so, before
+    any per-module message (which would only name the first layer that differs).
     """
     if not adapter.lora and not adapter.token_embeddings:
         raise AdapterFormatError("the adapter holds no LoRA weights and no token embeddings")
+    if model is not None:
+        mismatch = family_mismatch(adapter, model, hidden_size)
+        if mismatch:
+            raise AdapterFormatError(mismatch)
     for module, lora in adapter.lora.items():
         if module not in module_shapes:
             near = [m for m in module_shapes if m.split(".")[-1] == module.split(".")[-1]][:2]
@@ -305,6 +369,54 @@ def validate_adapter(
                 f"token {token!r}: vectors have shape {tuple(vectors.shape)}, expected [n, {hidden_size}]"
             )
     _check_values(adapter, dtype)
+
+
+def _guess(width: int | None, fallback: str | None = None) -> str:
+    family = FAMILY_OF_TEXT_WIDTH.get(width) or fallback
+    return f" ({family}?)" if family else ""
+
+
+def family_mismatch(adapter: Adapter, model: ServedModel, hidden_size: int | None = None) -> str | None:
+    """One line saying which model family the adapter's shapes were made for and which this model
+    is, or None when they do not say it is another (per-module checks still apply)."""
+    this = f"this model is {model.title}" if model.title else "this model"
+    # LoRA: the text conditioning its cross-attention was trained on, and a second text encoder.
+    # Only when several cross-attention K/V modules (a LoRA made elsewhere has dozens) all agree on
+    # another width: one odd module is a damaged or hand-made file, which the per-module check names.
+    width, evidence = None, []
+    cross = {m: lora.down.shape[1] for m, lora in sorted(adapter.lora.items()) if _CROSS_ATTENTION_KV.match(m)}
+    if model.text_width and len(cross) > 1 and len(set(cross.values())) == 1 and model.text_width not in cross.values():
+        module, width = next(iter(cross.items()))
+        evidence.append(f"{module} takes {width} inputs")
+    one_encoder = "text_encoder" in model.text_encoders and "text_encoder_2" not in model.text_encoders
+    second = sorted(m for m in adapter.lora if m.startswith("text_encoder_2.")) if one_encoder else []
+    evidence += second[:1]
+    if evidence:
+        made = " and ".join(filter(None, [
+            f"{width}-wide text conditioning" if width is not None else "",
+            "a second text encoder (text_encoder_2)" if second else ""]))
+        ours = ", ".join(filter(None, [
+            f"{model.text_width}-wide text conditioning" if model.text_width else "",
+            "one text encoder" if second else ""]))
+        guess = _guess(width, _TWO_ENCODER_FAMILY if second else None)
+        return f"this LoRA was made for a model with {made}{guess} (e.g. {', '.join(evidence)}); {this} ({ours})"
+    # Textual inversion: a token's vector is every text encoder's width side by side.
+    if hidden_size is not None:
+        for token, vectors in adapter.token_embeddings.items():
+            width = vectors.shape[1]
+            if width == hidden_size:
+                continue
+            columns = ""
+            if len(model.text_encoders) > 1:
+                columns = " (" + " + ".join(f"{c} {w}" for c, w in model.text_encoders.items()) + " columns"
+                if list(model.text_encoders) == ["text_encoder", "text_encoder_2"]:
+                    l_width, g_width = model.text_encoders.values()
+                    columns += (f"; SDXL's layout: a file with clip_l [n, {l_width}] and clip_g [n, {g_width}] "
+                                "and the token's name")
+                columns += ")"
+            return (f"token {token!r}: vectors of shape {tuple(vectors.shape)} were made for a model with {width}-wide "
+                    f"token embeddings{_guess(width)}; {this}: expected [n, {hidden_size}]{columns}")
+    return None
 
 
 def _check_values(adapter: Adapter, dtype: torch.dtype) -> None:
@@ -421,6 +533,8 @@ __all__ = [
     "LoraModule",
     "parse_adapter",
     "validate_adapter",
+    "family_mismatch",
+    "ServedModel",
     "export_diffusers_lora",
     "export_textual_inversion",
     "serialize_adapter",

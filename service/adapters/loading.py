@@ -124,7 +124,10 @@ def adapter_checker(model_dir: Path, max_rank: int) -> Callable[[Adapter], Adapt
 
     skeleton = Engine.from_pretrained(model_dir, components=())  # every model on the meta device
     with torch.device("meta"):
-        bank = AdapterBank(skeleton.unet, 2, max_rank, text_encoder=skeleton.text_encoder, max_rows=1)
+        # Both of SDXL's text encoders: the serving bank puts LoRA on each, and a learned token's
+        # vector is checked against their widths side by side.
+        bank = AdapterBank(skeleton.unet, 2, max_rank, text_encoder=skeleton.text_encoder,
+                           text_encoder_2=skeleton.text_encoder_2, max_rows=1, family_title=skeleton.family.title)
     # Values are checked in float32 (meta tensors hold none; the bank's dtype is the model's).
     bank.dtype = torch.float32
     return bank.prepare

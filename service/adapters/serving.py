@@ -62,6 +62,7 @@ class BankedAdapters:
             text_encoder_target_modules=DEFAULT_TEXT_ENCODER_TARGETS if text_encoder_lora else (),
             max_rows=max_rows,
             max_adapters_per_row=max_adapters_per_row,
+            family_title=getattr(getattr(engine, "family", None), "title", None),
         )
         manager = AdapterManager(
             bank, loader, host_cache_size=host_cache_size, host_cache_bytes=host_cache_bytes,
