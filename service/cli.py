@@ -69,7 +69,13 @@ def cmd_serve(args) -> int:
         if args.demo and token:
             threading.Thread(target=_demo_call, args=(address, token, settings.data_dir), daemon=True).start()
 
-    asyncio.run(serve(settings, on_ready=on_ready))
+    from service.engine.families import UnsupportedModel
+
+    try:
+        asyncio.run(serve(settings, on_ready=on_ready))
+    except (UnsupportedModel, FileNotFoundError) as err:  # the model folder: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -138,8 +138,12 @@ class ModelFacts:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelFacts":
-        """From a diffusers folder's configs alone (the gateway and the Triton orchestrator)."""
+        """From a diffusers folder's configs alone (the gateway and the Triton orchestrator); a
+        folder of an architecture not served raises families.UnsupportedModel."""
+        from .families import detect
+
         model_dir = Path(model_dir)
+        detect(model_dir)
         kw = dict(local_files_only=True)
         return cls.from_configs(
             model_dir.name,

@@ -21,6 +21,7 @@ from service.adapters.loading import adapter_checker
 from service.admission import Admission
 from service.backends import Backend, InProcessBackend
 from service.config import Settings
+from service.engine import families
 from service.jobs import JobRunner
 from service.serving import build_engine
 from service.stores import AdapterStore, CheckpointStore, JobStore, open_database
@@ -103,6 +104,9 @@ async def build_triton_backend(settings: Settings, metrics: GatewayMetrics) -> B
 
 
 async def build_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:
+    # A folder of an architecture not served is refused here, in one line, before Triton or any
+    # weight is loaded (families.UnsupportedModel names what was found and what is served).
+    families.detect(settings.resolved_model_dir())
     if settings.backend == "triton":
         return await build_triton_backend(settings, metrics)
     if settings.backend == "inprocess":
