@@ -18,7 +18,9 @@ UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def _peft_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], seed: int, std: float):
+def peft_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], seed: int, std: float = 0.1):
+    """peft's LoRA layers on a copy of model, with random non-zero A and B (peft starts B at zero,
+    which would hide any bug), and the config, as diffusers' trainers hand them to save_lora_weights."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -50,10 +52,10 @@ def write_reference_lora(
     """Write ``<directory>/pytorch_lora_weights.safetensors`` the way diffusers' trainers do."""
     from diffusers import StableDiffusionPipeline
 
-    unet_layers, unet_config = _peft_lora(unet, rank, alpha, targets, seed, std)
+    unet_layers, unet_config = peft_lora(unet, rank, alpha, targets, seed, std)
     kwargs = {}
     if text_encoder is not None:
-        te_layers, te_config = _peft_lora(
+        te_layers, te_config = peft_lora(
             text_encoder, text_encoder_rank or rank, alpha, TEXT_ENCODER_LORA_TARGETS, seed + 10_000, std
         )
         kwargs = dict(text_encoder_lora_layers=te_layers, text_encoder_lora_adapter_metadata=te_config)

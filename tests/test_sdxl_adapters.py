@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from safetensors.torch import save as save_safetensors
 
 from bench.model_folders import sdxl_folder
-from bench.reference_adapters import write_reference_lora
+from bench.reference_adapters import peft_lora, write_reference_lora
 from service.adapters import Adapter, AdapterFormatError, AdapterNotFoundError, BankedAdapters, parse_adapter
 from service.adapters.loading import adapter_checker
 from service.engine.pipeline import AdapterUse, Engine
@@ -29,33 +29,13 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 SIZE = (64, 64)
 TIME_IDS = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
 
-
-def _peft_lora(model, rank: int, alpha: float, targets, seed: int):
-    """peft's LoRA layers on a copy of model, with random non-zero A and B (peft starts B at zero,
-    which would hide any bug), as get_peft_model_state_dict gives them to save_lora_weights."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    model = copy.deepcopy(model)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
-    model.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-            elif "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return get_peft_model_state_dict(model), config.to_dict()
-
-
 def write_sdxl_lora(directory: Path, pipe, rank: int, alpha: float, seed: int) -> Path:
     """A user's SDXL LoRA on the UNet and both text encoders, saved by diffusers' SDXL pipeline."""
     from diffusers import StableDiffusionXLPipeline
 
-    unet, unet_config = _peft_lora(pipe.unet, rank, alpha, UNET_TARGETS, seed)
-    te, te_config = _peft_lora(pipe.text_encoder, rank, alpha, TEXT_ENCODER_TARGETS, seed + 1)
-    te2, te2_config = _peft_lora(pipe.text_encoder_2, rank, alpha, TEXT_ENCODER_TARGETS, seed + 2)
+    unet, unet_config = peft_lora(pipe.unet, rank, alpha, UNET_TARGETS, seed)
+    te, te_config = peft_lora(pipe.text_encoder, rank, alpha, TEXT_ENCODER_TARGETS, seed + 1)
+    te2, te2_config = peft_lora(pipe.text_encoder_2, rank, alpha, TEXT_ENCODER_TARGETS, seed + 2)
     StableDiffusionXLPipeline.save_lora_weights(
         str(directory), unet_lora_layers=unet, text_encoder_lora_layers=te, text_encoder_2_lora_layers=te2,
         unet_lora_adapter_metadata=unet_config, text_encoder_lora_adapter_metadata=te_config,
