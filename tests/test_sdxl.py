@@ -192,3 +192,12 @@ def _random_unet_lora(engine) -> bytes:
             tensors[f"unet.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=g) * 0.1
             tensors[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=g) * 0.1
     return save(tensors)
+
+
+def test_the_vae_runs_in_float32_under_a_float16_engine(folder):
+    """SDXL's VAE overflows in float16; diffusers' SDXL pipeline upcasts it (force_upcast), so do we.
+    SD 1.x keeps the engine's dtype, as diffusers' SD pipeline does."""
+    engine = Engine.from_pretrained(folder, dtype=torch.bfloat16)  # not float16: no upcast asked
+    assert engine.vae_dtype == torch.bfloat16
+    assert engine.family.vae_dtype(engine.vae.config, torch.float16) == torch.float32
+    assert families.SD1().vae_dtype(engine.vae.config, torch.float16) == torch.float16

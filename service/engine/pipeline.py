@@ -153,7 +153,11 @@ class Engine:
         self._counting_tokenizer = None  # count_tokens' own copy (see there)
         self.text_encoder = _place(text_encoder, device, dtype)
         self.unet = _place(unet, device, dtype)
-        self.vae = _place(vae, device, dtype)
+        self.family = family if family is not None else families.of_configs(
+            {"text_encoder_2": True} if text_encoder_2 is not None else {}, unet.config, name or "model",
+            tokenizer.model_max_length)
+        self.vae_dtype = self.family.vae_dtype(vae.config, dtype)
+        self.vae = _place(vae, device, self.vae_dtype)
         self.name = name
         self.device = torch.device(device)
         self.dtype = dtype
@@ -162,9 +166,6 @@ class Engine:
         # trainers and the edit workbench call self.unet directly (they need gradients).
         self.unet_runtime: UNetRuntime = EagerUNet(self.unet)
         self.unet_runtime_choice = None  # service.compiled.selection.RuntimeChoice once configured
-        self.family = family if family is not None else families.of_configs(
-            {"text_encoder_2": True} if text_encoder_2 is not None else {}, self.unet.config, name or "model",
-            tokenizer.model_max_length)
         self.family.install(self.unet)  # the UNet takes the family's embeds as they are
         self.facts = ModelFacts.from_configs(name, self.unet.config, self.vae.config, scheduler.config)
         self.scheduler_config = self.facts.scheduler_config
@@ -340,7 +341,7 @@ class Engine:
         """uint8 [n, H, W, 3] images of latents."""
         flush_denormals()
         scaling = self.vae.config.scaling_factor
-        pixels = self.vae.decode(latents.to(self.device, self.dtype) / scaling).sample
+        pixels = self.vae.decode(latents.to(self.device, self.vae_dtype) / scaling).sample
         pixels = (pixels / 2 + 0.5).clamp(0, 1)
         return (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -351,6 +352,6 @@ class Engine:
     def encode_image(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """VAE latent (mean of the posterior) of an RGB image, scaled like the UNet expects."""
         array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-        pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(self.device, self.dtype)
+        pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(self.device, self.vae_dtype)
         latent = self.vae.encode(pixels).latent_dist.mean
-        return latent * self.vae.config.scaling_factor
+        return (latent * self.vae.config.scaling_factor).to(self.dtype)

@@ -147,7 +147,7 @@ class Posteriors:
         vae = base.engine.vae
         means, stds = [], []
         for chunk in pixels.split(8):
-            dist = vae.encode(chunk.to(base.engine.device, base.engine.dtype)).latent_dist
+            dist = vae.encode(chunk.to(base.engine.device, base.engine.vae_dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
         scaling = vae.config.scaling_factor

@@ -73,6 +73,10 @@ class ModelFamily:
         """`embeds` [B, L, D] of the towers' outputs for prompts to be drawn at size (h, w)."""
         return states[0]
 
+    def vae_dtype(self, vae_config: Mapping, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the VAE runs in (the engine's; SDXL's overflows in float16)."""
+        return dtype
+
     def install(self, unet: torch.nn.Module) -> None:
         """Makes `unet(x, t, encoder_hidden_states=embeds)` take this family's `embeds` as they are."""
         return None

@@ -6,6 +6,7 @@
   `text_encoder_2`'s projected `text_embeds` ([B, 1280]).
 - `time_ids`: (original height, width, crop top, left, target height, width); for generation
   (h, w, 0, 0, h, w), diffusers' defaults; trainers pass their images' own.
+- The VAE runs in float32 when the engine runs float16 (`force_upcast`, as diffusers does).
 - `force_zeros_for_empty_prompt` (model_index.json, true for SDXL base): an empty prompt's
   conditioning, token states and pooled alike, is zeros; diffusers does so when no negative prompt
   is given, which for us is the empty negative prompt (a Generate prompt cannot be empty).
@@ -101,6 +102,13 @@ class SDXL(ModelFamily):
         """embeds with other time_ids [B, 6] (a trainer's images' sizes and crops)."""
         tokens, added = self.unpack(embeds)
         return self.pack(tokens, added["text_embeds"], time_ids.to(embeds).expand(embeds.shape[0], -1))
+
+    def vae_dtype(self, vae_config: Mapping, dtype: torch.dtype) -> torch.dtype:
+        # SDXL's VAE overflows in float16 (its config says force_upcast): StableDiffusionXLPipeline
+        # runs it in float32, and so do we; the UNet and text encoders keep the engine's dtype.
+        if dtype == torch.float16 and vae_config.get("force_upcast", True):
+            return torch.float32
+        return dtype
 
     def install(self, unet: torch.nn.Module) -> None:
         if getattr(unet, "_steerserve_family", None) == self:
