@@ -80,3 +80,22 @@ def ddim_like_ours(pipe) -> None:
     from service.engine.sampling import ddim_config
 
     pipe.scheduler = DDIMScheduler.from_config(ddim_config(pipe.scheduler.config))
+
+
+def sdxl_base_unet_config(**overrides) -> dict:
+    """UNet2DConditionModel kwargs of SDXL base's UNet (stabilityai/stable-diffusion-xl-base-1.0
+    unet/config.json: 2.6 B parameters, 128x128 latents = 1024 px), for building it with random
+    weights; overrides replace single entries (a reduced-width copy of the same architecture)."""
+    config = dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816, upcast_attention=False, norm_num_groups=32,
+    )
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise TypeError(f"not an SDXL base UNet setting: {sorted(unknown)}")
+    return {**config, **overrides}
