@@ -1,6 +1,6 @@
 """The CLIP tokenizer, built in memory from the BPE vocabulary shipped with the package.
 
-Stable Diffusion 1.x/2.x checkpoints carry their own tokenizer files and load them directly; this
+Stable Diffusion 1.x/2.x/XL checkpoints carry their own tokenizer files and load them directly; this
 builder is for models we create ourselves (the embedded default), so they tokenize exactly like
 OpenAI CLIP (e.g. "a photo of sks dog" -> 49406 320 1125 539 48136 1929 49407) with no hub access.
 """

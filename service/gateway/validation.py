@@ -264,7 +264,7 @@ def personalize_request(req: pb.PersonalizeRequest, limits: Limits, count_tokens
 EDIT_METHODS = {pb.DDS: "DDS", pb.DREAMSTEERER: "DREAMSTEERER"}
 MAX_GUIDED_SAMPLES = 8
 MAX_GUIDED_STEPS = 100
-NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x/2.x and our world model
+NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x/2.x/XL and our world model
 
 
 def edit_request(req: pb.EditRequest, limits: Limits, count_tokens) -> EditSpec:
