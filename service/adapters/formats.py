@@ -70,10 +70,12 @@ _PROCESSOR_RE = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
 
 @dataclass
 class LoraModule:
-    """One low-rank update W + scale * up @ down of a Linear layer."""
+    """One low-rank update W + scale * up @ down of a Linear (or Conv2d) layer."""
 
-    down: torch.Tensor  # A: [rank, in_features]
-    up: torch.Tensor  # B: [out_features, rank]
+    # A: [rank, in_features]; for a Conv2d with a k x k kernel (k > 1, LyCORIS LoCon) the conv kernel
+    # [rank, in_channels, kh, kw] (a 1x1 conv's is stored flattened, like a Linear's).
+    down: torch.Tensor
+    up: torch.Tensor  # B: [out_features, rank] (a conv's 1x1 up kernel, flattened)
     alpha: float
     use_rslora: bool = False
 
@@ -236,12 +238,14 @@ def parse_adapter(
     adapter = Adapter(kind=kind)
     for module in sorted(downs):
         (down_key, down), (up_key, up) = downs[module], ups[module]
+        # 1x1 conv kernels ([r, in, 1, 1], [out, r, 1, 1]) are stored as matrices; a conv LoRA's
+        # down may be a k x k kernel (LoCon), its up is always 1x1.
+        down = down.flatten(1) if down.ndim == 4 and down.shape[2:] == (1, 1) else down
+        up = up.flatten(1) if up.ndim == 4 and up.shape[2:] == (1, 1) else up
         for key, t in ((down_key, down), (up_key, up)):
-            if t.ndim == 4 and t.shape[2:] == (1, 1):  # 1x1 conv LoRA stored for a Linear
-                t = t.flatten(1)
-            if t.ndim != 2:
-                raise AdapterFormatError(f"{key}: expected a 2-D matrix, got shape {tuple(t.shape)}")
-        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+            if t.ndim != 2 and not (t is down and t.ndim == 4):
+                raise AdapterFormatError(
+                    f"{key}: expected a 2-D matrix (or a 4-D conv kernel, 1x1 for up/B), got shape {tuple(t.shape)}")
         if up.shape[1] != down.shape[0]:
             raise AdapterFormatError(
                 f"{up_key}: rank mismatch, up/B is {tuple(up.shape)} but down/A is {tuple(down.shape)}"
@@ -328,7 +332,8 @@ def validate_adapter(
 ) -> None:
     """Check an adapter against the modules a bank serves; raise AdapterFormatError on the first problem.
 
-    ``module_shapes`` maps module path -> (out_features, in_features) of each served Linear;
+    ``module_shapes`` maps module path -> (out_features, in_features) of each served Linear, or
+    (out_channels, in_channels, kh, kw) of each served Conv2d (a 1x1 conv's down may be [r, in]);
     values are checked finite after the cast to ``dtype`` (fp16 overflows to inf). With ``model``,
     an adapter whose shapes say it was made for another model family is refused saying so, before
     any per-module message (which would only name the first layer that differs).
@@ -346,15 +351,15 @@ def validate_adapter(
                 f"{module}: not a module this model serves adapters on"
                 + (f" (e.g. {', '.join(near)})" if near else "")
             )
-        out_features, in_features = module_shapes[module]
+        out_features, in_features, *kernel = module_shapes[module]
         if lora.rank > max_rank:
             raise AdapterFormatError(f"{module}: rank {lora.rank} exceeds the bank's maximum rank {max_rank}")
         if lora.rank == 0:
             raise AdapterFormatError(f"{module}: rank 0")
-        if lora.down.shape[1] != in_features:
-            raise AdapterFormatError(
-                f"{module}: down/A has shape {tuple(lora.down.shape)}, expected [{lora.rank}, {in_features}]"
-            )
+        down_shape = tuple(lora.down.shape[1:])
+        if down_shape != (in_features, *kernel) and not (down_shape == (in_features,) and kernel in ([], [1, 1])):
+            expected = ", ".join(map(str, (lora.rank, in_features, *kernel)))
+            raise AdapterFormatError(f"{module}: down/A has shape {tuple(lora.down.shape)}, expected [{expected}]")
         if lora.up.shape[0] != out_features:
             raise AdapterFormatError(
                 f"{module}: up/B has shape {tuple(lora.up.shape)}, expected [{out_features}, {lora.rank}]"
@@ -459,7 +464,9 @@ def to_diffusers_lora(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[s
             continue
         for module, lora in modules.items():
             tensors[f"{module}.lora_A.weight"] = lora.down.contiguous()
-            tensors[f"{module}.lora_B.weight"] = lora.up.contiguous()
+            # A conv LoRA's up is a 1x1 kernel (what peft's Conv2d LoRA loads).
+            up = lora.up[:, :, None, None] if lora.down.ndim == 4 else lora.up
+            tensors[f"{module}.lora_B.weight"] = up.contiguous()
         local = {k[len(component) + 1 :]: v for k, v in modules.items()}
         # The most common rank/alpha become r/lora_alpha; the rest go in full-name patterns,
         # which is how diffusers itself describes mixed ranks to peft.
