@@ -164,8 +164,9 @@ def unet_flops_per_row(unet, case: Case, family: ModelFamily, device, dtype) -> 
 def random_adapter(bank: AdapterBank, rank: int, seed: int) -> Adapter:
     g = torch.Generator().manual_seed(seed)
     lora = {}
-    for name, (out_f, in_f) in bank.module_shapes.items():
-        if name.startswith("unet."):
+    for name, shape in bank.module_shapes.items():
+        if name.startswith("unet.") and len(shape) == 2:  # the attention Linears (a conv's shape has a kernel)
+            out_f, in_f = shape
             lora[name] = LoraModule(down=torch.randn(rank, in_f, generator=g) / in_f**0.5,
                                     up=torch.randn(out_f, rank, generator=g) * 0.01, alpha=float(rank))
     return Adapter(lora=lora)
