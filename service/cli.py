@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, help="gRPC port (env STEERSERVE_GRPC_PORT, default 50051)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (env STEERSERVE_METRICS_PORT, default 9464)")
     s.add_argument("--data-dir", help="database, adapters and model cache (env STEERSERVE_DATA_DIR, default ./var)")
-    s.add_argument("--model-dir", help="diffusers SD 1.x/2.x folder (env STEERSERVE_MODEL_DIR; default: embedded model)")
+    s.add_argument("--model-dir", help="diffusers SD 1.x/2.x/XL folder (env STEERSERVE_MODEL_DIR; default: embedded model)")
     s.add_argument("--backend", choices=["inprocess", "triton"],
                    help="inprocess (default) or triton: start the embedded Triton server on loopback ports "
                         "(or use STEERSERVE_TRITON_URL) (env STEERSERVE_BACKEND)")

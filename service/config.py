@@ -65,9 +65,9 @@ class Settings(BaseSettings):
     # postgresql://user:password@host:5432/db: adapters and jobs in PostgreSQL, shared by every gateway
     # replica (data_dir then is one ReadWriteMany volume they all mount). Unset: SQLite in data_dir.
     database_url: str | None = None
-    model_dir: Path | None = None  # a diffusers SD 1.x/2.x folder; None = the embedded default
+    model_dir: Path | None = None  # a diffusers SD 1.x/2.x/XL folder; None = the embedded default
     # The training and editing defaults' profile (service/profiles.py): unset, the model folder's
-    # steerserve_profile.json, or detected from the UNet (SD 1.x / 2.x).
+    # steerserve_profile.json, or detected from the model's family (SD 1.x / 2.x / XL).
     model_profile: str | None = None
     device: str = "cpu"
     backend: str = "inprocess"  # "inprocess" or "triton"
@@ -104,8 +104,10 @@ class Settings(BaseSettings):
     max_steps: int = 150
     max_guidance_scale: float = 30.0
     min_size: int = 32
-    max_size: int = 512
-    max_pixels: int = 512 * 512
+    # None: follow the model (validation.Limits): a side up to twice its own size, at least 512;
+    # pixels up to its own size squared, at least 512 x 512 (SDXL: 2048 and 1024 x 1024).
+    max_size: int | None = None
+    max_pixels: int | None = None
     max_num_images: int = 4
     max_prompt_tokens: int = 75  # CLIP's 77 minus the start/end markers
     max_request_bytes: int = 32 * 1024 * 1024

@@ -201,3 +201,32 @@ def test_the_vae_runs_in_float32_under_a_float16_engine(folder):
     assert engine.vae_dtype == torch.bfloat16
     assert engine.family.vae_dtype(engine.vae.config, torch.float16) == torch.float32
     assert families.SD1().vae_dtype(engine.vae.config, torch.float16) == torch.float16
+
+
+def test_the_sdxl_refiner_is_refused_in_one_line(tmp_path, folder):
+    """The refiner has no first text encoder and 5 time ids; its folder says requires_aesthetics_score."""
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    refiner = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
+               "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+               "unet": ["diffusers", "UNet2DConditionModel"]}
+    with pytest.raises(families.UnsupportedModel, match="SDXL refiner") as caught:
+        families.detect(_folder(tmp_path / "refiner", refiner, {**unet, "projection_class_embeddings_input_dim": 5 * 8 + 32}))
+    assert "\n" not in str(caught.value)
+    # Without those keys, a pooled width that differs from text_encoder_2's projection gives it away.
+    odd = shutil.copytree(folder, tmp_path / "odd")
+    (odd / "unet" / "config.json").write_text(json.dumps({**unet, "projection_class_embeddings_input_dim": 5 * 8 + 32}))
+    with pytest.raises(families.UnsupportedModel, match="projects to 32"):
+        Engine.from_pretrained(odd)
+
+
+def test_size_limits_follow_the_model():
+    from service.config import Settings
+    from service.engine.sampling import ModelLimits
+    from service.gateway.validation import Limits
+
+    sdxl = Limits(Settings(), ModelLimits(vae_scale_factor=8, default_size=1024))
+    assert (sdxl.max_size, sdxl.max_pixels) == (2048, 1024 * 1024)
+    embedded = Limits(Settings(), ModelLimits(vae_scale_factor=2, default_size=64))
+    assert (embedded.max_size, embedded.max_pixels) == (512, 512 * 512)  # as before
+    pinned = Limits(Settings(max_size=768, max_pixels=640 * 640), ModelLimits(vae_scale_factor=8, default_size=1024))
+    assert (pinned.max_size, pinned.max_pixels) == (768, 640 * 640)

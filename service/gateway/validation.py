@@ -30,6 +30,20 @@ class Limits:
     settings: Settings
     model: ModelLimits
 
+    @property
+    def max_size(self) -> int:
+        """The largest side a request may ask for: the setting, else twice the model's own size
+        (at least 512), so an SDXL model takes its 1024 px and its wide aspect ratios by default."""
+        s = self.settings.max_size
+        return s if s is not None else max(512, 2 * self.model.default_size)
+
+    @property
+    def max_pixels(self) -> int:
+        """The most pixels of one image (the cost bound): the setting, else the model's own size
+        squared (at least 512 x 512)."""
+        s = self.settings.max_pixels
+        return s if s is not None else max(512 * 512, self.model.default_size ** 2)
+
 
 def _check_prompt(field: str, text: str, limits: Limits, count_tokens, required: bool) -> None:
     if required and not text.strip():
@@ -45,8 +59,8 @@ def _check_size(field: str, value: int, default: int, limits: Limits) -> int:
     s = limits.settings
     if value == 0:
         return default
-    if value < s.min_size or value > s.max_size:
-        raise invalid(field, f"must be between {s.min_size} and {s.max_size} (got {value})")
+    if value < s.min_size or value > limits.max_size:
+        raise invalid(field, f"must be between {s.min_size} and {limits.max_size} (got {value})")
     # Multiples of 8 like SD pipelines, and of the latent grid the UNet needs (vae factor x 2 for
     # one downsampling level at least).
     multiple = max(8, limits.model.vae_scale_factor * 2)
@@ -107,8 +121,8 @@ def generate_spec(req: pb.GenerateRequest, limits: Limits, count_tokens) -> tupl
     _check_prompt("negative_prompt", req.negative_prompt, limits, count_tokens, required=False)
     width = _check_size("width", req.width, limits.model.default_size, limits)
     height = _check_size("height", req.height, limits.model.default_size, limits)
-    if width * height > s.max_pixels:
-        raise invalid("width", f"{width}x{height} exceeds {s.max_pixels} pixels")
+    if width * height > limits.max_pixels:
+        raise invalid("width", f"{width}x{height} exceeds {limits.max_pixels} pixels")
     num_images = req.num_images or 1
     if not 1 <= num_images <= s.max_num_images:
         raise invalid("num_images", f"must be between 1 and {s.max_num_images} (got {req.num_images})")
@@ -275,11 +289,11 @@ def edit_request(req: pb.EditRequest, limits: Limits, count_tokens) -> EditSpec:
         multiple = max(8, limits.model.vae_scale_factor * 2)
         if value % multiple:
             raise invalid("source_image", f"{field} must be a multiple of {multiple} (got {image.width}x{image.height})")
-        if not s.min_size <= value <= s.max_size:
-            raise invalid("source_image", f"{field} must be between {s.min_size} and {s.max_size} "
+        if not s.min_size <= value <= limits.max_size:
+            raise invalid("source_image", f"{field} must be between {s.min_size} and {limits.max_size} "
                                           f"(got {image.width}x{image.height})")
-    if image.width * image.height > s.max_pixels:
-        raise invalid("source_image", f"{image.width}x{image.height} exceeds {s.max_pixels} pixels")
+    if image.width * image.height > limits.max_pixels:
+        raise invalid("source_image", f"{image.width}x{image.height} exceeds {limits.max_pixels} pixels")
     _check_prompt("source_prompt", req.source_prompt, limits, count_tokens, required=True)
     _check_prompt("target_prompt", req.target_prompt, limits, count_tokens, required=True)
     if req.method not in EDIT_METHODS:

@@ -54,4 +54,14 @@ def detect(model_dir: str | Path) -> ModelFamily:
     tok_cfg = model_dir / "tokenizer" / "tokenizer_config.json"
     if tok_cfg.is_file():
         tokens = int(json.loads(tok_cfg.read_text()).get("model_max_length", 77))
-    return of_configs(index, unet, str(model_dir), tokens)
+        tokens = tokens if tokens <= 512 else 77  # some tokenizer configs say "no limit" (1e30)
+    family = of_configs(index, unet, str(model_dir), tokens)
+    pooled = getattr(family, "pooled_width", None)
+    te2 = model_dir / "text_encoder_2" / "config.json"
+    if pooled is not None and te2.is_file():
+        projection = json.loads(te2.read_text()).get("projection_dim")
+        if projection is not None and int(projection) != pooled:
+            raise UnsupportedModel(
+                f"{model_dir}: an SDXL-like UNet whose pooled conditioning is {pooled} wide but text_encoder_2 "
+                f"projects to {projection} (not 6 time ids: a refiner-like model) is not served; {SERVED}")
+    return family

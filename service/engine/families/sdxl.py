@@ -46,14 +46,19 @@ class SDXL(ModelFamily):
 
     @classmethod
     def from_configs(cls, index: Mapping, unet: Mapping, text_tokens: int = 77) -> "SDXL":
+        # The refiner: no first text encoder and 5 time ids (an aesthetic score for the target
+        # size), conditioning this family does not produce.
+        first = index.get("text_encoder")
+        if index.get("requires_aesthetics_score") or (isinstance(first, list) and first[0] is None):
+            raise ValueError("it is an SDXL refiner (no first text encoder, an aesthetic-score time id), which is not served")
         time_width = int(unet["addition_time_embed_dim"])
         total = int(unet["projection_class_embeddings_input_dim"])
         # projection_class_embeddings_input_dim = pooled width + time_ids x addition_time_embed_dim
-        # (2816 = 1280 + 6 x 256 for SDXL base); the refiner has 5 ids (an aesthetic score), which
-        # this family does not produce, so it says the folder is not this family.
+        # (2816 = 1280 + 6 x 256 for SDXL base); `detect` checks the pooled width against
+        # text_encoder_2's projection_dim, so another time-id count cannot pass unnoticed.
         pooled = total - 6 * time_width
         if pooled <= 0:
-            raise ValueError(f"an SDXL UNet whose added conditioning is {total} wide does not take 6 time ids")
+            raise ValueError(f"its UNet's added conditioning ({total} wide) does not take 6 time ids")
         return cls(
             text_width=_cross_width(unet), text_tokens=text_tokens, pooled_width=pooled,
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
