@@ -1,7 +1,8 @@
 """The adapter bank: per-request LoRA / textual-inversion adapters served in one batched UNet call.
 
 - formats: parse diffusers/peft LoRA safetensors into an ``Adapter``, validate, export back.
-- bank: ``AdapterBank`` (preallocated slots on the UNet's attention projections, per-row routing).
+- bank: ``AdapterBank`` (preallocated slots on the UNet's attention projections and, for conv LoRA,
+  its convolutions (conv.py), per-row routing).
 - manager: ``AdapterManager`` (slot residency, LRU eviction, pinning, loading, metrics).
 - ``PromptEncoder`` (per-row learned tokens without touching shared weights) lives in
   service/engine/text.py, which every prompt passes through; re-exported here.
@@ -10,7 +11,15 @@
 See docs/adapter_bank.md.
 """
 
-from .bank import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, AdapterBank, BankedLoRALinear, BankState
+from .bank import (
+    DEFAULT_TEXT_ENCODER_TARGETS,
+    DEFAULT_UNET_CONV_TARGETS,
+    DEFAULT_UNET_TARGETS,
+    AdapterBank,
+    BankedLoRAConv2d,
+    BankedLoRALinear,
+    BankState,
+)
 from .errors import AdapterBankFull, AdapterError, AdapterFormatError, AdapterNotFoundError
 from .formats import (
     Adapter,
@@ -37,8 +46,10 @@ __all__ = [
     "AdapterNotFoundError",
     "BankState",
     "BankedAdapters",
+    "BankedLoRAConv2d",
     "BankedLoRALinear",
     "DEFAULT_TEXT_ENCODER_TARGETS",
+    "DEFAULT_UNET_CONV_TARGETS",
     "DEFAULT_UNET_TARGETS",
     "LoraModule",
     "PromptEncoder",

@@ -1,6 +1,7 @@
 """The adapter bank: many LoRA adapters resident at once, a different one per batch row, in one call.
 
-Each targeted ``nn.Linear`` is replaced by a ``BankedLoRALinear`` holding preallocated, zero-padded
+Each targeted ``nn.Linear`` is replaced by a ``BankedLoRALinear`` (each targeted ``nn.Conv2d`` by a
+``BankedLoRAConv2d``, conv.py, the same scheme for conv LoRA) holding preallocated, zero-padded
 LoRA stacks for S slots (``lora_A`` [S, r, in], ``lora_Bt`` [S, r, out] with the scale folded in).
 A ``BankState`` shared by all layers says, per batch row, which K slots to apply and with what
 weights. The forward pass gathers those slots (rows x K at once, no loop over adapters) and applies
@@ -29,6 +30,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .conv import BankedLoRAConv2d, replace_convs
 from .formats import Adapter, ServedModel, validate_adapter
 
 # Attention projections of self-attention (attn1) and cross-attention (attn2) in diffusers' UNets.
@@ -37,6 +39,14 @@ DEFAULT_UNET_TARGETS = tuple(
 )
 # What diffusers' text-encoder LoRA trains on CLIP.
 DEFAULT_TEXT_ENCODER_TARGETS = tuple(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+# The UNet convolutions community LoRAs train, served by the service's banks (BankedAdapters and the
+# gateway's import check): kohya's 1x1 ``proj_in``/``proj_out`` of each Transformer2DModel (SD 1.x/2.x
+# models without linear projections; SDXL's are Linear, not matched here) and LyCORIS LoCon's resnet
+# convs (3x3 ``conv1``/``conv2``, 1x1 ``conv_shortcut``) and down/upsampler convs. Per slot at rank 16
+# in fp16 they take 19 MiB on SD 1.5 and 12 MiB on SDXL (docs/adapter_bank.md).
+DEFAULT_UNET_CONV_TARGETS = (
+    "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+)
 
 # One routing entry: a slot, or (slot, weight).
 RowAdapters = Sequence[int | tuple[int, float]]
@@ -86,6 +96,16 @@ class BankedLoRALinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+    @property
+    def module_shape(self) -> tuple[int, int]:
+        """(out, in): what an adapter's tensors are checked against."""
+        return (self.base.out_features, self.base.in_features)
+
+    @staticmethod
+    def down_layout(down: torch.Tensor) -> torch.Tensor:
+        """An adapter's down/A as the slot stores it ([r, in]; a 1x1 conv kernel flattened)."""
+        return down.reshape(down.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, in_features, out_features = x.shape[0], self.in_features, self.out_features
@@ -140,12 +160,16 @@ class AdapterBank:
     """S preallocated LoRA slots on every targeted layer of a UNet (and optionally its text encoder).
 
     Args:
-        unet: the model to serve adapters on; modified in place (targets become BankedLoRALinear).
+        unet: the model to serve adapters on; modified in place (targets become BankedLoRALinear,
+            conv targets BankedLoRAConv2d).
             Build the bank after moving the model to its final device and dtype.
         num_slots: slots including slot 0 (the base model), so S - 1 adapters can be resident.
         max_rank: the largest LoRA rank a slot holds; lower ranks are zero-padded, exactly.
         max_rows: the largest batch (rows of one model call, CFG halves included) to route.
         max_adapters_per_row: K, how many adapters one row may mix with weights.
+        conv_target_modules: the UNet's Conv2d layers to serve LoRA on (path suffixes, e.g.
+            DEFAULT_UNET_CONV_TARGETS); none by default. Each costs slot memory whether or not an
+            adapter uses it, and a little compute on every call (K * max_rank extra channels).
         text_encoder: optionally the CLIP text encoder: its LoRA layers join the bank (same slots),
             and its embedding width is what textual-inversion vectors are checked against.
         text_encoder_2: SDXL's second text encoder, banked like the first (module names
@@ -161,6 +185,7 @@ class AdapterBank:
         max_rank: int,
         *,
         target_modules: Sequence[str] = DEFAULT_UNET_TARGETS,
+        conv_target_modules: Sequence[str] = (),
         text_encoder: nn.Module | None = None,
         text_encoder_2: nn.Module | None = None,
         text_encoder_target_modules: Sequence[str] = DEFAULT_TEXT_ENCODER_TARGETS,
@@ -190,7 +215,9 @@ class AdapterBank:
         # cross-attention is banked): what an adapter made for another family is told apart by.
         text_width = next((m.in_features for n, m in unet.named_modules()
                            if n.endswith("attn2.to_k") and isinstance(m, nn.Linear)), None)
-        self.layers: dict[str, BankedLoRALinear] = replace_linears(unet, "unet", target_modules, make)
+        self.layers: dict[str, BankedLoRALinear | BankedLoRAConv2d] = replace_linears(unet, "unet", target_modules, make)
+        self.layers.update(replace_convs(
+            unet, "unet", conv_target_modules, lambda conv: BankedLoRAConv2d(conv, num_slots, max_rank, self.state)))
         self.hidden_size: int | None = None
         self.text_encoders = [("text_encoder", e) for e in (text_encoder,) if e is not None]
         self.text_encoders += [("text_encoder_2", e) for e in (text_encoder_2,) if e is not None]
@@ -207,8 +234,9 @@ class AdapterBank:
     # Slots
 
     @property
-    def module_shapes(self) -> dict[str, tuple[int, int]]:
-        return {name: (layer.out_features, layer.in_features) for name, layer in self.layers.items()}
+    def module_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Module name -> (out_features, in_features) of a Linear, (out, in, kh, kw) of a Conv2d."""
+        return {name: layer.module_shape for name, layer in self.layers.items()}
 
     @property
     def max_adapters_per_row(self) -> int:
@@ -254,9 +282,10 @@ class AdapterBank:
                 if lora is None:
                     continue
                 r = lora.rank
-                layer.lora_A[slot, :r].copy_(lora.down)
+                layer.lora_A[slot, :r].copy_(layer.down_layout(lora.down))
                 # Fold the scale into B once here (in fp32) rather than multiplying on every call.
-                layer.lora_Bt[slot, :r].copy_((lora.up.float() * lora.scale).t())
+                up = lora.up.reshape(lora.up.shape[0], -1)  # a conv's [out, r, 1, 1] too
+                layer.lora_Bt[slot, :r].copy_((up.float() * lora.scale).t())
 
     def clear_slot(self, slot: int) -> None:
         self._check_slot(slot)
@@ -327,7 +356,9 @@ __all__ = [
     "replace_linears",
     "AdapterBank",
     "BankedLoRALinear",
+    "BankedLoRAConv2d",
     "BankState",
     "DEFAULT_UNET_TARGETS",
+    "DEFAULT_UNET_CONV_TARGETS",
     "DEFAULT_TEXT_ENCODER_TARGETS",
 ]

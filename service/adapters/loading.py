@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .bank import AdapterBank
+from .bank import DEFAULT_UNET_CONV_TARGETS, AdapterBank
 from .errors import AdapterFormatError, AdapterNotFoundError
 from .formats import Adapter, parse_adapter, serialize_adapter
 
@@ -116,17 +116,20 @@ def request_adapter(adapter: Adapter, folder: Path) -> Iterator[str]:
         path.unlink(missing_ok=True)
 
 
-def adapter_checker(model_dir: Path, max_rank: int) -> Callable[[Adapter], Adapter]:
+def adapter_checker(model_dir: Path, max_rank: int,
+                    conv_target_modules=DEFAULT_UNET_CONV_TARGETS) -> Callable[[Adapter], Adapter]:
     """`prepare` of a bank built on the model's architecture on the meta device: it checks an
     uploaded adapter against the exact layers the serving bank will have, without loading weights
-    (so the gateway can validate imports whichever backend holds the real model)."""
+    (so the gateway can validate imports whichever backend holds the real model). Its conv layers
+    default to the serving bank's (BankedAdapters.attach)."""
     from service.engine.pipeline import Engine
 
     skeleton = Engine.from_pretrained(model_dir, components=())  # every model on the meta device
     with torch.device("meta"):
         # Both of SDXL's text encoders: the serving bank puts LoRA on each, and a learned token's
         # vector is checked against their widths side by side.
-        bank = AdapterBank(skeleton.unet, 2, max_rank, text_encoder=skeleton.text_encoder,
+        bank = AdapterBank(skeleton.unet, 2, max_rank, conv_target_modules=conv_target_modules,
+                           text_encoder=skeleton.text_encoder,
                            text_encoder_2=skeleton.text_encoder_2, max_rows=1, family_title=skeleton.family.title)
     # Values are checked in float32 (meta tensors hold none; the bank's dtype is the model's).
     bank.dtype = torch.float32

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from prometheus_client import CollectorRegistry
 
-from .bank import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, AdapterBank
+from .bank import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_CONV_TARGETS, DEFAULT_UNET_TARGETS, AdapterBank
 from .manager import AdapterManager, Loader
 from service.engine.text import PromptEncoder
 
@@ -46,17 +46,22 @@ class BankedAdapters:
         host_cache_bytes: int | None = None,
         acquire_timeout_s: float = 0.0,
         text_encoder_lora: bool = True,
+        conv_target_modules: Sequence[str] = DEFAULT_UNET_CONV_TARGETS,
         registry: CollectorRegistry | None = None,
     ) -> "BankedAdapters":
         """Build a bank on ``engine.unet`` (and text encoder), its manager, and set ``engine.adapters``.
 
-        Call after the engine has put its models on their device and dtype.
+        ``conv_target_modules``: the UNet convolutions served (kohya's 1x1 proj_in/proj_out, LoCon's
+        resnet and sampler convs by default; ``()`` for attention only). The gateway's import check
+        (loading.adapter_checker) takes the same default. Call after the engine has put its models
+        on their device and dtype.
         """
         bank = AdapterBank(
             engine.unet,
             num_slots,
             max_rank,
             target_modules=DEFAULT_UNET_TARGETS,
+            conv_target_modules=conv_target_modules,
             text_encoder=engine.text_encoder,
             text_encoder_2=getattr(engine, "text_encoder_2", None),
             text_encoder_target_modules=DEFAULT_TEXT_ENCODER_TARGETS if text_encoder_lora else (),

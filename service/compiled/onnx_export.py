@@ -7,11 +7,13 @@ Inputs (B = rows of the call, dynamic 1..max_rows; resolution and text length fi
     encoder_hidden_states  [B, L, D]
     slot_ids               [B, K]          int64: each row's K bank slots (0 = base model)
     coef                   [B, 1, K*r]     each row's adapter weights, repeated over the rank columns
-    bank.<i>.A             [S, r, in]      banked layer i's LoRA down stacks, every slot
+    bank.<i>.A             [S, r, in]      banked layer i's LoRA down stacks, every slot (a banked
+                                           k x k conv's: [S, r, kh, kw, in], conv.py)
     bank.<i>.Bt            [S, r, out]     its up stacks, transposed, the alpha/r scale folded in
     -> noise               [B, C, h, w]
 
-(`graph.json` beside the graph names layer i.) Because the slot stacks are inputs, not weights, one
+(`graph.json` beside the graph names layer i: every banked UNet layer, Linear and Conv2d alike.)
+Because the slot stacks are inputs, not weights, one
 engine built from this graph -- onnxruntime here, a TensorRT plan at deploy (deploy/tensorrt) --
 serves every adapter there is: loading one is a copy into the bank's memory, which the runtime binds
 as those inputs. Exporting is slow (tens of seconds even for the embedded model), so graphs are
