@@ -362,6 +362,20 @@ def cmd_hash_token(args) -> int:
     return 0
 
 
+def cmd_convert_checkpoint(args) -> int:
+    """Writes the diffusers folder of a single-file checkpoint (service/engine/checkpoints.py), so
+    that servers start from the folder; STEERSERVE_MODEL_DIR may also name the file itself."""
+    from service.engine.checkpoints import CheckpointError, convert_checkpoint
+
+    try:
+        converted = convert_checkpoint(args.file, args.dir, prediction_type=args.prediction_type)
+    except (CheckpointError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {converted.folder}: {converted.describe()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="steerserve", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -389,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hash-token", help="print the sha256 digest of an API token (read from stdin) for "
                                           "STEERSERVE_API_KEYS, so configs need not hold the token itself")
     h.set_defaults(func=cmd_hash_token)
+
+    cc = sub.add_parser("convert-checkpoint", help="write the diffusers folder of a single-file SD 1.x/2.x/XL "
+                                                   "checkpoint (.safetensors), offline, for faster starts")
+    cc.add_argument("file", help="the checkpoint (.safetensors; pickle .ckpt files are refused, never unpickled)")
+    cc.add_argument("dir", help="the folder to write (new or empty); serve it with --model-dir")
+    cc.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                    help="not in the weights: default from a sidecar, else SD 2.x v_prediction, others epsilon")
+    cc.set_defaults(func=cmd_convert_checkpoint)
 
     def client(name, help_text):
         c = sub.add_parser(name, help=help_text)

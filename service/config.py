@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # replica (data_dir then is one ReadWriteMany volume they all mount). Unset: SQLite in data_dir.
     database_url: str | None = None
     model_dir: Path | None = None  # a diffusers SD 1.x/2.x/XL folder; None = the embedded default
+    # model_dir may also name a single-file checkpoint (.safetensors): converted once into
+    # <data_dir>/models/checkpoints (service/engine/checkpoints.py). Its prediction type is not in
+    # the weights: this setting ("epsilon" or "v_prediction") overrides the sidecar/default rules.
+    checkpoint_prediction_type: Literal["epsilon", "v_prediction"] | None = None
     # The training and editing defaults' profile (service/profiles.py): unset, the model folder's
     # steerserve_profile.json, or detected from the model's family (SD 1.x / 2.x / XL).
     model_profile: str | None = None
@@ -240,8 +244,14 @@ class Settings(BaseSettings):
         return value or None
 
     def resolved_model_dir(self) -> Path:
-        """The diffusers folder served: model_dir, else the embedded default (unpacked under data_dir)."""
+        """The diffusers folder served: model_dir, the folder a single-file checkpoint model_dir names
+        converts into (once, under data_dir), else the embedded default (unpacked under data_dir)."""
         if self.model_dir is not None:
+            if Path(self.model_dir).is_file():
+                from service.engine.checkpoints import served_folder
+
+                return served_folder(self.model_dir, Path(self.data_dir) / "models" / "checkpoints",
+                                     prediction_type=self.checkpoint_prediction_type)
             return Path(self.model_dir)
         from service.engine.default_model import default_model_dir
 
@@ -260,7 +270,7 @@ class Settings(BaseSettings):
         """The served model's profile and why it was chosen (service/profiles.ChosenProfile)."""
         from service.profiles import choose
 
-        return choose(str(self.model_dir) if self.model_dir else None, self.model_profile)
+        return choose(str(self.resolved_model_dir()) if self.model_dir else None, self.model_profile)
 
     @field_validator("unet_runtime")
     @classmethod
