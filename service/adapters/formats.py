@@ -1,44 +1,50 @@
 """LoRA / textual-inversion adapters: the canonical in-memory form, import from and export to diffusers.
 
-Accepted files (safetensors) and their key layouts, all normalized to one module path such as
-``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``:
+Import reads every LoRA layout of service/adapters/layouts.py (kohya/A1111 ``lora_unet_*`` /
+``lora_te*_`` with SD 1.x/2.x or SDXL's SGM block names, peft ``lora_A``/``lora_B`` with or without
+``base_model.model.``, diffusers' ``lora.down``/``lora_linear_layer``/attention-processor keys) to one
+module path such as ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``; keys without
+a component prefix are UNet keys (as diffusers < 0.21 read them). docs/adapters.md lists each with an example
+key, and what is refused and why. A file is imported whole or refused naming a key: adapter types the
+bank cannot apply (LoHa, LoKr, DoRA, (IA)³, GLoRA, OFT, weight differences, LoRA biases), a key no
+layout knows, half a down/up pair, and pickle files (.pt/.ckpt/.bin, which can run code when loaded:
+recognized by their first bytes, never unpickled).
 
-- diffusers ``save_lora_weights`` with peft keys:   ``unet.<module>.lora_A.weight`` / ``lora_B.weight``
-- diffusers' older naming:                          ``unet.<module>.lora.down.weight`` / ``lora.up.weight``
-- kohya-style suffixes with diffusers module names: ``<module>.lora_down.weight`` / ``lora_up.weight``
-- attention-processor LoRA (diffusers < 0.20):      ``unet.<...>.attn1.processor.to_q_lora.down.weight``
-- peft ``save_pretrained``:                         ``base_model.model.<module>.lora_A.weight``
-- keys without a component prefix are taken as UNet keys, as diffusers does.
-
-Alpha comes, in order of precedence, from a per-module ``<module>.alpha`` tensor, the
+Alpha comes, in order of precedence, from a per-module ``<module>.alpha`` tensor (kohya), the
 ``lora_adapter_metadata`` JSON that ``save_lora_weights`` writes (``unet.lora_alpha`` with
-``alpha_pattern``, ``use_rslora``), the caller's ``default_alpha``, and otherwise equals the rank
-(scale 1.0, the diffusers/peft convention for files that carry no alpha).
+``alpha_pattern``, ``use_rslora``), the caller's ``default_alpha`` (peft ``save_pretrained``'s
+adapter_config.json ``lora_alpha``), and otherwise equals the rank (scale 1.0, the diffusers/peft/
+A1111 convention for a module without alpha). Tensors keep their dtype (fp16/bf16 files too).
 
 Textual-inversion vectors travel in our own files as ``textual_inversion.<token>`` tensors of shape
-[num_vectors, hidden] (or [hidden]); a diffusers ``learned_embeds.safetensors`` ({token: vector}) is
-accepted too, and so is the published SDXL layout (``clip_l`` [n, 768] and ``clip_g`` [n, 1280], the
-token named by the caller), as one [n, 768 + 1280] vector: hidden is every text encoder's width
-concatenated, in the model's encoder order. diffusers' LoRA loader refuses any key without "lora"
-in it, so the diffusers export writes the LoRA and the token vectors as two separate files.
+[num_vectors, hidden] (or [hidden]); accepted too: diffusers' ``learned_embeds.safetensors``
+({token: vector}; the caller's token renames its one vector, as in diffusers), A1111's ``emb_params``
+or ``string_to_param.*`` (the token named by the caller), and the published SDXL layout (``clip_l``
+[n, 768] and ``clip_g`` [n, 1280], the token named by the caller), as one [n, 768 + 1280] vector:
+hidden is every text encoder's width concatenated, in the model's encoder order. diffusers' LoRA
+loader refuses any key without "lora" in it, so the diffusers export writes the LoRA and the token
+vectors as two separate files.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from . import layouts
 from .errors import AdapterFormatError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = layouts.COMPONENTS
 TI_PREFIX = "textual_inversion."
 # The key diffusers' save_lora_weights uses for the JSON-serialized peft LoraConfig(s).
 LORA_METADATA_KEY = "lora_adapter_metadata"
@@ -57,27 +63,28 @@ _TWO_ENCODER_FAMILY = "Stable Diffusion XL"
 # are as wide as the conditioning of the model a LoRA was trained on.
 _CROSS_ATTENTION_KV = re.compile(r"^unet\..*\battn2\.to_[kv]$")
 
-# (suffix of the down/A matrix, suffix of the up/B matrix), most specific first.
-_LORA_SUFFIXES = (
-    (".lora_A.weight", ".lora_B.weight"),
-    (".lora.down.weight", ".lora.up.weight"),
-    (".lora_down.weight", ".lora_up.weight"),
-    ("_lora.down.weight", "_lora.up.weight"),  # attention-processor LoRA: "<...>.processor.to_q_lora"
-)
-# Attention-processor LoRA names the projection inside the processor: map it back to the Linear.
-_PROCESSOR_RE = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+# Keys of A1111's textual-inversion files: one unnamed vector set (the token is the file's name).
+_A1111_EMBEDDING_KEYS = ("emb_params", "string_to_param.*")
+# A key that is no LoRA key and names a model parameter is not a token: it would be read as one.
+_WEIGHT_KEY = re.compile(r"(^(unet|text_encoder|text_encoder_2|base_model|model|diffusion_model|cond_stage_model|"
+                         r"first_stage_model|conditioner)\.)|\.(weight|bias|alpha|scale)$")
 
 
 @dataclass
 class LoraModule:
-    """One low-rank update W + scale * up @ down of a Linear (or Conv2d) layer."""
+    """One low-rank update W + scale * up @ down of a Linear or Conv2d layer.
 
-    # A: [rank, in_features]; for a Conv2d with a k x k kernel (k > 1, LyCORIS LoCon) the conv kernel
-    # [rank, in_channels, kh, kw] (a 1x1 conv's is stored flattened, like a Linear's).
+    down (A): [rank, in_features]; for a Conv2d with a k x k kernel (k > 1, LyCORIS LoCon) the conv
+    kernel [rank, in_channels, kh, kw]. A 1x1 conv's (kohya's proj_in/proj_out on SD 1.x) is stored
+    flattened, like a Linear's. up (B): [out_features, rank] (a conv's 1x1 up kernel, flattened).
+    """
+
     down: torch.Tensor
-    up: torch.Tensor  # B: [out_features, rank] (a conv's 1x1 up kernel, flattened)
+    up: torch.Tensor
     alpha: float
     use_rslora: bool = False
+    # The file's down/A key this module came from (refusals name it); None when built in memory.
+    source_key: str | None = None
 
     @property
     def rank(self) -> int:
@@ -99,6 +106,9 @@ class Adapter:
     # "subject" (what it learned is a thing) or "style" (a FineStyle adapter: sampling may apply it
     # to a separate, style-conditional prediction). Stored in the file's metadata.
     kind: str = "subject"
+    # The key layout(s) the file was read from ("kohya", "peft", "A1111 embedding", ...: layouts.py),
+    # comma-separated; "" for an adapter built in memory.
+    layout: str = ""
 
     @property
     def max_rank(self) -> int:
@@ -120,6 +130,26 @@ class Adapter:
 # ------------------------------------------------------------------------------------------------
 # Import
 
+PICKLE_REFUSAL = (
+    "{what}: pickle files can run arbitrary code when they are loaded, so they are never unpickled here; "
+    "convert it to .safetensors on a machine you trust (e.g. load it with torch.load(weights_only=True) and "
+    "save with safetensors.torch.save_file) and import that"
+)
+
+
+def pickle_kind(data: bytes) -> str | None:
+    """What a file is when it is a pickle (torch.save's .pt/.ckpt/.bin), None otherwise. Never unpickles."""
+    if data[:4] == b"PK\x03\x04":
+        try:  # the zip's directory only: names of its members, nothing of their contents is read
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                pickled = any(n.endswith(".pkl") for n in z.namelist())
+        except (zipfile.BadZipFile, ValueError, OSError):
+            pickled = True  # a damaged zip that starts like torch.save's is refused as one
+        return "a PyTorch checkpoint (torch.save zip: .pt, .ckpt, .bin)" if pickled else None
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (legacy torch.save: .pt, .ckpt, .bin)"
+    return None
+
 
 def _read(source: bytes | str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if isinstance(source, (str, os.PathLike)):
@@ -134,20 +164,14 @@ def _read(source: bytes | str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         header_len = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
     except Exception as e:  # safetensors raises several types for truncated or garbled files
+        # safetensors never unpickles; a pickle is only recognized by its first bytes, and refused.
+        kind = pickle_kind(data)
+        if kind is not None:
+            raise AdapterFormatError(PICKLE_REFUSAL.format(what=f"this is {kind}")) from None
+        if data[:4] == b"PK\x03\x04":
+            raise AdapterFormatError("not a readable safetensors file: this is a zip archive") from None
         raise AdapterFormatError(f"not a readable safetensors file: {e}") from e
     return tensors, metadata
-
-
-def _normalize_module(path: str) -> str:
-    """Component-prefixed module path (``unet.<module>``) from a key stripped of its LoRA suffix."""
-    path = path.removeprefix("base_model.model.")
-    m = _PROCESSOR_RE.search(path)
-    if m:
-        proj = m.group(1)
-        path = path[: m.start()] + "." + ("to_out.0" if proj == "to_out" else proj)
-    if not path.startswith(tuple(c + "." for c in COMPONENTS)):
-        path = "unet." + path
-    return path
 
 
 def _pattern_lookup(patterns: Mapping[str, float], module: str) -> float | None:
@@ -175,84 +199,115 @@ def _metadata_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
     return configs
 
 
+def _refuse_unsupported_types(keys: list[str]) -> None:
+    """The first key (in order) of an adapter type the bank cannot apply refuses the whole file."""
+    for key in sorted(keys):
+        what = layouts.refusal(key)
+        if what is not None:
+            raise AdapterFormatError(
+                f"{key}: {what} is not supported: the bank applies LoRA (one down/up matrix pair per layer), "
+                "so nothing of this file is imported")
+
+
 def parse_adapter(
     source: bytes | str,
     *,
     default_alpha: float | None = None,
     token: str | None = None,
+    layers_per_block: int | Sequence[int] | None = None,
 ) -> Adapter:
     """Parse a LoRA and/or textual-inversion safetensors file (bytes or path) into an Adapter.
 
-    ``default_alpha`` applies to modules whose file carries no alpha; ``token`` names the concept
-    of a textual-inversion file that stores unnamed vectors (A1111's ``emb_params``, SDXL's
-    ``clip_l`` + ``clip_g``).
-    Raises AdapterFormatError naming the offending key on anything that cannot be served.
+    Every layout of service/adapters/layouts.py is read to the same module paths. ``default_alpha``
+    applies to modules whose file carries no alpha; ``token`` names the concept of a
+    textual-inversion file that stores unnamed vectors (A1111's ``emb_params`` / ``string_to_param``,
+    SDXL's ``clip_l`` + ``clip_g``) and renames the one vector of a diffusers ``{token: vector}`` file,
+    as diffusers' ``load_textual_inversion(token=...)`` does. ``layers_per_block``: the UNet's (its
+    config's), for SGM block names (kohya SDXL); by default 2, every published SD UNet's.
+    Raises AdapterFormatError naming the offending key on anything that cannot be served; a file is
+    imported whole or not at all.
     """
     tensors, metadata = _read(source)
     if not tensors:
         raise AdapterFormatError("the file holds no tensors")
+    _refuse_unsupported_types(list(tensors))
     configs = _metadata_configs(metadata)
+    blocks = layouts.DEFAULT_LAYERS_PER_BLOCK if layers_per_block is None else layers_per_block
 
     downs: dict[str, tuple[str, torch.Tensor]] = {}
     ups: dict[str, tuple[str, torch.Tensor]] = {}
-    alphas: dict[str, float] = {}
+    alphas: dict[str, tuple[str, float]] = {}
+    found: set[str] = set()
     tokens: dict[str, torch.Tensor] = {}
+    plain: list[tuple[str, torch.Tensor]] = []  # unnamed or diffusers-named single embeddings
     sdxl = _sdxl_embedding(tensors, token)
     if sdxl is not None:
         tokens[token] = sdxl
+        found.add("SDXL embedding (clip_l + clip_g)")
     for key, value in tensors.items():
         if key in SDXL_EMBEDDING_KEYS:
             continue
         if key.startswith(TI_PREFIX):
             tokens[key[len(TI_PREFIX) :]] = value
             continue
-        if "lora_magnitude_vector" in key:
-            raise AdapterFormatError(f"{key}: DoRA adapters are not supported")
-        if key.endswith(".alpha"):
-            alphas[_normalize_module(key.removesuffix(".alpha"))] = _scalar(key, value)
+        if key in _A1111_EMBEDDING_KEYS:
+            plain.append((key, value))
+            found.add("A1111 embedding")
             continue
-        for down_suffix, up_suffix in _LORA_SUFFIXES:
-            if key.endswith(down_suffix):
-                downs[_normalize_module(key.removesuffix(down_suffix))] = (key, value)
-                break
-            if key.endswith(up_suffix):
-                ups[_normalize_module(key.removesuffix(up_suffix))] = (key, value)
-                break
-        else:
-            if "lora" in key:
-                raise AdapterFormatError(f"{key}: unrecognized LoRA key (LoRA biases are not supported)")
-            # Anything else is a textual-inversion vector: diffusers' {token: vector} or emb_params.
-            name = token if key == "emb_params" else key
-            if not name:
-                raise AdapterFormatError(f"{key}: a textual-inversion vector needs a token name")
-            tokens[name] = value
+        if key.startswith("string_to_token.") and "string_to_param.*" in tensors:
+            continue  # A1111's token-id bookkeeping next to the vector: nothing to apply
+        try:
+            parsed = layouts.parse_lora_key(key, blocks)
+        except ValueError as e:
+            raise AdapterFormatError(f"{key}: names no module of this UNet architecture ({e})") from None
+        if parsed is None:
+            if layouts.is_lora_key(key):
+                raise AdapterFormatError(
+                    f"{key}: unrecognized LoRA key (not a down/up matrix or alpha of any layout this server "
+                    "reads; see docs/adapters.md)")
+            if _WEIGHT_KEY.search(key):
+                raise AdapterFormatError(
+                    f"{key}: neither a LoRA nor a textual-inversion key (a model weight? single-file "
+                    "checkpoints are not adapters)")
+            plain.append((key, value))  # diffusers' {token: vectors}
+            found.add("diffusers embedding")
+            continue
+        found.add(parsed.layout)
+        table = {"down": downs, "up": ups, "alpha": alphas}[parsed.role]
+        if parsed.module in table:
+            raise AdapterFormatError(
+                f"{key}: names the same layer ({parsed.module}) as {table[parsed.module][0]}")
+        table[parsed.module] = (key, _scalar(key, value) if parsed.role == "alpha" else value)
 
     for module in sorted(downs.keys() ^ ups.keys()):
         key = (downs.get(module) or ups.get(module))[0]
         missing = "up/B" if module in downs else "down/A"
         raise AdapterFormatError(f"{key}: the matching {missing} matrix is missing")
+    for module in sorted(alphas.keys() - downs.keys()):
+        raise AdapterFormatError(f"{alphas[module][0]}: an alpha for a layer without LoRA matrices")
+
+    for key, value in plain:
+        unnamed = key in _A1111_EMBEDDING_KEYS
+        if token and (unnamed or len(plain) == 1):
+            name = token
+        elif unnamed:
+            raise AdapterFormatError(f"{key}: a textual-inversion vector needs a token name")
+        else:
+            name = key
+        if name in tokens:
+            raise AdapterFormatError(f"{key}: a second embedding for token {name!r}")
+        tokens[name] = value
 
     kind = metadata.get(KIND_METADATA_KEY, "subject")
     if kind not in ADAPTER_KINDS:
         raise AdapterFormatError(f"metadata '{KIND_METADATA_KEY}': {kind!r} is not one of {', '.join(ADAPTER_KINDS)}")
-    adapter = Adapter(kind=kind)
+    adapter = Adapter(kind=kind, layout=", ".join(sorted(found)))
     for module in sorted(downs):
         (down_key, down), (up_key, up) = downs[module], ups[module]
-        # 1x1 conv kernels ([r, in, 1, 1], [out, r, 1, 1]) are stored as matrices; a conv LoRA's
-        # down may be a k x k kernel (LoCon), its up is always 1x1.
-        down = down.flatten(1) if down.ndim == 4 and down.shape[2:] == (1, 1) else down
-        up = up.flatten(1) if up.ndim == 4 and up.shape[2:] == (1, 1) else up
-        for key, t in ((down_key, down), (up_key, up)):
-            if t.ndim != 2 and not (t is down and t.ndim == 4):
-                raise AdapterFormatError(
-                    f"{key}: expected a 2-D matrix (or a 4-D conv kernel, 1x1 for up/B), got shape {tuple(t.shape)}")
-        if up.shape[1] != down.shape[0]:
-            raise AdapterFormatError(
-                f"{up_key}: rank mismatch, up/B is {tuple(up.shape)} but down/A is {tuple(down.shape)}"
-            )
+        down, up = _check_pair(down_key, down, up_key, up)
         component, _, local = module.partition(".")
         config = configs.get(component, {})
-        alpha = alphas.get(module)
+        alpha = alphas[module][1] if module in alphas else None
         if alpha is None and config:
             alpha = _pattern_lookup(config.get("alpha_pattern") or {}, local)
             if alpha is None and config.get("lora_alpha") is not None:
@@ -260,7 +315,7 @@ def parse_adapter(
         if alpha is None:
             alpha = default_alpha if default_alpha else float(down.shape[0])
         adapter.lora[module] = LoraModule(
-            down=down, up=up, alpha=alpha, use_rslora=bool(config.get("use_rslora", False))
+            down=down, up=up, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)), source_key=down_key
         )
 
     for name, vectors in tokens.items():
@@ -273,6 +328,23 @@ def parse_adapter(
             )
         adapter.token_embeddings[name] = vectors
     return adapter
+
+
+def _check_pair(down_key: str, down: torch.Tensor, up_key: str, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear pair ([r, in], [out, r]) or a Conv2d pair ([r, in, kh, kw], [out, r, 1, 1]), in the
+    stored form: 1x1 kernels flattened to matrices (a 1x1 conv computes what a Linear does), a k x k
+    down kept 4-D (LyCORIS LoCon), up always [out, r]."""
+    for key, t in ((down_key, down), (up_key, up)):
+        if not (t.ndim == 2 or (t.ndim == 4 and (t is down or t.shape[2:] == (1, 1)))):
+            raise AdapterFormatError(
+                f"{key}: expected a 2-D matrix (or a 4-D conv kernel, 1x1 for up/B), got shape {tuple(t.shape)}")
+    down = down.flatten(1) if down.ndim == 4 and down.shape[2:] == (1, 1) else down
+    up = up.flatten(1)
+    if up.shape[1] != down.shape[0]:
+        raise AdapterFormatError(
+            f"{up_key}: rank mismatch, up/B is {tuple(up.shape)} but down/A is {tuple(down.shape)}"
+        )
+    return down, up
 
 
 def _sdxl_embedding(tensors: Mapping[str, torch.Tensor], token: str | None) -> torch.Tensor | None:
@@ -324,7 +396,7 @@ class ServedModel:
 
 def validate_adapter(
     adapter: Adapter,
-    module_shapes: Mapping[str, tuple[int, int]],
+    module_shapes: Mapping[str, tuple[int, ...]],
     max_rank: int,
     dtype: torch.dtype,
     hidden_size: int | None = None,
@@ -345,27 +417,37 @@ def validate_adapter(
         if mismatch:
             raise AdapterFormatError(mismatch)
     for module, lora in adapter.lora.items():
+        origin = _origin(module, lora)
         if module not in module_shapes:
             near = [m for m in module_shapes if m.split(".")[-1] == module.split(".")[-1]][:2]
-            raise AdapterFormatError(
-                f"{module}: not a module this model serves adapters on"
-                + (f" (e.g. {', '.join(near)})" if near else "")
-            )
-        out_features, in_features, *kernel = module_shapes[module]
+            hint = f" (e.g. {', '.join(near)})" if near else f" (it serves {_served_kinds(module, module_shapes)})"
+            raise AdapterFormatError(f"{module}: not a module this model serves adapters on{hint}{origin}")
+        shape = tuple(module_shapes[module])
+        out_features, in_features, kernel = shape[0], shape[1], shape[2:]
         if lora.rank > max_rank:
-            raise AdapterFormatError(f"{module}: rank {lora.rank} exceeds the bank's maximum rank {max_rank}")
+            raise AdapterFormatError(f"{module}: rank {lora.rank} exceeds the bank's maximum rank {max_rank}{origin}")
         if lora.rank == 0:
-            raise AdapterFormatError(f"{module}: rank 0")
-        down_shape = tuple(lora.down.shape[1:])
-        if down_shape != (in_features, *kernel) and not (down_shape == (in_features,) and kernel in ([], [1, 1])):
+            raise AdapterFormatError(f"{module}: rank 0{origin}")
+        # A pointwise layer (a Linear, a 1x1 conv) takes [r, in] or [r, in, 1, 1] alike (kohya stores
+        # SD 1.x's 1x1 proj_in/proj_out 4-D); a k x k conv needs its kernel: [r, in, kh, kw].
+        pointwise = kernel in ((), (1, 1))
+        down_kernel = tuple(lora.down.shape[2:])
+        if lora.down.shape[1] != in_features or down_kernel not in (((), (1, 1)) if pointwise else (kernel,)):
             expected = ", ".join(map(str, (lora.rank, in_features, *kernel)))
-            raise AdapterFormatError(f"{module}: down/A has shape {tuple(lora.down.shape)}, expected [{expected}]")
-        if lora.up.shape[0] != out_features:
+            what = ""
+            if not kernel and down_kernel not in ((), (1, 1)):
+                what = " (a convolution's LoRA for a Linear layer)"
+            elif not pointwise and not down_kernel:
+                what = f" (the layer is a {kernel[0]}x{kernel[1]} convolution)"
             raise AdapterFormatError(
-                f"{module}: up/B has shape {tuple(lora.up.shape)}, expected [{out_features}, {lora.rank}]"
+                f"{module}: down/A has shape {tuple(lora.down.shape)}, expected [{expected}]{what}{origin}"
+            )
+        if lora.up.ndim != 2 or lora.up.shape[0] != out_features:
+            raise AdapterFormatError(
+                f"{module}: up/B has shape {tuple(lora.up.shape)}, expected [{out_features}, {lora.rank}]{origin}"
             )
         if not math.isfinite(lora.scale):
-            raise AdapterFormatError(f"{module}: alpha {lora.alpha} is not finite")
+            raise AdapterFormatError(f"{module}: alpha {lora.alpha} is not finite{origin}")
     for token, vectors in adapter.token_embeddings.items():
         if hidden_size is None:
             raise AdapterFormatError(f"token {token!r}: this model does not serve textual inversion")
@@ -374,6 +456,26 @@ def validate_adapter(
                 f"token {token!r}: vectors have shape {tuple(vectors.shape)}, expected [n, {hidden_size}]"
             )
     _check_values(adapter, dtype)
+
+
+def _origin(module: str, lora: LoraModule) -> str:
+    """`` (file key ...)`` when the file named the module otherwise (kohya, peft's base_model.model.)."""
+    key = lora.source_key
+    return f" (file key {key})" if key and not key.startswith(module + ".") else ""
+
+
+def _layer_kind(module: str) -> str:
+    """The part of a module path after its last block index: ``attn1.to_out.0``, ``self_attn.q_proj``."""
+    parts = module.split(".")
+    numeric = [i for i, p in enumerate(parts[:-1]) if p.isdigit()]
+    return ".".join(parts[numeric[-1] + 1 :] if numeric else parts[1:])
+
+
+def _served_kinds(module: str, module_shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """The kinds of layer (``attn1.to_q``, ``self_attn.q_proj``) served in the module's component."""
+    component = module.partition(".")[0]
+    kinds = sorted({_layer_kind(m) for m in module_shapes if m.startswith(component + ".")})
+    return f"LoRA on {component} {', '.join(kinds)}" if kinds else f"no LoRA on {component}"
 
 
 def _guess(width: int | None, fallback: str | None = None) -> str:
@@ -465,7 +567,7 @@ def to_diffusers_lora(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[s
         for module, lora in modules.items():
             tensors[f"{module}.lora_A.weight"] = lora.down.contiguous()
             # A conv LoRA's up is a 1x1 kernel (what peft's Conv2d LoRA loads).
-            up = lora.up[:, :, None, None] if lora.down.ndim == 4 else lora.up
+            up = lora.up[:, :, None, None] if lora.down.ndim == 4 and lora.up.ndim == 2 else lora.up
             tensors[f"{module}.lora_B.weight"] = up.contiguous()
         local = {k[len(component) + 1 :]: v for k, v in modules.items()}
         # The most common rank/alpha become r/lora_alpha; the rest go in full-name patterns,
