@@ -2,6 +2,7 @@
 
     steerserve serve [--host H] [--grpc-port P] [--metrics-port M]
     steerserve prepare-runtime [--model-dir D]     # measure the UNet runtime choice ahead of serving
+    steerserve convert-checkpoint FILE DIR         # a single-file checkpoint -> a diffusers folder, once
     steerserve generate "a red circle" -o out.png [--adapter ID[:WEIGHT]] [--seed 1] ...
     steerserve personalize --method dreambooth-lora --name my-dog --class-word dog a.png b.png c.png
     steerserve edit source.png --source-prompt ... --target-prompt ... --adapter ID -o edited.png
@@ -385,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, help="gRPC port (env STEERSERVE_GRPC_PORT, default 50051)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (env STEERSERVE_METRICS_PORT, default 9464)")
     s.add_argument("--data-dir", help="database, adapters and model cache (env STEERSERVE_DATA_DIR, default ./var)")
-    s.add_argument("--model-dir", help="diffusers SD 1.x/2.x/XL folder (env STEERSERVE_MODEL_DIR; default: embedded model)")
+    s.add_argument("--model-dir", help="diffusers SD 1.x/2.x/XL folder or single-file .safetensors checkpoint (env STEERSERVE_MODEL_DIR; default: embedded model)")
     s.add_argument("--backend", choices=["inprocess", "triton"],
                    help="inprocess (default) or triton: start the embedded Triton server on loopback ports "
                         "(or use STEERSERVE_TRITON_URL) (env STEERSERVE_BACKEND)")
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prepare-runtime", help="measure the auto UNet runtime choice and build its artefacts into "
                                                "the compiled folder now (image build, a Job, a shared volume)")
     r.add_argument("--data-dir", help="where the compiled folder is (env STEERSERVE_DATA_DIR, default ./var)")
-    r.add_argument("--model-dir", help="diffusers folder (env STEERSERVE_MODEL_DIR; default: embedded model)")
+    r.add_argument("--model-dir", help="diffusers folder or single-file checkpoint (env STEERSERVE_MODEL_DIR; default: embedded model)")
     r.add_argument("--rows", type=int, action="append", help="bank rows to prepare for (default: in-process and Triton's)")
     r.set_defaults(func=cmd_prepare_runtime)
 
