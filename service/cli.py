@@ -266,6 +266,15 @@ def cmd_edit(args) -> int:
 
 def _print_adapter(a) -> None:
     print(f"{a.adapter_id}  {a.name:<24} {a.method:<18} token={a.token or '-'} rank={a.rank} {a.size_bytes} B")
+    if a.contents is not None:  # an import: what the server read from the file
+        c = a.contents
+        print(f"  layout: {c.layout or '-'}")
+        for part in c.components:
+            convs = f" ({part.conv_modules} conv)" if part.conv_modules else ""
+            print(f"  {part.component:<15} {part.modules} modules{convs}, rank {'/'.join(map(str, part.ranks))}, "
+                  f"alpha {'/'.join(f'{x:g}' for x in part.alphas)}")
+        for token, vectors in c.tokens.items():
+            print(f"  token {token}: {vectors} vector{'s' if vectors != 1 else ''}")
 
 
 def cmd_adapters(args) -> int:
@@ -276,7 +285,7 @@ def cmd_adapters(args) -> int:
         elif args.action == "get":
             _print_adapter(client.adapters.get(args.id))
         elif args.action == "import":
-            _print_adapter(client.adapters.import_(args.name, Path(args.file), token=args.token or "",
+            _print_adapter(client.adapters.import_(args.name, Path(args.file), token=args.word or "",
                                                    idempotency_key=args.idempotency_key))
         elif args.action == "export":
             _, data = client.adapters.export(args.id)
@@ -486,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     im = a_sub.add_parser("import")
     im.add_argument("file")
     im.add_argument("--name", required=True)
-    im.add_argument("--token")
+    # Its own dest: the API token's --token (before `import`) shares the name, and a subparser's
+    # value of the same dest would replace it (the learned word was sent as the API token).
+    im.add_argument("--token", dest="word", help="the prompt word of an embedding (SDXL clip_l/clip_g needs one)")
     im.add_argument("--idempotency-key", help="retrying with the same key returns the same adapter")
     a.set_defaults(func=cmd_adapters)
 

@@ -88,6 +88,21 @@ def adapter_message(record: AdapterRecord) -> pb.Adapter:
     )
 
 
+def adapter_contents(adapter) -> pb.AdapterContents:
+    """What an imported file held (service.adapters.Adapter as parsed): its layout, per component
+    the layers it changes with their ranks and alphas, and its learned tokens."""
+    components = []
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        modules = [m for name, m in adapter.lora.items() if name.startswith(component + ".")]
+        if modules:
+            components.append(pb.ComponentContents(
+                component=component, modules=len(modules), conv_modules=sum(m.down.dim() == 4 for m in modules),
+                ranks=sorted({m.rank for m in modules}), alphas=sorted({float(m.alpha) for m in modules})))
+    tokens = [pb.LearnedToken(token=t, vectors=int(v.reshape(-1, v.shape[-1]).shape[0]))
+              for t, v in adapter.token_embeddings.items()]
+    return pb.AdapterContents(layout=adapter.layout, components=components, tokens=tokens)
+
+
 def job_message(job: JobRecord, previews: list[bytes] = ()) -> pb.Job:
     return pb.Job(
         job_id=job.job_id,

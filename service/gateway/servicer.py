@@ -44,7 +44,7 @@ from service.stores import (
 from . import validation
 from .auth import Authenticator
 from .errors import ServiceError, invalid, not_found
-from .messages import adapter_message, edit_response, generate_response, job_event, job_message, profile_message
+from .messages import adapter_contents, adapter_message, edit_response, generate_response, job_event, job_message, profile_message
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("steerserve.gateway")
@@ -435,7 +435,9 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             num_parameters=adapter.num_parameters, source="import",
             idempotency=(key, idempotency.fingerprint(request)) if key else None,
         )
-        return adapter_message(record)
+        message = adapter_message(record)
+        message.contents.CopyFrom(adapter_contents(adapter))  # what was read, for the caller to check
+        return message
 
     @_rpc
     async def ListAdapters(self, request, context, tenant: str) -> pb.ListAdaptersResponse:

@@ -19,12 +19,12 @@ from .errors import (
     AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, JobFailed, NotFound,
     PermissionDenied, ResourceExhausted, SteerServeError, Unauthenticated, Unavailable,
 )
-from .types import Adapter, EditProgress, EditResult, GenerateResult, ImageData, Job, JobEvent, Timings
+from .types import Adapter, AdapterContents, ComponentContents, EditProgress, EditResult, GenerateResult, ImageData, Job, JobEvent, Timings
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AlreadyExists", "AsyncClient", "AsyncJobHandle", "Cancelled", "Client", "ConfigError", "Connection",
+    "Adapter", "AdapterContents", "AlreadyExists", "AsyncClient", "AsyncJobHandle", "Cancelled", "Client", "ComponentContents", "ConfigError", "Connection",
     "DeadlineExceeded", "EditProgress", "EditResult", "FailedPrecondition", "GenerateResult", "ImageData", "Internal",
     "InvalidArgument", "Job", "JobEvent", "JobFailed", "JobHandle", "NO_RETRY", "NotFound", "PermissionDenied",
     "ResourceExhausted", "RetryPolicy", "SAFE_TO_RETRY", "SteerServeError", "Timeouts", "Timings", "Unauthenticated",

@@ -148,6 +148,30 @@ class JobEvent:
 
 
 @dataclass(frozen=True)
+class ComponentContents:
+    component: str      # "unet", "text_encoder", "text_encoder_2"
+    modules: int        # layers changed
+    conv_modules: int   # of which convolutions
+    ranks: tuple[int, ...]
+    alphas: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class AdapterContents:
+    """What an imported file held, as the server read it (ImportAdapter's answer only)."""
+
+    layout: str
+    components: tuple[ComponentContents, ...]
+    tokens: dict[str, int]  # learned token -> the prompt positions it takes
+
+    @classmethod
+    def from_pb(cls, c: pb.AdapterContents) -> "AdapterContents":
+        return cls(c.layout, tuple(ComponentContents(x.component, x.modules, x.conv_modules, tuple(x.ranks),
+                                                     tuple(x.alphas)) for x in c.components),
+                   {t.token: t.vectors for t in c.tokens})
+
+
+@dataclass(frozen=True)
 class Adapter:
     adapter_id: str
     name: str
@@ -160,8 +184,10 @@ class Adapter:
     sha256: str
     created_at: datetime
     source: str         # "personalize" or "import"
+    contents: AdapterContents | None = None  # set by import only
 
     @classmethod
     def from_pb(cls, a: pb.Adapter) -> "Adapter":
         return cls(a.adapter_id, a.name, _name(pb.PersonalizationMethod, a.method), a.token, a.class_word, a.rank,
-                   a.size_bytes, a.num_parameters, a.sha256, _time(a.created_at), a.source)
+                   a.size_bytes, a.num_parameters, a.sha256, _time(a.created_at), a.source,
+                   AdapterContents.from_pb(a.contents) if a.HasField("contents") else None)

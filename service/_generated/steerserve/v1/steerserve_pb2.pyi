@@ -354,7 +354,7 @@ class EditEvent(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., progress: _Optional[float] = ..., result: _Optional[_Union[EditResponse, _Mapping]] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("adapter_id", "name", "method", "token", "class_word", "rank", "size_bytes", "num_parameters", "sha256", "created_at", "source")
+    __slots__ = ("adapter_id", "name", "method", "token", "class_word", "rank", "size_bytes", "num_parameters", "sha256", "created_at", "source", "contents")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -366,6 +366,7 @@ class Adapter(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CONTENTS_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     name: str
     method: PersonalizationMethod
@@ -377,7 +378,40 @@ class Adapter(_message.Message):
     sha256: str
     created_at: _timestamp_pb2.Timestamp
     source: str
-    def __init__(self, adapter_id: _Optional[str] = ..., name: _Optional[str] = ..., method: _Optional[_Union[PersonalizationMethod, str]] = ..., token: _Optional[str] = ..., class_word: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., num_parameters: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+    contents: AdapterContents
+    def __init__(self, adapter_id: _Optional[str] = ..., name: _Optional[str] = ..., method: _Optional[_Union[PersonalizationMethod, str]] = ..., token: _Optional[str] = ..., class_word: _Optional[str] = ..., rank: _Optional[int] = ..., size_bytes: _Optional[int] = ..., num_parameters: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., contents: _Optional[_Union[AdapterContents, _Mapping]] = ...) -> None: ...
+
+class AdapterContents(_message.Message):
+    __slots__ = ("layout", "components", "tokens")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layout: str
+    components: _containers.RepeatedCompositeFieldContainer[ComponentContents]
+    tokens: _containers.RepeatedCompositeFieldContainer[LearnedToken]
+    def __init__(self, layout: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentContents, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[LearnedToken, _Mapping]]] = ...) -> None: ...
+
+class ComponentContents(_message.Message):
+    __slots__ = ("component", "modules", "conv_modules", "ranks", "alphas")
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    CONV_MODULES_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ALPHAS_FIELD_NUMBER: _ClassVar[int]
+    component: str
+    modules: int
+    conv_modules: int
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    alphas: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, component: _Optional[str] = ..., modules: _Optional[int] = ..., conv_modules: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class LearnedToken(_message.Message):
+    __slots__ = ("token", "vectors")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    vectors: int
+    def __init__(self, token: _Optional[str] = ..., vectors: _Optional[int] = ...) -> None: ...
 
 class ImportAdapterRequest(_message.Message):
     __slots__ = ("name", "safetensors", "token", "alpha", "idempotency_key")
