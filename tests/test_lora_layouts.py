@@ -660,6 +660,16 @@ def test_pickle_files_are_refused_never_unpickled(what, tmp_path):
     assert UNPICKLED == []
 
 
+def test_a_damaged_safetensors_file_is_not_called_a_pickle():
+    # A header 0x280 bytes long starts with 80 02, like pickle protocol 2, but zeros follow.
+    data = bytearray(save_bytes({"x" * 580: torch.zeros(1)}))
+    assert data[:2] == b"\x80\x02"
+    data[8] = ord("X")
+    with pytest.raises(AdapterFormatError, match="^not a readable safetensors file") as caught:
+        parse_adapter(bytes(data))
+    assert "pickle" not in str(caught.value)
+
+
 def test_a_zip_that_is_not_a_checkpoint_is_just_not_safetensors():
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:

@@ -146,7 +146,8 @@ def pickle_kind(data: bytes) -> str | None:
         except (zipfile.BadZipFile, ValueError, OSError):
             pickled = True  # a damaged zip that starts like torch.save's is refused as one
         return "a PyTorch checkpoint (torch.save zip: .pt, .ckpt, .bin)" if pickled else None
-    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    # PROTO 2-5, then an opcode (never 0x00; a damaged safetensors' header length 0x0280.. has zeros there).
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and data[2:3] not in (b"", b"\x00"):
         return "a Python pickle (legacy torch.save: .pt, .ckpt, .bin)"
     return None
 
