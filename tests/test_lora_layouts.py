@@ -326,7 +326,8 @@ LAYOUTS = [
 ]
 EXPECTED_LAYOUT = {"kohya": "kohya", "kohya-sgm": "kohya (SGM block names)", "kohya-fp16": "kohya",
                    "kohya-bf16": "kohya", "kohya-no-alpha": "kohya", "peft": "peft",
-                   "dreambooth": "diffusers-old, lora_linear_layer", "attention-processor": "attention-processor"}
+                   "dreambooth": "diffusers lora.down, diffusers lora_linear_layer",
+                   "attention-processor": "diffusers attention processor"}
 
 
 @pytest.mark.parametrize("layout, name", LAYOUTS, ids=[f"{a}-{b}" for a, b in LAYOUTS])

@@ -273,7 +273,8 @@ def parse_adapter(
             plain.append((key, value))  # diffusers' {token: vectors}
             found.add("diffusers embedding")
             continue
-        found.add(parsed.layout)
+        if parsed.role != "alpha":  # an alpha key says nothing of the layout its matrices name
+            found.add(parsed.layout)
         table = {"down": downs, "up": ups, "alpha": alphas}[parsed.role]
         if parsed.module in table:
             raise AdapterFormatError(

@@ -5,20 +5,17 @@ diffusers name the bank serves (``unet.down_blocks.1.attentions.0.transformer_bl
 ``text_encoder.text_model.encoder.layers.0.mlp.fc1``), the role is ``down`` (A), ``up`` (B) or
 ``alpha``. Layouts (docs/adapters.md has an example key of each):
 
-=====================  ===============================================================================
-layout                 key
-=====================  ===============================================================================
-peft                   ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (diffusers ``save_lora_weights``);
-                       ``base_model.model.<module>.lora_A.weight`` (peft ``save_pretrained``)
-diffusers-old          ``unet.<module>.lora.down.weight`` / ``lora.up.weight``
-lora_linear_layer      ``text_encoder.<module>.lora_linear_layer.down.weight`` (``convert_state_dict_to_diffusers``)
-attention-processor    ``unet.<...>.attn1.processor.to_q_lora.down.weight``, ``<...>.self_attn.to_q_lora.down.weight``
-kohya suffixes         ``<dotted module>.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``
-kohya                  ``lora_unet_<module with _>.lora_down.weight``, ``lora_te_`` / ``lora_te1_`` /
-                       ``lora_te2_``; SDXL's original (SGM) UNet names ``input_blocks_4_1_...``,
-                       ``middle_block_1_...``, ``output_blocks_...`` mapped with the UNet's
-                       ``layers_per_block``
-=====================  ===============================================================================
+- ``peft``: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (diffusers ``save_lora_weights``);
+  ``peft save_pretrained``: ``base_model.model.<module>.lora_A.weight``
+- ``diffusers lora.down``: ``unet.<module>.lora.down.weight`` / ``lora.up.weight``
+- ``diffusers lora_linear_layer``: ``text_encoder.<module>.lora_linear_layer.down.weight``
+  (``convert_state_dict_to_diffusers``, diffusers' DreamBooth-LoRA example)
+- ``diffusers attention processor``: ``unet.<...>.attn1.processor.to_q_lora.down.weight``,
+  ``text_encoder.<...>.self_attn.to_q_lora.down.weight``
+- ``kohya suffixes``: ``<dotted module>.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``
+- ``kohya``: ``lora_unet_<module with _>.lora_down.weight``, ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``;
+  ``kohya (SGM block names)``: SDXL's original UNet names ``input_blocks_4_1_...``,
+  ``middle_block_1_...``, ``output_blocks_...``, mapped with the UNet's ``layers_per_block``
 
 What the reference does: diffusers' ``lora_conversion_utils._convert_non_diffusers_lora_to_diffusers``
 (kohya names, underscore to dot by known identifiers) and ``_maybe_map_sgm_blocks_to_diffusers`` (SGM
@@ -70,10 +67,10 @@ _IDENT_RE = re.compile(
 # (suffix of the down/A key, suffix of the up/B key, layout), most specific first.
 LORA_SUFFIXES = (
     (".lora_A.weight", ".lora_B.weight", "peft"),
-    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", "lora_linear_layer"),
-    (".lora.down.weight", ".lora.up.weight", "diffusers-old"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", "diffusers lora_linear_layer"),
+    (".lora.down.weight", ".lora.up.weight", "diffusers lora.down"),
     (".lora_down.weight", ".lora_up.weight", "kohya suffixes"),
-    ("_lora.down.weight", "_lora.up.weight", "attention-processor"),
+    ("_lora.down.weight", "_lora.up.weight", "diffusers attention processor"),
 )
 _PROCESSOR_RE = re.compile(r"(?:^|\.)(?:(processor)\.)?to_(q|k|v|out)$")
 
@@ -139,7 +136,7 @@ def parse_lora_key(key: str, layers_per_block: int | Sequence[int] = DEFAULT_LAY
         for suffix, role in ((down, "down"), (up, "up")):
             if key.endswith(suffix):
                 path = key.removesuffix(suffix)
-                if layout == "attention-processor":
+                if layout == "diffusers attention processor":
                     path = _processor_module(path + "_lora")
                     if path is None:
                         return None
