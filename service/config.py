@@ -163,6 +163,11 @@ class Settings(BaseSettings):
     # Adapter bank (same variable names configure the Triton model instances).
     adapter_slots: int = 16  # slots including slot 0 (the base model)
     adapter_max_rank: int = 16
+    # The UNet convolutions the bank serves LoRA on (service/adapters/bank.py CONV_LAYERS): "proj",
+    # kohya's 1x1 proj_in/proj_out (SD 1.x); "locon", also LyCORIS LoCon's resnet and sampler convs
+    # (slot memory, and compute on every call whether or not a row uses them: docs/adapter_bank.md);
+    # "none". The gateway checks imports against the same layers.
+    adapter_conv_layers: Literal["none", "proj", "locon"] = "proj"
     # Parsed adapters kept in host memory (also after eviction from their slot), so a slot miss copies
     # instead of reading the store: bounded by bytes (adapters differ ~10x in size with rank and
     # layers) and by entries. Per model process (each Triton generate/unet instance has its own).

@@ -36,6 +36,7 @@ def build_engine(
     `components`: the models whose weights to load (Engine.from_pretrained); the rest stay on meta.
     """
     from service.adapters import BankedAdapters
+    from service.adapters.bank import CONV_LAYERS
 
     engine = Engine.from_pretrained(model_dir or settings.resolved_model_dir(), device=device or settings.device,
                                     components=components)
@@ -46,6 +47,7 @@ def build_engine(
             loader = blob_loader(settings.adapters_path(), settings.request_adapters_path())
         BankedAdapters.attach(
             engine, loader, num_slots=settings.adapter_slots, max_rank=settings.adapter_max_rank, max_rows=max_rows,
+            conv_target_modules=CONV_LAYERS[settings.adapter_conv_layers],
             host_cache_size=settings.adapter_host_cache, host_cache_bytes=settings.adapter_host_cache_bytes,
             registry=registry,
         )

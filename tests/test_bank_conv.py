@@ -24,7 +24,6 @@ from torch import nn
 from bench.model_folders import sdxl_folder
 from bench.reference_adapters import UNET_LORA_TARGETS, peft_lora, write_reference_lora
 from service.adapters import (
-    DEFAULT_UNET_CONV_TARGETS,
     Adapter,
     AdapterBank,
     AdapterFormatError,
@@ -34,12 +33,14 @@ from service.adapters import (
     LoraModule,
     parse_adapter,
 )
+from service.adapters.bank import CONV_LAYERS, DEFAULT_UNET_CONV_TARGETS
 from service.adapters.loading import adapter_checker
 from service.engine.pipeline import AdapterUse, Engine
 
 ATOL = 1e-4  # the bank's bar against diffusers in fp32 (test_adapter_bank.py)
-KOHYA_CONV = ("proj_in", "proj_out")  # 1x1 convs in SD 1.x/2.x transformers
+KOHYA_CONV = ("proj_in", "proj_out")  # 1x1 convs in SD 1.x transformers
 LOCON = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
+ALL_CONVS = CONV_LAYERS["locon"]  # the setting adapter_conv_layers=locon
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -130,7 +131,7 @@ def sd_adapters(sd_dirs):
 @pytest.fixture(scope="module")
 def sd_banked(pipe, sd_adapters):
     unet = copy.deepcopy(pipe.unet)
-    bank = AdapterBank(unet, num_slots=5, max_rank=8, conv_target_modules=DEFAULT_UNET_CONV_TARGETS)
+    bank = AdapterBank(unet, num_slots=5, max_rank=8, conv_target_modules=ALL_CONVS)
     for slot, name in enumerate(("kohya", "locon", "both"), start=1):
         bank.load_slot(slot, sd_adapters[name])
     return unet, bank
@@ -223,7 +224,7 @@ def test_hot_swap_writes_conv_slots_in_place(pipe, sd_dirs, sd_adapters, sd_inpu
     """Replacing slot 1's adapter moves no tensor: every layer keeps its buffers (identity and address,
     what compiled graphs and CUDA graphs hold on to), and the row now equals the new adapter's reference."""
     unet = copy.deepcopy(pipe.unet)
-    bank = AdapterBank(unet, num_slots=2, max_rank=8, conv_target_modules=DEFAULT_UNET_CONV_TARGETS)
+    bank = AdapterBank(unet, num_slots=2, max_rank=8, conv_target_modules=ALL_CONVS)
     bank.load_slot(1, sd_adapters["locon"])
     before = [(t, t.data_ptr()) for layer in bank.layers.values() for t in (layer.lora_A, layer.lora_Bt)]
     x, t, ehs = sd_inputs
@@ -263,7 +264,7 @@ def test_kohya_style_conv_keys_with_alpha_serve_like_peft(pipe, sd_adapters, sd_
 def test_conv_tensors_that_do_not_fit_are_refused_naming_the_module(pipe, sd_adapters):
     conv3 = "unet.down_blocks.0.resnets.0.conv1"
     proj = "unet.down_blocks.1.attentions.0.proj_in"
-    bank = AdapterBank(copy.deepcopy(pipe.unet), num_slots=2, max_rank=8, conv_target_modules=DEFAULT_UNET_CONV_TARGETS)
+    bank = AdapterBank(copy.deepcopy(pipe.unet), num_slots=2, max_rank=8, conv_target_modules=ALL_CONVS)
     cases = [
         (Adapter(lora={proj: LoraModule(torch.randn(2, 64, 3, 3), torch.randn(64, 2), 2.0)}),
          rf"{proj}: down/A has shape \(2, 64, 3, 3\), expected \[2, 64, 1, 1\]"),
@@ -282,7 +283,8 @@ def test_conv_tensors_that_do_not_fit_are_refused_naming_the_module(pipe, sd_ada
             bank.load_slot(1, adapter)
     # A conv LoRA on a bank without conv layers is refused, not half-applied.
     attention_only = AdapterBank(copy.deepcopy(pipe.unet), num_slots=2, max_rank=8)
-    with pytest.raises(AdapterFormatError, match="not a module this model serves adapters on"):
+    with pytest.raises(AdapterFormatError, match=r"proj_in: a convolution LoRA .* it serves LoRA on no UNet "
+                                                 r"convolution\); the setting adapter_conv_layers=proj"):
         attention_only.load_slot(1, sd_adapters["kohya"])
     # An up/B with a k x k kernel is not a LoRA the bank (or peft) computes.
     bad = save_safetensors({f"{conv3}.lora_A.weight": torch.randn(2, 32, 3, 3),
@@ -322,13 +324,22 @@ def engine_locon(engine: Engine, rank: int, seed: int, targets=LOCON + KOHYA_CON
 
 
 def test_served_bank_and_import_check_serve_the_same_conv_layers(model_dir):
-    engine = Engine.from_pretrained(model_dir)
-    plain = Engine.from_pretrained(model_dir)
-    adapter = engine_locon(engine, 4, 7)
-    hook = BankedAdapters.attach(engine, lambda key: adapter, num_slots=2, max_rank=8, registry=CollectorRegistry())
-    check = adapter_checker(model_dir, 8)
-    assert check.__self__.module_shapes == hook.bank.module_shapes  # the gateway checks what serves
-    assert any(len(s) == 4 and s[2:] == (3, 3) for s in hook.bank.module_shapes.values())
+    """adapter_conv_layers=locon: the serving bank (service/serving.py) and the gateway's import check
+    bank the same convs; a LoCon adapter passes the check and serves its row, the base row bit for bit."""
+    from service.config import Settings
+    from service.gateway.server import triton_model_environment
+    from service.serving import build_engine
+
+    settings = Settings(adapter_conv_layers="locon", adapter_slots=2, adapter_max_rank=8)
+    assert triton_model_environment(settings, model_dir)["STEERSERVE_ADAPTER_CONV_LAYERS"] == "locon"
+    probe = Engine.from_pretrained(model_dir)
+    adapter = engine_locon(probe, 4, 7)
+    engine = build_engine(settings, 4, model_dir=model_dir, loader=lambda key: adapter, unet_runtime=False,
+                          registry=CollectorRegistry())
+    check = adapter_checker(model_dir, 8, conv_target_modules=CONV_LAYERS[settings.adapter_conv_layers])
+    bank = engine.adapters.bank
+    assert check.__self__.module_shapes == bank.module_shapes  # the gateway checks what serves
+    assert any(len(s) == 4 and s[2:] == (3, 3) for s in bank.module_shapes.values())
     assert check(adapter).lora.keys() == adapter.lora.keys()
     g = torch.Generator().manual_seed(0)
     size = engine.limits.default_size // engine.vae_scale_factor
@@ -337,9 +348,33 @@ def test_served_bank_and_import_check_serve_the_same_conv_layers(model_dir):
     t = torch.tensor([500, 500])
     with torch.no_grad():
         noise = engine.predict_noise(latents, t, embeds, [[AdapterUse("k")], []])
-        base = plain.unet(latents, t, encoder_hidden_states=embeds).sample
+        base = probe.unet(latents, t, encoder_hidden_states=embeds).sample
     assert torch.equal(noise[1], base[1])
     assert (noise[0] - base[0]).abs().max() > 1e-3
+
+
+def test_by_default_the_service_banks_the_1x1_projections_and_names_the_setting_for_locon(model_dir):
+    """The default (adapter_conv_layers=proj): kohya's 1x1 proj_in/proj_out LoRA imports and serves;
+    a LoCon file is refused in one line naming its first resnet conv and the setting that serves it."""
+    from service.config import Settings
+
+    assert Settings().adapter_conv_layers == "proj" and DEFAULT_UNET_CONV_TARGETS == KOHYA_CONV
+    probe = Engine.from_pretrained(model_dir)
+    kohya = engine_locon(probe, 4, 8, KOHYA_CONV + UNET_LORA_TARGETS)
+    locon = engine_locon(probe, 4, 9)
+    check = adapter_checker(model_dir, 8)
+    assert check(kohya).lora.keys() == kohya.lora.keys()
+    with pytest.raises(AdapterFormatError, match=r"^unet\.down_blocks\.0\.downsamplers\.0\.conv: a convolution LoRA "
+                                                 r".* serves LoRA on the UNet's proj_in, proj_out convolutions\); "
+                                                 r"the setting adapter_conv_layers=locon"):
+        check(locon)
+    engine = Engine.from_pretrained(model_dir)
+    hook = BankedAdapters.attach(engine, {"k": kohya, "l": locon}.__getitem__, num_slots=2, max_rank=8,
+                                 registry=CollectorRegistry())
+    assert hook.bank.module_shapes == check.__self__.module_shapes
+    with pytest.raises(AdapterFormatError, match="adapter_conv_layers=locon"):
+        with hook.activate([[AdapterUse("l")]]):
+            pass
 
 
 # -- SDXL: linear projections, so only the resnet / sampler convs are convs --------------------------------
@@ -379,13 +414,13 @@ def test_sdxl_rows_with_different_locon_adapters_equal_diffusers(sdxl, sdxl_dirs
     folder, pipe = sdxl
     adapters = {k: parse_adapter(str(d / "pytorch_lora_weights.safetensors")) for k, d in sdxl_dirs.items()}
     unet = copy.deepcopy(pipe.unet)
-    bank = AdapterBank(unet, num_slots=3, max_rank=4, conv_target_modules=DEFAULT_UNET_CONV_TARGETS)
+    bank = AdapterBank(unet, num_slots=3, max_rank=4, conv_target_modules=ALL_CONVS)
     assert not any("proj_in" in n or "proj_out" in n for n in bank.layers)  # SDXL's are Linear
     assert any(n.endswith("resnets.0.conv1") for n in adapters["locon"].lora)
     for slot, name in enumerate(("locon", "mixed"), start=1):
         bank.load_slot(slot, adapters[name])
     # the gateway's check on the SDXL folder banks the same convs
-    checked = adapter_checker(folder, 4).__self__.module_shapes
+    checked = adapter_checker(folder, 4, conv_target_modules=ALL_CONVS).__self__.module_shapes
     assert {n: s for n, s in checked.items() if n.startswith("unet.")} == bank.module_shapes
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 32, 32, generator=g)
@@ -423,7 +458,7 @@ def test_onnx_graph_takes_the_conv_slots_as_inputs_and_equals_eager(model_dir, t
     def banked():
         engine = Engine.from_pretrained(model_dir)
         BankedAdapters.attach(engine, adapters.__getitem__, num_slots=3, max_rank=8, max_rows=8,
-                              registry=CollectorRegistry())
+                              conv_target_modules=ALL_CONVS, registry=CollectorRegistry())
         return engine
 
     eager, onnx = banked(), banked()

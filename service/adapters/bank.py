@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .conv import BankedLoRAConv2d, replace_convs
-from .formats import Adapter, ServedModel, validate_adapter
+from .errors import AdapterFormatError
+from .formats import Adapter, ServedModel, family_mismatch, validate_adapter
 
 # Attention projections of self-attention (attn1) and cross-attention (attn2) in diffusers' UNets.
 DEFAULT_UNET_TARGETS = tuple(
@@ -39,14 +40,21 @@ DEFAULT_UNET_TARGETS = tuple(
 )
 # What diffusers' text-encoder LoRA trains on CLIP.
 DEFAULT_TEXT_ENCODER_TARGETS = tuple(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
-# The UNet convolutions community LoRAs train, served by the service's banks (BankedAdapters and the
-# gateway's import check): kohya's 1x1 ``proj_in``/``proj_out`` of each Transformer2DModel (SD 1.x/2.x
-# models without linear projections; SDXL's are Linear, not matched here) and LyCORIS LoCon's resnet
-# convs (3x3 ``conv1``/``conv2``, 1x1 ``conv_shortcut``) and down/upsampler convs. Per slot at rank 16
-# in fp16 they take 19 MiB on SD 1.5 and 12 MiB on SDXL (docs/adapter_bank.md).
-DEFAULT_UNET_CONV_TARGETS = (
-    "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
-)
+# The UNet convolutions community LoRAs train, by the setting that chooses them (adapter_conv_layers,
+# the same for the serving banks and the gateway's import check; docs/adapter_bank.md has their cost):
+# "proj": kohya's 1x1 ``proj_in``/``proj_out`` of each Transformer2DModel (SD 1.x models and others
+# without linear projections; SD 2.x's and SDXL's are Linear, not matched here), what kohya's default
+# LoRA trains; "locon": also LyCORIS LoCon's (and kohya's conv_dim) resnet convs (3x3 ``conv1``/``conv2``,
+# 1x1 ``conv_shortcut``) and down/upsampler convs: 19 MiB per slot at rank 16 in fp16 on SD 1.5, and
+# every call computes K * max_rank more channels on each (+6% FLOPs on SD 1.5, 2x the time of the
+# embedded tiny model), so it is not the default.
+CONV_LAYERS = {
+    "none": (),
+    "proj": ("proj_in", "proj_out"),
+    "locon": ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"),
+}
+DEFAULT_CONV_LAYERS = "proj"
+DEFAULT_UNET_CONV_TARGETS = CONV_LAYERS[DEFAULT_CONV_LAYERS]
 
 # One routing entry: a slot, or (slot, weight).
 RowAdapters = Sequence[int | tuple[int, float]]
@@ -218,6 +226,10 @@ class AdapterBank:
         self.layers: dict[str, BankedLoRALinear | BankedLoRAConv2d] = replace_linears(unet, "unet", target_modules, make)
         self.layers.update(replace_convs(
             unet, "unet", conv_target_modules, lambda conv: BankedLoRAConv2d(conv, num_slots, max_rank, self.state)))
+        # The UNet's convs a conv LoRA may train that this bank does not serve: a refusal names the
+        # setting that would (rather than only "not a module this model serves").
+        self.unbanked_convs = {f"unet.{n}" for n, m in unet.named_modules() if isinstance(m, nn.Conv2d)
+                               and any(n == t or n.endswith("." + t) for t in CONV_LAYERS["locon"])}
         self.hidden_size: int | None = None
         self.text_encoders = [("text_encoder", e) for e in (text_encoder,) if e is not None]
         self.text_encoders += [("text_encoder_2", e) for e in (text_encoder_2,) if e is not None]
@@ -261,6 +273,17 @@ class AdapterBank:
                         break
             lora[name] = module
         adapter = replace(adapter, lora=lora)
+        unbanked = sorted(m for m in lora if m in self.unbanked_convs)
+        if unbanked and not family_mismatch(adapter, self.model, self.hidden_size):
+            module = unbanked[0]
+            level = next(level for level in ("proj", "locon")
+                         if any(module.endswith("." + t) for t in CONV_LAYERS[level]))
+            served = sorted({n.rpartition(".")[2] for n, layer in self.layers.items() if isinstance(layer, BankedLoRAConv2d)})
+            served_text = f"the UNet's {', '.join(served)} convolutions" if served else "no UNet convolution"
+            raise AdapterFormatError(
+                f"{module}: a convolution LoRA (kohya's 1x1 proj_in/proj_out, LyCORIS LoCon) on a layer this "
+                f"server's adapter bank does not serve ({len(unbanked)} such layers; it serves LoRA on {served_text}); "
+                f"the setting adapter_conv_layers={level} (STEERSERVE_ADAPTER_CONV_LAYERS) serves it")
         validate_adapter(adapter, self.module_shapes, self.max_rank, self.dtype, self.hidden_size, self.model)
         return adapter
 
@@ -360,5 +383,6 @@ __all__ = [
     "BankState",
     "DEFAULT_UNET_TARGETS",
     "DEFAULT_UNET_CONV_TARGETS",
+    "CONV_LAYERS",
     "DEFAULT_TEXT_ENCODER_TARGETS",
 ]

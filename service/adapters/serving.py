@@ -51,10 +51,11 @@ class BankedAdapters:
     ) -> "BankedAdapters":
         """Build a bank on ``engine.unet`` (and text encoder), its manager, and set ``engine.adapters``.
 
-        ``conv_target_modules``: the UNet convolutions served (kohya's 1x1 proj_in/proj_out, LoCon's
-        resnet and sampler convs by default; ``()`` for attention only). The gateway's import check
-        (loading.adapter_checker) takes the same default. Call after the engine has put its models
-        on their device and dtype.
+        ``conv_target_modules``: the UNet convolutions served (bank.CONV_LAYERS by the setting
+        adapter_conv_layers; default kohya's 1x1 proj_in/proj_out, ``CONV_LAYERS["locon"]`` adds
+        LoCon's resnet and sampler convs, ``()`` serves attention only). The gateway's import check
+        (loading.adapter_checker) takes the same. Call after the engine has put its models on their
+        device and dtype.
         """
         bank = AdapterBank(
             engine.unet,

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 from service import tracing
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service._generated.steerserve.v1 import steerserve_pb2_grpc as pb_grpc
+from service.adapters.bank import CONV_LAYERS
 from service.adapters.loading import adapter_checker
 from service.admission import Admission
 from service.backends import Backend, InProcessBackend
@@ -67,6 +68,7 @@ def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, s
         "STEERSERVE_REQUEST_ADAPTER_DIR": str(settings.request_adapters_path().resolve()),
         "STEERSERVE_ADAPTER_SLOTS": str(settings.adapter_slots),
         "STEERSERVE_ADAPTER_MAX_RANK": str(settings.adapter_max_rank),
+        "STEERSERVE_ADAPTER_CONV_LAYERS": settings.adapter_conv_layers,
         "STEERSERVE_ADAPTER_HOST_CACHE": str(settings.adapter_host_cache),
         "STEERSERVE_ADAPTER_HOST_CACHE_BYTES": str(settings.adapter_host_cache_bytes),
         "STEERSERVE_UNET_RUNTIME": settings.unet_runtime,
@@ -178,7 +180,8 @@ async def start_gateway(
     swept = adapters.sweep()
     if swept:
         log.warning("removed %d unregistered adapter files left by an interrupted write", len(swept))
-    check = adapter_checker(backend.model_dir, settings.adapter_max_rank)
+    check = adapter_checker(backend.model_dir, settings.adapter_max_rank,
+                            conv_target_modules=CONV_LAYERS[settings.adapter_conv_layers])
     # The one request queue: Generate and Edit calls, and finished jobs' previews.
     admission = Admission(settings.admission_limits(backend.name), metrics, width=backend.batch_width)
     metrics.training_capacity.set(settings.training_workers)

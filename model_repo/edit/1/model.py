@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
+from service.adapters.bank import CONV_LAYERS
 from service.adapters.loading import adapter_checker
 from service.edit.workbench import Workbench
 from service.personalize import FrozenBase
@@ -29,7 +30,8 @@ class TritonPythonModel:
     def initialize(self, args):
         settings = instance_settings()
         adapter_dir = settings.adapters_path() if settings.adapter_dir is not None else None
-        prepare = adapter_checker(model_dir(settings), settings.adapter_max_rank)
+        prepare = adapter_checker(model_dir(settings), settings.adapter_max_rank,
+                                  conv_target_modules=CONV_LAYERS[settings.adapter_conv_layers])
         request_dir = settings.request_adapters_path() if adapter_dir is not None else None
 
         def load():
