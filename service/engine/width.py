@@ -38,10 +38,17 @@ from typing import Iterable, Mapping
 SLOWDOWN = 1.4
 # UNet rows of one request's step: one image under classifier-free guidance.
 ROWS_PER_REQUEST = 2
-# Measured calls of a width before it counts in the fit (the median of them), and how many recent
-# calls the fit reads.
+# Measured calls of a width before it counts in the fit (their lower quartile: other processes on
+# the machine only ever add time to a call, so the low end is the device's own cost; a median moved
+# with the load, and on a busy 2-core host fitted no per-row cost at all), and how many recent calls
+# the fit reads.
 _MIN_SAMPLES = 3
 _WINDOW = 256
+
+
+def _low(times: list[float]) -> float:
+    """The lower quartile of a width's call times (see _MIN_SAMPLES)."""
+    return statistics.quantiles(times, n=4, method="inclusive")[0]
 
 
 class BatchWidth:
@@ -87,7 +94,7 @@ class BatchWidth:
         groups: dict[float, list[float]] = defaultdict(list)
         for rows, seconds in self._recent:
             groups[rows].append(seconds)
-        points = {rows: statistics.median(times) for rows, times in groups.items() if len(times) >= _MIN_SAMPLES}
+        points = {rows: _low(times) for rows, times in groups.items() if len(times) >= _MIN_SAMPLES}
         # Recent calls decide when they span widths at least 2x apart (a shape that held then);
         # otherwise the measurement at start does.
         if len(points) < 2 or max(points) < 2 * min(points):
