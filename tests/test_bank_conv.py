@@ -33,7 +33,7 @@ from service.adapters import (
     LoraModule,
     parse_adapter,
 )
-from service.adapters.bank import CONV_LAYERS, DEFAULT_UNET_CONV_TARGETS
+from service.adapters.bank import CONV_LAYERS, DEFAULT_UNET_CONV_TARGETS, SERVED_UNET_TARGETS
 from service.adapters.loading import adapter_checker
 from service.engine.pipeline import AdapterUse, Engine
 
@@ -414,8 +414,10 @@ def test_sdxl_rows_with_different_locon_adapters_equal_diffusers(sdxl, sdxl_dirs
     folder, pipe = sdxl
     adapters = {k: parse_adapter(str(d / "pytorch_lora_weights.safetensors")) for k, d in sdxl_dirs.items()}
     unet = copy.deepcopy(pipe.unet)
-    bank = AdapterBank(unet, num_slots=3, max_rank=4, conv_target_modules=ALL_CONVS)
-    assert not any("proj_in" in n or "proj_out" in n for n in bank.layers)  # SDXL's are Linear
+    # The serving bank's Linear layers (the gateway's check below banks the same).
+    bank = AdapterBank(unet, num_slots=3, max_rank=4, target_modules=SERVED_UNET_TARGETS, conv_target_modules=ALL_CONVS)
+    # SDXL's proj_in/proj_out are Linear: banked as Linear layers, never as convolutions.
+    assert not any(("proj_in" in n or "proj_out" in n) and len(s) == 4 for n, s in bank.module_shapes.items())
     assert any(n.endswith("resnets.0.conv1") for n in adapters["locon"].lora)
     for slot, name in enumerate(("locon", "mixed"), start=1):
         bank.load_slot(slot, adapters[name])

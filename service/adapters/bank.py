@@ -40,6 +40,14 @@ DEFAULT_UNET_TARGETS = tuple(
 )
 # What diffusers' text-encoder LoRA trains on CLIP.
 DEFAULT_TEXT_ENCODER_TARGETS = tuple(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+# What the serving banks hold: the above (what our trainers and diffusers' examples train) and the
+# other Linear layers community LoRAs train, so a kohya/A1111 file is served whole: kohya's default
+# network also trains each transformer block's feed-forward (GEGLU's proj, the output Linear) and,
+# where they are Linear (SD 2.x, SDXL), proj_in/proj_out; its LoCon variant the resnets' time
+# embedding projection; on CLIP, the MLP. Slot memory and the factored LoRA's compute grow with
+# them (docs/adapter_bank.md); rows routed to slot 0 still get the base layers exactly.
+SERVED_UNET_TARGETS = DEFAULT_UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "time_emb_proj")
+SERVED_TEXT_ENCODER_TARGETS = DEFAULT_TEXT_ENCODER_TARGETS + ("mlp.fc1", "mlp.fc2")
 # The UNet convolutions community LoRAs train, by the setting that chooses them (adapter_conv_layers,
 # the same for the serving banks and the gateway's import check; docs/adapter_bank.md has their cost):
 # "proj": kohya's 1x1 ``proj_in``/``proj_out`` of each Transformer2DModel (SD 1.x models and others

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .bank import DEFAULT_UNET_CONV_TARGETS, AdapterBank
+from .bank import DEFAULT_UNET_CONV_TARGETS, SERVED_TEXT_ENCODER_TARGETS, SERVED_UNET_TARGETS, AdapterBank
 from .errors import AdapterFormatError, AdapterNotFoundError
 from .formats import Adapter, parse_adapter, serialize_adapter
 
@@ -128,8 +128,9 @@ def adapter_checker(model_dir: Path, max_rank: int,
     with torch.device("meta"):
         # Both of SDXL's text encoders: the serving bank puts LoRA on each, and a learned token's
         # vector is checked against their widths side by side.
-        bank = AdapterBank(skeleton.unet, 2, max_rank, conv_target_modules=conv_target_modules,
-                           text_encoder=skeleton.text_encoder,
+        bank = AdapterBank(skeleton.unet, 2, max_rank, target_modules=SERVED_UNET_TARGETS,
+                           conv_target_modules=conv_target_modules, text_encoder=skeleton.text_encoder,
+                           text_encoder_target_modules=SERVED_TEXT_ENCODER_TARGETS,
                            text_encoder_2=skeleton.text_encoder_2, max_rows=1, family_title=skeleton.family.title)
     # Values are checked in float32 (meta tensors hold none; the bank's dtype is the model's).
     bank.dtype = torch.float32

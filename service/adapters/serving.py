@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from prometheus_client import CollectorRegistry
 
-from .bank import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_CONV_TARGETS, DEFAULT_UNET_TARGETS, AdapterBank
+from .bank import DEFAULT_UNET_CONV_TARGETS, SERVED_TEXT_ENCODER_TARGETS, SERVED_UNET_TARGETS, AdapterBank
 from .manager import AdapterManager, Loader
 from service.engine.text import PromptEncoder
 
@@ -61,11 +61,11 @@ class BankedAdapters:
             engine.unet,
             num_slots,
             max_rank,
-            target_modules=DEFAULT_UNET_TARGETS,
+            target_modules=SERVED_UNET_TARGETS,
             conv_target_modules=conv_target_modules,
             text_encoder=engine.text_encoder,
             text_encoder_2=getattr(engine, "text_encoder_2", None),
-            text_encoder_target_modules=DEFAULT_TEXT_ENCODER_TARGETS if text_encoder_lora else (),
+            text_encoder_target_modules=SERVED_TEXT_ENCODER_TARGETS if text_encoder_lora else (),
             max_rows=max_rows,
             max_adapters_per_row=max_adapters_per_row,
             family_title=getattr(getattr(engine, "family", None), "title", None),
