@@ -144,3 +144,20 @@ def test_serve_refuses_an_architecture_not_served_in_one_line(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "FluxTransformer2DModel" in errors[0] and "Stable Diffusion XL" in errors[0]
     assert "Traceback" not in out.stderr
+
+
+def test_a_kohya_sdxl_lora_with_both_text_encoders_serves(stack, folder):
+    """kohya's SDXL layout (SGM block names, lora_te1_/lora_te2_) imports whole and changes the
+    images (each layer's equality with diffusers: tests/test_lora_layouts.py)."""
+    from tests.kohya_files import kohya_lora_file
+
+    stub = stack.stub()
+    data = kohya_lora_file(Engine.from_pretrained(folder, components=()), seed=2, sgm=True)
+    adapter = stub.ImportAdapter(pb.ImportAdapterRequest(name="kohya-sdxl", safetensors=data), metadata=auth())
+    assert "SGM" in adapter.contents.layout
+    assert {p.component for p in adapter.contents.components} == {"unet", "text_encoder", "text_encoder_2"}
+    plain = pb.GenerateRequest(prompt="a red circle", steps=2, seed=1)
+    tuned = pb.GenerateRequest(prompt="a red circle", steps=2, seed=1, adapters=[pb.AdapterRef(adapter_id=adapter.adapter_id)])
+    a = pixels(stub.Generate(plain, metadata=auth()).images[0]).astype(int)
+    b = pixels(stub.Generate(tuned, metadata=auth()).images[0]).astype(int)
+    assert np.abs(a - b).mean() > 1

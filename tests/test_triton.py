@@ -185,6 +185,47 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
     assert nv_metric(triton, "steerserve_triton_adapter_pinned_slots", "generate") == 0
 
 
+def test_a_kohya_lora_with_conv_and_text_encoder_layers_batches_with_another_users(stack, triton, model_dir):
+    """A kohya/A1111 SD 1.x LoRA (attention, feed-forward, 1x1-conv proj_in/proj_out, text-encoder
+    attention and MLP) imported and served through Triton beside another user's diffusers LoRA: both
+    requests' steps share UNet calls, and each image equals the in-process engine's."""
+    from tests.kohya_files import kohya_lora_file
+
+    stub = stack.stub()
+    reference = Engine.from_pretrained(model_dir)
+    kohya = stub.ImportAdapter(pb.ImportAdapterRequest(name="kohya-conv", safetensors=kohya_lora_file(reference, 1)),
+                               metadata=auth())
+    parts = {p.component: p for p in kohya.contents.components}
+    assert "kohya" in kohya.contents.layout and parts["unet"].conv_modules > 0 and "text_encoder" in parts
+    other = stub.ImportAdapter(pb.ImportAdapterRequest(name="other-user", safetensors=lora_file(reference, seed=7)),
+                               metadata=auth("token-bob"))
+    BankedAdapters.attach(reference, blob_loader(stack.settings.data_dir / "adapters"), num_slots=4, max_rank=4)
+    specs = [(kohya, "token-alice"), (other, "token-bob")]
+    expected = [np.asarray(reference.generate(GenerationSpec(prompt="a dog", steps=6, seed=3,
+                                                             adapters=(AdapterUse(a.sha256),))).images[0])
+                for a, _ in specs]
+    rows0, steps0 = _metric(stack, "steerserve_triton_step_batch_size_sum"), _metric(stack, "steerserve_triton_step_batch_size_count")
+
+    def call(spec):
+        adapter, token = spec
+        req = pb.GenerateRequest(prompt="a dog", steps=6, seed=3, adapters=[pb.AdapterRef(adapter_id=adapter.adapter_id)])
+        return pixels(stack.stub().Generate(req, metadata=auth(token), timeout=120).images[0])
+
+    admission = stack.gateway.servicer.admission
+    width, admission.width = admission.width, None  # both at once (see the batching test above)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(call, specs))
+    finally:
+        admission.width = width
+    steps = _metric(stack, "steerserve_triton_step_batch_size_count") - steps0
+    rows = _metric(stack, "steerserve_triton_step_batch_size_sum") - rows0
+    assert rows / steps > 2  # some steps of the two users' requests shared a UNet call
+    for g, e in zip(got, expected):
+        assert np.abs(g.astype(int) - e.astype(int)).max() <= 2
+    assert not np.array_equal(expected[0], expected[1])
+
+
 def test_progress_streams_every_step(stack):
     backend = stack.gateway.servicer.backend
     seen = []
@@ -657,3 +698,4 @@ def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(stack, tri
             proc.kill()
             proc.wait(5)
         log.close()
+

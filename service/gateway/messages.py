@@ -88,15 +88,19 @@ def adapter_message(record: AdapterRecord) -> pb.Adapter:
     )
 
 
-def adapter_contents(adapter) -> pb.AdapterContents:
+def adapter_contents(adapter, module_shapes=None) -> pb.AdapterContents:
     """What an imported file held (service.adapters.Adapter as parsed): its layout, per component
-    the layers it changes with their ranks and alphas, and its learned tokens."""
+    the layers it changes with their ranks and alphas, and its learned tokens. `module_shapes`: the
+    bank's layer shapes ((out, in, kh, kw) for a convolution, whose 1x1 LoRA is stored flat)."""
+    shapes = module_shapes or {}
     components = []
     for component in ("unet", "text_encoder", "text_encoder_2"):
-        modules = [m for name, m in adapter.lora.items() if name.startswith(component + ".")]
+        named = [(name, m) for name, m in adapter.lora.items() if name.startswith(component + ".")]
+        modules = [m for _, m in named]
         if modules:
             components.append(pb.ComponentContents(
-                component=component, modules=len(modules), conv_modules=sum(m.down.dim() == 4 for m in modules),
+                component=component, modules=len(modules),
+                conv_modules=sum(len(shapes.get(n, ())) == 4 or m.down.dim() == 4 for n, m in named),
                 ranks=sorted({m.rank for m in modules}), alphas=sorted({float(m.alpha) for m in modules})))
     tokens = [pb.LearnedToken(token=t, vectors=int(v.reshape(-1, v.shape[-1]).shape[0]))
               for t, v in adapter.token_embeddings.items()]

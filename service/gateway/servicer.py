@@ -436,7 +436,9 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             idempotency=(key, idempotency.fingerprint(request)) if key else None,
         )
         message = adapter_message(record)
-        message.contents.CopyFrom(adapter_contents(adapter))  # what was read, for the caller to check
+        # What was read, for the caller to check (the import check's bank knows which layers are convs).
+        bank = getattr(self.check_adapter, "__self__", None)
+        message.contents.CopyFrom(adapter_contents(adapter, getattr(bank, "module_shapes", None)))
         return message
 
     @_rpc
