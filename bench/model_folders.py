@@ -75,6 +75,18 @@ def sdxl_folder(path: str | Path, seed: int = 0, **sizes) -> Path:
     return path
 
 
+def sdxl_reference_pipeline(folder: str | Path):
+    """diffusers' StableDiffusionXLPipeline on a folder, as the equality tests' reference: local
+    files only, eval, no gradients, no progress bar."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
 def ddim_like_ours(pipe) -> None:
     """Gives a diffusers pipeline the DDIM scheduler SteerServe samples with (same betas)."""
     from service.engine.sampling import ddim_config

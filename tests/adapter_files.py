@@ -26,3 +26,15 @@ def lora_file(model_dir: Path, rank: int = 2, seed: int = 0, scale: float = 1.0)
 
 def served_model_dir(gateway) -> Path:
     return gateway.gateway.servicer.backend.model_dir
+
+
+def dict_loader(store: dict):
+    """An adapter manager's loader over a dict of parsed adapters (key -> Adapter)."""
+    from service.adapters import AdapterNotFoundError
+
+    def load(key):
+        if key not in store:
+            raise AdapterNotFoundError(key)
+        return store[key]
+
+    return load

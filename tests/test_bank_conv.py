@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from bench.model_folders import sdxl_folder
+from bench.model_folders import sdxl_folder, sdxl_reference_pipeline
 from bench.reference_adapters import UNET_LORA_TARGETS, peft_lora, write_reference_lora
 from service.adapters import (
     Adapter,
@@ -385,13 +385,8 @@ SDXL_TIME_IDS = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    from diffusers import StableDiffusionXLPipeline
-
     folder = sdxl_folder(tmp_path_factory.mktemp("models") / "sdxl-tiny")
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
-        m.eval().requires_grad_(False)
+    pipe = sdxl_reference_pipeline(folder)
     return folder, pipe
 
 

@@ -18,9 +18,10 @@ from safetensors.torch import save as save_safetensors
 
 from bench.model_folders import sdxl_folder
 from bench.reference_adapters import peft_lora, write_reference_lora
-from service.adapters import Adapter, AdapterFormatError, AdapterNotFoundError, BankedAdapters, parse_adapter
+from service.adapters import Adapter, AdapterFormatError, BankedAdapters, parse_adapter
 from service.adapters.loading import adapter_checker
 from service.engine.pipeline import AdapterUse, Engine
+from tests.adapter_files import dict_loader
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,19 +76,12 @@ def store(lora_dirs):
     return {k: parse_adapter(str(d / "pytorch_lora_weights.safetensors")) for k, d in lora_dirs.items()}
 
 
-def _loader(store):
-    def load(key):
-        if key not in store:
-            raise AdapterNotFoundError(key)
-        return store[key]
-
-    return load
 
 
 @pytest.fixture(scope="module")
 def engine(folder, store):
     engine = Engine.from_pretrained(folder)
-    BankedAdapters.attach(engine, _loader(store), num_slots=4, max_rank=8, registry=CollectorRegistry())
+    BankedAdapters.attach(engine, dict_loader(store), num_slots=4, max_rank=8, registry=CollectorRegistry())
     return engine
 
 
@@ -301,7 +295,7 @@ def sd1_engine(tiny_pipe, sd1_store):
     """The embedded SD 1.x-architecture model, served with a bank."""
     c = copy.deepcopy(tiny_pipe)
     engine = Engine(c.tokenizer, c.text_encoder, c.unet, c.vae, c.scheduler)
-    BankedAdapters.attach(engine, _loader(sd1_store), num_slots=2, max_rank=8, registry=CollectorRegistry())
+    BankedAdapters.attach(engine, dict_loader(sd1_store), num_slots=2, max_rank=8, registry=CollectorRegistry())
     return engine
 
 
