@@ -14,8 +14,8 @@ import torch
 from bench.model_folders import ddim_like_ours
 from service.engine import families
 from service.engine.pipeline import Engine, GenerationSpec
-from service.engine.sampling import Decode, generation, run
 from tests.test_profiles import sd_structured_folder
+from tests.test_sdxl import denoised_latents
 
 
 def test_v_prediction_latents_equal_diffusers(tmp_path):
@@ -29,14 +29,7 @@ def test_v_prediction_latents_equal_diffusers(tmp_path):
     assert engine.facts.scheduler_config["prediction_type"] == "v_prediction"
 
     spec = GenerationSpec(prompt="a red barn", steps=4, guidance_scale=6.0, width=16, height=16, seed=3)
-    captured = {}
-
-    def execute(call):
-        if isinstance(call, Decode):
-            captured["latents"] = call.latents
-        return engine.execute(call)
-
-    run(generation(spec, engine.facts), execute)
+    ours = denoised_latents(engine, spec)
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                    requires_safety_checker=False)
     ddim_like_ours(pipe)
@@ -44,4 +37,4 @@ def test_v_prediction_latents_equal_diffusers(tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     theirs = pipe("a red barn", num_inference_steps=4, guidance_scale=6.0, height=16, width=16,
                   latents=engine.initial_latents([3], 16, 16), output_type="latent").images
-    torch.testing.assert_close(captured["latents"], theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
