@@ -9,13 +9,13 @@ on every machine.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from service.engine.publish import publish_folder
 from service.engine.tokenizer import build_clip_tokenizer
 
 # SDXL base's schedule (scaled_linear 0.00085 -> 0.012, 1000 steps, epsilon); it ships Euler.
@@ -66,12 +66,7 @@ def sdxl_folder(path: str | Path, seed: int = 0, **sizes) -> Path:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     pipe = StableDiffusionXLPipeline(**sdxl_components(seed, **sizes), force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "model_index.json").is_file():
-            raise
+    publish_folder(tmp, path)
     return path
 
 

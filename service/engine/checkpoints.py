@@ -66,6 +66,7 @@ import torch
 
 from service.engine import checkpoint_configs
 from service.engine.families import UnsupportedModel
+from service.engine.publish import publish_folder
 
 log = logging.getLogger("steerserve.checkpoints")
 
@@ -761,12 +762,7 @@ def served_folder(path: str | Path, cache_root: str | Path, prediction_type: str
             shutil.rmtree(tmp, ignore_errors=True)
             log.info("converting %s into %s (once; later starts reuse it)", path, folder)
             converted = convert_checkpoint(path, tmp, prediction_type=prediction_type)
-            try:
-                os.replace(tmp, folder)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not (folder / "model_index.json").is_file():
-                    raise
+            publish_folder(tmp, folder)
             log.info("converted %s: %s", path.name, converted.describe())
         _memo[ident] = folder
         return folder

@@ -11,7 +11,6 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.research.basemodel.config import SD_SCHEDULER_CONFIG
 
+from .publish import publish_folder
 from .tokenizer import build_clip_tokenizer
 
 SEEDED_MODEL_NAME = "steerserve-seeded-tiny"
@@ -96,12 +96,7 @@ def seeded_model_dir(cache_root: Path) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
-    try:
-        os.replace(tmp, path)  # atomic publish: a concurrent builder either wins or finds it done
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "model_index.json").is_file():
-            raise
+    publish_folder(tmp, path)  # a concurrent builder either wins or finds it done
     return path
 
 
