@@ -73,6 +73,22 @@ def test_recent_calls_override_the_start_measurement_once_they_span_two_widths()
     assert width.requests(8) == 2
 
 
+def test_nearby_recent_widths_do_not_flatten_the_start_measurement():
+    """A CPU serving 1-2 requests calls 2 and 4 rows. On a loaded host 2-row calls caught by
+    another process can look as slow as 4-row ones: from those two points alone the slope is flat
+    and all 8 of a flood would run at once (a CI failure: the flood's 6 waiting ones all started
+    with another tenant's). The start-up measurement's wide call keeps the far end of the fit."""
+    width = seeded(CPU)
+    for _ in range(5):
+        width.observe(2, 0.050)  # inflated by load
+        width.observe(4, 0.051)
+    assert width.requests(8) <= 2 and width.slowdown(8) > 2
+    # Recent calls 4x apart decide alone (a GPU after all, whatever the start said).
+    for _ in range(5):
+        width.observe(16, 0.052)
+    assert width.requests(8) == 8
+
+
 # -- admission follows the width ----------------------------------------------------------------
 
 

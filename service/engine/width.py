@@ -15,7 +15,7 @@ beside, k of the flood's.
 
 `BatchWidth` fits `fixed` and `per_row` from measured steps (the batcher's recent ones: from one
 UNet call to the next, so each request's own guidance and scheduler step count too; before they
-span two widths, a measurement at start of a 2-row call against a wide one) and answers
+span widths far apart, a measurement at start of a 2-row call against a wide one) and answers
 `requests(cap)`: the widest k <= cap whose steps cost each request at most `SLOWDOWN` times what it
 pays alone, c(k r) <= SLOWDOWN c(r) with r the rows of one request. A request arriving under a
 flood waits at most for one cohort already running and then runs in the next, so it takes at most
@@ -44,6 +44,8 @@ ROWS_PER_REQUEST = 2
 # the fit reads.
 _MIN_SAMPLES = 3
 _WINDOW = 256
+# How far apart (a ratio of rows) recent calls' widths must be to fit without the start-up measurement.
+_SPAN = 4
 
 
 def _low(times: list[float]) -> float:
@@ -94,11 +96,15 @@ class BatchWidth:
         groups: dict[float, list[float]] = defaultdict(list)
         for rows, seconds in self._recent:
             groups[rows].append(seconds)
-        points = {rows: _low(times) for rows, times in groups.items() if len(times) >= _MIN_SAMPLES}
-        # Recent calls decide when they span widths at least 2x apart (a shape that held then);
-        # otherwise the measurement at start does.
-        if len(points) < 2 or max(points) < 2 * min(points):
-            points = dict(self._seed)
+        recent = {rows: _low(times) for rows, times in groups.items() if len(times) >= _MIN_SAMPLES}
+        # Recent calls decide alone when they span widths at least _SPAN apart. Narrower (a CPU
+        # serving 1-2 requests: calls of 2 and 4 rows), the noise of two nearby points makes the
+        # slope anything, and a flat one widens admission to the cap at once; there the
+        # measurement at start (2 rows against a wide call) keeps the far end, and the recent
+        # calls replace it at the widths they measured.
+        points = recent
+        if len(recent) < 2 or max(recent) < _SPAN * min(recent):
+            points = {**self._seed, **recent}
         if len(points) < 2:
             return None
         xs, ys = list(points), list(points.values())
