@@ -4,11 +4,16 @@ A quality table is a set of CELLS: one (what is measured, its settings, one held
 scored on many images. The harness gives each benchmark the same four things:
 
 - a cache: a cell's per-image scores are stored as JSON under a key of everything that decides
-  them (method, every setting, the item, the sampling, the model's weights, CACHE_VERSION), so a
+  them (method, every setting, the item, the sampling, the model's weights by content digest, the
+  judge's weights by content digest, CACHE_VERSION), so a
   rerun recomputes only the cells whose key changed (`--no-cache` recomputes everything);
 - intervals: a table's figure is a mean over UNITS (one held-out item x one sampling seed, the
-  images of that pair averaged), with a 95% percentile bootstrap interval over those units;
-  two rows compared on the same units get a PAIRED bootstrap of their difference;
+  images of that pair averaged), with a 95% percentile bootstrap interval that resamples what
+  varies: the held-out ITEMS (concepts, styles) first, then the units within each drawn item
+  (a two-stage cluster bootstrap). Units of one item are not independent (one adapter made them
+  all), so resampling them as if they were overstated what 6 concepts can show; the interval now
+  says how the figure would move with other concepts of the same kind. Two rows compared on the
+  same units get a PAIRED bootstrap of their difference, resampled the same way;
 - a progress bar over the cells (tqdm), and markdown + JSON + a PNG grid for every table.
 
     cache = ResultCache("quality_personalize")
@@ -21,6 +26,7 @@ touches the cells it changes and the table still shows every interval.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bump when a change to the trainers, samplers or judge changes what a cached cell would hold.
-CACHE_VERSION = "2026-12-04.1"
+CACHE_VERSION = "2026-12-06.1"
 BOOTSTRAP_SAMPLES = 4000
 CONFIDENCE = 0.95
 
@@ -46,21 +52,33 @@ def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def model_identity(model_dir) -> str:
-    """A digest of a model folder's weight and config files (name, size, mtime-free content hash of
-    the configs, size of the weights): a cell measured on other weights is another cell."""
+    """A digest of the CONTENT of a model folder's weight and config files: a cell measured on
+    other weights is another cell (sizes alone would not see a fine-tune of the same shapes)."""
     from service.profiles import PROFILE_FILE
 
     root = Path(model_dir)
-    parts = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.name != PROFILE_FILE:  # defaults are not weights
-            rel = str(path.relative_to(root))
-            if path.suffix == ".json":
-                parts.append((rel, hashlib.sha256(path.read_bytes()).hexdigest()))
-            else:
-                parts.append((rel, path.stat().st_size))
+    parts = [(str(path.relative_to(root)), _file_digest(path)) for path in sorted(root.rglob("*"))
+             if path.is_file() and path.name != PROFILE_FILE]  # defaults are not weights
     return digest(parts)
+
+
+@functools.cache
+def judge_identity() -> str:
+    """A digest of the judge (the attribute classifier's weights and its presence threshold): a
+    cell scored by another judge is another cell."""
+    from service.research.measures.classifier import DEFAULT_WEIGHTS
+    from service.research.measures.metrics import Judge
+
+    return digest([_file_digest(DEFAULT_WEIGHTS), Judge.presence_threshold])
 
 
 class ResultCache:
@@ -72,7 +90,8 @@ class ResultCache:
         self.hits = self.misses = 0
 
     def path(self, key: dict) -> Path:
-        return self.dir / f"{digest({'v': CACHE_VERSION, **key})}.json"
+        """A scored cell's file: its key, the cache version and the judge that scored it."""
+        return self.dir / f"{digest({'v': CACHE_VERSION, 'judge': judge_identity(), **key})}.json"
 
     def has(self, key: dict) -> bool:
         return self.enabled and self.path(key).is_file()
@@ -90,8 +109,9 @@ class ResultCache:
         tmp.replace(path)  # a killed run leaves no half-written cell
 
     def blob(self, key: dict, compute: Callable[[], bytes]) -> bytes:
-        """Bytes (e.g. a trained adapter) cached like a cell, as `<digest>.bin`."""
-        path = self.path(key).with_suffix(".bin")
+        """Bytes (e.g. a trained adapter) cached like a cell, as `<digest>.bin` (not judged: a new
+        judge rescores, it does not retrain)."""
+        path = self.dir / f"{digest({'v': CACHE_VERSION, **key})}.bin"
         if self.enabled and path.is_file():
             self.hits += 1
             return path.read_bytes()
@@ -120,7 +140,7 @@ class ResultCache:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A mean over n units with its 95% bootstrap interval [lo, hi]."""
+    """A mean over n units with its 95% bootstrap interval [lo, hi] (items, then units, resampled)."""
 
     mean: float
     lo: float
@@ -152,31 +172,59 @@ def unit_values(records: Sequence[dict], metric: str, unit: Sequence[str] = ("it
     return {k: float(np.mean(v)) for k, v in sums.items()}
 
 
-def _bootstrap(values: np.ndarray, seed: int) -> tuple[float, float]:
-    if len(values) == 0:
+def _clusters(values: dict[tuple, float]) -> list[np.ndarray]:
+    """Unit values grouped by their unit's first field (the held-out item)."""
+    groups: dict = {}
+    for key, value in values.items():
+        groups.setdefault(key[0], []).append(value)
+    return [np.asarray(v, dtype=float) for _, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+
+
+def _bootstrap(clusters: list[np.ndarray], seed: int) -> tuple[float, float]:
+    """Two-stage percentile bootstrap of the mean over units: draw K items with replacement, then
+    each drawn item's units with replacement; a replicate's mean is over all its drawn units (each
+    item weighs by its unit count, as in the mean itself)."""
+    clusters = [c for c in clusters if len(c)]
+    if not clusters:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (BOOTSTRAP_SAMPLES, len(values)))].mean(axis=1)
+    k = len(clusters)
+    picks = rng.integers(0, k, (BOOTSTRAP_SAMPLES, k))  # replicate b's j-th item
+    sums = np.zeros(BOOTSTRAP_SAMPLES)
+    counts = np.zeros(BOOTSTRAP_SAMPLES)
+    for index, values in enumerate(clusters):
+        rows, _ = np.nonzero(picks == index)  # one row per time replicate `row` drew this item
+        if len(rows):
+            drawn = values[rng.integers(0, len(values), (len(rows), len(values)))].sum(axis=1)
+            np.add.at(sums, rows, drawn)
+            np.add.at(counts, rows, len(values))
+    means = sums / counts
     tail = (1 - CONFIDENCE) / 2
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
 def estimate(records: Sequence[dict], metric: str, unit: Sequence[str] = ("item", "seed"), seed: int = 0) -> Estimate:
-    """Mean of a metric over units, with a percentile bootstrap interval (units resampled)."""
-    values = np.array(list(unit_values(records, metric, unit).values()))
-    lo, hi = _bootstrap(values, seed)
-    return Estimate(float(values.mean()) if len(values) else float("nan"), lo, hi, len(values))
+    """Mean of a metric over units, with a two-stage bootstrap interval (items, then their units)."""
+    values = unit_values(records, metric, unit)
+    lo, hi = _bootstrap(_clusters(values), seed)
+    mean = float(np.mean(list(values.values()))) if values else float("nan")
+    return Estimate(mean, lo, hi, len(values))
 
 
 def paired_difference(a: Sequence[dict], b: Sequence[dict], metric: str, unit: Sequence[str] = ("item", "seed"),
                       seed: int = 0) -> Estimate:
-    """Mean of (a - b) over the units both measured, with a paired bootstrap interval: the same
-    units are drawn for both, so what the items and seeds share cancels."""
+    """Mean of (a - b) over the units both measured, with a paired two-stage bootstrap interval:
+    the same items and units are drawn for both, so what they share cancels."""
     va, vb = unit_values(a, metric, unit), unit_values(b, metric, unit)
-    common = sorted(set(va) & set(vb))
-    diff = np.array([va[k] - vb[k] for k in common])
-    lo, hi = _bootstrap(diff, seed)
-    return Estimate(float(diff.mean()) if len(diff) else float("nan"), lo, hi, len(diff))
+    diff = {k: va[k] - vb[k] for k in sorted(set(va) & set(vb), key=str)}
+    lo, hi = _bootstrap(_clusters(diff), seed)
+    mean = float(np.mean(list(diff.values()))) if diff else float("nan")
+    return Estimate(mean, lo, hi, len(diff))
+
+
+def items(records: Sequence[dict], unit: Sequence[str] = ("item", "seed")) -> int:
+    """How many held-out items (the interval's outer resampling) the records cover."""
+    return len({r[unit[0]] for r in records})
 
 
 # -- progress and outputs -------------------------------------------------------------------------

@@ -225,7 +225,8 @@ def markdown(report: dict) -> str:
         f"**{s['split']} split** ({len(s['concepts'])} concepts: {', '.join(s['concepts'])}); "
         f"{s['sources_per_concept']} edit sources each (HeldOutConcept.edit_sources); adapters trained with the "
         f"model profile's defaults; editing options {s['options_text']}. Each figure: mean over edits (a unit = one "
-        "concept x one source) [95% bootstrap interval]; a Δ row is the PAIRED difference (same sources and seeds) "
+        "concept x one source) [95% interval, concepts resampled, then sources within them]; a Δ row is the PAIRED "
+        "difference (same sources and seeds, resampled the same way) "
         "with its interval: an interval that excludes 0 is a difference this n can show. "
         f"VAE round trip of the sources (the floor): SSIM {report['floor']['ssim']['mean']:.3f}, background error "
         f"{report['floor']['background_error']['mean']:.1f}, feature distance {report['floor']['feature_distance']['mean']:.3f}.",

@@ -218,7 +218,7 @@ def markdown(report: dict) -> str:
         f"(DDIM {s['steps']} steps, prompt guidance {s['guidance']}), read by the attribute classifier. Style: background "
         "kind + colour + treatment all the style's. Prompt: the asked shape and colour. Leakage: a shape of the style "
         "image's objects appears unasked. Every figure: mean over units (one style x one prompt, its seeds averaged) "
-        "[95% bootstrap interval], n = units.",
+        "[95% interval, styles resampled, then prompts within them], n = units.",
         "",
         "| sampler / adapter | style ↑ | prompt ↑ | leakage ↓ | treatment | background | bg colour | n |",
         "|---|---|---|---|---|---|---|---|",

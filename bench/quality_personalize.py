@@ -231,7 +231,7 @@ def markdown(report: dict) -> str:
         f"(DDIM {s['sampling']['steps']} steps, guidance {s['sampling']['guidance']}), read by the attribute classifier. "
         "Fidelity: the object has the concept's shape + colour + texture (all three). Context: background kind and "
         "colour as asked. Every figure: mean over units (one concept x one seed, its contexts averaged) "
-        "[95% bootstrap interval], n = units. Before = same prompt on the base model.",
+        "[95% interval, concepts resampled, then seeds within them], n = units. Before = same prompt on the base model.",
         "",
         "| method | settings | fidelity before → after | shape | colour | texture | context kept (kind + colour) | "
         "similarity | n | train s per job |",

@@ -71,7 +71,7 @@ def markdown(report: dict) -> str:
     pct = lambda e: f"{e['mean']:.0%} [{e['lo'] * 100:.0f}, {e['hi'] * 100:.0f}]"  # noqa: E731
     s = report["settings"]
     lines = [f"Sweep on the **dev split** ({', '.join(s['concepts'])}); {s['sampling']['seeds']} seeds x 6 contexts "
-             f"per concept. Mean over units (concept x seed) [95% bootstrap interval], n = units. Rule: highest "
+             f"per concept. Mean over units (concept x seed) [95% interval, concepts resampled, then seeds], n = units. Rule: highest "
              f"fidelity with context kept >= {CONTEXT_FLOOR:.0%}; within {TIE_POINTS * 100:.0f} points, the cheapest; "
              "if no setting keeps the context that well, the highest fidelity + context.", ""]
     for method, m in report["methods"].items():

@@ -45,6 +45,39 @@ def test_paired_difference_cancels_what_units_share():
     assert paired_difference(b, a[:10], "m").n == 10
 
 
+def test_intervals_resample_items_first():
+    """Units of one item share its adapter: two concepts, one always right and one always wrong,
+    measured on 40 seeds each, say nothing about a third concept. Resampling units as if
+    independent gave about [39, 61]%; resampling the items first spans what 2 items can show."""
+    recs = records({**{("a", s): [0.0] for s in range(40)}, **{("b", s): [1.0] for s in range(40)}})
+    e = estimate(recs, "m")
+    assert e.mean == pytest.approx(0.5) and e.n == 80
+    assert e.lo == 0.0 and e.hi == 1.0
+    # Items alike: the interval is as narrow as their units' spread allows.
+    rng = np.random.default_rng(1)
+    alike = estimate(records({(item, s): [float(rng.random() < 0.5)] for item in "abcdef" for s in range(40)}), "m")
+    assert alike.half_width < 0.1
+    # A paired difference resamples the same way: one item's gain is not many items' gain.
+    base = {**{("a", s): [0.2] for s in range(20)}, **{("b", s): [0.5] for s in range(20)}}
+    better = {("a", s): [0.6] for s in range(20)} | {("b", s): [0.5] for s in range(20)}
+    d = paired_difference(records(better), records(base), "m")
+    assert d.mean == pytest.approx(0.2) and d.lo == pytest.approx(0.0) and d.hi == pytest.approx(0.4)
+
+
+def test_cells_key_the_weights_and_the_judge_by_content(tmp_path, monkeypatch):
+    import bench.evaluation as evaluation
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder, byte in ((one, b"\x00"), (two, b"\x01")):
+        folder.mkdir()
+        (folder / "unet.safetensors").write_bytes(byte * 64)  # same size, other weights
+    assert evaluation.model_identity(one) != evaluation.model_identity(two)
+    cache = ResultCache("t", root=tmp_path)
+    scored = cache.path({"a": 1})
+    monkeypatch.setattr(evaluation, "judge_identity", lambda: "another judge")
+    assert cache.path({"a": 1}) != scored  # rescored by another judge
+
+
 def test_cache_keys_on_everything_and_survives_a_rerun(tmp_path):
     cache = ResultCache("t", root=tmp_path)
     calls = []
@@ -108,7 +141,7 @@ def test_personalization_bench_on_a_tiny_subset(tmp_path, monkeypatch, one_torch
     saved = json.loads((tmp_path / "out" / "quality_personalize_dev.json").read_text())
     assert saved["methods"]["TEXTUAL_INVERSION"]["settings"]["steps"] == 3
     md = (tmp_path / "out" / "quality_personalize_dev.md").read_text()
-    assert "[95% bootstrap interval]" in md and "n = units" in md
+    assert "[95% interval, concepts resampled, then seeds within them]" in md and "n = units" in md
     assert Image.open(tmp_path / "g.png").size[0] > 64
     again = quality_personalize.main(argv)
     assert again["cache"] == {"hits": 2, "misses": 0}
@@ -142,7 +175,7 @@ def test_editing_bench_on_a_tiny_subset(tmp_path, monkeypatch, one_torch_thread)
     assert report["cache"] == {"hits": 0, "misses": 2}
     stem = "quality_edit_dev_" + "_".join(sorted(t.replace("=", "-") for t in tiny))
     md = (tmp_path / "out" / f"{stem}.md").read_text()
-    assert "Δ DreamSteerer − DDS" in md and "[95% bootstrap interval]" in md
+    assert "Δ DreamSteerer − DDS" in md and "[95% interval, concepts resampled" in md
     assert Image.open(tmp_path / "g.png").size[0] > 64
     again = quality_edit.main(argv)
     assert again["cache"] == {"hits": 2, "misses": 0} and again["adapters"] == report["adapters"]
