@@ -10,4 +10,5 @@ if [[ "${1:-}" == "--fast" ]]; then
   shift
   exec .venv/bin/python -m pytest -q -m "not system and not slow" "$@"
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# --durations: every run (CI included) ends with its slowest tests, to keep the suite under its budget.
+exec .venv/bin/python -m pytest -q --durations=30 "$@"
