@@ -168,13 +168,13 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def serving_engine(model_dir, adapters: dict, max_rows: int, num_slots: int = 4):
+def serving_engine(model_dir, adapters: dict, max_rows: int, num_slots: int = 4, max_rank: int = 16):
     """The serving path (service/serving.py, eager UNet): an Engine with the adapter bank, loading
     adapters from `adapters` by key."""
     from service.config import Settings
     from service.serving import build_engine
 
-    settings = Settings(adapter_slots=num_slots, adapter_max_rank=16)
+    settings = Settings(adapter_slots=num_slots, adapter_max_rank=max_rank)
     return build_engine(settings, max_rows, model_dir=model_dir, loader=adapters.__getitem__, unet_runtime=False,
                         registry=CollectorRegistry())
 

@@ -184,3 +184,67 @@ def test_editing_bench_on_a_tiny_subset(tmp_path, monkeypatch, one_torch_thread)
     cand = quality_edit.main(argv[:-len(tiny)] + ["iterations=4", "--variants", "dds", "--against-defaults"])
     d = cand["adapters"]["Textual Inversion"]["differences"]["dds:against_defaults"]["background_error"]
     assert d["n"] == 8 and d["lo"] <= d["mean"] <= d["hi"]
+
+
+@pytest.mark.slow
+def test_parity_bench_on_a_tiny_subset(tmp_path, monkeypatch, one_torch_thread):
+    """Ours against the diffusers example script on one method (Custom Diffusion: its whole K/V
+    matrices are converted to exact LoRA factors and served by a wider bank), one concept, 1 seed, 3
+    steps: the table has both rows and the paired difference with its n; ours is quality_personalize's
+    own cell; the script's trained adapter parses and changes the model's output; a rerun computes
+    nothing. And DreamBooth-LoRA's script file (UNet + text-encoder LoRA) reads as an adapter."""
+    from bench import baselines, parity_personalize, quality_personalize
+    from bench.common import serving_engine
+    from bench.evaluation import ResultCache
+    from service.adapters import parse_adapter
+    from service.engine.pipeline import AdapterUse, GenerationSpec
+    from service.research.basemodel import DEFAULT_MODEL_DIR
+
+    monkeypatch.setenv("STEERSERVE_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    argv = ["--split", "dev", "--methods", "CUSTOM_DIFFUSION", "--concepts", "purple-dotted-heart", "--seeds", "1",
+            "--steps", "3", "--set", "steps=3", "--out-dir", str(tmp_path / "out"), "--threads", "1"]
+    report = parity_personalize.main(argv)
+    m = report["methods"]["CUSTOM_DIFFUSION"]
+    for side in ("ours", "theirs"):
+        e = m[side]["agreement"]
+        assert e["n"] == 1 and e["lo"] <= e["mean"] <= e["hi"]
+    d = m["difference"]["agreement"]
+    assert d["n"] == 1 and d["mean"] == pytest.approx(m["ours"]["agreement"]["mean"] - m["theirs"]["agreement"]["mean"])
+    assert m["their_settings"]["steps"] == 3 and m["their_settings"]["learning_rate"] == m["settings"]["learning_rate"]
+    assert report["cache"] == {"ours": {"hits": 0, "misses": 1}, "theirs": {"hits": 0, "misses": 1}}
+    md = (tmp_path / "out" / "parity_personalize_dev.md").read_text()
+    assert "| Custom Diffusion |" in md and "fidelity ours | fidelity theirs | Δ fidelity" in md and "n = units" in md
+    assert md.count("| Custom Diffusion |") >= 2  # the table and the per-attribute Δ
+    # Ours is quality_personalize's own cell (same key, same cache): its table reads it back.
+    ours = quality_personalize.main(argv[:argv.index("--out-dir")] + ["--out-dir", str(tmp_path / "q"), "--grid-path",
+                                                                       str(tmp_path / "g.png"), "--threads", "1"])
+    assert ours["methods"]["CUSTOM_DIFFUSION"]["after"] == m["ours"]
+    assert ours["cache"]["misses"] == 1  # its "before" cell only
+
+    # The script's adapter, as cached: our format, whole-K/V updates at rank min(out, in) = 48, the token.
+    theirs = parity_personalize.TheirSetup(quality_personalize.Setup(
+        str(DEFAULT_MODEL_DIR), quality_personalize.Sampling(1, 3), ResultCache("unused")), ResultCache("unused"))
+    key = parity_personalize.adapter_key(theirs, "CUSTOM_DIFFUSION", m["their_settings"],
+                                         CONCEPTS["purple-dotted-heart"])
+    adapter = parse_adapter(ResultCache("parity_personalize").blob(key, lambda: pytest.fail("not cached")))
+    assert adapter.max_rank == 48 and list(adapter.token_embeddings) == ["<sks>"]
+    assert all(k.endswith(("attn2.to_k", "attn2.to_v")) for k in adapter.lora)
+    engine = serving_engine(DEFAULT_MODEL_DIR, {"theirs": adapter}, max_rows=2, max_rank=48)
+    spec = lambda uses: GenerationSpec(prompt="a <sks> heart on a white background", steps=3, seed=0,  # noqa: E731
+                                       adapters=uses)
+    base, adapted = engine.generate(spec(())).images[0], engine.generate(spec((AdapterUse("theirs"),))).images[0]
+    assert np.abs(np.asarray(base, dtype=int) - np.asarray(adapted, dtype=int)).max() > 0
+
+    again = parity_personalize.main(argv)
+    assert again["cache"] == {"ours": {"hits": 1, "misses": 0}, "theirs": {"hits": 1, "misses": 0}}
+    assert again["methods"]["CUSTOM_DIFFUSION"]["difference"] == m["difference"]
+
+    photos = [Image.fromarray(r.image) for r in CONCEPTS["purple-dotted-heart"].references(4, seed=0)]
+    run = baselines.dreambooth_lora(DEFAULT_MODEL_DIR, photos, "a sks heart", rank=4, steps=2, learning_rate=1e-3,
+                                    batch_size=2, script=baselines.ScriptRun(train_text_encoder=True))
+    lora = parse_adapter(run.files["pytorch_lora_weights.safetensors"]).lora
+    assert lora.keys() == run.adapter.lora.keys() and len(run.losses) == 2
+    assert any(k.startswith("unet.") for k in lora) and any(k.startswith("text_encoder.") for k in lora)
+    assert all(module.rank == 4 and module.scale == 1.0 for module in lora.values())
+    assert any(module.up.abs().max() > 0 for module in lora.values())  # trained
