@@ -47,7 +47,10 @@ def compiled_graph_count() -> int:
 class CompiledUNet:
     name = "compile"
 
-    def __init__(self, unet: torch.nn.Module, buckets: Sequence[int], mode: str = "auto", text_length: int = 77):
+    def __init__(self, unet: torch.nn.Module, buckets: Sequence[int], mode: str = "auto", text_length: int = 77,
+                 backend: str = "inductor"):
+        """`backend`: torch.compile's; another than inductor only where a test checks Dynamo's side
+        (graphs, guards, recompiles) without paying inductor's code generation."""
         self.unet = unet
         self.text_length = text_length
         self.buckets = tuple(sorted(set(buckets)))
@@ -59,7 +62,8 @@ class CompiledUNet:
         self.mode = mode
         self.cuda_graphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
         _raise_recompile_limit(8 * len(self.buckets) + 8)
-        self._forward = torch.compile(self._unet_forward, dynamic=False, mode=None if mode == "default" else mode)
+        self._forward = torch.compile(self._unet_forward, dynamic=False, backend=backend,
+                                      mode=None if mode == "default" or backend != "inductor" else mode)
         self.stats = RuntimeStats()
         self.warmed: set[tuple[int, int, int]] = set()  # once non-empty, only these shapes run compiled
         # First calls per shape compile, which is not thread-safe; routed calls are serialized by
