@@ -46,8 +46,8 @@ from bench import baselines
 from bench.common import add_run_arguments, serving_engine, start_run
 from bench.evaluation import ResultCache, paired_difference, progress, write_outputs
 from bench.quality_personalize import (
-    CONTEXTS_PER_CONCEPT, METHOD_SHORT, REFERENCES, Sampling, Setup, after_cells, contexts_for, resolved_settings,
-    sample_and_score, settings_text, summarize, token_for,
+    CONTEXTS_PER_CONCEPT, METHOD_SHORT, REFERENCES, Sampling, Setup, add_cell_arguments, after_cells, contexts_for,
+    resolved_settings, sample_and_score, settings_text, summarize, token_for,
 )
 from service.adapters import parse_adapter, serialize_adapter
 from service.engine.pipeline import GenerationSpec
@@ -304,13 +304,7 @@ def _mean_or_none(values):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
-    p.add_argument("--split", choices=(DEV, TEST), default=TEST)
-    p.add_argument("--methods", nargs="+", default=list(SUBJECT_METHODS))
-    p.add_argument("--concepts", nargs="+", default=None, help="default: every concept of the split")
-    p.add_argument("--seeds", type=int, default=Sampling.seeds, help="images per (concept, context)")
-    p.add_argument("--steps", type=int, default=Sampling.steps)
-    p.add_argument("--guidance", type=float, default=Sampling.guidance)
+    add_cell_arguments(p)
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override a TrainingSpec field for every method, ours and theirs alike (e.g. steps=600); "
                         "JSON values")

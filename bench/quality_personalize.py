@@ -268,8 +268,9 @@ def settings_text(method: str, settings: dict) -> str:
     return ", ".join(parts)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_cell_arguments(p) -> None:
+    """What decides the cells (model, split, methods, concepts, sampling): this bench's and the
+    parity bench's (bench/parity_personalize.py), which judges on the same cells."""
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--split", choices=(DEV, TEST), default=TEST)
     p.add_argument("--methods", nargs="+", default=list(SUBJECT_METHODS))
@@ -277,6 +278,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=Sampling.seeds, help="images per (concept, context)")
     p.add_argument("--steps", type=int, default=Sampling.steps)
     p.add_argument("--guidance", type=float, default=Sampling.guidance)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cell_arguments(p)
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override a TrainingSpec field for every method (e.g. steps=600, extra.augment=false); JSON values")
     p.add_argument("--no-cache", action="store_true", help="recompute every cell")
