@@ -55,8 +55,7 @@ from service.personalize import (
     CUSTOM_DIFFUSION, DREAMBOOTH_LORA, SUBJECT_METHODS, TEXTUAL_INVERSION, FrozenBase, concept_prompt,
 )
 from service.personalize.custom_diffusion import INITIALIZER_WORD as CUSTOM_DIFFUSION_INITIALIZER
-from service.research.basemodel import DEFAULT_MODEL_DIR
-from service.research.world.heldout import CONCEPTS, DEV, TEST, HeldOutConcept, split
+from service.research.world.heldout import CONCEPTS, TEST, HeldOutConcept, split
 
 TRAINER = "diffusers-example"
 SCRIPTS = {DREAMBOOTH_LORA: "train_dreambooth_lora.py", TEXTUAL_INVERSION: "textual_inversion.py",
