@@ -311,9 +311,6 @@ def main(argv=None) -> dict:
                    help="override a script argument for theirs only (e.g. learning_rate=2e-5, augment=false); "
                         "JSON values")
     p.add_argument("--no-cache", action="store_true", help="recompute every cell and retrain every adapter")
-    p.add_argument("--shard", default="0/1", metavar="I/N",
-                   help="compute only every N-th cell (from the I-th) and write nothing: run N processes with "
-                        "--threads 1 side by side, then once without --shard to write the table from the cache")
     add_run_arguments(p)
     args = p.parse_args(argv)
 

@@ -278,6 +278,9 @@ def add_cell_arguments(p) -> None:
     p.add_argument("--seeds", type=int, default=Sampling.seeds, help="images per (concept, context)")
     p.add_argument("--steps", type=int, default=Sampling.steps)
     p.add_argument("--guidance", type=float, default=Sampling.guidance)
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="compute only every N-th cell (from the I-th) and write nothing: run N processes with "
+                        "--threads 1 side by side, then once without --shard to write the table from the cache")
 
 
 def main(argv=None) -> dict:
@@ -287,9 +290,6 @@ def main(argv=None) -> dict:
                    help="override a TrainingSpec field for every method (e.g. steps=600, extra.augment=false); JSON values")
     p.add_argument("--no-cache", action="store_true", help="recompute every cell")
     p.add_argument("--grid-path", default=None, help="default: docs/images/personalize_grid.png for the test split")
-    p.add_argument("--shard", default="0/1", metavar="I/N",
-                   help="compute only every N-th cell (from the I-th) and write nothing: run N processes with "
-                        "--threads 1 side by side, then once without --shard to write the table from the cache")
     add_run_arguments(p)
     args = p.parse_args(argv)
 
