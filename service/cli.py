@@ -260,7 +260,7 @@ def cmd_edit(args) -> int:
         print(f"wrote the subject mask to {mask_path}")
     t = result.timings
     print(f"seed {result.seed}; server time {t.total_seconds:.1f} s (mask {t.mask_seconds:.1f}, guided samples "
-          f"{t.guided_seconds:.1f}, steering {t.steer_seconds:.1f}, DDS {t.denoise_seconds:.1f})")
+          f"and preliminary edit {t.guided_seconds:.1f}, steering {t.steer_seconds:.1f}, DDS {t.denoise_seconds:.1f})")
     return 0
 
 

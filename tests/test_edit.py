@@ -228,6 +228,66 @@ def test_guided_samples_stay_in_the_models_distribution(served, workbench, adapt
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["DREAMBOOTH_LORA", "TEXTUAL_INVERSION", "CUSTOM_DIFFUSION"])
+def test_guided_samples_and_preliminary_edit_side_by_side_equal_one_after_the_other(
+        served, workbench, adapters, method, monkeypatch):
+    """The engineered path (the guided samples and the preliminary edit in shared workbench UNet
+    calls, SteeringInputs) computes what the sequential one does (the guided samples alone, then the
+    preliminary edit's DDS iterations on the serving engine): same mask, guided samples, steering
+    losses and edit, to float rounding (rows batched differently, a pre-trained row among adapter
+    rows). The ResNet-feature injection on too, so that its confinement to its rows is exercised."""
+    import functools
+
+    import service.edit as edit
+    from service.edit.dreamsteerer import dreamsteerer
+
+    engine, _ = served
+    options = QUICK.replace(preliminary_iterations=6, guided_samples=2, guided_feature_fraction=0.8)
+    spec = spec_for(method, adapters, options=options)
+    reports = []
+    together = run_edit(engine, workbench, spec, progress=lambda phase, step, total: reports.append((phase, step, total)))
+    monkeypatch.setitem(edit.EDITORS, DREAMSTEERER, functools.partial(dreamsteerer, side_by_side=False))
+    alone = run_edit(engine, workbench, spec)
+    assert np.array_equal(together.mask, alone.mask)
+    assert np.abs(together.guided - alone.guided).max() < 1e-3
+    assert len(together.steer_losses) == len(alone.steer_losses) == options.steer_steps
+    for a, b in zip(together.steer_losses, alone.steer_losses):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6) for k in a)
+    assert np.abs(together.latent - alone.latent).max() < 1e-4
+    assert np.abs(together.image.astype(int) - alone.image.astype(int)).max() <= 1
+    # Progress: the guided samples' calls (the preliminary edit's rows with them), then its end.
+    phases = [phase for phase, _, _ in reports]
+    assert phases.index("guided") < phases.index("preliminary") < phases.index("steer")
+    assert ("guided", 8, 8) in reports and ("preliminary", 6, 6) in reports
+    assert {"guided_seconds", "steer_seconds"} <= set(together.timings)
+
+
+def test_shared_workbench_calls_keep_each_parts_adapter(workbench, adapters, served):
+    """rows.run_side_by_side: a part with the adapter and a pre-trained part in one UNet call each
+    get what they get in a call of their own."""
+    from service.edit.workbench.rows import Rows, run_side_by_side
+
+    engine, _ = served
+    adapter, token = adapters["DREAMBOOTH_LORA"]
+    z = engine.encode_image(Image.fromarray(SOURCE.image))
+    noisy = torch.cat([z, z + 0.5 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))])
+
+    def loop(rows: Rows):
+        return (yield rows)
+
+    with workbench.base.lock, workbench.applied(adapter) as on:
+        embeds = workbench.embed(["", f"a {token} heart"], on.tokens)
+        parts = [Rows(noisy, 500, embeds, adapter=True), Rows(noisy[:1], 300, embeds[1:], adapter=False)]
+        shared = run_side_by_side(workbench, on, [loop(p) for p in parts])
+        alone = [run_side_by_side(workbench, on, [loop(p)])[0] for p in parts]
+        with_adapter = run_side_by_side(workbench, on, [loop(Rows(noisy[:1], 300, embeds[1:]))])[0]
+    for a, b in zip(shared, alone):
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    # The adapter matters here: the pre-trained part differs from the same row with the adapter.
+    assert (alone[1] - with_adapter).abs().max() > 1e-4
+
+
+@pytest.mark.slow
 def test_steered_copy_lives_only_for_its_request(served, workbench, adapters):
     """While an edit steers and uses its copy, a concurrent Generate with the same adapter gets
     exactly what it got before; afterwards no per-request adapter is left in the bank."""

@@ -23,7 +23,7 @@ from .dds import dds, dds_loop
 from .dreamsteerer import dreamsteerer
 from .spec import (
     DDS, DREAMSTEERER, EDIT_METHODS, WORKBENCH_CALLS, Edited, EditOptions, EditRefused, EditProgress, EditSpec,
-    GuidedSamples, Steer, SubjectMask,
+    GuidedSamples, PreliminaryEdit, Steer, SteeringInputs, SubjectMask,
 )
 
 EDITORS = {DDS: dds, DREAMSTEERER: dreamsteerer}
@@ -37,5 +37,6 @@ def editor(spec: EditSpec):
 
 __all__ = [
     "DDS", "DREAMSTEERER", "EDITORS", "EDIT_METHODS", "WORKBENCH_CALLS", "Edited", "EditOptions", "EditProgress", "EditRefused",
-    "EditSpec", "EncodeImage", "GuidedSamples", "Steer", "SubjectMask", "dds", "dds_loop", "dreamsteerer", "editor",
+    "EditSpec", "EncodeImage", "GuidedSamples", "PreliminaryEdit", "Steer", "SteeringInputs", "SubjectMask", "dds",
+    "dds_loop", "dreamsteerer", "editor",
 ]

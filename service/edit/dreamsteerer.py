@@ -8,8 +8,9 @@ its own concept, and the edit lands as a hybrid of source and concept. DreamStee
                         blend): where the edit may land                              [SubjectMask]
     2. guided samples   the concept's appearance in the source's spatial structure: the source is
                         DDIM-inverted, then sampled with the personalized model while the source's
-                        UNet features are injected (plug-and-play)                  [GuidedSamples]
-    3. preliminary edit a few plain DDS iterations give the "slightly edited image"     [Denoise]
+                        UNet features are injected (plug-and-play)
+    3. preliminary edit a few plain DDS iterations give the "slightly edited image"; 2 and 3 run
+                        side by side, each UNet call holding both's rows       [SteeringInputs]
     4. steering         a copy of the adapter's own trainable set (LoRA, token, K/V) is tuned by
                         Editability Driven Score Distillation, the personalized prediction on the
                         noised slightly-edited image (target prompt) pulled toward the frozen base
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from service.engine.sampling import Decode, Encode, EncodeImage, ModelFacts
 
 from .dds import dds_loop
-from .spec import Edited, EditProgress, EditSpec, GuidedSamples, Steer, SubjectMask
+from .spec import Edited, EditProgress, EditSpec, GuidedSamples, PreliminaryEdit, Steer, SteeringInputs, SubjectMask
 
 
 def concept_words(spec: EditSpec) -> tuple[str, ...]:
@@ -43,7 +44,13 @@ def concept_words(spec: EditSpec) -> tuple[str, ...]:
     return tuple(w for w in (spec.token, spec.class_word) if w)
 
 
-def dreamsteerer(spec: EditSpec, facts: ModelFacts, should_stop=lambda: False, progress: EditProgress | None = None):
+def dreamsteerer(spec: EditSpec, facts: ModelFacts, should_stop=lambda: False, progress: EditProgress | None = None,
+                 *, side_by_side: bool = True):
+    """The edit's loop. `side_by_side` (the default): the guided samples and the preliminary edit in
+    shared UNet calls on the workbench (`SteeringInputs`); False: one after the other, the
+    preliminary edit's DDS iterations on the serving engine. The same computation either way (to
+    float rounding: tests/test_edit.py compares them); side by side costs about half as many UNet
+    calls for the two."""
     if spec.adapter is None:
         raise ValueError("DreamSteerer steers a personalized adapter: the request names none")
     o = spec.options
@@ -62,36 +69,49 @@ def dreamsteerer(spec: EditSpec, facts: ModelFacts, should_stop=lambda: False, p
         timings["mask_seconds"] = time.perf_counter() - t0
         report("mask", 1, 1)
 
-    # 2. Guided samples for mode shifting.
-    guided = None
-    if o.mode_shifting and o.guided_samples > 0:
+    # 2 + 3. Guided samples for mode shifting, and the preliminary edit EDSD reads (plain DDS with
+    # the adapter): side by side on the workbench, each UNet call holding both's rows.
+    want_guided = o.mode_shifting and o.guided_samples > 0
+    want_edit = o.edsd and o.preliminary_iterations > 0
+    guided_call = GuidedSamples(spec.adapter, z_source, spec.source_prompt, spec.target_prompt, o.guided_samples,
+                                o.guided_steps, o.guidance_scale, spec.seed, inject=o.feature_injection,
+                                feature_fraction=o.guided_feature_fraction,
+                                attention_fraction=o.guided_attention_fraction) if want_guided else None
+    guided = edited = None
+    t_inputs = 0.0
+    if side_by_side and (want_guided or want_edit):
         t0 = time.perf_counter()
-        guided = yield GuidedSamples(spec.adapter, z_source, spec.source_prompt, spec.target_prompt,
-                                     o.guided_samples, o.guided_steps, o.guidance_scale, spec.seed,
-                                     inject=o.feature_injection, feature_fraction=o.guided_feature_fraction,
-                                     attention_fraction=o.guided_attention_fraction)
+        preliminary = PreliminaryEdit(o.preliminary_iterations, o.guidance_scale, o.learning_rate, o.t_min, o.t_max,
+                                      spec.seed + 1) if want_edit else None
+        guided, edited = yield SteeringInputs(spec.adapter, z_source, spec.source_prompt, spec.target_prompt,
+                                              guided_call, preliminary)
+        t_inputs = time.perf_counter() - t0
+        if want_guided:  # the preliminary edit ran alongside: its time is the guided samples'
+            timings["guided_seconds"], t_inputs = t_inputs, 0.0
+    elif want_guided:  # one after the other, the preliminary edit on the serving engine (as before)
+        t0 = time.perf_counter()
+        guided = yield guided_call
         timings["guided_seconds"] = time.perf_counter() - t0
         report("guided", 1, 1)
 
-    # 3 + 4. Steering: EDSD reads a slightly edited image made by plain DDS with the adapter.
+    # 4. Steering: EDSD reads the slightly edited image.
     target_rows = personalized
     losses: list[dict[str, float]] = []
     if o.edsd or guided is not None:
         t0 = time.perf_counter()
-        edited = None
-        if o.edsd and o.preliminary_iterations > 0:
+        if want_edit and not side_by_side:
             embeds = yield Encode(["", spec.source_prompt, "", spec.target_prompt], [personalized] * 4,
                                   (spec.height, spec.width))
             edited = yield from dds_loop(
                 facts, z_source, embeds[:2], embeds[2:], personalized, personalized, o.preliminary_iterations,
                 o.guidance_scale, o.learning_rate, o.t_min, o.t_max, spec.seed + 1, should_stop=should_stop,
                 on_iteration=lambda i, n: report("preliminary", i, n))
-        elif o.edsd:
+        elif o.edsd and not want_edit:
             edited = z_source
         steered, losses = yield Steer(spec.adapter, spec.adapter_method, z_source, edited, guided,
                                       spec.source_prompt, spec.target_prompt, o, spec.seed)
         target_rows = (steered,)
-        timings["steer_seconds"] = time.perf_counter() - t0
+        timings["steer_seconds"] = t_inputs + time.perf_counter() - t0
 
     # 5. DDS: steered adapter in the target branch; the source branch from the pre-trained model
     # (bias correction) or from the personalized model as plain DDS has it.

@@ -6,9 +6,10 @@ the in-process engine and the Triton `edit` model run the very same loop and dif
 call executes. Besides the sampling loop's calls (`Encode`, `Denoise`, `Decode`) an edit yields
 
 - `EncodeImage`: the source image's VAE latent (service.engine.sampling);
-- `SubjectMask`, `GuidedSamples`, `Steer`: DreamSteerer's steps that need the model itself (its
-  attention maps, its features, its gradients). They run on a private copy of the base model with
-  the request's adapter applied (`service.edit.workbench.Workbench`), never on the serving UNet.
+- `SubjectMask`, `GuidedSamples`, `SteeringInputs`, `Steer`: DreamSteerer's steps that need the
+  model itself (its attention maps, its features, its gradients). They run on a private copy of
+  the base model with the request's adapter applied (`service.edit.workbench.Workbench`), never
+  on the serving UNet.
   `Steer` answers with an `AdapterUse` of the steered copy, which the executor has put into the
   adapter bank for this request only (see `service.adapters.AdapterManager.ephemeral`).
 
@@ -148,10 +149,14 @@ def phases(spec: EditSpec) -> list[tuple[str, float]]:
     if o.use_subject_mask:
         out.append(("mask", 3.0))
     guided = o.mode_shifting and o.guided_samples > 0
+    preliminary = o.preliminary_iterations if o.edsd else 0
+    # Side by side (SteeringInputs): "guided" while the guided samples' rows are in the calls (the
+    # preliminary edit's rows with them), "preliminary" for the iterations left after.
+    along = min(preliminary, 2 * o.guided_steps) if guided else 0
     if guided:
-        out.append(("guided", o.guided_steps * (2.0 + 2 * o.guided_samples)))
-    if o.edsd and o.preliminary_iterations > 0:
-        out.append(("preliminary", 4.0 * o.preliminary_iterations))
+        out.append(("guided", o.guided_steps * (2.0 + 2 * o.guided_samples) + 4.0 * along))
+    if preliminary > 0:
+        out.append(("preliminary", 4.0 * (preliminary - along)))
     if o.edsd or guided:
         out.append(("steer", o.steer_steps * 3.0 * ((3 if o.edsd else 0) + (o.guided_samples if guided else 0))))
     out.append(("dds", 4.0 * o.iterations))
@@ -200,6 +205,34 @@ class GuidedSamples:
 
 
 @dataclass(frozen=True)
+class PreliminaryEdit:
+    """DreamSteerer's "slightly edited image": plain DDS from the source with the personalized
+    adapter in both branches (service.edit.dds.dds_loop), its own seed."""
+
+    iterations: int
+    guidance_scale: float
+    learning_rate: float
+    t_min: int
+    t_max: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class SteeringInputs:
+    """What steering reads, made side by side: the guided samples (`guided`, as `GuidedSamples`
+    makes them) and the preliminary edit (`preliminary`) of `latent` with the source and target
+    prompts, each UNet call holding both's rows, on the workbench. Answered with (samples
+    [n, C, h, w] or None, edited latent [1, C, h, w] or None)."""
+
+    adapter: AdapterUse
+    latent: torch.Tensor  # the source latent [1, C, h, w]
+    source_prompt: str
+    target_prompt: str
+    guided: GuidedSamples | None
+    preliminary: PreliminaryEdit | None
+
+
+@dataclass(frozen=True)
 class Steer:
     """EDSD (+ mode shifting) on a copy of the adapter's own trainable set; answered with an
     `AdapterUse` of the steered copy, resident in the bank for this request only, and the losses."""
@@ -215,4 +248,4 @@ class Steer:
     seed: int
 
 
-WORKBENCH_CALLS = (SubjectMask, GuidedSamples, Steer)
+WORKBENCH_CALLS = (SubjectMask, GuidedSamples, SteeringInputs, Steer)

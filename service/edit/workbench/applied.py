@@ -57,13 +57,25 @@ def applied(engine, adapter: Adapter, trainable: bool = False) -> Iterator[Appli
     roots = {"unet": engine.unet, "text_encoder": engine.text_encoder}
     if getattr(engine, "text_encoder_2", None) is not None:  # SDXL's second text encoder
         roots["text_encoder_2"] = engine.text_encoder_2
+    named: dict[str, dict[str, nn.Module]] = {}  # each root's modules by path, listed once
     try:
         for name, module in adapter.lora.items():
             root_name, path = _local_name(name, roots)
             if root_name not in roots:
                 raise EditRefused(f"adapter layer {name!r} is not in the model (it has no {root_name})")
-            made = replace_linears(roots[root_name], root_name, (path,),
-                                   lambda linear: LoRALinear(linear, module.rank, module.alpha, g))
+            make = lambda linear, module=module: LoRALinear(linear, module.rank, module.alpha, g)  # noqa: E731
+            if root_name not in named:
+                named[root_name] = dict(roots[root_name].named_modules())
+            found = named[root_name].get(path)
+            if type(found) is nn.Linear:
+                # The layer at its path, as replace_linears would find it, without listing every
+                # module of the model again per layer (a LoRA has about a hundred).
+                parent_name, _, child = path.rpartition(".")
+                parent = roots[root_name].get_submodule(parent_name) if parent_name else roots[root_name]
+                made = {name: make(found)}
+                setattr(parent, child, made[name])
+            else:
+                made = replace_linears(roots[root_name], root_name, (path,), make)
             if not made:
                 raise EditRefused(f"adapter layer {name!r} is not in the model")
             layer = layers[name] = next(iter(made.values()))  # registered first: restored whatever happens

@@ -1,6 +1,6 @@
-"""The workbench: DreamSteerer's model-internal steps (mask.py, guided.py, steering.py) on a private
-copy of the base model with the request's adapter applied (applied.py). The steps see it through
-protocol.Bench; the package re-exports `Workbench`."""
+"""The workbench: DreamSteerer's model-internal steps (mask.py, guided.py, inputs.py, steering.py) on
+a private copy of the base model with the request's adapter applied (applied.py). The steps see it
+through protocol.Bench; the package re-exports `Workbench`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from service.engine.pipeline import flush_denormals
 from service.engine.sampling import noise_prediction
 from service.personalize.common import FrozenBase
 
-from ..spec import GuidedSamples, Steer, SubjectMask
-from . import guided, mask, steering
+from ..spec import GuidedSamples, Steer, SteeringInputs, SubjectMask
+from . import guided, inputs, mask, steering
 from .applied import Applied, applied
 
 
@@ -33,6 +33,8 @@ class Workbench:
                 return mask.subject_mask(self, call, on)
             if isinstance(call, GuidedSamples):
                 return guided.guided_samples(self, call, on, should_stop, report)
+            if isinstance(call, SteeringInputs):
+                return inputs.steering_inputs(self, call, on, should_stop, report)
             if isinstance(call, Steer):
                 return steering.steer(self, call, on, should_stop, report)
         raise TypeError(f"not a workbench call: {type(call).__name__}")

@@ -58,10 +58,14 @@ def steer(bench: "Bench", call: Steer, applied: Applied, should_stop=lambda: Fal
     eps_pre = _pretrained_scores(bench, applied, call, draws) if call.edited is not None else []
     losses = []
     size = bench.size_of(z_src)  # SDXL's time_ids: the source's own size
+    # The target prompt's conditioning changes while steering only through learned tokens or
+    # text-encoder LoRA layers; without them it is the same every step: encoded once.
+    steered_text = bool(applied.tokens) or any(not name.startswith("unet.") for name in applied.layers)
+    fixed_embeds = None if steered_text else bench.embed([call.target_prompt], applied.tokens, size)
     for step, d in enumerate(draws):
         if should_stop():
             raise GenerationCancelled(f"stopped before steering step {step + 1} of {o.steer_steps}")
-        target_embeds = bench.embed([call.target_prompt], applied.tokens, size)
+        target_embeds = fixed_embeds if fixed_embeds is not None else bench.embed([call.target_prompt], applied.tokens, size)
         # Every row that needs a gradient in ONE forward and backward: the EDSD pair (noised edit,
         # noised source) at t, then the guided samples at their own timesteps.
         rows, timesteps = [], []
