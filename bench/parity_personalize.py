@@ -227,6 +227,8 @@ def verdict(difference: dict, ours: dict) -> str:
         fidelity += " (interval above 0)"
     elif d["hi"] < 0:
         fidelity += " (interval below 0)"
+    else:  # a point estimate on either side of 0 that this n cannot tell from equal
+        fidelity += f" by {d['mean'] * 100:+.0f} points, the interval spans 0 (equal at this n)"
     met = d["mean"] >= 0 and context >= CONTEXT_GOAL
     return f"{'met' if met else '**not met**'}: {fidelity}, context {context:.0%}"
 
