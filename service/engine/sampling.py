@@ -346,23 +346,37 @@ async def run_async(loop: Generator[ModelCall, Any, Any], execute: Callable[[Mod
         return done.value
 
 
+class SideBySide:
+    """Several loops driven together, one call of each at a time: `pending` holds each unfinished
+    loop's current call (by index), `results` each finished loop's value. Whoever drives them
+    decides how a round's calls execute (run_together here; the edit workbench's shared calls)."""
+
+    def __init__(self, loops: Sequence[Generator]):
+        self.loops = list(loops)
+        self.pending: dict[int, Any] = {}
+        self.results: list[Any] = [None] * len(self.loops)
+        for i in range(len(self.loops)):
+            self._step(i, lambda loop: next(loop))
+
+    def advance(self, i: int, answer) -> None:
+        """Sends loop i the answer to its pending call."""
+        self._step(i, lambda loop: loop.send(answer))
+
+    def _step(self, i: int, resume) -> None:
+        try:
+            self.pending[i] = resume(self.loops[i])
+        except StopIteration as done:
+            self.pending.pop(i, None)
+            self.results[i] = done.value
+
+
 def run_together(loops: Sequence[Generator[ModelCall, Any, Any]], execute: Callable[[ModelCall], Any]) -> list:
     """Runs several loops side by side, as the Triton `unet` model batches requests: each round,
     the loops' pending `Denoise` calls become ONE UNet call (rows concatenated, answers split back),
     every other call runs on its own. Returns each loop's result, in order. Loops of any mix (and
     length) may run together; a loop that finishes early simply leaves the batch."""
-    pending: dict[int, ModelCall] = {}
-    results: list[Any] = [None] * len(loops)
-
-    def advance(i: int, answer=None, first: bool = False) -> None:
-        try:
-            pending[i] = next(loops[i]) if first else loops[i].send(answer)
-        except StopIteration as done:
-            pending.pop(i, None)
-            results[i] = done.value
-
-    for i in range(len(loops)):
-        advance(i, first=True)
+    together = SideBySide(loops)
+    pending, advance = together.pending, together.advance
     while pending:
         denoise = {i: c for i, c in pending.items() if isinstance(c, Denoise)}
         others = {i: c for i, c in pending.items() if not isinstance(c, Denoise)}
@@ -380,4 +394,4 @@ def run_together(loops: Sequence[Generator[ModelCall, Any, Any]], execute: Calla
             m = call.latents.shape[0]
             advance(i, StepResult(out.noise[start : start + m], out.batch_size, out.compute_seconds))
             start += m
-    return results
+    return together.results

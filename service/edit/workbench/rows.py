@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from service.engine.sampling import Denoise, StepResult
+from service.engine.sampling import Denoise, SideBySide, StepResult
 
 from .applied import Applied
 
@@ -62,18 +62,8 @@ def run_side_by_side(bench: "Bench", applied: Applied, loops: Sequence[Generator
     `adapter_key` and the pre-trained model on rows that name none) side by side: each round, every
     pending call's rows in one UNet call. Returns each loop's result, in order. `on_round(alive)`
     hears, after each round, which loops are still running."""
-    pending: dict[int, Any] = {}
-    results: list[Any] = [None] * len(loops)
-
-    def advance(i: int, answer=None, first: bool = False) -> None:
-        try:
-            pending[i] = next(loops[i]) if first else loops[i].send(answer)
-        except StopIteration as done:
-            pending.pop(i, None)
-            results[i] = done.value
-
-    for i in range(len(loops)):
-        advance(i, first=True)
+    together = SideBySide(loops)
+    pending, advance = together.pending, together.advance
     injection: _FeatureInjection | None = None
     try:
         while pending:
@@ -117,7 +107,7 @@ def run_side_by_side(bench: "Bench", applied: Applied, loops: Sequence[Generator
     finally:
         if injection is not None:
             injection.__exit__(None, None, None)
-    return results
+    return together.results
 
 
 def _as_rows(call, adapter_key: str | None) -> Rows:
