@@ -123,21 +123,26 @@ def _backward(
     return gx, gw, gb, ga, gup
 
 
+def _lora_forward(ctx, x, weight, bias, down, up, scale):
+    """Both Functions' forward: base(x) + s * (x @ A.t()) @ B.t(), saving what `_backward` reads."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xa = x2 if x2.dtype == down.dtype else x2.to(down.dtype)
+    h = xa @ down.t()
+    out = _linear(x2, weight, bias, shape)
+    _low_rank_update(out.view(-1, out.shape[-1]), h, up, scale)
+    ctx.save_for_backward(x2, xa, h, weight, down, up)
+    ctx.scale, ctx.shape = scale, shape
+    return out
+
+
 class _LoRALinearFn(torch.autograd.Function):
     """y = base(x) + (s * (x.to(A.dtype) @ A.t()) @ B.t()).to(x.dtype). Saves x and h = x @ A.t()
     (rank columns), as autograd would; the base's gradients only when they are asked for."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, scale):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xa = x2 if x2.dtype == down.dtype else x2.to(down.dtype)
-        h = xa @ down.t()
-        out = _linear(x2, weight, bias, shape)
-        _low_rank_update(out.view(-1, out.shape[-1]), h, up, scale)
-        ctx.save_for_backward(x2, xa, h, weight, down, up)
-        ctx.scale, ctx.shape = scale, shape
-        return out
+        return _lora_forward(ctx, x, weight, bias, down, up, scale)
 
     @staticmethod
     def backward(ctx, gy):
@@ -157,15 +162,7 @@ class _GroupedLoRAFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, *lora):
         downs, ups = lora[0::2], lora[1::2]
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        down, up = torch.cat(downs), torch.block_diag(*ups)
-        xa = x2 if x2.dtype == down.dtype else x2.to(down.dtype)
-        h = xa @ down.t()
-        out = _linear(x2, weight, bias, shape)
-        _low_rank_update(out.view(-1, out.shape[-1]), h, up, scale)
-        ctx.save_for_backward(x2, xa, h, weight, down, up)
-        ctx.scale, ctx.shape = scale, shape
+        out = _lora_forward(ctx, x, weight, bias, torch.cat(downs), torch.block_diag(*ups), scale)
         ctx.outs, ctx.ranks = [b.shape[0] for b in ups], [a.shape[0] for a in downs]
         return out
 
