@@ -152,7 +152,8 @@ def cmd_generate(args) -> int:
         result = _with_spinner("generating", lambda: client.generate(
             args.prompt, adapters=_adapter_refs(args.adapter), negative_prompt=args.negative_prompt, steps=args.steps,
             guidance_scale=args.guidance_scale, width=args.width, height=args.height, seed=args.seed,
-            num_images=args.num_images, style_guidance_scale=args.style_guidance_scale))
+            num_images=args.num_images, style_guidance_scale=args.style_guidance_scale, sampler=args.sampler,
+            karras_sigmas=args.karras_sigmas))
     _write_images(result.images, args.output)
     print(f"seeds {result.seeds}; server time {result.timings.total_seconds:.2f} s")
     return 0
@@ -442,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", "--num-images", type=int, default=1)
     g.add_argument("--style-guidance-scale", type=float, default=0.0,
                    help="FineStyle adapters: > 0 separates the style's guidance from the prompt's (e.g. 2)")
+    g.add_argument("--sampler", default="", help="ddim, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_sde, unipc or lcm "
+                                                 "(default: the model profile's)")
+    g.add_argument("--karras-sigmas", action=argparse.BooleanOptionalAction, default=None,
+                   help="Karras sigmas (euler, dpmpp_2m, dpmpp_2m_sde, unipc)")
     g.set_defaults(func=cmd_generate)
 
     t = client("personalize", "train an adapter from photos (subject) or one image (style)")

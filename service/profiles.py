@@ -54,6 +54,10 @@ class ModelProfile:
     # EditOptions fields (service/edit/spec.py) whose default differs from the dataclass's own for
     # this model; guidance_scale is also the Edit request's default.
     edit: Mapping[str, object] = field(default_factory=dict)
+    # Generate's defaults for a request that leaves them unset: its sampler (service/engine/
+    # samplers.py) and Karras sigmas. Every profile keeps DDIM, the service's sampler so far.
+    sampler: str = "ddim"
+    karras_sigmas: bool = False
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def training_defaults(self, method: str) -> TrainingDefaults:

@@ -353,7 +353,7 @@ def infer_unet(server, latents, timesteps, embeds, rows) -> np.ndarray:
     from service.triton.wire import encode_adapters
 
     values = {
-        "LATENTS": latents.numpy(), "TIMESTEP": timesteps.numpy().reshape(-1, 1).astype(np.int64),
+        "LATENTS": latents.numpy(), "TIMESTEP": timesteps.numpy().reshape(-1, 1).astype(np.float32),
         "EMBEDS": embeds.numpy(), "ADAPTERS": np.array([[encode_adapters(tuple(row))] for row in rows], dtype=object),
     }
     inputs = []

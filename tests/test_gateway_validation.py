@@ -48,6 +48,9 @@ GENERATE_CASES = [
     (G(style_guidance_scale=float("nan")), "style_guidance_scale"),
     # Style guidance without a style adapter has nothing to guide with.
     (G(style_guidance_scale=2.0), "style_guidance_scale"),
+    (G(sampler="heun"), "sampler"),
+    (G(sampler="lcm", steps=60), "steps"),  # LCM's timesteps come from a 50-step schedule
+    (G(sampler="euler_ancestral", karras_sigmas=True), "karras_sigmas"),
 ]
 
 
@@ -57,6 +60,14 @@ def test_generate_invalid_argument_names_field(gateway, request_, field):
         gateway.stub().Generate(request_, metadata=auth())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+def test_an_unknown_sampler_is_refused_naming_the_allowed_ones(gateway):
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.stub().Generate(G(sampler="k_lms"), metadata=auth())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(name in err.value.details() for name in
+               ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm")), err.value.details()
 
 
 def test_unknown_adapter_is_not_found(gateway):

@@ -39,11 +39,17 @@ def engine(model_cache, tmp_path_factory):
     return engine
 
 
+# Different samplers too: each row carries its own timestep and its loop's input scaling, so DDIM,
+# DPM-Solver++ with Karras sigmas (float timesteps), Euler ancestral (seeded step noise) and LCM at
+# guidance 1 (one row per image) share UNet calls.
 SPECS = [
     GenerationSpec(prompt="a red circle", steps=4, seed=1),
-    GenerationSpec(prompt="a blue square", steps=6, seed=2, adapters=(AdapterUse("a"),)),
-    GenerationSpec(prompt="a green star", steps=5, seed=3, num_images=2, adapters=(AdapterUse("b", 0.7),)),
-    GenerationSpec(prompt="a heart", steps=4, seed=4, adapters=(AdapterUse("a", 0.5), AdapterUse("b", 0.5))),
+    GenerationSpec(prompt="a blue square", steps=6, seed=2, adapters=(AdapterUse("a"),), sampler="dpmpp_2m",
+                   karras_sigmas=True),
+    GenerationSpec(prompt="a green star", steps=5, seed=3, num_images=2, adapters=(AdapterUse("b", 0.7),),
+                   sampler="euler_ancestral"),
+    GenerationSpec(prompt="a heart", steps=4, seed=4, adapters=(AdapterUse("a", 0.5), AdapterUse("b", 0.5)),
+                   sampler="lcm", guidance_scale=1.0),
 ]
 
 

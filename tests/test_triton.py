@@ -134,16 +134,20 @@ def test_concurrent_requests_with_different_adapters_are_batched(stack, triton, 
     # In-process references, one request at a time, with the same adapter bank code.
     reference = Engine.from_pretrained(model_dir)
     BankedAdapters.attach(reference, blob_loader(stack.settings.data_dir / "adapters"), num_slots=4, max_rank=4)
-    specs = [GenerationSpec(prompt="a dog", steps=6, seed=k, adapters=(AdapterUse(imported[k].sha256),))
-             for k in range(3)]
-    specs.append(GenerationSpec(prompt="a dog", steps=6, seed=9))  # and one without adapters
+    # Each with another sampler: rows carry their own timesteps (float ones for Karras sigmas) and
+    # their loop's input scaling, so requests of different samplers share calls too.
+    kinds = [("ddim", False), ("dpmpp_2m", True), ("euler_ancestral", False), ("unipc", False)]
+    specs = [GenerationSpec(prompt="a dog", steps=6, seed=k, adapters=(AdapterUse(imported[k].sha256),),
+                            sampler=kinds[k][0], karras_sigmas=kinds[k][1]) for k in range(3)]
+    specs.append(GenerationSpec(prompt="a dog", steps=6, seed=9, sampler=kinds[3][0]))  # and one without adapters
     expected = [np.asarray(reference.generate(s).images[0]) for s in specs]
 
     unet0, generate0 = nv_metric(triton, "nv_inference_count", "unet"), nv_metric(triton, "nv_inference_count", "generate")
     rows0, steps0 = _metric(stack, "steerserve_triton_step_batch_size_sum"), _metric(stack, "steerserve_triton_step_batch_size_count")
 
     def call(spec):
-        req = pb.GenerateRequest(prompt=spec.prompt, steps=spec.steps, seed=spec.seed,
+        req = pb.GenerateRequest(prompt=spec.prompt, steps=spec.steps, seed=spec.seed, sampler=spec.sampler,
+                                 karras_sigmas=spec.karras_sigmas,
                                  adapters=[pb.AdapterRef(adapter_id=ids[a.key], weight=a.weight) for a in spec.adapters])
         return pixels(stack.stub().Generate(req, metadata=auth(), timeout=120).images[0])
 

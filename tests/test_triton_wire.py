@@ -43,9 +43,14 @@ def reader(message: wire.Tensors):
 def test_generate_request_and_responses_round_trip():
     uses = (AdapterUse("a" * 64, 0.7), AdapterUse("b" * 64, 1.0, style=True))
     spec = GenerationSpec(prompt="a red star", negative_prompt="blur", steps=7, guidance_scale=5.5, width=64,
-                          height=96, seed=3, num_images=2, adapters=uses, style_guidance_scale=2.0)
+                          height=96, seed=3, num_images=2, adapters=uses, style_guidance_scale=2.0,
+                          sampler="dpmpp_2m_sde", karras_sigmas=True)
     got, timeout, progress = wire.read_generate_request(reader(wire.generate_request(spec, True, 12.5)))
     assert got == spec and timeout == pytest.approx(12.5) and progress is True
+    # A request from a gateway that predates samplers (no SAMPLER, KARRAS_SIGMAS) samples with DDIM.
+    old = {k: v for k, v in wire.generate_request(spec, False, None).items() if k not in ("SAMPLER", "KARRAS_SIGMAS")}
+    got, _, _ = wire.read_generate_request(reader(old))
+    assert (got.sampler, got.karras_sigmas) == ("ddim", False)
     _, timeout, progress = wire.read_generate_request(reader(wire.generate_request(spec, False, None)))
     assert timeout is None and progress is False
 
@@ -66,6 +71,17 @@ def test_generate_request_and_responses_round_trip():
 def test_generate_request_with_no_steps_is_invalid():
     spec = GenerationSpec(prompt="x", steps=0)
     with pytest.raises(ValueError, match="STEPS"):
+        wire.read_generate_request(reader(wire.generate_request(spec, False, None)))
+
+
+@pytest.mark.parametrize("sampler, steps, karras, message", [
+    ("heun", 10, False, "unknown sampler 'heun'"),
+    ("lcm", 60, False, "takes 1 to 50 steps"),
+    ("ddim", 10, True, "karras_sigmas: does not apply to sampler 'ddim'"),
+])
+def test_the_triton_model_refuses_a_sampler_it_cannot_run(sampler, steps, karras, message):
+    spec = GenerationSpec(prompt="x", steps=steps, sampler=sampler, karras_sigmas=karras)
+    with pytest.raises(ValueError, match=message):
         wire.read_generate_request(reader(wire.generate_request(spec, False, None)))
 
 

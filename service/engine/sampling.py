@@ -2,7 +2,7 @@
 
 `generation(spec, facts)` is the algorithm of text-to-image sampling as a generator: it *yields*
 each model call (`Encode`, `Denoise`, `Decode`) and is sent back the result; everything else
-(seeded noise, the DDIM schedule, classifier-free guidance, deadline checks, timings) it does
+(seeded noise, the request's sampler, classifier-free guidance, deadline checks, timings) it does
 itself. Who runs it decides only how a model call executes:
 
 - `run(loop, execute)`: each call in this thread (the in-process engine, which also serves the
@@ -26,6 +26,8 @@ from typing import Any, Awaitable, Callable, Generator, Sequence
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from . import samplers
 
 
 # -- what a request asks for -------------------------------------------------------------------
@@ -64,6 +66,9 @@ class GenerationSpec:
     # > 0: FineStyle's two-scale guidance with the request's style adapters (0: ordinary CFG with
     # every adapter on both predictions).
     style_guidance_scale: float = 0.0
+    # A name of samplers.SAMPLERS (diffusers' scheduler of that name); Karras sigmas where it applies.
+    sampler: str = samplers.DEFAULT_SAMPLER
+    karras_sigmas: bool = False
 
     @property
     def uses_style_guidance(self) -> bool:
@@ -152,20 +157,24 @@ class ModelFacts:
             ddim_config(DDIMScheduler.load_config(model_dir / "scheduler", **kw)),
         )
 
-    def new_scheduler(self, steps: int, device: torch.device | str = "cpu") -> DDIMScheduler:
-        """A fresh scheduler per request: set_timesteps mutates it, so it must not be shared."""
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        scheduler.set_timesteps(steps, device=device)
-        return scheduler
+    def new_scheduler(self, steps: int, device: torch.device | str = "cpu", sampler: str = samplers.DEFAULT_SAMPLER,
+                      karras_sigmas: bool = False):
+        """A fresh scheduler per request (set_timesteps mutates it, so it must not be shared): DDIM
+        unless a sampler is named (samplers.SAMPLERS)."""
+        return samplers.new_scheduler(sampler, self.scheduler_config, steps, karras_sigmas, device)
 
-    def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+    def initial_latents(self, seeds: Sequence[int | torch.Generator], height: int, width: int) -> torch.Tensor:
         """Per-image seeded noise on the CPU in float32, so image i of a request equals a one-image
-        request with seed + i on any device. DDIM's initial sigma is 1: no scaling needed."""
+        request with seed + i on any device (unit variance: the loop scales it by the sampler's
+        initial sigma). A seed may be given as its generator, which then goes on to draw that
+        image's noise of a stochastic sampler's steps."""
         vsf = self.limits.vae_scale_factor
         shape = (self.latent_channels, height // vsf, width // vsf)
-        return torch.stack(
-            [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32) for s in seeds]
-        )
+        return torch.stack([torch.randn(shape, generator=seeded(s), dtype=torch.float32) for s in seeds])
+
+
+def seeded(seed: int | torch.Generator) -> torch.Generator:
+    return seed if isinstance(seed, torch.Generator) else torch.Generator("cpu").manual_seed(int(seed))
 
 
 def ddim_config(scheduler_config) -> dict:
@@ -260,8 +269,8 @@ def generation(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Loop:
-    """Text to image: encode, DDIM with classifier-free guidance (or FineStyle's two-scale
-    guidance), decode. Yields each model call."""
+    """Text to image: encode, the request's sampler with classifier-free guidance (or FineStyle's
+    two-scale guidance), decode. Yields each model call."""
     t_start = time.perf_counter()
     n = spec.num_images
     seeds = [spec.seed + i for i in range(n)]
@@ -270,9 +279,13 @@ def generation(
     # The predictions of every step, each a (prompt, adapters) pair for all n samples:
     #   CFG:       (negative, adapters), (prompt, adapters)
     #   FineStyle: (negative, without style), (prompt, without style), (prompt, all adapters)
+    #   guidance 1: (prompt, adapters) alone: CFG at scale 1 IS the conditional prediction (what
+    #              few-step LCM sampling runs at), so the unconditional row would be wasted work.
     if spec.uses_style_guidance:
         plain = tuple(a for a in adapters if not a.style)
         predictions = [(spec.negative_prompt, plain), (spec.prompt, plain), (spec.prompt, adapters)]
+    elif spec.guidance_scale == 1.0:
+        predictions = [(spec.prompt, adapters)]
     else:
         predictions = [(spec.negative_prompt, adapters), (spec.prompt, adapters)]
     k = len(predictions)
@@ -283,23 +296,33 @@ def generation(
     embeds = yield Encode([prompt for prompt, _ in predictions for _ in range(n)], rows, (spec.height, spec.width))
     t_text = time.perf_counter() - t0
 
-    # 2. Denoise from per-image seeded noise.
+    # 2. Denoise from per-image seeded noise, as diffusers' pipelines drive a scheduler: noise
+    # scaled by its initial sigma, the UNet's input by scale_model_input, each image's step noise
+    # (ancestral, SDE, LCM) from its own seed's generator, so a request reproduces and image i
+    # equals a one-image request with seed + i. A row carries its own timestep (a float for the
+    # sigma-based samplers), so steps of requests with any samplers share one UNet call.
     t0 = time.perf_counter()
-    latents = facts.initial_latents(seeds, spec.height, spec.width).to(device, dtype)
-    scheduler = facts.new_scheduler(spec.steps, device)
+    generators = [seeded(s) for s in seeds]
+    scheduler = facts.new_scheduler(spec.steps, device, spec.sampler, spec.karras_sigmas)
+    latents = facts.initial_latents(generators, spec.height, spec.width).to(device, dtype) * scheduler.init_noise_sigma
+    step_kwargs = {"generator": generators} if samplers.get(spec.sampler).stochastic else {}
     steps: list[StepInfo] = []
     for i, t in enumerate(scheduler.timesteps):
         if should_stop():
             raise GenerationCancelled(f"stopped before step {i + 1} of {spec.steps}")
         sent = time.perf_counter()
-        result: StepResult = yield Denoise(latents.repeat(k, 1, 1, 1), t.reshape(1).expand(k * n), embeds, rows)
+        model_input = scheduler.scale_model_input(latents, t)
+        result: StepResult = yield Denoise(model_input.repeat(k, 1, 1, 1),
+                                           t.reshape(1).to(torch.float32).expand(k * n), embeds, rows)
         round_trip = time.perf_counter() - sent
         noise = result.noise.reshape(k, n, *result.noise.shape[1:])
         if k == 3:
             guided = style_guidance(noise[0], noise[1], noise[2], spec.guidance_scale, spec.style_guidance_scale)
-        else:
+        elif k == 2:
             guided = classifier_free_guidance(noise[0], noise[1], spec.guidance_scale)
-        latents = scheduler.step(guided, t, latents).prev_sample
+        else:
+            guided = noise[0]
+        latents = scheduler.step(guided, t, latents, **step_kwargs).prev_sample
         info = StepInfo(i + 1, spec.steps, result.batch_size, max(0.0, round_trip - result.compute_seconds))
         steps.append(info)
         if on_step is not None:

@@ -15,6 +15,7 @@ import numpy as np
 from service._generated.steerserve.v1 import steerserve_pb2 as pb
 from service.config import Settings
 from service.edit import EditOptions, EditSpec
+from service.engine import samplers
 from service.engine.images import ImageDecodeError, decode_image
 from service.engine.pipeline import GenerationSpec, ModelLimits
 from service.stores import idempotency
@@ -133,16 +134,26 @@ def generate_spec(req: pb.GenerateRequest, limits: Limits, count_tokens) -> tupl
     seed = check_seed("seed", req.HasField("seed"), req.seed)
     if seed + num_images - 1 > MAX_SEED:
         raise invalid("seed", "seed + num_images overflows int64")
+    steps = _check_steps("steps", req.steps, limits)
+    profile = limits.settings.profile().profile
+    sampler = req.sampler.strip().lower() or profile.sampler
+    karras_sigmas = req.karras_sigmas if req.HasField("karras_sigmas") else (
+        profile.karras_sigmas and not req.sampler)  # the profile's Karras goes with the profile's sampler
+    problem = samplers.check(sampler, steps, karras_sigmas)
+    if problem:
+        raise invalid(*problem)
     spec = GenerationSpec(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
-        steps=_check_steps("steps", req.steps, limits),
+        steps=steps,
         guidance_scale=_check_guidance("guidance_scale", req.guidance_scale, 7.5, limits),
         width=width,
         height=height,
         seed=seed,
         num_images=num_images,
         style_guidance_scale=req.style_guidance_scale,
+        sampler=sampler,
+        karras_sigmas=karras_sigmas,
     )
     return spec, check_adapter_refs(req.adapters, limits)
 

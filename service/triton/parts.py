@@ -145,7 +145,7 @@ class UNetStep:
             group = [samples[i] for i in indices]
             dev, dt = self.engine.device, self.engine.dtype
             latents = torch.from_numpy(np.concatenate([s.latents for s in group])).to(dev, dt)
-            t = torch.from_numpy(np.concatenate([s.timesteps for s in group]).astype(np.int64)).to(dev)
+            t = torch.from_numpy(np.concatenate([s.timesteps for s in group]).astype(np.float32)).to(dev)
             embeds = torch.from_numpy(np.concatenate([s.embeds for s in group])).to(dev, dt)
             rows = [row for s in group for row in s.adapters]
             noise = self.engine.predict_noise(latents, t, embeds, rows).float().cpu().numpy()

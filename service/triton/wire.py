@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from service.engine import samplers
 from service.engine.pipeline import AdapterUse, GenerationCancelled, GenerationResult, GenerationSpec
 from service.errors import Busy, InvalidRequest, Unavailable
 
@@ -56,7 +57,8 @@ CONTRACT: dict[str, dict[str, dict[str, str]]] = {
     GENERATE: {
         "inputs": {"PROMPT": "STRING", "NEGATIVE_PROMPT": "STRING", "STEPS": "INT32", "GUIDANCE_SCALE": "FP32",
                    "WIDTH": "INT32", "HEIGHT": "INT32", "SEED": "INT64", "NUM_IMAGES": "INT32", "ADAPTERS": "STRING",
-                   "STYLE_GUIDANCE_SCALE?": "FP32", "TIMEOUT_S?": "FP32", "PROGRESS?": "BOOL"},
+                   "STYLE_GUIDANCE_SCALE?": "FP32", "SAMPLER?": "STRING", "KARRAS_SIGMAS?": "BOOL",
+                   "TIMEOUT_S?": "FP32", "PROGRESS?": "BOOL"},
         "outputs": {"STEP": "INT32", "BATCH_SIZE": "INT32", "QUEUE_US": "INT64", "IMAGES": "UINT8", "SEEDS": "INT64",
                     "TIMINGS": "STRING", "STEP_BATCH_SIZES": "INT32", "STEP_QUEUE_US": "INT64", "STEP_COST_S": "FP64"},
     },
@@ -71,7 +73,7 @@ CONTRACT: dict[str, dict[str, dict[str, str]]] = {
     },
     TEXT_ENCODER: {"inputs": {"PROMPTS": "STRING", "ADAPTERS": "STRING", "SIZE?": "INT32"}, "outputs": {"EMBEDS": "FP32"}},
     UNET: {
-        "inputs": {"LATENTS": "FP32", "TIMESTEP": "INT64", "EMBEDS": "FP32", "ADAPTERS": "STRING"},
+        "inputs": {"LATENTS": "FP32", "TIMESTEP": "FP32", "EMBEDS": "FP32", "ADAPTERS": "STRING"},
         "outputs": {"NOISE": "FP32", "BATCH_SIZE": "INT32", "COMPUTE_US": "INT64"},
     },
     VAE_DECODE: {"inputs": {"LATENTS": "FP32"}, "outputs": {"IMAGES": "UINT8"}},
@@ -137,6 +139,8 @@ def generate_request(spec: GenerationSpec, progress: bool, timeout_s: float | No
         "SEED": np.array([spec.seed], np.int64),
         "NUM_IMAGES": np.array([spec.num_images], np.int32),
         "ADAPTERS": strings([encode_adapters(spec.adapters)]),
+        "SAMPLER": strings([spec.sampler]),
+        "KARRAS_SIGMAS": np.array([spec.karras_sigmas]),
         "PROGRESS": np.array([progress]),
         **_deadline_tensors(timeout_s),
     }
@@ -155,9 +159,14 @@ def read_generate_request(get: Get) -> tuple[GenerationSpec, float | None, bool]
         num_images=int(_one(get, "NUM_IMAGES")),
         adapters=decode_adapters(_one(get, "ADAPTERS")),
         style_guidance_scale=float(_one(get, "STYLE_GUIDANCE_SCALE") or 0.0),
+        sampler=_text(_one(get, "SAMPLER") or samplers.DEFAULT_SAMPLER.encode()),
+        karras_sigmas=bool(_one(get, "KARRAS_SIGMAS") or False),
     )
     if spec.steps < 1 or spec.num_images < 1 or spec.width < 1 or spec.height < 1:
         raise ValueError("STEPS, NUM_IMAGES, WIDTH and HEIGHT must be positive")
+    problem = samplers.check(spec.sampler, spec.steps, spec.karras_sigmas)
+    if problem:
+        raise ValueError(": ".join(problem))
     return (spec, *_read_deadline(get))
 
 
@@ -362,7 +371,8 @@ class StepSample:
 def denoise_call(call: "Denoise") -> Tensors:
     return {
         "LATENTS": call.latents.detach().float().cpu().numpy(),
-        "TIMESTEP": call.timesteps.detach().cpu().numpy().astype(np.int64).reshape(-1, 1),
+        # float: the sigma-based samplers' timesteps fall between the integers
+        "TIMESTEP": call.timesteps.detach().float().cpu().numpy().reshape(-1, 1),
         "EMBEDS": call.embeds.detach().float().cpu().numpy(),
         "ADAPTERS": strings([encode_adapters(r) for r in call.rows]).reshape(-1, 1),
     }

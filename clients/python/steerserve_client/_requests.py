@@ -65,12 +65,15 @@ def key_or_new(key: str | None) -> str:
 
 def generate(prompt: str, *, adapters=None, negative_prompt: str = "", steps: int = 0, guidance_scale: float = 0.0,
              width: int = 0, height: int = 0, seed: int | None = None, num_images: int = 1,
-             style_guidance_scale: float = 0.0) -> pb.GenerateRequest:
+             style_guidance_scale: float = 0.0, sampler: str = "",
+             karras_sigmas: bool | None = None) -> pb.GenerateRequest:
     req = pb.GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, adapters=adapter_refs(adapters),
                              steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                             num_images=num_images, style_guidance_scale=style_guidance_scale)
+                             num_images=num_images, style_guidance_scale=style_guidance_scale, sampler=sampler)
     if seed is not None:
         req.seed = seed
+    if karras_sigmas is not None:
+        req.karras_sigmas = karras_sigmas
     return req
 
 

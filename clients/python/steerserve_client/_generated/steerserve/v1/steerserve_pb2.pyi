@@ -102,7 +102,7 @@ class Box(_message.Message):
     def __init__(self, x0: _Optional[int] = ..., y0: _Optional[int] = ..., x1: _Optional[int] = ..., y1: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "width", "height", "seed", "num_images", "style_guidance_scale")
+    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "width", "height", "seed", "num_images", "style_guidance_scale", "sampler", "karras_sigmas")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,8 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     STYLE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    KARRAS_SIGMAS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterRef]
@@ -123,7 +125,9 @@ class GenerateRequest(_message.Message):
     seed: int
     num_images: int
     style_guidance_scale: float
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., style_guidance_scale: _Optional[float] = ...) -> None: ...
+    sampler: str
+    karras_sigmas: bool
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., style_guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., karras_sigmas: bool = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("images", "seeds", "timings")
@@ -502,18 +506,22 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_num_images: _Optional[int] = ..., backend: _Optional[str] = ..., profile: _Optional[_Union[ModelProfile, _Mapping]] = ..., unet_runtime: _Optional[str] = ..., unet_runtime_choice: _Optional[str] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
-    __slots__ = ("name", "chosen_by", "description", "training", "edit_guidance_scale")
+    __slots__ = ("name", "chosen_by", "description", "training", "edit_guidance_scale", "sampler", "karras_sigmas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_BY_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     EDIT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    KARRAS_SIGMAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     chosen_by: str
     description: str
     training: _containers.RepeatedCompositeFieldContainer[MethodDefaults]
     edit_guidance_scale: float
-    def __init__(self, name: _Optional[str] = ..., chosen_by: _Optional[str] = ..., description: _Optional[str] = ..., training: _Optional[_Iterable[_Union[MethodDefaults, _Mapping]]] = ..., edit_guidance_scale: _Optional[float] = ...) -> None: ...
+    sampler: str
+    karras_sigmas: bool
+    def __init__(self, name: _Optional[str] = ..., chosen_by: _Optional[str] = ..., description: _Optional[str] = ..., training: _Optional[_Iterable[_Union[MethodDefaults, _Mapping]]] = ..., edit_guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., karras_sigmas: bool = ...) -> None: ...
 
 class MethodDefaults(_message.Message):
     __slots__ = ("method", "steps", "learning_rate", "rank", "batch_size", "prior_loss_weight", "num_class_images", "train_text_encoder", "source")
