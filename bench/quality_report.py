@@ -35,12 +35,13 @@ PROMPT_STREAM = 4242  # a world stream no training script draws from
 ATTRIBUTES = ("shape", "color", "texture", "background", "bg_color", "all")
 
 
-def held_in_scenes(n: int):
-    """n single-object scenes of the base distribution, shapes cycled so each is equally tested."""
+def held_in_scenes(n: int, stream: int = PROMPT_STREAM):
+    """n single-object scenes of the base distribution, shapes cycled so each is equally tested
+    (another `stream`: another set of prompts, e.g. a dev set to tune on)."""
     scenes = []
     for i in range(n):
         shape = SHAPES[i % len(SHAPES)]
-        scene = sample_scene(rng_for(PROMPT_STREAM, i), shapes=(shape,), p_two_objects=0.0)
+        scene = sample_scene(rng_for(stream, i), shapes=(shape,), p_two_objects=0.0)
         scenes.append(scene)
     return scenes
 

@@ -248,3 +248,18 @@ def test_parity_bench_on_a_tiny_subset(tmp_path, monkeypatch, one_torch_thread):
     assert any(k.startswith("unet.") for k in lora) and any(k.startswith("text_encoder.") for k in lora)
     assert all(module.rank == 4 and module.scale == 1.0 for module in lora.values())
     assert any(module.up.abs().max() > 0 for module in lora.values())  # trained
+
+
+def test_samplers_bench_on_a_few_prompts(tmp_path, one_torch_thread):
+    """The samplers table's command on 3 prompts, few-step settings only: every row carries its
+    interval and n, the few-step rows their paired difference and ratios to DDIM at 25 steps."""
+    from bench import bench_samplers
+
+    report = bench_samplers.main(["--prompts", "3", "--only", "few", "--threads", "1", "--out-dir", str(tmp_path)])
+    reference, *few = report["few"]
+    assert reference["label"] == "DDIM, 25 steps, guidance 4" and len(few) == len(bench_samplers.FEW)
+    for r in report["few"]:
+        assert r["accuracy"]["n"] == 3 and r["accuracy"]["lo"] <= r["accuracy"]["mean"] <= r["accuracy"]["hi"]
+    assert all("delta_accuracy" in r and r["speed_ratio"] > 0 for r in few)
+    md = (tmp_path / "samplers.md").read_text()
+    assert "95% bootstrap interval over prompts" in md and "| LCM + LCM-LoRA, 4 steps, guidance 1 |" in md
