@@ -115,8 +115,8 @@ def distill(model_dir: Path, steps: int, batch: int, lr: float, rank: int, w_min
     pipe.text_encoder.requires_grad_(False)
     pipe.vae.requires_grad_(False)
     data = world_dataset(pipe, dataset_size, seed)
-    alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas_cumprod = noise_scheduler.alphas_cumprod
     solver = DDIMSolver(alphas_cumprod, noise_scheduler.config.num_train_timesteps)
 
     teacher = pipe.unet.requires_grad_(False)
@@ -130,7 +130,7 @@ def distill(model_dir: Path, steps: int, batch: int, lr: float, rank: int, w_min
             p.requires_grad_(False)
         if init is not None:
             with torch.no_grad():
-                for name, layer in student.items():
+                for name in student:
                     for layers in (student, target):
                         layers[name].lora_A.copy_(init.lora[name].down)
                         layers[name].lora_B.copy_(init.lora[name].up)
