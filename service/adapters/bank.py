@@ -30,6 +30,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from service.engine.construction import MODULE_CONSTRUCTION
+
 from .conv import BankedLoRAConv2d, replace_convs
 from .errors import AdapterFormatError
 from .formats import Adapter, ServedModel, family_mismatch, validate_adapter
@@ -160,15 +162,16 @@ def replace_linears(
     layers keyed ``<prefix>.<path>`` (the adapter format's module names). The trainers' LoRA layers
     use it too, so a trained adapter names exactly the layers the bank serves."""
     replaced = {}
-    for name, module in list(root.named_modules()):
-        # Only whole path components match ("attn1.to_q", not "xattn1.to_q").
-        if not isinstance(module, nn.Linear) or not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        layer = make(module)
-        setattr(parent, child, layer)  # works for ModuleList children ("to_out.0") too
-        replaced[f"{prefix}.{name}"] = layer
+    with MODULE_CONSTRUCTION:  # see service/engine/construction.py
+        for name, module in list(root.named_modules()):
+            # Only whole path components match ("attn1.to_q", not "xattn1.to_q").
+            if not isinstance(module, nn.Linear) or not any(name == t or name.endswith("." + t) for t in targets):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = root.get_submodule(parent_name) if parent_name else root
+            layer = make(module)
+            setattr(parent, child, layer)  # works for ModuleList children ("to_out.0") too
+            replaced[f"{prefix}.{name}"] = layer
     return replaced
 
 

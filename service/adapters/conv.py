@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.engine.construction import MODULE_CONSTRUCTION
+
 
 def bankable_conv(module: nn.Module) -> bool:
     """Whether the bank can serve a LoRA on ``module``: a plain 2-D conv (no groups, zero padding
@@ -132,14 +134,15 @@ def replace_convs(root: nn.Module, prefix: str, targets, make) -> dict[str, nn.M
     """Replaces each bankable nn.Conv2d whose path ends with a target by ``make(conv)``; returns the
     new layers keyed ``<prefix>.<path>`` (the adapter format's module names)."""
     replaced = {}
-    for name, module in list(root.named_modules()):
-        if not bankable_conv(module) or not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        layer = make(module)
-        setattr(parent, child, layer)
-        replaced[f"{prefix}.{name}"] = layer
+    with MODULE_CONSTRUCTION:  # see service/engine/construction.py
+        for name, module in list(root.named_modules()):
+            if not bankable_conv(module) or not any(name == t or name.endswith("." + t) for t in targets):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = root.get_submodule(parent_name) if parent_name else root
+            layer = make(module)
+            setattr(parent, child, layer)
+            replaced[f"{prefix}.{name}"] = layer
     return replaced
 
 

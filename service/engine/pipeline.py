@@ -30,6 +30,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import families
+from .construction import MODULE_CONSTRUCTION
 from .text import PromptEncoder
 
 from .unet import EagerUNet, UNetRuntime
@@ -205,7 +206,8 @@ class Engine:
 
         def load(name, load_weights, skeleton):
             if name in components:
-                return load_weights()
+                with MODULE_CONSTRUCTION:  # from_pretrained patches process-wide functions while it runs
+                    return load_weights()
             with torch.device("meta"):
                 return skeleton()
 
