@@ -263,3 +263,21 @@ def test_samplers_bench_on_a_few_prompts(tmp_path, one_torch_thread):
     assert all("delta_accuracy" in r and r["speed_ratio"] > 0 for r in few)
     md = (tmp_path / "samplers.md").read_text()
     assert "95% bootstrap interval over prompts" in md and "| LCM + LCM-LoRA, 4 steps, guidance 1 |" in md
+
+
+def test_lcm_snapshot_chooser_pairs_each_file_with_the_first(tmp_path, one_torch_thread):
+    """bench.lcm_snapshots on 3 dev prompts: the shipped LCM-LoRA against itself differs by exactly
+    0 (same prompts, same seeds: the pairing holds), and its 4-step reading is bench_samplers' one."""
+    from bench import bench_samplers, lcm_snapshots
+    from service.research.lcm.distill import WEIGHTS
+
+    report = lcm_snapshots.main([str(WEIGHTS), str(WEIGHTS), "--prompts", "3", "--out-dir", str(tmp_path)])
+    first, again = report["rows"]
+    assert first["delta_vs_first"] is None and first["accuracy"]["n"] == 3
+    assert again["accuracy"] == first["accuracy"]
+    assert again["delta_vs_first"]["mean"] == again["delta_vs_first"]["lo"] == again["delta_vs_first"]["hi"] == 0
+    samplers = bench_samplers.main(["--prompts", "3", "--split", "dev", "--only", "few", "--threads", "1",
+                                    "--out-dir", str(tmp_path)])
+    lcm4 = next(r for r in samplers["few"] if r["label"] == "LCM + LCM-LoRA, 4 steps, guidance 1")
+    assert lcm4["accuracy"] == first["accuracy"]
+    assert "Δ vs first" in (tmp_path / "lcm_snapshots_dev.md").read_text()
