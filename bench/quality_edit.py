@@ -377,6 +377,7 @@ def main(argv=None) -> dict:
         stem += "_" + "_".join(f"{k}-{v}" for k, v in sorted(overrides.items()))
     command = "python -m bench.quality_edit" + (f" --table {args.table}" if args.table != "main" else "") + (
         f" --split {args.split}" if args.split != TEST else "") + (" --one-shot" if len(photo_cases) > 1 else "") + (
+        f" --methods {' '.join(args.methods)}" if list(args.methods) != list(SUBJECT_METHODS) else "") + (
         f" --concepts {' '.join(args.concepts)}" if args.concepts else "") + (
         f" --variants {' '.join(args.variants)}" if args.variants else "") + (
         f" --set {' '.join(args.set)}" if args.set else "") + (" --against-defaults" if args.against_defaults else "")

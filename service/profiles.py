@@ -82,7 +82,9 @@ WORLD = ModelProfile(
     # source's self-attention only: injecting its decoder ResNet features (pnp's 80% of the steps,
     # EditOptions' default, kept for SD) repainted their backgrounds on this small UNet, and on the
     # dev split attention-only injection gave DreamBooth-LoRA +17 points of fidelity and Custom
-    # Diffusion -2.1 background error (bench/results/quality_edit_dev_guided_feature_fraction-0.md).
+    # Diffusion -2.1 background error (bench/results/quality_edit_dev_guided_feature_fraction-0.md);
+    # on all 6 dev concepts the ResNet injection lost DreamBooth-LoRA 12 and Custom Diffusion 17
+    # fidelity points against it (..._guided_feature_fraction-0.8.md).
     edit={"guidance_scale": 4.0, "guided_feature_fraction": 0.0},
     sources={
         "DREAMBOOTH_LORA": SWEEP,
