@@ -477,12 +477,16 @@ def test_scaling_queries_parse_and_match_the_recording_rule(builds, tmp_path):
 
 
 def dockerfile(name: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped; a FROM's
+    ${ARG} is the ARG's default (what a build without --build-arg uses)."""
     text = (DEPLOY / "images" / name).read_text()
     lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    return [(m.group(1).upper(), m.group(2).strip())
-            for m in (re.match(r"\s*(\w+)\s+(.*)", ln) for ln in joined.splitlines()) if m]
+    steps = [(m.group(1).upper(), m.group(2).strip())
+             for m in (re.match(r"\s*(\w+)\s+(.*)", ln) for ln in joined.splitlines()) if m]
+    defaults = dict(args.split("=", 1) for op, args in steps if op == "ARG" and "=" in args)
+    return [(op, re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], args) if op == "FROM" else args)
+            for op, args in steps]
 
 
 def _pinned(image: str) -> bool:
@@ -520,7 +524,9 @@ def test_gateway_image():
     froms = [args.split()[0] for op, args in steps if op == "FROM"]
     assert len(froms) >= 2, "multi-stage: build tools stay in the build stage"
     assert all(re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", f) for f in froms)
-    assert any("download.pytorch.org/whl/cpu" in args and "torch==2.13.0" in args for op, args in steps if op == "RUN")
+    # torch from the CPU index unless a build names another (scripts/build-images.sh: pip's own config).
+    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in steps
+    assert any("TORCH_INDEX_URL" in args and "torch==2.13.0" in args for op, args in steps if op == "RUN")
     (entry,) = [json.loads(args) for op, args in steps if op == "ENTRYPOINT"]
     assert entry == ["steerserve", "serve", "--backend", "triton"]  # the Deployment adds only --host
     exposed = {p for op, args in steps if op == "EXPOSE" for p in args.split()}

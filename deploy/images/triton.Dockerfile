@@ -32,10 +32,11 @@ ARG TORCH_INDEX_URL=https://pypi.org/simple
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml requirements.lock README.md ./
-COPY service/ service/
-# requirements.lock was resolved on Python 3.11; every pin in it also publishes 3.12 wheels as far
+RUN pip install -c requirements.lock . ./clients/python \
+ && python -c "import service.cli, service.gateway.server, service.triton.launcher" \
+ && steerserve --help >/dev/null# requirements.lock was resolved on Python 3.11; every pin in it also publishes 3.12 wheels as far
 # as we know, but this build has not been run (no Docker daemon where it was written).
-RUN pip install -c requirements.lock . && rm -rf /src
+RUN pip install -c requirements.lock . ./clients/python && rm -rf /src
 COPY model_repo/ /opt/steerserve/model_repo/
 COPY deploy/tensorrt/build_unet_plan.sh /opt/steerserve/deploy/tensorrt/build_unet_plan.sh
 # The python backend stub runs the system interpreter: give it the venv's packages (service,

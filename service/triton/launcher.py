@@ -114,6 +114,22 @@ def server_environment(dist: TritonDistribution, extra: Mapping[str, str] | None
     return env
 
 
+def missing_libraries(dist: TritonDistribution, extra_env: Mapping[str, str] | None = None) -> list[str]:
+    """The shared libraries that the server, its python backend or this interpreter's stub cannot
+    find in the environment the server runs in (ldd's "not found" lines). A stub that cannot load
+    exits at once for every model instance and the server waits on, never ready: e.g. Debian's
+    python3 without its libpython3.11 package (found by the first real image build). Empty where
+    there is no ldd to ask."""
+    if shutil.which("ldd") is None:
+        return []
+    env = server_environment(dist, extra_env)
+    missing = []
+    for path in (dist.binary, dist.python_backend_library, dist.stub):
+        out = subprocess.run(["ldd", str(path)], env=env, capture_output=True, text=True, timeout=60)
+        missing += [f"{path.name}: {line.strip()}" for line in out.stdout.splitlines() if "not found" in line]
+    return missing
+
+
 def trace_args(url: str, service_name: str = "steerserve-triton") -> list[str]:
     """tritonserver flags for its own OpenTelemetry traces, exported as OTLP/HTTP (the only protocol
     Triton speaks) to `url` (e.g. http://collector:4318/v1/traces). rate=0: only requests that
@@ -154,7 +170,7 @@ class TritonServer:
         self.extra_env = dict(env or {})
         self.host = host
         self._own_work_dir = work_dir is None
-        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="steerserve-triton-"))
+        self.work_dir = (Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="steerserve-triton-"))).resolve()
         self.grpc_port = grpc_port or free_port(host)
         self.http_port = http_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
@@ -218,11 +234,22 @@ class TritonServer:
         if self._closed:
             raise TritonStartError("the server was closed")
         dist = TritonDistribution.find()
+        missing = missing_libraries(dist, self.extra_env)
+        if missing:  # fail now, not after start_timeout_s of a server whose models never load
+            raise TritonStartError("Triton cannot start, shared libraries not found: " + "; ".join(missing))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
         log_file = open(self.log_path, "ab")
+        # The server and its stubs run in an empty folder of their own: a stub's sys.path starts
+        # with its working directory, where any folder is an importable package. In the image
+        # (WORKDIR /tmp, --work-dir /tmp/triton) the work dir itself became `import triton`, and
+        # torch, finding a "triton" without triton.language, failed every model's load (found on
+        # the first real container run).
+        cwd = self.work_dir / "cwd"
+        cwd.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
             self.command(dist),
+            cwd=cwd,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=server_environment(dist, self.extra_env),
@@ -320,8 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--work-dir")
+    ap.add_argument("--check", action="store_true",
+                    help="only check that the server, its python backend and stub find their shared libraries (an image build runs it)")
     args, extra = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.check:
+        missing = missing_libraries(TritonDistribution.find())
+        print("\n".join(missing) if missing else "Triton's shared libraries: all found")
+        return 1 if missing else 0
     server = TritonServer(
         args.model_repository, models=args.models, host=args.host, grpc_port=args.grpc_port,
         http_port=args.http_port, metrics_port=args.metrics_port, work_dir=args.work_dir,
