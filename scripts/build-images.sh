@@ -6,12 +6,16 @@
 #
 #   bash scripts/build-images.sh                      # base: a Debian bookworm rootfs (mmdebstrap)
 #   BASE_IMAGE=python:3.11.13-slim-bookworm bash scripts/build-images.sh   # base: the registry's
+#   bash scripts/build-images.sh --postgres-standin   # + tests/containers' PostgreSQL stand-in for
+#                                                     #   the overlay's registry image (tests only)
 #
 # The Dockerfiles' own default base is the registry's python image (real deployments). Here no
 # registry is reachable, so by default the base is a minbase bookworm root filesystem made with
 # mmdebstrap (Debian's registry is reachable) and imported as localhost/steerserve-base:bookworm-<digest>:
-# the tar is kept in var/images/ and reused, so the base (and every layer above it) changes only
-# when the tar does (--refresh-base makes a new one).
+# the tar is kept per machine (~/.cache/steerserve/images, STEERSERVE_IMAGE_CACHE) and reused, so the
+# base, and with it every cached layer above it, changes only when the tar does (--refresh-base makes
+# a new one): a fresh clone on the same machine rebuilds only the layers whose inputs changed (the
+# dependency layer is keyed on the dependency lists and requirements.lock, the code layer on the code).
 #
 # pip inside the build uses this machine's pip configuration (`pip config list`: the files and the
 # PIP_* environment): it is written to a pip.conf mounted into the build's RUN steps, with every
@@ -23,11 +27,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-refresh_base=0
+refresh_base=0 postgres_standin=0
 for arg in "$@"; do
   case "$arg" in
     --refresh-base) refresh_base=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --postgres-standin) postgres_standin=1 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done
@@ -36,18 +41,21 @@ engine=${CONTAINER_ENGINE:-$(command -v podman || command -v docker || true)}
 [ -n "$engine" ] || { echo "neither podman nor docker found (scripts/setup.sh --test installs podman)" >&2; exit 1; }
 python=${PYTHON:-python3}
 version=$("$python" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
-work=var/images
-mkdir -p "$work"
+work=var/images                                            # this checkout's pip.conf
+cache=${STEERSERVE_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/steerserve/images}  # the machine's base
+mkdir -p "$work" "$cache"
 
 # -- the base ----------------------------------------------------------------------------------
 base=${BASE_IMAGE:-}
 if [ -z "$base" ]; then
-  rootfs=$work/bookworm-rootfs.tar
+  rootfs=$cache/bookworm-rootfs.tar
   if [ "$refresh_base" = 1 ] || [ ! -s "$rootfs" ]; then
     command -v mmdebstrap >/dev/null || { echo "mmdebstrap not found (scripts/setup.sh --test installs it)" >&2; exit 1; }
-    # The name ends in .tar: mmdebstrap picks its output format by the extension.
-    mmdebstrap --quiet --variant=minbase bookworm "$work/partial-rootfs.tar"
-    mv "$work/partial-rootfs.tar" "$rootfs"
+    # The name ends in .tar: mmdebstrap picks its output format by the extension. A partial file
+    # of its own per run: two checkouts building at once never read each other's half-written tar.
+    partial=$cache/partial-$$.tar
+    mmdebstrap --quiet --variant=minbase bookworm "$partial"
+    mv "$partial" "$rootfs"
   fi
   digest=$(sha256sum "$rootfs" | cut -c1-12)
   base=localhost/steerserve-base:bookworm-$digest
@@ -80,13 +88,16 @@ done < <(sed -n 's/^[a-z-]* = //p' "$pipconf" | tr ' ' '\n' | sed "s#^file://##;
 mounts+=(--volume "$PWD/$pipconf:/etc/pip.conf:ro")
 
 # -- the images ----------------------------------------------------------------------------------
-build() {  # name dockerfile
-  local name=$1 file=$2 started=$SECONDS
+build() {  # name dockerfile [context]
+  local name=$1 file=$2 context=${3:-.} started=$SECONDS
   "$engine" build --file "$file" --tag "$name" \
-    --build-arg BASE_IMAGE="$base" --build-arg TORCH_INDEX_URL= "${mounts[@]}" . >&2
+    --build-arg BASE_IMAGE="$base" --build-arg TORCH_INDEX_URL= "${mounts[@]}" "$context" >&2
   local size
   size=$("$engine" image inspect --format '{{.Size}}' "$name")
   echo "$name $size $((SECONDS - started))"
 }
 
 build "localhost/steerserve-gateway:$version" deploy/images/gateway.Dockerfile
+if [ "$postgres_standin" = 1 ]; then
+  build localhost/steerserve-test-postgres:15 tests/containers/postgres-standin.Dockerfile tests/containers
+fi

@@ -25,13 +25,39 @@ if [ "${1:-}" = "--test" ]; then
   command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-  if [ ${#missing[@]} -gt 0 ]; then
+  # Real containers (tests/test_containers.py, scripts/build-images.sh): podman builds and runs the
+  # images and `podman kube play`s the CPU overlay; runc, because crun fails on these machines
+  # (cgroups in hybrid mode); mmdebstrap makes the Debian base where no registry can be pulled.
+  # podman with its Recommends, as checked (netavark + aardvark-dns: pod networks and their DNS;
+  # catatonit: the pods' infra image), so it is installed apart from the rest below.
+  containers=()
+  for tool in podman runc mmdebstrap; do command -v "$tool" >/dev/null 2>&1 || containers+=("$tool"); done
+  if [ $((${#missing[@]} + ${#containers[@]})) -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       apt-get update -qq >/dev/null
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+      if [ ${#missing[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+      fi
+      if [ ${#containers[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${containers[@]}" >/dev/null
+      fi
     else
-      echo "warning: ${missing[*]} not found and cannot be installed (need root + apt); their tests will fail" >&2
+      echo "warning: ${missing[*]} ${containers[*]} not found and cannot be installed (need root + apt); their tests will fail" >&2
     fi
+  fi
+  # podman's settings for this machine (../shared/notes/environment.md): runc, and container ulimits
+  # no higher than the machine's own (raising them is refused here). A drop-in of our own, so an
+  # administrator's containers.conf stays as it is.
+  if [ "$(id -u)" = 0 ] && command -v podman >/dev/null 2>&1 && [ ! -e /etc/containers/containers.conf.d/50-steerserve.conf ]; then
+    mkdir -p /etc/containers/containers.conf.d
+    cat > /etc/containers/containers.conf.d/50-steerserve.conf <<'CONF'
+# Written by SteerServe's scripts/setup.sh --test: crun fails on these machines; runc works.
+[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+CONF
   fi
   # buf lints the proto and refuses breaking changes against the last released API
   # (tests/test_proto_buf.py). From npm (the binary comes in a platform package such as

@@ -161,7 +161,7 @@ def postgres():
 SYSTEM_MODULES = {
     "test_triton", "test_triton_configs", "test_triton_supervisor", "test_multi_replica", "test_crash_safety",
     "test_observability_rules", "test_deploy_manifests", "test_metrics_lint", "test_gpu_metrics", "test_tls",
-    "test_cli", "test_examples",
+    "test_cli", "test_examples", "test_containers",
 }
 
 

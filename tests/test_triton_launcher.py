@@ -56,3 +56,25 @@ def test_start_refuses_at_once_naming_the_library(broken, tmp_path, monkeypatch)
         server.start()
     assert server.process is None  # nothing was started
     assert launcher.main(["--check"]) == 1
+
+
+def test_follow_copies_the_server_log_to_stdout_from_before_it_exists_to_after_stop(tmp_path):
+    """`python -m service.triton.launcher` echoes tritonserver's log file on its stdout (what
+    `kubectl logs` of a Triton pod shows): from a file that does not exist yet, every line appended
+    while it runs, and whatever was written just before the stop."""
+    import io
+    import threading
+
+    from service.triton.launcher import follow
+
+    path, out, stop = tmp_path / "tritonserver.log", io.BytesIO(), threading.Event()
+    echo = threading.Thread(target=follow, args=(path, out, stop, 0.01))
+    echo.start()
+    with open(path, "ab") as f:
+        for i in range(200):
+            f.write(f"I1207 model line {i}\n".encode())
+            f.flush()
+    stop.set()
+    echo.join(10)
+    assert not echo.is_alive()
+    assert out.getvalue().decode().splitlines() == [f"I1207 model line {i}" for i in range(200)]

@@ -33,13 +33,20 @@ ENV PATH=/opt/steerserve/venv/bin:$PATH
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 WORKDIR /src
-# Dependencies change less often than the code: pyproject + lock first, for the layer cache.
-COPY pyproject.toml requirements.lock README.md ./
+# Dependencies change less often than the code: they get a layer of their own, keyed on pyproject's
+# and the client's dependency lists and the lock only, so a code change rebuilds in seconds. The
+# exact versions of requirements.lock (torch==2.13.0 there is satisfied by 2.13.0+cpu).
+COPY pyproject.toml requirements.lock ./
+COPY clients/python/pyproject.toml clients/python/pyproject.toml
+RUN python -c "import tomllib; print('\n'.join(d for f in ('pyproject.toml', 'clients/python/pyproject.toml') \
+      for d in tomllib.load(open(f, 'rb'))['project']['dependencies'] if not d.startswith('steerserve')))" > /tmp/deps.txt \
+ && pip install -c requirements.lock -r /tmp/deps.txt
+COPY README.md ./
 COPY service/ service/
 # The client package: the `steerserve` CLI (the entrypoint) calls through it.
 COPY clients/python/ clients/python/
-# The exact versions of requirements.lock (torch==2.13.0 there is satisfied by 2.13.0+cpu).
-RUN pip install -c requirements.lock . ./clients/python \
+RUN pip install --no-deps . ./clients/python \
+ && pip check \
  && python -c "import service.cli, service.gateway.server, service.triton.launcher" \
  && steerserve --help >/dev/null
 

@@ -332,6 +332,31 @@ class TritonServer:
         self.close()
 
 
+def follow(path: Path, out, stop: threading.Event, poll_s: float = 0.2) -> None:
+    """Copies what is appended to `path` (from its start, or as soon as it exists) to `out` until
+    `stop` is set, then what is left: the server's log on the launcher's stdout, where a container
+    runtime (`kubectl logs`) reads it. The log file stays the launcher's own record (log_tail)."""
+    handle = None
+    try:
+        while True:
+            stopping = stop.is_set()
+            if handle is None:
+                try:
+                    handle = open(path, "rb")
+                except FileNotFoundError:
+                    handle = None
+            if handle is not None:
+                while chunk := handle.read(65536):
+                    out.write(chunk)
+                out.flush()
+            if stopping:
+                return
+            stop.wait(poll_s)
+    finally:
+        if handle is not None:
+            handle.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m service.triton.launcher`: serve a model repository in the foreground (deploy/).
 
@@ -363,12 +388,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with server:
-        log.info("Triton ready: grpc %s, metrics %s, log %s", server.grpc_url, server.metrics_url, server.log_path)
-        while not stop.wait(1.0):
-            if server.process.poll() is not None:
-                log.error("tritonserver exited with code %s:\n%s", server.process.returncode, server.log_tail())
-                return 1
+    # The server's own log (model loads, stub errors) on stdout too: in a pod it is what
+    # `kubectl logs` shows while a start takes minutes (found on the first container run).
+    log_done = threading.Event()
+    echo = threading.Thread(target=follow, args=(server.log_path, sys.stdout.buffer, log_done), daemon=True)
+    echo.start()
+    try:
+        with server:
+            log.info("Triton ready: grpc %s, metrics %s, log %s", server.grpc_url, server.metrics_url, server.log_path)
+            while not stop.wait(1.0):
+                if server.process.poll() is not None:
+                    log.error("tritonserver exited with code %s", server.process.returncode)
+                    return 1
+    finally:
+        log_done.set()
+        echo.join(5)
     return 0
 
 
