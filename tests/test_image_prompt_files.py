@@ -1,0 +1,137 @@
+"""IP-Adapter files in the published layout, applied as diffusers' `load_ip_adapter` applies them
+(issue 40, item 3): random weights on SD 1.x- and SDXL-structured UNets, base and plus projections.
+
+One UNet call holds rows with different image prompts and scales and a row without any; diffusers
+runs each row on its own (one image prompt and scale per call, its IPAdapterAttnProcessor2_0).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from service.image_prompt import files
+from service.image_prompt.packing import ImagePromptLayout
+
+E, HIDDEN = 24, 40  # image embedding width (base) and encoder hidden width (plus): a tiny CLIP vision
+
+
+def published(unet, kind: str, seed: int = 0) -> dict:
+    """A random IP-Adapter state dict in the published (nested) layout for `unet`."""
+    g = torch.Generator().manual_seed(seed)
+    d = unet.config.cross_attention_dim
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    if kind == "base":
+        proj = {"proj.weight": rand(4 * d, E), "proj.bias": rand(4 * d), "norm.weight": 1 + rand(d), "norm.bias": rand(d)}
+    else:  # the original Resampler's names: 4 layers, 64-wide heads, 16 queries
+        hid, heads = 64, 1
+        proj = {"latents": rand(1, 16, hid), "proj_in.weight": rand(hid, HIDDEN), "proj_in.bias": rand(hid),
+                "proj_out.weight": rand(d, hid), "proj_out.bias": rand(d), "norm_out.weight": 1 + rand(d), "norm_out.bias": rand(d)}
+        for i in range(4):
+            proj |= {f"layers.{i}.0.norm1.weight": 1 + rand(hid), f"layers.{i}.0.norm1.bias": rand(hid),
+                     f"layers.{i}.0.norm2.weight": 1 + rand(hid), f"layers.{i}.0.norm2.bias": rand(hid),
+                     f"layers.{i}.0.to_q.weight": rand(heads * 64, hid), f"layers.{i}.0.to_kv.weight": rand(2 * heads * 64, hid),
+                     f"layers.{i}.0.to_out.weight": rand(hid, heads * 64),
+                     f"layers.{i}.1.0.weight": 1 + rand(hid), f"layers.{i}.1.0.bias": rand(hid),
+                     f"layers.{i}.1.1.weight": rand(4 * hid, hid), f"layers.{i}.1.3.weight": rand(hid, 4 * hid)}
+    modules = dict(unet.named_modules())
+    ip = {}
+    for key, name in files.cross_attention_layers(unet).items():
+        inner = modules[name].to_k.out_features
+        ip[f"{key}.to_k_ip.weight"], ip[f"{key}.to_v_ip.weight"] = rand(inner, d), rand(inner, d)
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+@pytest.fixture(scope="module")
+def sd1_unet(tiny_pipe):
+    return tiny_pipe.unet
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet(tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    from bench.model_folders import sdxl_folder
+
+    folder = sdxl_folder(tmp_path_factory.mktemp("models") / "sdxl-tiny")
+    return UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).eval().requires_grad_(False)
+
+
+def embeddings(kind: str, rows: int, images: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "base":
+        return torch.randn(rows, images, E, generator=g)
+    return torch.randn(rows, images, 9, HIDDEN, generator=g)  # penultimate hidden states, 9 tokens
+
+
+def sdxl_added(rows: int, unet) -> dict:
+    g = torch.Generator().manual_seed(3)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    return {"text_embeds": torch.randn(rows, pooled, generator=g), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * rows)}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("kind", ["base", "plus"])
+def test_rows_with_their_own_image_prompts_equal_diffusers_per_row(family, kind, request):
+    base_unet = request.getfixturevalue(f"{family}_unet")
+    state = published(base_unet, kind)
+    theirs = copy.deepcopy(base_unet)
+    theirs._load_ip_adapter_weights([state])  # what pipe.load_ip_adapter calls with the file's dict
+    ours = copy.deepcopy(base_unet)
+    adapter = files.load(state, ours)
+    assert adapter.kind == kind and adapter.tokens == (4 if kind == "base" else 16)
+    images = 2  # a prompt of two reference images: their tokens side by side, as diffusers does
+    layout = ImagePromptLayout(text_tokens=77, max_tokens=adapter.tokens * 3)
+    files.install(ours, adapter, layout)
+
+    g = torch.Generator().manual_seed(1)
+    d = base_unet.config.cross_attention_dim
+    rows = 3
+    latents = torch.randn(rows, base_unet.config.in_channels, 16, 16, generator=g)
+    t = torch.tensor([999, 500, 20])
+    text = torch.randn(rows, 77, d, generator=g)
+    embeds = embeddings(kind, rows, images, seed=2)
+    scales = [1.0, 0.0, 0.6]  # row 1: no image prompt
+    added = sdxl_added(rows, base_unet) if family == "sdxl" else None
+
+    with torch.no_grad():
+        flat = embeds.flatten(0, 1)  # [rows * images, ...] -> tokens [rows, images * T, D]
+        tokens = adapter.projection(flat).reshape(rows, images * adapter.tokens, d)
+        packed = torch.cat([layout.pack(text[i : i + 1], None if scales[i] == 0 else tokens[i : i + 1], scales[i])
+                            for i in range(rows)])
+        kwargs = {"added_cond_kwargs": added} if added else {}
+        got = ours(latents, t, encoder_hidden_states=packed, **kwargs).sample
+        expected = []
+        for i in range(rows):
+            theirs.set_attn_processor({n: p for n, p in theirs.attn_processors.items()})  # fresh state per call
+            for p in theirs.attn_processors.values():
+                if hasattr(p, "scale"):
+                    p.scale = [scales[i]]
+            row_added = {k: v[i : i + 1] for k, v in added.items()} if added else {}
+            expected.append(theirs(latents[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1],
+                                   added_cond_kwargs={"image_embeds": [embeds[i : i + 1]], **row_added}).sample)
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-5, atol=1e-5)
+    # The image prompt matters (the equality is not of two base UNets), and a row without one is the
+    # base UNet's result.
+    with torch.no_grad():
+        plain = base_unet(latents, t, encoder_hidden_states=text, **({"added_cond_kwargs": added} if added else {})).sample
+    assert (got[0] - plain[0]).abs().max() > 1e-3
+    torch.testing.assert_close(got[1], plain[1], rtol=0, atol=1e-6)
+
+
+def test_a_file_for_another_model_is_refused_by_name(sd1_unet, sdxl_unet, tmp_path):
+    from safetensors.torch import save_file
+
+    state = published(sdxl_unet, "base")
+    flat = {f"{part}.{k}": v for part, weights in state.items() for k, v in weights.items()}
+    save_file(flat, tmp_path / "ip-adapter_sdxl.safetensors")
+    assert files.load(tmp_path / "ip-adapter_sdxl.safetensors", sdxl_unet).kind == "base"  # the flat layout reads
+    with pytest.raises(files.ImagePromptFileError, match="wide|made for another model"):
+        files.load(tmp_path / "ip-adapter_sdxl.safetensors", sd1_unet)
+    with pytest.raises(files.ImagePromptFileError, match="both `image_proj` and `ip_adapter`"):
+        files.load({"image_proj": state["image_proj"]}, sdxl_unet)
+    face = {"image_proj": {"norm.weight": torch.ones(4), "proj.0.weight": torch.ones(8, 4)}, "ip_adapter": state["ip_adapter"]}
+    with pytest.raises(files.ImagePromptFileError, match="Face-ID"):
+        files.load(face, sdxl_unet)
