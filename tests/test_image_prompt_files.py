@@ -135,3 +135,59 @@ def test_a_file_for_another_model_is_refused_by_name(sd1_unet, sdxl_unet, tmp_pa
     face = {"image_proj": {"norm.weight": torch.ones(4), "proj.0.weight": torch.ones(8, 4)}, "ip_adapter": state["ip_adapter"]}
     with pytest.raises(files.ImagePromptFileError, match="Face-ID"):
         files.load(face, sdxl_unet)
+
+
+def vision_folder(path):
+    """A tiny CLIP vision encoder with projection, saved as a local folder (as published IP-Adapter
+    repositories hold theirs, e.g. models/image_encoder): embeddings E wide, hidden states HIDDEN."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(1)
+    config = CLIPVisionConfig(hidden_size=HIDDEN, intermediate_size=48, projection_dim=E, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=32, patch_size=4, num_channels=3)
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["base", "plus"])
+def test_reference_photos_through_a_local_encoder_equal_diffusers_pipeline_path(kind, tiny_pipe, tmp_path):
+    """From PIL photos: our encoder (local folder), the file's projection, one packed UNet call with
+    guidance's two rows, against diffusers' pipeline after `load_ip_adapter` of the same repository
+    layout (its image encoder, feature extractor, `prepare_ip_adapter_image_embeds`, unconditional
+    embeddings and UNet)."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from service.image_prompt.encoder import ImageEncoder
+
+    repo = tmp_path / "ip-adapter"
+    vision_folder(repo / "models" / "image_encoder")
+    state = published(tiny_pipe.unet, kind, seed=4)
+    save_file({f"{part}.{k}": v for part, weights in state.items() for k, v in weights.items()},
+              repo / "models" / "ip-adapter.safetensors")
+    rng = np.random.RandomState(0)
+    photos = [Image.fromarray((rng.rand(40 + 8 * i, 48, 3) * 255).astype(np.uint8)) for i in range(2)]
+
+    pipe = copy.deepcopy(tiny_pipe)
+    pipe.load_ip_adapter(str(repo), subfolder="models", weight_name="ip-adapter.safetensors")
+    pipe.set_ip_adapter_scale(0.8)
+    theirs_embeds = pipe.prepare_ip_adapter_image_embeds([photos], None, "cpu", 1, True)[0]  # [neg; pos]
+
+    encoder = ImageEncoder.from_folder(repo / "models" / "image_encoder")
+    adapter = files.load(repo / "models" / "ip-adapter.safetensors", copy.deepcopy(tiny_pipe.unet))
+    positive, negative = encoder.embed(photos, kind)
+    ours_embeds = torch.stack([negative, positive])  # one prompt of two photos: [2 (neg, pos), 2 photos, ...]
+    torch.testing.assert_close(ours_embeds, theirs_embeds, rtol=1e-5, atol=1e-6)
+
+    ours = copy.deepcopy(tiny_pipe.unet)
+    layout = ImagePromptLayout(text_tokens=77, max_tokens=adapter.tokens * 5)
+    files.install(ours, adapter, layout)
+    d = ours.config.cross_attention_dim
+    g = torch.Generator().manual_seed(6)
+    text, latents, t = torch.randn(2, 77, d, generator=g), torch.randn(1, 4, 16, 16, generator=g).repeat(2, 1, 1, 1), torch.tensor([700, 700])
+    with torch.no_grad():
+        tokens = adapter.projection(ours_embeds.flatten(0, 1)).reshape(2, 2 * adapter.tokens, d)
+        got = ours(latents, t, encoder_hidden_states=layout.pack(text, tokens, 0.8)).sample
+        expected = pipe.unet(latents, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [theirs_embeds]}).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
