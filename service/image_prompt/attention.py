@@ -53,9 +53,11 @@ class ImagePromptAttnProcessor(nn.Module):
                                              dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
-        if image is not None and bool((scale != 0).any()):
+        if image is not None:
             # Each row attends to its own valid image tokens only (a row's padding is masked); a row
-            # without any attends to one zero token, finite, and is multiplied by its scale 0.
+            # without any attends to one zero token, finite, and is multiplied by its scale 0. No
+            # branch on the values (a traced or compiled UNet would freeze it): rows without an
+            # image prompt cost this small attention too.
             n = image.shape[1]
             valid = torch.arange(n, device=image.device)[None, :] < count[:, None].clamp(min=1)
             ip = F.scaled_dot_product_attention(query, heads(self.to_k_ip(image)), heads(self.to_v_ip(image)),
