@@ -191,3 +191,71 @@ def test_reference_photos_through_a_local_encoder_equal_diffusers_pipeline_path(
         got = ours(latents, t, encoder_hidden_states=layout.pack(text, tokens, 0.8)).sample
         expected = pipe.unet(latents, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [theirs_embeds]}).sample
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_reference_photos_equals_diffusers_pipeline_with_ip_adapter_image(tiny_pipe, tmp_path):
+    """The engine's whole sampling loop (guidance's unconditional row with the model's unconditional
+    image tokens) against StableDiffusionPipeline(ip_adapter_image=...) after load_ip_adapter, same
+    latents, 4 DDIM steps; and a row of another request without an image prompt, batched with it,
+    stays the plain engine's."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from bench.model_folders import ddim_like_ours
+    from service.engine.pipeline import Engine, GenerationSpec
+    from service.engine.sampling import Decode, generation, run
+    from service.image_prompt.served import ServedImagePrompts
+
+    repo = tmp_path / "ip-adapter"
+    vision_folder(repo / "models" / "image_encoder")
+    state = published(tiny_pipe.unet, "base", seed=5)
+    save_file({f"{part}.{k}": v for part, weights in state.items() for k, v in weights.items()},
+              repo / "models" / "ip-adapter.safetensors")
+    rng = np.random.RandomState(1)
+    photos = [Image.fromarray((rng.rand(48, 40, 3) * 255).astype(np.uint8)) for _ in range(2)]
+
+    c = copy.deepcopy(tiny_pipe)
+    engine = Engine(c.tokenizer, c.text_encoder, c.unet, c.vae, c.scheduler)
+    served = ServedImagePrompts.from_files(engine, repo / "models" / "ip-adapter.safetensors", repo / "models" / "image_encoder")
+    spec = GenerationSpec(prompt="a red dotted star", steps=4, guidance_scale=5.0, seed=3, num_images=1,
+                          image_prompt=served.prompt(photos, scale=0.8))
+    captured = {}
+
+    def execute(call):
+        if isinstance(call, Decode):
+            captured["latents"] = call.latents
+        return engine.execute(call)
+
+    run(generation(spec, engine.facts), execute)
+
+    pipe = copy.deepcopy(tiny_pipe)
+    ddim_like_ours(pipe)
+    pipe.load_ip_adapter(str(repo), subfolder="models", weight_name="ip-adapter.safetensors")
+    pipe.set_ip_adapter_scale(0.8)
+    theirs = pipe("a red dotted star", num_inference_steps=4, guidance_scale=5.0, height=64, width=64,
+                  latents=engine.initial_latents([3], 64, 64), ip_adapter_image=[photos], output_type="latent").images
+    torch.testing.assert_close(captured["latents"], theirs, rtol=1e-4, atol=1e-4)
+
+    # Packed conditioning of a row without an image prompt gives the engine's plain noise.
+    plain_engine = Engine(*(copy.deepcopy(getattr(tiny_pipe, n)) for n in ("tokenizer", "text_encoder", "unet", "vae", "scheduler")))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([900, 900])
+    with_prompt = engine.encode_prompts(["a star", "a star"], image_prompts=[spec.image_prompt, None])
+    mixed = engine.predict_noise(latents, t, with_prompt, [(), ()])
+    plain = plain_engine.predict_noise(latents, t, plain_engine.encode_prompts(["a star", "a star"]), [(), ()])
+    torch.testing.assert_close(mixed[1], plain[1], rtol=0, atol=1e-6)
+    assert (mixed[0] - plain[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="serves no image prompts"):
+        plain_engine.encode_prompts(["a star"], image_prompts=[spec.image_prompt])
+
+
+def test_image_prompts_are_refused_by_name_on_the_triton_wire_not_dropped():
+    from service.engine.sampling import Encode
+    from service.image_prompt.packing import ImagePrompt
+    from service.triton import wire
+
+    prompt = ImagePrompt(torch.zeros(4, 8), torch.zeros(4, 8), 1.0)
+    assert "PROMPTS" in wire.encode_call(Encode(["a star"], [()], None, [None]))
+    with pytest.raises(ValueError, match="image prompts do not travel to Triton yet"):
+        wire.encode_call(Encode(["a star"], [()], None, [prompt]))

@@ -163,6 +163,9 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.adapters: AdapterHook = NoAdapters()
+        # service.image_prompt.served.ServedImagePrompts once an IP-Adapter is installed: its
+        # `pack(embeds, image_prompts)` adds every row's image-prompt tokens to its conditioning.
+        self.image_prompts = None
         # How a UNet forward executes (eager, torch.compile, onnxruntime): service.compiled. The
         # trainers and the edit workbench call self.unet directly (they need gradients).
         self.unet_runtime: UNetRuntime = EagerUNet(self.unet)
@@ -257,7 +260,7 @@ class Engine:
     def execute(self, call: ModelCall):
         """One model call of a sampling loop, in this thread."""
         if isinstance(call, Encode):
-            return self.encode_prompts(call.prompts, call.rows, call.size)
+            return self.encode_prompts(call.prompts, call.rows, call.size, call.image_prompts)
         if isinstance(call, Denoise):
             noise = self.predict_noise(call.latents, call.timesteps, call.embeds, call.rows)
             return StepResult(noise, batch_size=call.latents.shape[0], compute_seconds=0.0)
@@ -275,17 +278,24 @@ class Engine:
     @torch.no_grad()
     def encode_prompts(
         self, prompts: Sequence[str], rows: Sequence[Sequence[AdapterUse]] | None = None,
-        size: tuple[int, int] | None = None,
+        size: tuple[int, int] | None = None, image_prompts: Sequence | None = None,
     ) -> torch.Tensor:
         """The UNet's conditioning [len(prompts), L, D] for images of size (h, w) (default: the
-        model's own), row i with the adapters of rows[i] (learned tokens, text-encoder LoRA)."""
+        model's own), row i with the adapters of rows[i] (learned tokens, text-encoder LoRA) and
+        the image prompt image_prompts[i] (where the model serves image prompts: then every row's
+        conditioning carries the image-prompt tokens, empty where it has none, one shape for all)."""
         rows = rows if rows is not None else [()] * len(prompts)
+        if image_prompts is not None and any(p is not None for p in image_prompts) and self.image_prompts is None:
+            raise ValueError(f"model {self.name or 'model'} serves no image prompts (no IP-Adapter loaded)")
         with self._text_lock:
+            embeds = None
             if any(rows):
                 embeds = self.adapters.encode_prompts(self, prompts, rows, size)
-                if embeds is not None:
-                    return embeds
-            return self.prompt_encoder.encode(prompts, None, size)
+            if embeds is None:
+                embeds = self.prompt_encoder.encode(prompts, None, size)
+        if self.image_prompts is not None:
+            embeds = self.image_prompts.pack(embeds, image_prompts or [None] * len(prompts))
+        return embeds
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(

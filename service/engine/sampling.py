@@ -69,6 +69,9 @@ class GenerationSpec:
     # A name of samplers.SAMPLERS (diffusers' scheduler of that name); Karras sigmas where it applies.
     sampler: str = samplers.DEFAULT_SAMPLER
     karras_sigmas: bool = False
+    # Reference photos' tokens and scale (service.image_prompt.packing.ImagePrompt), on every
+    # prediction of every step; guidance's unconditional one gets the model's unconditional tokens.
+    image_prompt: object | None = None
 
     @property
     def uses_style_guidance(self) -> bool:
@@ -194,6 +197,9 @@ class Encode:
     prompts: list[str]
     rows: list[tuple[AdapterUse, ...]]
     size: tuple[int, int] | None = None
+    # Per prompt, an image prompt (service.image_prompt.packing.ImagePrompt) or None; None for all:
+    # no request in this call has one.
+    image_prompts: list | None = None
 
 
 @dataclass(frozen=True)
@@ -293,7 +299,12 @@ def generation(
 
     # 1. Text: every prediction's prompt for every sample, each row with its adapters (learned tokens).
     t0 = time.perf_counter()
-    embeds = yield Encode([prompt for prompt, _ in predictions for _ in range(n)], rows, (spec.height, spec.width))
+    image_prompts = None
+    if spec.image_prompt is not None:  # the first of two or three predictions is the unconditional one
+        per_prediction = [spec.image_prompt.unconditional() if k > 1 and j == 0 else spec.image_prompt for j in range(k)]
+        image_prompts = [p for p in per_prediction for _ in range(n)]
+    embeds = yield Encode([prompt for prompt, _ in predictions for _ in range(n)], rows, (spec.height, spec.width),
+                          image_prompts)
     t_text = time.perf_counter() - t0
 
     # 2. Denoise from per-image seeded noise, as diffusers' pipelines drive a scheduler: noise

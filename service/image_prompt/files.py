@@ -139,7 +139,7 @@ def load(path_or_state, unet: nn.Module) -> IPAdapter:
     modules = dict(unet.named_modules())
     for key, name in wanted.items():
         k, v = state["ip_adapter"][f"{key}.to_k_ip.weight"], state["ip_adapter"][f"{key}.to_v_ip.weight"]
-        inner = modules[name].to_k.out_features
+        inner = getattr(modules[name], "inner_kv_dim", modules[name].inner_dim)  # to_k may be wrapped (the bank's LoRA)
         if k.shape != (inner, width) or v.shape != (inner, width):
             raise ImagePromptFileError(f"layer {key} ({name}): K/V {tuple(k.shape)}, this UNet needs {(inner, width)}")
         layers[name] = (k, v)

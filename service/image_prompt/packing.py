@@ -20,6 +20,21 @@ import torch
 
 
 @dataclass(frozen=True)
+class ImagePrompt:
+    """One request's image prompt: its tokens [n, D] (every reference photo's, side by side, as
+    diffusers concatenates them), the tokens guidance's unconditional prediction gets in their place
+    (the model's own: its projection of a zero embedding or of a zero image, per photo), and the
+    scale of the image attention."""
+
+    tokens: torch.Tensor
+    unconditional_tokens: torch.Tensor
+    scale: float = 1.0
+
+    def unconditional(self) -> "ImagePrompt":
+        return ImagePrompt(self.unconditional_tokens, self.unconditional_tokens, self.scale)
+
+
+@dataclass(frozen=True)
 class ImagePromptLayout:
     text_tokens: int  # L: the family's text tokens (77)
     max_tokens: int  # N: image tokens a row can carry
@@ -46,6 +61,14 @@ class ImagePromptLayout:
         control[:, 0, 0] = torch.as_tensor(scale, dtype=text.dtype, device=text.device).expand(b) * (valid > 0)
         control[:, 0, 1] = valid
         return torch.cat([text, tokens, control], dim=1)
+
+    def pack_rows(self, states: torch.Tensor, prompts, trailing: int = 0) -> torch.Tensor:
+        """Packed conditioning of encoded prompts [B, L + trailing, D] (trailing: the family's own
+        tokens, kept last) with prompts[i] (an ImagePrompt or None) on row i."""
+        text, tail = (states[:, : states.shape[1] - trailing], states[:, states.shape[1] - trailing :])
+        rows = [self.pack(text[i : i + 1], None if p is None else p.tokens[None], 0.0 if p is None else p.scale)
+                for i, p in enumerate(prompts)]
+        return torch.cat([torch.cat(rows), tail], dim=1)
 
     def unpack(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(text [B, L, D], image tokens [B, N, D] or None, scale [B], valid count [B]) of packed

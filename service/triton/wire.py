@@ -335,6 +335,8 @@ def read_training_response(get: Get) -> TrainingResponse:
 
 
 def encode_call(call: "Encode") -> Tensors:
+    if call.image_prompts is not None and any(p is not None for p in call.image_prompts):
+        raise ValueError("image prompts do not travel to Triton yet (served in-process only)")
     tensors = {"PROMPTS": strings(call.prompts), "ADAPTERS": strings([encode_adapters(r) for r in call.rows])}
     if call.size is not None:  # the image size (h, w) the conditioning is for (SDXL's time_ids)
         tensors["SIZE"] = np.array(call.size, dtype=np.int32)
