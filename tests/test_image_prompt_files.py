@@ -204,8 +204,8 @@ def test_generate_with_reference_photos_equals_diffusers_pipeline_with_ip_adapte
 
     from bench.model_folders import ddim_like_ours
     from service.engine.pipeline import Engine, GenerationSpec
-    from service.engine.sampling import Decode, generation, run
     from service.image_prompt.served import ServedImagePrompts
+    from tests.test_sdxl import denoised_latents
 
     repo = tmp_path / "ip-adapter"
     vision_folder(repo / "models" / "image_encoder")
@@ -220,14 +220,7 @@ def test_generate_with_reference_photos_equals_diffusers_pipeline_with_ip_adapte
     served = ServedImagePrompts.from_files(engine, repo / "models" / "ip-adapter.safetensors", repo / "models" / "image_encoder")
     spec = GenerationSpec(prompt="a red dotted star", steps=4, guidance_scale=5.0, seed=3, num_images=1,
                           image_prompt=served.prompt(photos, scale=0.8))
-    captured = {}
-
-    def execute(call):
-        if isinstance(call, Decode):
-            captured["latents"] = call.latents
-        return engine.execute(call)
-
-    run(generation(spec, engine.facts), execute)
+    ours = denoised_latents(engine, spec)
 
     pipe = copy.deepcopy(tiny_pipe)
     ddim_like_ours(pipe)
@@ -235,7 +228,7 @@ def test_generate_with_reference_photos_equals_diffusers_pipeline_with_ip_adapte
     pipe.set_ip_adapter_scale(0.8)
     theirs = pipe("a red dotted star", num_inference_steps=4, guidance_scale=5.0, height=64, width=64,
                   latents=engine.initial_latents([3], 64, 64), ip_adapter_image=[photos], output_type="latent").images
-    torch.testing.assert_close(captured["latents"], theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
     # Packed conditioning of a row without an image prompt gives the engine's plain noise.
     plain_engine = Engine(*(copy.deepcopy(getattr(tiny_pipe, n)) for n in ("tokenizer", "text_encoder", "unet", "vae", "scheduler")))
