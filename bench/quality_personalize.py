@@ -137,14 +137,16 @@ def prompts_for(token: str, concept: HeldOutConcept) -> list[tuple[str, tuple[st
     return [(f"a {token} {concept.class_word} {context_phrase(*c)}".replace("  ", " "), c) for c in contexts_for(concept)]
 
 
-def sample_and_score(setup: Setup, concept: HeldOutConcept, token: str, adapter_key: str | None) -> dict:
-    """Per-image records of one (adapter, concept) cell, and its grid tiles."""
+def sample_and_score(setup: Setup, concept: HeldOutConcept, token: str, adapter_key: str | None,
+                     image_prompt=None) -> dict:
+    """Per-image records of one (adapter, concept) cell, and its grid tiles. `image_prompt`: an
+    ImagePrompt every image also gets (bench/quality_image_prompt.py)."""
     s = setup.sampling
     uses = (AdapterUse(adapter_key),) if adapter_key else ()
     images, meta = [], []
     for i, (prompt, context) in enumerate(prompts_for(token, concept)):
         out = setup.engine.generate(GenerationSpec(prompt=prompt, steps=s.steps, guidance_scale=s.guidance, seed=0,
-                                                   num_images=s.seeds, adapters=uses))
+                                                   num_images=s.seeds, adapters=uses, image_prompt=image_prompt))
         images += [np.asarray(im) for im in out.images]
         meta += [(seed, i, context) for seed in range(s.seeds)]
     read, labels = setup.judge.read(images)
@@ -222,16 +224,25 @@ def summarize(records: list[dict]) -> dict:
     return {m: estimate(records, m).as_dict() for m in METRICS}
 
 
+def pct(e: dict) -> str:
+    return f"{e['mean']:.0%} [{e['lo'] * 100:.0f}, {e['hi'] * 100:.0f}]"
+
+
+def cells_description(s: dict) -> str:
+    """What a table's cells are (split, photos, contexts, sampling, judge, units): this bench's and
+    bench/quality_image_prompt.py's."""
+    return (f"**{s['split']} split** ({len(s['concepts'])} concepts: {', '.join(s['concepts'])}), {REFERENCES} reference "
+            f"photos each; {CONTEXTS_PER_CONCEPT} new backgrounds x {s['sampling']['seeds']} seeds per concept "
+            f"(DDIM {s['sampling']['steps']} steps, guidance {s['sampling']['guidance']}), read by the attribute classifier. "
+            "Fidelity: the object has the concept's shape + colour + texture (all three). Context: background kind and "
+            "colour as asked. Every figure: mean over units (one concept x one seed, its contexts averaged) "
+            "[95% interval, concepts resampled, then seeds within them], n = units.")
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
-    pct = lambda e: f"{e['mean']:.0%} [{e['lo'] * 100:.0f}, {e['hi'] * 100:.0f}]"  # noqa: E731
     lines = [
-        f"**{s['split']} split** ({len(s['concepts'])} concepts: {', '.join(s['concepts'])}), {REFERENCES} reference "
-        f"photos each; {CONTEXTS_PER_CONCEPT} new backgrounds x {s['sampling']['seeds']} seeds per concept "
-        f"(DDIM {s['sampling']['steps']} steps, guidance {s['sampling']['guidance']}), read by the attribute classifier. "
-        "Fidelity: the object has the concept's shape + colour + texture (all three). Context: background kind and "
-        "colour as asked. Every figure: mean over units (one concept x one seed, its contexts averaged) "
-        "[95% interval, concepts resampled, then seeds within them], n = units. Before = same prompt on the base model.",
+        cells_description(s) + " Before = same prompt on the base model.",
         "",
         "| method | settings | fidelity before → after | shape | colour | texture | context kept (kind + colour) | "
         "similarity | n | train s per job |",

@@ -3,7 +3,7 @@
     steerserve serve [--host H] [--grpc-port P] [--metrics-port M]
     steerserve prepare-runtime [--model-dir D]     # measure the UNet runtime choice ahead of serving
     steerserve convert-checkpoint FILE DIR         # a single-file checkpoint -> a diffusers folder, once
-    steerserve generate "a red circle" -o out.png [--adapter ID[:WEIGHT]] [--seed 1] ...
+    steerserve generate "a red circle" -o out.png [--adapter ID[:WEIGHT]] [--reference photo.png] [--seed 1] ...
     steerserve personalize --method dreambooth-lora --name my-dog --class-word dog a.png b.png c.png
     steerserve edit source.png --source-prompt ... --target-prompt ... --adapter ID -o edited.png
     steerserve adapters list|get|import|export|delete ...
@@ -153,7 +153,8 @@ def cmd_generate(args) -> int:
             args.prompt, adapters=_adapter_refs(args.adapter), negative_prompt=args.negative_prompt, steps=args.steps,
             guidance_scale=args.guidance_scale, width=args.width, height=args.height, seed=args.seed,
             num_images=args.num_images, style_guidance_scale=args.style_guidance_scale, sampler=args.sampler,
-            karras_sigmas=args.karras_sigmas))
+            karras_sigmas=args.karras_sigmas, reference_images=[Path(f) for f in args.reference or []],
+            image_prompt_scale=args.image_prompt_scale))
     _write_images(result.images, args.output)
     print(f"seeds {result.seeds}; server time {result.timings.total_seconds:.2f} s")
     return 0
@@ -254,7 +255,8 @@ def cmd_edit(args) -> int:
 
         result = client.edit(Path(args.source), args.source_prompt, args.target_prompt, adapter_id=args.adapter or "",
                              method=args.method, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                             options=options, progress=progress)
+                             options=options, progress=progress, reference_images=[Path(f) for f in args.reference or []],
+                             image_prompt_scale=args.image_prompt_scale)
     _write_images([result.image], args.output)
     if result.mask is not None:
         mask_path = result.mask.save(Path(args.output).with_name(Path(args.output).stem + "-mask.png"))
@@ -288,6 +290,8 @@ def cmd_adapters(args) -> int:
         elif args.action == "import":
             _print_adapter(client.adapters.import_(args.name, Path(args.file), token=args.word or "",
                                                    idempotency_key=args.idempotency_key))
+        elif args.action == "create-image-prompt":
+            _print_adapter(client.adapters.create_image_prompt(args.name, [Path(f) for f in args.photos]))
         elif args.action == "export":
             _, data = client.adapters.export(args.id)
             Path(args.output).write_bytes(data)
@@ -356,9 +360,15 @@ def cmd_prepare_runtime(args) -> int:
     # generate/unet models' (model_repo: 64).
     from prometheus_client import CollectorRegistry
 
+    # With an IP-Adapter the in-process engine and `generate` run the UNet with it (packed
+    # conditioning), Triton's `unet` model without: each is its own measurement.
+    variants = (True, False) if settings.image_prompt_files() is not None else (False,)
     for rows in args.rows or sorted({4 * settings.max_num_images, 64}):
-        engine = build_engine(settings, rows, registry=CollectorRegistry())  # (each engine's bank series apart)
-        print(f"{rows} rows: {engine.unet_runtime_choice.describe()}", flush=True)
+        for image_prompts in variants:
+            engine = build_engine(settings, rows, registry=CollectorRegistry(),  # (each engine's bank series apart)
+                                  image_prompts=image_prompts)
+            print(f"{rows} rows{' (image prompts)' if image_prompts else ''}: {engine.unet_runtime_choice.describe()}",
+                  flush=True)
     return 0
 
 
@@ -447,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default: the model profile's)")
     g.add_argument("--karras-sigmas", action=argparse.BooleanOptionalAction, default=None,
                    help="Karras sigmas (euler, dpmpp_2m, dpmpp_2m_sde, unipc)")
+    g.add_argument("--reference", action="append", metavar="PHOTO",
+                   help="a photo of the subject (1-5, repeatable): an image prompt, personalized in this request")
+    g.add_argument("--image-prompt-scale", type=float, default=0.0, help="the image prompt's strength (default 1)")
     g.set_defaults(func=cmd_generate)
 
     t = client("personalize", "train an adapter from photos (subject) or one image (style)")
@@ -486,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steer-steps", type=int, default=0, help="dreamsteerer: steering iterations (0: 30)")
     e.add_argument("--disable", nargs="+", choices=_EDIT_SWITCHES, help="dreamsteerer: turn parts off (ablations)")
     e.add_argument("--seed", type=int)
+    e.add_argument("--reference", action="append", metavar="PHOTO",
+                   help="dds: a photo of the subject (1-5, repeatable): an image prompt, no adapter needed")
+    e.add_argument("--image-prompt-scale", type=float, default=0.0, help="the image prompt's strength (default 1)")
     e.add_argument("-o", "--output", default="edited.png")
     e.set_defaults(func=cmd_edit)
 
@@ -497,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = a_sub.add_parser("export")
     ex.add_argument("id")
     ex.add_argument("-o", "--output", required=True)
+    ip = a_sub.add_parser("create-image-prompt", help="store an image prompt of 1-5 photos at once (no job)")
+    ip.add_argument("photos", nargs="+")
+    ip.add_argument("--name", required=True)
     im = a_sub.add_parser("import")
     im.add_argument("file")
     im.add_argument("--name", required=True)

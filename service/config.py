@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     # The training and editing defaults' profile (service/profiles.py): unset, the model folder's
     # steerserve_profile.json, or detected from the model's family (SD 1.x / 2.x / XL).
     model_profile: str | None = None
+    # Image prompts (service/image_prompt, Generate's reference_images, CreateImagePrompt): an
+    # IP-Adapter file in the published layout and the CLIP vision encoder folder it takes, both local.
+    # Unset: the embedded model's own (service/research/image_prompt/weights) when the served UNet is
+    # the one it was trained on; with another model, no image prompts (FAILED_PRECONDITION names why).
+    image_prompt_adapter: Path | None = None
+    image_encoder_dir: Path | None = None
     device: str = "cpu"
     backend: str = "inprocess"  # "inprocess" or "triton"
     # Backend "triton": how long the embedded server may take to load its models (each python-backend
@@ -270,6 +276,25 @@ class Settings(BaseSettings):
 
     def compiled_path(self) -> Path:
         return Path(self.compiled_dir) if self.compiled_dir is not None else Path(self.data_dir) / "compiled"
+
+    def image_prompt_files(self, model_dir: str | Path | None = None) -> tuple[Path, Path] | None:
+        """(IP-Adapter file, image encoder folder) the served model (`model_dir`, default: the
+        resolved one) takes image prompts with, or None. The TensorRT plan (unet_runtime
+        triton_engine) is built without an IP-Adapter: the embedded model's own is then left out,
+        and a configured one is refused here."""
+        if (self.image_prompt_adapter is None) != (self.image_encoder_dir is None):
+            raise ValueError("image_prompt_adapter and image_encoder_dir go together (the IP-Adapter file and "
+                             "the CLIP vision folder it takes)")
+        if self.image_prompt_adapter is not None:
+            if self.unet_runtime == "triton_engine":
+                raise ValueError("image_prompt_adapter: the TensorRT plan (unet_runtime triton_engine) is built "
+                                 "without an IP-Adapter; serve image prompts with unet_runtime auto, onnx or eager")
+            return Path(self.image_prompt_adapter), Path(self.image_encoder_dir)
+        if self.unet_runtime == "triton_engine":
+            return None
+        from service.research.image_prompt import shipped_for
+
+        return shipped_for(model_dir if model_dir is not None else self.resolved_model_dir())
 
     def profile(self):
         """The served model's profile and why it was chosen (service/profiles.ChosenProfile)."""

@@ -25,6 +25,7 @@ def build_engine(
     unet_runtime: bool = True,
     registry=None,
     components: Sequence[str] = COMPONENTS,
+    image_prompts: bool = False,
 ) -> Engine:
     """The engine of one serving process.
 
@@ -34,12 +35,15 @@ def build_engine(
     `unet_runtime`: run the UNet as settings.unet_runtime says, warmed up before this returns.
     `registry`: where the bank's metrics go (default: the process's global registry).
     `components`: the models whose weights to load (Engine.from_pretrained); the rest stay on meta.
+    `image_prompts`: install settings.image_prompt_files()'s IP-Adapter (before the runtime, so a
+    compiled UNet takes the packed conditioning): the in-process engine and Triton's `generate`
+    model, whose loops take image prompts; the edit parts and trainers take none.
     """
     from service.adapters import BankedAdapters
     from service.adapters.bank import CONV_LAYERS
 
-    engine = Engine.from_pretrained(model_dir or settings.resolved_model_dir(), device=device or settings.device,
-                                    components=components)
+    model_dir = model_dir or settings.resolved_model_dir()
+    engine = Engine.from_pretrained(model_dir, device=device or settings.device, components=components)
     if adapters:
         if loader is None:
             from service.adapters.loading import blob_loader
@@ -51,6 +55,11 @@ def build_engine(
             host_cache_size=settings.adapter_host_cache, host_cache_bytes=settings.adapter_host_cache_bytes,
             registry=registry,
         )
+    files = settings.image_prompt_files(model_dir) if image_prompts else None
+    if files is not None:
+        from service.image_prompt.served import ServedImagePrompts
+
+        ServedImagePrompts.from_files(engine, *files)
     if unet_runtime:
         from service.compiled import configure_unet_runtime
 

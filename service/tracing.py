@@ -235,7 +235,8 @@ def generation_attributes(spec, backend: str) -> dict[str, Any]:
     """A backend span's attributes for a GenerationSpec (no prompt text: it is the tenant's data)."""
     return {"steerserve.backend": backend, "steerserve.steps": spec.steps, "steerserve.width": spec.width,
             "steerserve.height": spec.height, "steerserve.num_images": spec.num_images,
-            "steerserve.adapters": len(spec.adapters), "steerserve.style_guidance": spec.uses_style_guidance}
+            "steerserve.adapters": len(spec.adapters), "steerserve.style_guidance": spec.uses_style_guidance,
+            "steerserve.image_prompt": spec.image_prompt is not None}
 
 
 def edit_attributes(spec, backend: str) -> dict[str, Any]:

@@ -106,6 +106,16 @@ def test_serve_and_client_commands(tmp_path):
         for i, sample in enumerate(CONCEPTS["yellow-crescent"].references(3)):
             Image.fromarray(sample.image).save(tmp_path / f"photo{i}.png")
             photos.append(f"photo{i}.png")
+        # Instant personalization: the photos as an image prompt, in one request or stored.
+        out = cli("generate", "a circle on a green background", "--reference", photos[0], "--reference", photos[1],
+                  "-o", "ip.png", "--seed", "2")
+        assert out.returncode == 0, out.stderr
+        out = cli("adapters", "create-image-prompt", *photos[:2], "--name", "cli-photos")
+        assert out.returncode == 0 and "IMAGE_PROMPT" in out.stdout, out.stdout + out.stderr
+        out = cli("generate", "a circle on a green background", "--adapter", out.stdout.split()[0], "-o", "ip2.png",
+                  "--seed", "2")
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "ip.png").read_bytes() == (tmp_path / "ip2.png").read_bytes()
         out = cli("personalize", *photos, "--method", "dreambooth-lora", "--name", "cli-crescent", "--class-word",
                   "circle", "--steps", "4", "--batch-size", "2", "--previews", "previews")
         assert out.returncode == 0, out.stdout + out.stderr

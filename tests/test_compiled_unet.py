@@ -778,9 +778,13 @@ def test_prepare_runtime_measures_ahead_and_a_server_start_reads_it(model_dir, t
     args = ["prepare-runtime", "--data-dir", str(tmp_path), "--model-dir", str(model_dir), "--rows", "4"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"^4 rows: (eager|onnx) \(measured: eager .* ms x2.*; onnx .* ms x2", printed, re.M), printed
-    settings = Settings(data_dir=tmp_path, model_dir=model_dir, unet_runtime="auto")
-    engine = build_engine(settings, 4, registry=CollectorRegistry())
-    assert engine.unet_runtime.ready.wait(120)
-    assert engine.unet_runtime_choice.chosen_by == "cached measurement"
-    assert engine.unet_runtime.name == printed.split()[2]
+    # The embedded model's IP-Adapter is served with it: the UNet with it (in-process, Triton's
+    # generate) and without it (Triton's unet) are measured apart.
+    for image_prompts, label in ((False, "4 rows"), (True, r"4 rows \(image prompts\)")):
+        chosen = re.search(rf"^{label}: (eager|onnx) \(measured: eager .* ms x2.*; onnx .* ms x2", printed, re.M)
+        assert chosen, printed
+        settings = Settings(data_dir=tmp_path, model_dir=model_dir, unet_runtime="auto")
+        engine = build_engine(settings, 4, registry=CollectorRegistry(), image_prompts=image_prompts)
+        assert engine.unet_runtime.ready.wait(120)
+        assert engine.unet_runtime_choice.chosen_by == "cached measurement"
+        assert engine.unet_runtime.name == chosen.group(1)

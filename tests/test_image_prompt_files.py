@@ -243,12 +243,28 @@ def test_generate_with_reference_photos_equals_diffusers_pipeline_with_ip_adapte
         plain_engine.encode_prompts(["a star"], image_prompts=[spec.image_prompt])
 
 
+def test_an_image_prompt_travels_in_a_triton_generate_request():
+    from service.engine.pipeline import GenerationSpec
+    from service.image_prompt.packing import ImagePrompt
+    from service.triton import wire
+
+    prompt = ImagePrompt(torch.randn(8, 48), torch.randn(8, 48), 0.6)
+    tensors = wire.generate_request(GenerationSpec(prompt="a star", image_prompt=prompt), progress=False, timeout_s=None)
+    assert tensors["IMAGE_PROMPT"].shape == (2, 8, 48)
+    spec, _, _ = wire.read_generate_request(tensors.get)
+    assert torch.equal(spec.image_prompt.tokens, prompt.tokens) and spec.image_prompt.scale == pytest.approx(0.6)
+    assert torch.equal(spec.image_prompt.unconditional_tokens, prompt.unconditional_tokens)
+    plain = wire.generate_request(GenerationSpec(prompt="a star"), progress=False, timeout_s=None)
+    assert "IMAGE_PROMPT" not in plain and wire.read_generate_request(plain.get)[0].image_prompt is None
+
+
 def test_image_prompts_are_refused_by_name_on_the_triton_wire_not_dropped():
+    """The text_encoder part serves the edit loops only; they take no image prompts yet."""
     from service.engine.sampling import Encode
     from service.image_prompt.packing import ImagePrompt
     from service.triton import wire
 
     prompt = ImagePrompt(torch.zeros(4, 8), torch.zeros(4, 8), 1.0)
     assert "PROMPTS" in wire.encode_call(Encode(["a star"], [()], None, [None]))
-    with pytest.raises(ValueError, match="image prompts do not travel to Triton yet"):
+    with pytest.raises(ValueError, match="image prompts do not travel to Triton's text_encoder"):
         wire.encode_call(Encode(["a star"], [()], None, [prompt]))

@@ -65,7 +65,8 @@ def triton(settings, model_dir):
 @pytest.fixture(scope="module")
 def stack(settings, triton, model_dir):
     metrics = GatewayMetrics()
-    backend = TritonBackend(triton.grpc_url, model_dir, metrics=metrics, server=triton)
+    backend = TritonBackend(triton.grpc_url, model_dir, metrics=metrics, server=triton,
+                            image_prompt_files=settings.image_prompt_files())
     running = start_gateway_in_thread(settings, backend=backend, metrics=metrics)
     yield running
     stop_gateway(running)
@@ -111,6 +112,34 @@ def test_generate_through_triton_equals_inprocess(stack, reference):
     assert info.backend == "triton" and info.base_model == reference.name
     # What the unet model's instance runs, read back from the info metric it exports on Triton's /metrics.
     assert info.unet_runtime == "eager" and info.unet_runtime_choice == "eager (set by STEERSERVE_UNET_RUNTIME)"
+
+
+def test_image_prompts_through_triton_equal_inprocess(stack, model_dir, reference):
+    """Photos encoded by the gateway travel as tokens to the `generate` model, whose UNet has the
+    embedded model's IP-Adapter installed: the image equals the in-process engine's; a stored image
+    prompt at weight 0.8 equals the same photos at image_prompt_scale 0.8."""
+    from service.image_prompt.served import ServedImagePrompts
+    from service.research.image_prompt import shipped_for
+    from tests.test_image_prompts import concept_photos, png
+
+    stub = stack.stub()
+    assert stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=auth()).image_prompts
+    photos = concept_photos(n=2)
+    request = dict(prompt="a circle on a green background", steps=4, seed=5, guidance_scale=4.0)
+    direct = stub.Generate(pb.GenerateRequest(**request, reference_images=[png(p) for p in photos], image_prompt_scale=0.8),
+                           metadata=auth())
+    engine = Engine.from_pretrained(model_dir)
+    ServedImagePrompts.from_files(engine, *shipped_for(model_dir))
+    expected = engine.generate(GenerationSpec(**request, image_prompt=engine.image_prompts.prompt(photos, 0.8)))
+    assert np.abs(pixels(direct.images[0]).astype(int) - np.asarray(expected.images[0]).astype(int)).max() <= 1
+    plain = engine.generate(GenerationSpec(**request))
+    assert np.abs(pixels(direct.images[0]).astype(int) - np.asarray(plain.images[0]).astype(int)).mean() > 2
+
+    stored = stub.CreateImagePrompt(pb.CreateImagePromptRequest(name="triton-photos", images=[png(p) for p in photos]),
+                                    metadata=auth())
+    again = stub.Generate(pb.GenerateRequest(**request, adapters=[pb.AdapterRef(adapter_id=stored.adapter_id, weight=0.8)]),
+                          metadata=auth())
+    np.testing.assert_array_equal(pixels(again.images[0]), pixels(direct.images[0]))
 
 
 def test_bad_request_and_deadline_statuses(stack):

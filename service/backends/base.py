@@ -32,6 +32,15 @@ class Backend(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    # Image prompts (service/image_prompt): what stored ones belong to (None: the model serves none)
+    # and how many photos one takes.
+    image_prompt_model: str | None
+    max_image_prompt_images: int
+    edits_take_image_prompts: bool  # whether Edit (DDS) takes one
+
+    async def encode_image_prompt(self, photos: list, scale: float) -> object:
+        """The photos' ImagePrompt (tokens and unconditional tokens) at `scale`."""
+
     def start_supervision(self, on_change: Callable[[bool, str], object] | None = None, **options) -> object | None:
         """Starts watching the model server; `on_change(up, reason)` hears every change (the
         gateway's health follows it). In-process: nothing to watch (None)."""

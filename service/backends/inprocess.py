@@ -93,6 +93,7 @@ class InProcessBackend:
         self._lock = threading.Lock()
 
     server = None  # no model server: the engine is in this process
+    edits_take_image_prompts = True  # DDS's Encode runs on this engine, which packs them
 
     def count_tokens(self, text: str) -> int:
         return self.engine.count_tokens(text)
@@ -140,6 +141,26 @@ class InProcessBackend:
             # previous call runs); admission's wait is added by the gateway.
             result.timings["queue_seconds"] = 0.0
             return result
+
+    @property
+    def image_prompt_model(self) -> str | None:
+        """What stored image prompts belong to (ServedImagePrompts.identity), None: none served."""
+        served = self.engine.image_prompts
+        return served.identity if served is not None else None
+
+    @property
+    def max_image_prompt_images(self) -> int:
+        served = self.engine.image_prompts
+        return served.max_images if served is not None else 0
+
+    async def encode_image_prompt(self, photos: list[Image.Image], scale: float):
+        """The photos' image prompt (service.image_prompt.ImagePrompt), encoded off the event loop:
+        the image encoder and projection, milliseconds on the embedded model."""
+        served = self.engine.image_prompts
+        if served is None:
+            raise ValueError(f"model {self.model_name} serves no image prompts")
+        with tracing.span("backend.encode_image_prompt"):
+            return await asyncio.to_thread(served.prompt, photos, scale)
 
     async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
         """On the engine's worker threads (same queue as Generate): DDS iterations through the

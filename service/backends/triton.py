@@ -104,8 +104,11 @@ def _trace_headers(model: str, replica: Replica) -> dict[str, str] | None:
 
 class TritonBackend:
     name = "triton"
+    # The edit model's text_encoder part takes no image prompts yet (wire.encode_call refuses them).
+    edits_take_image_prompts = False
 
-    def __init__(self, url: str, model_dir: str | Path, metrics=None, server=None, adapter_slots: int = 16):
+    def __init__(self, url: str, model_dir: str | Path, metrics=None, server=None, adapter_slots: int = 16,
+                 image_prompt_files: tuple[Path, Path] | None = None):
         """`url`: Triton's gRPC address, or several (host:port,...; a name with several addresses
         is several replicas); `model_dir`: the diffusers folder the models serve (the gateway reads
         its tokenizer and configs for validation); `server`: a TritonServer this backend owns and
@@ -116,6 +119,19 @@ class TritonBackend:
         self.model_dir = Path(model_dir)
         facts = ModelFacts.from_dir(model_dir)
         self.model_name = facts.name
+        # Photos become image-prompt tokens here, in the gateway (the image encoder and the file's
+        # projection, no UNet); the tokens travel with the Generate request to the `generate` model,
+        # whose UNet has the same file's K/V installed: both read the same settings (the embedded
+        # server gets them from the launcher, deploy/ from the one ConfigMap). None: the model
+        # serves no image prompts.
+        self.image_prompts = None
+        if image_prompt_files is not None:
+            from service.image_prompt.served import ImagePromptEncoder
+
+            import json
+
+            unet_config = json.loads((self.model_dir / "unet" / "config.json").read_text())
+            self.image_prompts = ImagePromptEncoder.from_files(*image_prompt_files, width=unet_config["cross_attention_dim"])
         self.limits = facts.limits
         self.tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
         self.triton_metrics = TritonMetrics(metrics.registry) if metrics is not None else None
@@ -128,6 +144,20 @@ class TritonBackend:
         # admission runs that many requests at once per ready replica (service/engine/width.py).
         self._width = BatchWidth()
         self.batch_width = ReplicatedWidth(self._width, lambda: sum(r.ready for r in self.router.replicas.values()))
+
+    @property
+    def image_prompt_model(self) -> str | None:
+        return self.image_prompts.identity if self.image_prompts is not None else None
+
+    @property
+    def max_image_prompt_images(self) -> int:
+        return self.image_prompts.max_images if self.image_prompts is not None else 0
+
+    async def encode_image_prompt(self, photos, scale):
+        """The photos' tokens, encoded here in the gateway (a thread: the event loop keeps serving)."""
+        if self.image_prompts is None:
+            raise ValueError(f"model {self.model_name} serves no image prompts")
+        return await asyncio.to_thread(self.image_prompts.prompt, photos, scale)
 
     async def unet_runtime(self) -> tuple[str, str]:
         """What the `unet` model's instances chose, from the info metric they export on Triton's

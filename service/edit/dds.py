@@ -86,7 +86,11 @@ def dds(spec: EditSpec, facts: ModelFacts, should_stop=lambda: False, progress: 
     z_source = yield EncodeImage(spec.source)
     uses = (spec.adapter,) if spec.adapter is not None else ()
     prompts = ["", spec.source_prompt, "", spec.target_prompt]
-    embeds = yield Encode(prompts, [uses] * 4, (spec.height, spec.width))
+    # An image prompt conditions the target branch only (its guidance row gets the unconditional
+    # tokens): the delta then points from the source toward the photos' subject.
+    image_prompts = None if spec.image_prompt is None else [None, None, spec.image_prompt.unconditional(),
+                                                            spec.image_prompt]
+    embeds = yield Encode(prompts, [uses] * 4, (spec.height, spec.width), image_prompts)
     t0 = time.perf_counter()
     z = yield from dds_loop(
         facts, z_source, embeds[:2], embeds[2:], uses, uses, o.iterations, o.guidance_scale, o.learning_rate,

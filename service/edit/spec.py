@@ -86,6 +86,8 @@ class EditSpec:
     class_word: str = ""
     seed: int = 0
     options: EditOptions = field(default_factory=EditOptions)
+    # DDS: an image prompt (service.image_prompt.packing.ImagePrompt) on the target branch, or None.
+    image_prompt: object | None = None
 
     @property
     def height(self) -> int:

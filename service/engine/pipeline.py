@@ -181,8 +181,11 @@ class Engine:
 
     @property
     def text_length(self) -> int:
-        """L of the conditioning `embeds` [rows, L, D] the UNet takes (the family's)."""
-        return self.family.text_length
+        """L of the conditioning `embeds` [rows, L, D] the UNet takes: the family's, and the packed
+        image-prompt tokens where an IP-Adapter is installed (every encoded prompt carries them, so
+        compiled runtimes and warm-ups see this one shape)."""
+        extra = self.image_prompts.layout.extra_tokens if self.image_prompts is not None else 0
+        return self.family.text_length + extra
 
     @property
     def text_width(self) -> int:
@@ -286,7 +289,8 @@ class Engine:
         conditioning carries the image-prompt tokens, empty where it has none, one shape for all)."""
         rows = rows if rows is not None else [()] * len(prompts)
         if image_prompts is not None and any(p is not None for p in image_prompts) and self.image_prompts is None:
-            raise ValueError(f"model {self.name or 'model'} serves no image prompts (no IP-Adapter loaded)")
+            raise ValueError(f"model {self.name or 'model'} serves no image prompts: no IP-Adapter is loaded where it "
+                             "runs (STEERSERVE_IMAGE_PROMPT_ADAPTER, read by the gateway and the model server alike)")
         with self._text_lock:
             embeds = None
             if any(rows):

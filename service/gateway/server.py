@@ -46,7 +46,7 @@ def build_inprocess_backend(settings: Settings, metrics: GatewayMetrics) -> Back
 
     torch.set_num_threads(settings.torch_threads)
     # Rows of one request: 2 per image under CFG, 3 under style guidance, with room to spare.
-    engine = build_engine(settings, 4 * settings.max_num_images, registry=metrics.registry)
+    engine = build_engine(settings, 4 * settings.max_num_images, registry=metrics.registry, image_prompts=True)
     metrics.watch_unet_runtime(engine)
     backend = InProcessBackend(engine, settings.resolved_model_dir(), workers=settings.engine_workers, metrics=metrics,
                                training_workers=settings.training_workers, torch_threads=settings.torch_threads,
@@ -81,6 +81,10 @@ def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, s
         "STEERSERVE_TRAINING_WORKERS": str(settings.training_workers),
         "STEERSERVE_SERVING_FIRST": "1" if settings.serving_first else "0",
         "STEERSERVE_COMPUTE_UNITS": str(settings.compute_units),
+        # An IP-Adapter named by the settings (the embedded model's own is found from the model folder).
+        **({"STEERSERVE_IMAGE_PROMPT_ADAPTER": str(Path(settings.image_prompt_adapter).resolve()),
+            "STEERSERVE_IMAGE_ENCODER_DIR": str(Path(settings.image_encoder_dir).resolve())}
+           if settings.image_prompt_adapter is not None and settings.image_encoder_dir is not None else {}),
     }
 
 
@@ -102,7 +106,8 @@ async def build_triton_backend(settings: Settings, metrics: GatewayMetrics) -> B
         await asyncio.to_thread(server.start)
         log.info("Triton ready at %s (metrics %s)", server.grpc_url, server.metrics_url)
         url = server.grpc_url
-    return TritonBackend(url, model_dir, metrics=metrics, server=server, adapter_slots=settings.adapter_slots)
+    return TritonBackend(url, model_dir, metrics=metrics, server=server, adapter_slots=settings.adapter_slots,
+                         image_prompt_files=settings.image_prompt_files())
 
 
 async def build_backend(settings: Settings, metrics: GatewayMetrics) -> Backend:

@@ -32,6 +32,8 @@ from service.edit import DREAMSTEERER, EditRefused, EditSpec
 from service.edit.spec import overall_progress, phases
 from service.errors import Busy, InvalidRequest, Unavailable
 from service.engine.pipeline import AdapterUse, GenerationCancelled
+from service.image_prompt import stored as image_prompt_store
+from service.image_prompt.files import ImagePromptFileError
 from service.jobs import JobRunner, NameTaken, QueueFull
 from service.personalize import FINESTYLE, SUBJECT_METHODS
 from service.personalize.tokens import TokenError
@@ -196,6 +198,9 @@ def _names_token(prompt: str, word: str) -> bool:
     return re.search(pattern, prompt) is not None
 
 
+IMAGE_PROMPT = "IMAGE_PROMPT"  # the adapter method of a stored image prompt (CreateImagePrompt)
+
+
 def _imported_method(adapter: Adapter) -> str:
     """What an imported file looks like: a file that says it is a style adapter (our FineStyle
     export) = FineStyle; tokens only = Textual Inversion; LoRA on cross-attention K/V only
@@ -265,12 +270,16 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         with tracing.span("validate"):
             spec, refs = validation.generate_spec(request, self.limits, self.backend.count_tokens)
             # Adapter ids resolve within the tenant only (`_adapter`).
-            uses = []
+            uses, stored_prompts = [], []
             for i, (adapter_id, weight) in enumerate(refs):
                 record = self._adapter(tenant, adapter_id, f"adapters[{i}].adapter_id")
+                if record.method == IMAGE_PROMPT:  # tokens, not weights: conditioning of every row
+                    stored_prompts.append((f"adapters[{i}]", record, weight))
+                    continue
                 uses.append(AdapterUse(key=record.key, weight=weight, style=record.method == FINESTYLE,
                                        tenant=tenant))
             spec.adapters = tuple(uses)
+            spec.image_prompt = await self._image_prompt(request, stored_prompts)
             if spec.style_guidance_scale > 0 and not spec.uses_style_guidance:
                 raise invalid("style_guidance_scale", "applies to FINESTYLE adapters and none of adapters is one; "
                                                       "leave it 0 or add a style adapter")
@@ -279,6 +288,41 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         self.metrics.images.inc(len(result.images))
         self.metrics.denoising_steps.inc(spec.steps)
         return generate_response(result)
+
+    def _serves_image_prompts(self, field: str) -> str:
+        """What stored image prompts belong to, or FAILED_PRECONDITION naming why none are served."""
+        model = self.backend.image_prompt_model
+        if model is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, (
+                f"{field}: this server serves no image prompts (model {self.backend.model_name}, backend "
+                f"{self.backend.name}): it needs an IP-Adapter for the model (STEERSERVE_IMAGE_PROMPT_ADAPTER) "
+                "and the in-process backend"))
+        return model
+
+    async def _image_prompt(self, request, stored: list):
+        """The request's (Generate's or Edit's) one image prompt: its reference_images encoded now,
+        or a stored IMAGE_PROMPT adapter's tokens (weight = scale); None without either."""
+        if request.image_prompt_scale and not request.reference_images and not (stored and isinstance(request, pb.EditRequest)):
+            raise invalid("image_prompt_scale", "applies to reference_images (a stored image prompt's scale is its weight)")
+        if not request.reference_images and not stored:
+            return None
+        if len(stored) + bool(request.reference_images) > 1:
+            raise invalid(stored[-1][0] if stored else "reference_images",
+                          "a request takes one image prompt: reference_images or one IMAGE_PROMPT adapter")
+        field = "reference_images" if request.reference_images else stored[0][0]
+        model = self._serves_image_prompts(field)
+        if stored:
+            field, record, weight = stored[0]
+            if not 0 < weight <= 2.0:
+                raise invalid(f"{field}.weight", f"an image prompt's weight is its scale: between 0 and 2 (got {weight})")
+            try:
+                return image_prompt_store.parse(self.adapter_store.read_blob(record), model, weight)
+            except ImagePromptFileError as exc:
+                raise invalid(f"{field}.adapter_id", f"image prompt {record.adapter_id!r} was {exc}") from None
+        photos = validation.reference_images("reference_images", request.reference_images, self.limits,
+                                             self.backend.max_image_prompt_images, required=True)
+        scale = validation.image_prompt_scale("image_prompt_scale", request.image_prompt_scale)
+        return await self.backend.encode_image_prompt(photos, scale)
 
     # -- Personalize and jobs ------------------------------------------------------------------
 
@@ -327,7 +371,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
     @_rpc
     async def Edit(self, request: pb.EditRequest, context, tenant: str) -> pb.EditResponse:
         with tracing.span("validate"):
-            spec = self._edit_spec(request, tenant)
+            spec = await self._edit_spec(request, tenant)
         return await self._edit(spec, context, tenant)
 
     @_rpc
@@ -335,7 +379,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         """Server-streaming Edit: an event per progress report (at most a few a second), then the
         result. Errors end the stream with the same statuses as Edit."""
         with tracing.span("validate"):
-            spec = self._edit_spec(request, tenant)
+            spec = await self._edit_spec(request, tenant)
         plan = phases(spec)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -365,13 +409,27 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
                 getter.cancel()
             task.cancel()  # the client went away: the edit stops at its next step
 
-    def _edit_spec(self, request: pb.EditRequest, tenant: str) -> EditSpec:
+    async def _edit_spec(self, request: pb.EditRequest, tenant: str) -> EditSpec:
         """The validated spec with the tenant's adapter resolved: NOT_FOUND for an id the tenant
-        does not own; FAILED_PRECONDITION for an adapter DreamSteerer cannot steer."""
+        does not own; FAILED_PRECONDITION for an adapter DreamSteerer cannot steer. DDS takes an
+        image prompt (reference_images, or an IMAGE_PROMPT adapter) on its target branch."""
         spec = validation.edit_request(request, self.limits, self.backend.count_tokens)
-        if not request.adapter_id:
+        record = self._adapter(tenant, request.adapter_id, "adapter_id") if request.adapter_id else None
+        # EditRequest has no adapter weight: image_prompt_scale scales a stored image prompt too.
+        stored = ([("adapter_id", record, validation.image_prompt_scale("image_prompt_scale", request.image_prompt_scale))]
+                  if record is not None and record.method == IMAGE_PROMPT else [])
+        if request.reference_images or stored or request.image_prompt_scale:
+            if spec.method == DREAMSTEERER:
+                field = ("reference_images" if request.reference_images else "adapter_id" if stored
+                         else "image_prompt_scale")
+                raise invalid(field, "DreamSteerer steers a trained subject adapter; an image prompt edits with method DDS")
+            if not self.backend.edits_take_image_prompts and (request.reference_images or stored):
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, (
+                    f"{'reference_images' if request.reference_images else 'adapter_id'}: edits with an image prompt "
+                    f"are served by the in-process backend only (this server's is {self.backend.name})"))
+            spec.image_prompt = await self._image_prompt(request, stored)
+        if record is None or stored:
             return spec
-        record = self._adapter(tenant, request.adapter_id, "adapter_id")
         if spec.method == DREAMSTEERER and record.method not in SUBJECT_METHODS:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, (
                 f"adapter_id: DreamSteerer steers subject adapters (DREAMBOOTH_LORA, TEXTUAL_INVERSION, "
@@ -461,6 +519,21 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         record = self.adapter_store.get(tenant, validation.check_id("adapter_id", request.adapter_id))
         return pb.ExportAdapterResponse(adapter=adapter_message(record), safetensors=self.adapter_store.read_blob(record))
 
+    @_rpc
+    async def CreateImagePrompt(self, request: pb.CreateImagePromptRequest, context, tenant: str) -> pb.Adapter:
+        """No job: the photos' tokens are the adapter (service/image_prompt/stored.py)."""
+        name = validation.check_name("name", request.name)
+        model = self._serves_image_prompts("images")
+        photos = validation.reference_images("images", request.images, self.limits,
+                                             self.backend.max_image_prompt_images, required=True)
+        if any(j.name == name for j in self.job_store.active(tenant)):
+            raise NameTaken(f"name: a personalization job named {name!r} is queued or running")
+        prompt = await self.backend.encode_image_prompt(photos, 1.0)
+        record = self.adapter_store.create(
+            tenant, name, IMAGE_PROMPT, image_prompt_store.serialize(prompt, model, len(photos)),
+            num_parameters=prompt.tokens.numel(), source="image_prompt")
+        return adapter_message(record)
+
     # -- Info ----------------------------------------------------------------------------------
 
     @_rpc
@@ -481,4 +554,6 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             profile=profile_message(s.profile()),
             unet_runtime=runtime,
             unet_runtime_choice=choice,
+            image_prompts=self.backend.image_prompt_model is not None,
+            max_image_prompt_images=self.backend.max_image_prompt_images,
         )

@@ -197,6 +197,8 @@ def personalize_request(req: pb.PersonalizeRequest, limits: Limits, count_tokens
     method = pb.PersonalizationMethod.Name(req.method) if req.method in pb.PersonalizationMethod.values() else None
     if req.method == pb.PERSONALIZATION_METHOD_UNSPECIFIED or method is None:
         raise invalid("method", "must be one of DREAMBOOTH_LORA, TEXTUAL_INVERSION, CUSTOM_DIFFUSION, FINESTYLE")
+    if req.method == pb.IMAGE_PROMPT:
+        raise invalid("method", "IMAGE_PROMPT trains nothing: CreateImagePrompt stores one from the photos at once")
     check_name("name", req.name)
     if req.idempotency_key:
         idempotency.check_key(req.idempotency_key)
@@ -371,3 +373,36 @@ def edit_options(o: pb.EditOptions, limits: Limits, **fixed) -> EditOptions:
         mask_threshold=number("mask_threshold", o.mask_threshold, d.mask_threshold, 0, 1, low_open=True),
         **fixed,
     )
+
+
+# Photos of an image prompt: each side at least this many pixels (a thumbnail says nothing of the subject).
+MIN_REFERENCE_SIDE = 16
+
+
+def reference_images(field: str, images, limits: Limits, max_images: int, required: bool) -> list:
+    """The decoded photos of an image prompt (Generate's reference_images, CreateImagePrompt's
+    images): 1..max_images of them (0 allowed where not `required`), each decodable, at least
+    MIN_REFERENCE_SIDE px a side, and showing something (a one-colour image shows no subject)."""
+    if not images and not required:
+        return []
+    if not 1 <= len(images) <= max_images:
+        raise invalid(field, f"an image prompt takes 1 to {max_images} photos (got {len(images)})")
+    out = []
+    for i, image in enumerate(images):
+        photo = check_image(f"{field}[{i}]", image, limits)
+        if min(photo.size) < MIN_REFERENCE_SIDE:
+            raise invalid(f"{field}[{i}]", f"is {photo.width}x{photo.height} px: each side must be at least "
+                                            f"{MIN_REFERENCE_SIDE} px")
+        pixels = np.asarray(photo.convert("RGB"), dtype=np.int16)
+        if int((pixels.max(axis=(0, 1)) - pixels.min(axis=(0, 1))).max()) < 8:
+            raise invalid(f"{field}[{i}]", "shows no subject: the image is one flat colour")
+        out.append(photo.convert("RGB"))
+    return out
+
+
+def image_prompt_scale(field: str, value: float) -> float:
+    """0 means 1.0; else in (0, 2] (IP-Adapter's scale: 1 as trained, below 1 weaker)."""
+    scale = value if value != 0 else 1.0
+    if not math.isfinite(scale) or not 0 < scale <= 2.0:
+        raise invalid(field, f"must be between 0 and 2 (got {value})")
+    return scale

@@ -120,17 +120,23 @@ def _projection(image_proj: Mapping[str, torch.Tensor], width: int) -> tuple[nn.
     raise ImagePromptFileError("its image projection is of no known IP-Adapter layout (base `proj`, plus `latents`)")
 
 
-def load(path_or_state, unet: nn.Module) -> IPAdapter:
-    """The file checked against `unet` (every cross-attention layer has its K/V, of its widths)."""
-    state = read(path_or_state)
-    width = unet.config.cross_attention_dim
+def load_projection(image_proj: Mapping[str, torch.Tensor], width: int) -> tuple[nn.Module, int, str, int]:
+    """(projection module, tokens per image, kind, embedding width) of a file's `image_proj` part,
+    for a UNet whose cross-attention is `width` wide (what photos need: no UNet)."""
     with MODULE_CONSTRUCTION:
-        projection, tokens, kind, proj_state, embed = _projection(state["image_proj"], width)
+        projection, tokens, kind, proj_state, embed = _projection(image_proj, width)
     try:
         projection.load_state_dict(proj_state, strict=True)
     except RuntimeError as err:
         raise ImagePromptFileError(f"its image projection does not load: {err}") from None
-    projection.eval().requires_grad_(False)
+    return projection.eval().requires_grad_(False), tokens, kind, embed
+
+
+def load(path_or_state, unet: nn.Module) -> IPAdapter:
+    """The file checked against `unet` (every cross-attention layer has its K/V, of its widths)."""
+    state = read(path_or_state)
+    width = unet.config.cross_attention_dim
+    projection, tokens, kind, embed = load_projection(state["image_proj"], width)
     layers, wanted = {}, cross_attention_layers(unet)
     found = {int(k.split(".")[0]) for k in state["ip_adapter"]}
     if found != set(wanted):

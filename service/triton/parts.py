@@ -88,15 +88,17 @@ def model_dir(settings: Settings) -> Path:
 
 
 def instance_engine(settings: Settings, args: dict, max_rows: int, adapters: bool = True, unet_runtime: bool = False,
-                    registry=None, components: Sequence[str] = COMPONENTS) -> Engine:
+                    registry=None, components: Sequence[str] = COMPONENTS, image_prompts: bool = False) -> Engine:
     """The engine of one model instance (on its instance_group's device), with an adapter bank when
     `adapters` and an adapter folder is configured; the UNet runtime warmed up when `unet_runtime`
     (the models whose UNet runs every step: `generate` for its own loops, `unet` for the edits').
     `components`: the models whose weights it needs (`text_encoder` and `vae_decode` load one each:
-    six full copies of an SD-size model would not fit a small machine's memory)."""
+    six full copies of an SD-size model would not fit a small machine's memory). `image_prompts`:
+    install the model's IP-Adapter (settings.image_prompt_files()): `generate`, whose own loops take
+    image prompts from the wire; the edit parts take none."""
     return build_engine(settings, max_rows, device=instance_device(args), model_dir=model_dir(settings),
                         adapters=adapters and settings.adapter_dir is not None, unet_runtime=unet_runtime,
-                        registry=registry, components=components)
+                        registry=registry, components=components, image_prompts=image_prompts)
 
 
 def instance_share(settings: Settings, args: dict) -> ComputeShare:

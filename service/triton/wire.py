@@ -58,7 +58,7 @@ CONTRACT: dict[str, dict[str, dict[str, str]]] = {
         "inputs": {"PROMPT": "STRING", "NEGATIVE_PROMPT": "STRING", "STEPS": "INT32", "GUIDANCE_SCALE": "FP32",
                    "WIDTH": "INT32", "HEIGHT": "INT32", "SEED": "INT64", "NUM_IMAGES": "INT32", "ADAPTERS": "STRING",
                    "STYLE_GUIDANCE_SCALE?": "FP32", "SAMPLER?": "STRING", "KARRAS_SIGMAS?": "BOOL",
-                   "TIMEOUT_S?": "FP32", "PROGRESS?": "BOOL"},
+                   "TIMEOUT_S?": "FP32", "PROGRESS?": "BOOL", "IMAGE_PROMPT?": "FP32", "IMAGE_PROMPT_SCALE?": "FP32"},
         "outputs": {"STEP": "INT32", "BATCH_SIZE": "INT32", "QUEUE_US": "INT64", "IMAGES": "UINT8", "SEEDS": "INT64",
                     "TIMINGS": "STRING", "STEP_BATCH_SIZES": "INT32", "STEP_QUEUE_US": "INT64", "STEP_COST_S": "FP64"},
     },
@@ -143,7 +143,33 @@ def generate_request(spec: GenerationSpec, progress: bool, timeout_s: float | No
         "KARRAS_SIGMAS": np.array([spec.karras_sigmas]),
         "PROGRESS": np.array([progress]),
         **_deadline_tensors(timeout_s),
+        **_image_prompt_tensors(spec.image_prompt),
     }
+
+
+def _image_prompt_tensors(prompt) -> Tensors:
+    """An image prompt as IMAGE_PROMPT [2, n, D] (its tokens, then guidance's unconditional ones)
+    and IMAGE_PROMPT_SCALE [1]; nothing without one."""
+    if prompt is None:
+        return {}
+    import torch
+
+    both = torch.stack([prompt.tokens, prompt.unconditional_tokens]).detach().float().cpu().numpy()
+    return {"IMAGE_PROMPT": both, "IMAGE_PROMPT_SCALE": np.array([prompt.scale], np.float32)}
+
+
+def _read_image_prompt(get: Get):
+    tokens = get("IMAGE_PROMPT")
+    if tokens is None:
+        return None
+    import torch
+
+    from service.image_prompt.packing import ImagePrompt
+
+    if tokens.ndim != 3 or tokens.shape[0] != 2:
+        raise ValueError(f"IMAGE_PROMPT must be [2, tokens, width] (got {list(tokens.shape)})")
+    both = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32))
+    return ImagePrompt(both[0], both[1], float(_one(get, "IMAGE_PROMPT_SCALE") or 1.0))
 
 
 def read_generate_request(get: Get) -> tuple[GenerationSpec, float | None, bool]:
@@ -161,6 +187,7 @@ def read_generate_request(get: Get) -> tuple[GenerationSpec, float | None, bool]
         style_guidance_scale=float(_one(get, "STYLE_GUIDANCE_SCALE") or 0.0),
         sampler=_text(_one(get, "SAMPLER") or samplers.DEFAULT_SAMPLER.encode()),
         karras_sigmas=bool(_one(get, "KARRAS_SIGMAS") or False),
+        image_prompt=_read_image_prompt(get),
     )
     if spec.steps < 1 or spec.num_images < 1 or spec.width < 1 or spec.height < 1:
         raise ValueError("STEPS, NUM_IMAGES, WIDTH and HEIGHT must be positive")
@@ -227,7 +254,10 @@ def _pair(values) -> tuple[float, float] | None:
 
 def edit_request(spec: "EditSpec", progress: bool, timeout_s: float | None) -> Tensors:
     """The spec as JSON of every field but the source, the source as uint8 [H, W, 3]."""
-    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in ("source", "options", "adapter")}
+    if spec.image_prompt is not None:
+        raise ValueError("edits with an image prompt are served in-process only (not through Triton yet)")
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+              if f.name not in ("source", "options", "adapter", "image_prompt")}
     fields["options"] = dataclasses.asdict(spec.options)
     fields["adapter"] = [spec.adapter.key, spec.adapter.weight, spec.adapter.tenant] if spec.adapter is not None else None
     return {"SPEC": strings([json.dumps(fields)]), "SOURCE": np.ascontiguousarray(spec.source, dtype=np.uint8),
@@ -336,7 +366,8 @@ def read_training_response(get: Get) -> TrainingResponse:
 
 def encode_call(call: "Encode") -> Tensors:
     if call.image_prompts is not None and any(p is not None for p in call.image_prompts):
-        raise ValueError("image prompts do not travel to Triton yet (served in-process only)")
+        # Only the edit loops call the text_encoder part, and edits take no image prompts yet.
+        raise ValueError("image prompts do not travel to Triton's text_encoder (edits take none yet)")
     tensors = {"PROMPTS": strings(call.prompts), "ADAPTERS": strings([encode_adapters(r) for r in call.rows])}
     if call.size is not None:  # the image size (h, w) the conditioning is for (SDXL's time_ids)
         tensors["SIZE"] = np.array(call.size, dtype=np.int32)

@@ -115,6 +115,10 @@ class Calls:
         request = build.import_adapter(name, safetensors, token=token, alpha=alpha, idempotency_key=idempotency_key)
         return Call("ImportAdapter", request, self._within(timeout, "upload"), Adapter.from_pb)
 
+    def create_image_prompt(self, name: str, images, timeout) -> Call:
+        return Call("CreateImagePrompt", build.create_image_prompt(name, images), self._within(timeout, "upload"),
+                    Adapter.from_pb)
+
     def export_adapter(self, adapter_id: str, timeout) -> Call:
         return Call("ExportAdapter", pb.ExportAdapterRequest(adapter_id=adapter_id), self._within(timeout, "upload"),
                     lambda r: (Adapter.from_pb(r.adapter), bytes(r.safetensors)))

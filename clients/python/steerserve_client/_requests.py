@@ -66,10 +66,13 @@ def key_or_new(key: str | None) -> str:
 def generate(prompt: str, *, adapters=None, negative_prompt: str = "", steps: int = 0, guidance_scale: float = 0.0,
              width: int = 0, height: int = 0, seed: int | None = None, num_images: int = 1,
              style_guidance_scale: float = 0.0, sampler: str = "",
-             karras_sigmas: bool | None = None) -> pb.GenerateRequest:
+             karras_sigmas: bool | None = None, reference_images: Iterable = (),
+             image_prompt_scale: float = 0.0) -> pb.GenerateRequest:
     req = pb.GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, adapters=adapter_refs(adapters),
                              steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                             num_images=num_images, style_guidance_scale=style_guidance_scale, sampler=sampler)
+                             num_images=num_images, style_guidance_scale=style_guidance_scale, sampler=sampler,
+                             reference_images=[image(i) for i in reference_images],
+                             image_prompt_scale=image_prompt_scale)
     if seed is not None:
         req.seed = seed
     if karras_sigmas is not None:
@@ -109,11 +112,14 @@ def personalize(method, name: str, images: Iterable, *, class_word: str = "", to
 
 def edit(source, source_prompt: str, target_prompt: str, *, adapter_id: str = "", method="dreamsteerer",
          steps: int = 0, guidance_scale: float = 0.0, seed: int | None = None,
-         options: Mapping | None = None) -> pb.EditRequest:
-    """`options`: EditOptions fields by name, e.g. {"steer_steps": 10, "edsd": False}."""
+         options: Mapping | None = None, reference_images: Iterable = (),
+         image_prompt_scale: float = 0.0) -> pb.EditRequest:
+    """`options`: EditOptions fields by name, e.g. {"steer_steps": 10, "edsd": False};
+    `reference_images`: an image prompt on DDS's target branch."""
     req = pb.EditRequest(source_image=image(source), source_prompt=source_prompt, target_prompt=target_prompt,
                          adapter_id=adapter_id, method=enum_value(pb.EditMethod, method, "method"), steps=steps,
-                         guidance_scale=guidance_scale, options=pb.EditOptions(**dict(options or {})))
+                         guidance_scale=guidance_scale, options=pb.EditOptions(**dict(options or {})),
+                         reference_images=[image(i) for i in reference_images], image_prompt_scale=image_prompt_scale)
     if seed is not None:
         req.seed = seed
     return req
@@ -124,3 +130,7 @@ def import_adapter(name: str, safetensors, *, token: str = "", alpha: float = 0.
     data = Path(safetensors).read_bytes() if isinstance(safetensors, (str, Path)) else bytes(safetensors)
     return pb.ImportAdapterRequest(name=name, safetensors=data, token=token, alpha=alpha,
                                    idempotency_key=key_or_new(idempotency_key))
+
+
+def create_image_prompt(name: str, images: Iterable) -> pb.CreateImagePromptRequest:
+    return pb.CreateImagePromptRequest(name=name, images=[image(i) for i in images])

@@ -168,6 +168,9 @@ class AsyncAdapters:
         return await self._c._unary(self._c._calls.import_adapter(name, safetensors, token, alpha, idempotency_key,
                                                                   timeout))
 
+    async def create_image_prompt(self, name: str, images, *, timeout=_UNSET) -> Adapter:
+        return await self._c._unary(self._c._calls.create_image_prompt(name, images, timeout))
+
     async def export(self, adapter_id: str, *, timeout=_UNSET) -> tuple[Adapter, bytes]:
         return await self._c._unary(self._c._calls.export_adapter(adapter_id, timeout))
 

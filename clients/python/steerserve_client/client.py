@@ -76,8 +76,10 @@ class Client(ClientBase):
         return self._unary(self._calls.info(timeout))
 
     def generate(self, prompt: str, *, adapters=None, timeout=_UNSET, **options) -> GenerateResult:
-        """Text to image. `adapters`: ids, (id, weight) pairs or {id: weight}; `options`: steps,
-        guidance_scale, width, height, seed, num_images, negative_prompt, style_guidance_scale."""
+        """Text to image. `adapters`: ids, (id, weight) pairs or {id: weight} (an image prompt's
+        weight is its scale); `options`: steps, guidance_scale, width, height, seed, num_images,
+        negative_prompt, style_guidance_scale, sampler, karras_sigmas, reference_images (1-5 photos:
+        an image prompt for this request), image_prompt_scale."""
         return self._unary(self._calls.generate(prompt, adapters, timeout, options))
 
     def personalize(self, method, name: str, images, *, wait: bool = False,
@@ -92,7 +94,8 @@ class Client(ClientBase):
     def edit(self, source, source_prompt: str, target_prompt: str, *, adapter_id: str = "", method="dreamsteerer",
              progress: Callable[[EditProgress], None] | None = None, timeout=_UNSET, **options) -> EditResult:
         """Edits `source` toward the adapter's concept. With `progress`, streams (EditStream) and
-        calls it per phase/step. `options`: steps, guidance_scale, seed, options={EditOptions fields}."""
+        calls it per phase/step. `options`: steps, guidance_scale, seed, options={EditOptions fields},
+        reference_images and image_prompt_scale (method "dds": an image prompt)."""
         call = self._calls.edit(source, source_prompt, target_prompt, adapter_id, method, progress is not None,
                                 timeout, options)
         if progress is None:
@@ -177,6 +180,11 @@ class Adapters:
                 idempotency_key: str | None = None, timeout=_UNSET) -> Adapter:
         """Registers a diffusers/peft LoRA safetensors file (bytes or a path)."""
         return self._c._unary(self._c._calls.import_adapter(name, safetensors, token, alpha, idempotency_key, timeout))
+
+    def create_image_prompt(self, name: str, images, *, timeout=_UNSET) -> Adapter:
+        """Stores an image prompt (method IMAGE_PROMPT) of 1-5 photos at once, no job; use it in
+        generate(adapters=[(id, scale)]). Not retried (a repeat answers ALREADY_EXISTS by name)."""
+        return self._c._unary(self._c._calls.create_image_prompt(name, images, timeout))
 
     def export(self, adapter_id: str, *, timeout=_UNSET) -> tuple[Adapter, bytes]:
         """The adapter and its diffusers-format LoRA safetensors bytes."""

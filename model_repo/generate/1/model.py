@@ -34,7 +34,8 @@ class TritonPythonModel:
         max_rows = int(config["parameters"]["max_rows"]["string_value"])
         registry = CollectorRegistry()  # this instance's bank series, exported through Triton below
         settings = instance_settings()
-        self.engine = engine = instance_engine(settings, args, max_rows=max_rows, unet_runtime=True, registry=registry)
+        self.engine = engine = instance_engine(settings, args, max_rows=max_rows, unet_runtime=True, registry=registry,
+                                               image_prompts=True)
         self.share = instance_share(settings, args)  # serving first: training steps wait while requests run
         # The model thread runs the torch threads the UNet runtime was measured with.
         self.batcher = StepBatcher(engine, max_rows=max_rows, threads=settings.torch_threads)

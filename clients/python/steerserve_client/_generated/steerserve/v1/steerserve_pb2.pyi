@@ -17,6 +17,7 @@ class PersonalizationMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TEXTUAL_INVERSION: _ClassVar[PersonalizationMethod]
     CUSTOM_DIFFUSION: _ClassVar[PersonalizationMethod]
     FINESTYLE: _ClassVar[PersonalizationMethod]
+    IMAGE_PROMPT: _ClassVar[PersonalizationMethod]
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +38,7 @@ DREAMBOOTH_LORA: PersonalizationMethod
 TEXTUAL_INVERSION: PersonalizationMethod
 CUSTOM_DIFFUSION: PersonalizationMethod
 FINESTYLE: PersonalizationMethod
+IMAGE_PROMPT: PersonalizationMethod
 JOB_STATE_UNSPECIFIED: JobState
 QUEUED: JobState
 RUNNING: JobState
@@ -102,7 +104,7 @@ class Box(_message.Message):
     def __init__(self, x0: _Optional[int] = ..., y0: _Optional[int] = ..., x1: _Optional[int] = ..., y1: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "width", "height", "seed", "num_images", "style_guidance_scale", "sampler", "karras_sigmas")
+    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "width", "height", "seed", "num_images", "style_guidance_scale", "sampler", "karras_sigmas", "reference_images", "image_prompt_scale")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +117,8 @@ class GenerateRequest(_message.Message):
     STYLE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     KARRAS_SIGMAS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PROMPT_SCALE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterRef]
@@ -127,7 +131,9 @@ class GenerateRequest(_message.Message):
     style_guidance_scale: float
     sampler: str
     karras_sigmas: bool
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., style_guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., karras_sigmas: bool = ...) -> None: ...
+    reference_images: _containers.RepeatedCompositeFieldContainer[Image]
+    image_prompt_scale: float
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., style_guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., karras_sigmas: bool = ..., reference_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., image_prompt_scale: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("images", "seeds", "timings")
@@ -310,7 +316,7 @@ class EditOptions(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., steer_steps: _Optional[int] = ..., steer_learning_rate: _Optional[float] = ..., use_subject_mask: bool = ..., bias_correction: bool = ..., mode_shifting: bool = ..., edsd: bool = ..., t_min: _Optional[int] = ..., t_max: _Optional[int] = ..., preliminary_iterations: _Optional[int] = ..., guided_samples: _Optional[int] = ..., guided_steps: _Optional[int] = ..., mode_shifting_weight: _Optional[float] = ..., mask_threshold: _Optional[float] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("source_image", "source_prompt", "target_prompt", "adapter_id", "method", "steps", "guidance_scale", "seed", "options")
+    __slots__ = ("source_image", "source_prompt", "target_prompt", "adapter_id", "method", "steps", "guidance_scale", "seed", "options", "reference_images", "image_prompt_scale")
     SOURCE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +326,8 @@ class EditRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PROMPT_SCALE_FIELD_NUMBER: _ClassVar[int]
     source_image: Image
     source_prompt: str
     target_prompt: str
@@ -329,7 +337,9 @@ class EditRequest(_message.Message):
     guidance_scale: float
     seed: int
     options: EditOptions
-    def __init__(self, source_image: _Optional[_Union[Image, _Mapping]] = ..., source_prompt: _Optional[str] = ..., target_prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., method: _Optional[_Union[EditMethod, str]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ...) -> None: ...
+    reference_images: _containers.RepeatedCompositeFieldContainer[Image]
+    image_prompt_scale: float
+    def __init__(self, source_image: _Optional[_Union[Image, _Mapping]] = ..., source_prompt: _Optional[str] = ..., target_prompt: _Optional[str] = ..., adapter_id: _Optional[str] = ..., method: _Optional[_Union[EditMethod, str]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ..., reference_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., image_prompt_scale: _Optional[float] = ...) -> None: ...
 
 class EditResponse(_message.Message):
     __slots__ = ("image", "mask", "seed", "timings")
@@ -431,6 +441,14 @@ class ImportAdapterRequest(_message.Message):
     idempotency_key: str
     def __init__(self, name: _Optional[str] = ..., safetensors: _Optional[bytes] = ..., token: _Optional[str] = ..., alpha: _Optional[float] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
+class CreateImagePromptRequest(_message.Message):
+    __slots__ = ("name", "images")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, name: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -476,7 +494,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "base_model", "default_width", "default_height", "max_width", "max_height", "default_steps", "max_steps", "max_num_images", "backend", "profile", "unet_runtime", "unet_runtime_choice")
+    __slots__ = ("version", "base_model", "default_width", "default_height", "max_width", "max_height", "default_steps", "max_steps", "max_num_images", "backend", "profile", "unet_runtime", "unet_runtime_choice", "image_prompts", "max_image_prompt_images")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -490,6 +508,8 @@ class ServerInfo(_message.Message):
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     UNET_RUNTIME_FIELD_NUMBER: _ClassVar[int]
     UNET_RUNTIME_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PROMPT_IMAGES_FIELD_NUMBER: _ClassVar[int]
     version: str
     base_model: str
     default_width: int
@@ -503,7 +523,9 @@ class ServerInfo(_message.Message):
     profile: ModelProfile
     unet_runtime: str
     unet_runtime_choice: str
-    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_num_images: _Optional[int] = ..., backend: _Optional[str] = ..., profile: _Optional[_Union[ModelProfile, _Mapping]] = ..., unet_runtime: _Optional[str] = ..., unet_runtime_choice: _Optional[str] = ...) -> None: ...
+    image_prompts: bool
+    max_image_prompt_images: int
+    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_num_images: _Optional[int] = ..., backend: _Optional[str] = ..., profile: _Optional[_Union[ModelProfile, _Mapping]] = ..., unet_runtime: _Optional[str] = ..., unet_runtime_choice: _Optional[str] = ..., image_prompts: bool = ..., max_image_prompt_images: _Optional[int] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
     __slots__ = ("name", "chosen_by", "description", "training", "edit_guidance_scale", "sampler", "karras_sigmas")

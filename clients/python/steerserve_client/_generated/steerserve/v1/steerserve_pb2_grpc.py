@@ -100,6 +100,11 @@ class SteerServeStub(object):
                 request_serializer=steerserve_dot_v1_dot_steerserve__pb2.ExportAdapterRequest.SerializeToString,
                 response_deserializer=steerserve_dot_v1_dot_steerserve__pb2.ExportAdapterResponse.FromString,
                 _registered_method=True)
+        self.CreateImagePrompt = channel.unary_unary(
+                '/steerserve.v1.SteerServe/CreateImagePrompt',
+                request_serializer=steerserve_dot_v1_dot_steerserve__pb2.CreateImagePromptRequest.SerializeToString,
+                response_deserializer=steerserve_dot_v1_dot_steerserve__pb2.Adapter.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/steerserve.v1.SteerServe/GetServerInfo',
                 request_serializer=steerserve_dot_v1_dot_steerserve__pb2.GetServerInfoRequest.SerializeToString,
@@ -200,6 +205,15 @@ class SteerServeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateImagePrompt(self, request, context):
+        """Stores an image prompt from 1-5 photos at once, with no job: the photos' tokens as an adapter
+        of method IMAGE_PROMPT, used by naming it in GenerateRequest.adapters (its weight is the image
+        prompt's scale) beside LoRA adapters. FAILED_PRECONDITION where the model serves no image prompts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """What the serving model is (base model, limits), for clients that adapt to it.
         """
@@ -274,6 +288,11 @@ def add_SteerServeServicer_to_server(servicer, server):
                     servicer.ExportAdapter,
                     request_deserializer=steerserve_dot_v1_dot_steerserve__pb2.ExportAdapterRequest.FromString,
                     response_serializer=steerserve_dot_v1_dot_steerserve__pb2.ExportAdapterResponse.SerializeToString,
+            ),
+            'CreateImagePrompt': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateImagePrompt,
+                    request_deserializer=steerserve_dot_v1_dot_steerserve__pb2.CreateImagePromptRequest.FromString,
+                    response_serializer=steerserve_dot_v1_dot_steerserve__pb2.Adapter.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -632,6 +651,33 @@ class SteerServe(object):
             '/steerserve.v1.SteerServe/ExportAdapter',
             steerserve_dot_v1_dot_steerserve__pb2.ExportAdapterRequest.SerializeToString,
             steerserve_dot_v1_dot_steerserve__pb2.ExportAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateImagePrompt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steerserve.v1.SteerServe/CreateImagePrompt',
+            steerserve_dot_v1_dot_steerserve__pb2.CreateImagePromptRequest.SerializeToString,
+            steerserve_dot_v1_dot_steerserve__pb2.Adapter.FromString,
             options,
             channel_credentials,
             insecure,
