@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # the one it was trained on; with another model, no image prompts (FAILED_PRECONDITION names why).
     image_prompt_adapter: Path | None = None
     image_encoder_dir: Path | None = None
+    # Off: no image prompts even where an IP-Adapter is at hand. Every UNet call of a model that serves
+    # them attends to the packed image tokens, used or not (bench/results/image_prompts.md measures it).
+    image_prompts: bool = True
     device: str = "cpu"
     backend: str = "inprocess"  # "inprocess" or "triton"
     # Backend "triton": how long the embedded server may take to load its models (each python-backend
@@ -282,6 +285,8 @@ class Settings(BaseSettings):
         resolved one) takes image prompts with, or None. The TensorRT plan (unet_runtime
         triton_engine) is built without an IP-Adapter: the embedded model's own is then left out,
         and a configured one is refused here."""
+        if not self.image_prompts:
+            return None
         if (self.image_prompt_adapter is None) != (self.image_encoder_dir is None):
             raise ValueError("image_prompt_adapter and image_encoder_dir go together (the IP-Adapter file and "
                              "the CLIP vision folder it takes)")

@@ -242,7 +242,8 @@ def test_gateway_serves_generate_through_the_configured_runtime(onnx_engine, mod
     shutil.copytree(graph_dir, tmp_path / "data" / "compiled" / graph_dir.name)
     settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=free_port(), api_keys=dict(TOKENS),
                         data_dir=tmp_path / "data", model_dir=model_dir, unet_runtime="onnx", adapter_slots=3,
-                        adapter_max_rank=8, max_num_images=16)  # the bank's 64 rows: 4 per image
+                        adapter_max_rank=8, max_num_images=16,  # the bank's 64 rows: 4 per image
+                        image_prompts=False)  # the fixture's graph has no IP-Adapter
     exports = onnx_export.exports_done
     running = start_gateway_in_thread(settings)
     try:

@@ -212,6 +212,8 @@ def test_a_model_without_an_ip_adapter_refuses_image_prompts_as_failed_precondit
     settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=free_port(), api_keys=dict(TOKENS),
                         data_dir=tmp_path / "data", model_dir=tmp_path / "model", unet_runtime="eager")
     assert settings.image_prompt_files() is None
+    # The embedded model serves its own unless image prompts are switched off.
+    assert Settings().image_prompt_files() is not None and Settings(image_prompts=False).image_prompt_files() is None
     running = start_gateway_in_thread(settings)
     try:
         stub = running.stub()

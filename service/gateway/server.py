@@ -82,6 +82,7 @@ def triton_model_environment(settings: Settings, model_dir: Path) -> dict[str, s
         "STEERSERVE_SERVING_FIRST": "1" if settings.serving_first else "0",
         "STEERSERVE_COMPUTE_UNITS": str(settings.compute_units),
         # An IP-Adapter named by the settings (the embedded model's own is found from the model folder).
+        "STEERSERVE_IMAGE_PROMPTS": "1" if settings.image_prompts else "0",
         **({"STEERSERVE_IMAGE_PROMPT_ADAPTER": str(Path(settings.image_prompt_adapter).resolve()),
             "STEERSERVE_IMAGE_ENCODER_DIR": str(Path(settings.image_encoder_dir).resolve())}
            if settings.image_prompt_adapter is not None and settings.image_encoder_dir is not None else {}),

@@ -294,9 +294,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         model = self.backend.image_prompt_model
         if model is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, (
-                f"{field}: this server serves no image prompts (model {self.backend.model_name}, backend "
-                f"{self.backend.name}): it needs an IP-Adapter for the model (STEERSERVE_IMAGE_PROMPT_ADAPTER) "
-                "and the in-process backend"))
+                f"{field}: this server serves no image prompts (model {self.backend.model_name}): it needs an "
+                "IP-Adapter for the model (STEERSERVE_IMAGE_PROMPT_ADAPTER) and STEERSERVE_IMAGE_PROMPTS on"))
         return model
 
     async def _image_prompt(self, request, stored: list):
