@@ -41,13 +41,14 @@ from bench.quality_personalize import (
 )
 from service.image_prompt.served import ServedImagePrompts
 from service.personalize import train
+from service.profiles import WORLD
 from service.research.basemodel import DEFAULT_MODEL_DIR
 from service.research.image_prompt import shipped_for
 from service.research.world.heldout import CONCEPTS, DEV, TEST, split
 
 TRAINED = ("DREAMBOOTH_LORA", "CUSTOM_DIFFUSION")
 SHORT = {"DREAMBOOTH_LORA": "DreamBooth-LoRA", "CUSTOM_DIFFUSION": "Custom Diffusion"}
-DEFAULT_SCALE = 1.0  # chosen on the dev split (bench/results/quality_image_prompt_dev.md)
+DEFAULT_SCALE = WORLD.image_prompt_scale  # the profile's, chosen on the dev split (quality_image_prompt_dev*.md)
 
 
 def photos(concept) -> list[Image.Image]:

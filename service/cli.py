@@ -135,7 +135,7 @@ def _adapter_refs(values: list[str]) -> list[tuple[str, float]]:
     refs = []
     for value in values or []:
         adapter_id, _, weight = value.partition(":")
-        refs.append((adapter_id, float(weight) if weight else 1.0))
+        refs.append((adapter_id, float(weight) if weight else 0.0))  # 0: the server's default
     return refs
 
 

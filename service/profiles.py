@@ -58,6 +58,9 @@ class ModelProfile:
     # samplers.py) and Karras sigmas. Every profile keeps DDIM, the service's sampler so far.
     sampler: str = "ddim"
     karras_sigmas: bool = False
+    # An image prompt's scale when a request leaves it 0 (reference_images, or an IMAGE_PROMPT
+    # adapter's weight): IP-Adapter's 1.0 for published files; the embedded model's, chosen on dev.
+    image_prompt_scale: float = 1.0
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def training_defaults(self, method: str) -> TrainingDefaults:
@@ -86,12 +89,16 @@ WORLD = ModelProfile(
     # on all 6 dev concepts the ResNet injection lost DreamBooth-LoRA 12 and Custom Diffusion 17
     # fidelity points against it (..._guided_feature_fraction-0.8.md).
     edit={"guidance_scale": 4.0, "guided_feature_fraction": 0.0},
+    # Its own IP-Adapter at 1.4: on the dev split fidelity 3% / 8% / 24% / 26% / 21% at scale 0.7 / 1 /
+    # 1.4 / 1.8 / 2, context kept 97% / 93% / 93% / 85% / 83% (bench/results/quality_image_prompt_dev*.md).
+    image_prompt_scale=1.4,
     sources={
         "DREAMBOOTH_LORA": SWEEP,
         "TEXTUAL_INVERSION": SWEEP,
         "CUSTOM_DIFFUSION": SWEEP,
         "FINESTYLE": "docs/personalize/finestyle.md (first choice, not swept)",
         "edit": "docs/edit/dreamsteerer.md (dev split: bench.quality_edit --split dev ... --against-defaults)",
+        "image_prompt_scale": "bench/results/quality_image_prompt_dev.md (dev split)",
     },
 )
 

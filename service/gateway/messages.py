@@ -60,7 +60,7 @@ def profile_message(chosen) -> pb.ModelProfile:
     return pb.ModelProfile(
         name=p.name, chosen_by=chosen.source, description=p.description,
         edit_guidance_scale=float(p.edit.get("guidance_scale", 0.0)),
-        sampler=p.sampler, karras_sigmas=p.karras_sigmas,
+        sampler=p.sampler, karras_sigmas=p.karras_sigmas, image_prompt_scale=p.image_prompt_scale,
         training=[
             pb.MethodDefaults(method=pb.PersonalizationMethod.Value(method), steps=d.steps, learning_rate=d.learning_rate,
                               rank=d.rank, batch_size=d.batch_size, prior_loss_weight=d.prior_loss_weight,

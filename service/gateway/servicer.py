@@ -274,6 +274,9 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
             for i, (adapter_id, weight) in enumerate(refs):
                 record = self._adapter(tenant, adapter_id, f"adapters[{i}].adapter_id")
                 if record.method == IMAGE_PROMPT:  # tokens, not weights: conditioning of every row
+                    # Its weight is its scale; 0 (unset) the profile's, as for reference_images.
+                    if request.adapters[i].weight == 0:
+                        weight = validation.image_prompt_scale(f"adapters[{i}].weight", 0.0, self.limits)
                     stored_prompts.append((f"adapters[{i}]", record, weight))
                     continue
                 uses.append(AdapterUse(key=record.key, weight=weight, style=record.method == FINESTYLE,
@@ -320,7 +323,7 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
                 raise invalid(f"{field}.adapter_id", f"image prompt {record.adapter_id!r} was {exc}") from None
         photos = validation.reference_images("reference_images", request.reference_images, self.limits,
                                              self.backend.max_image_prompt_images, required=True)
-        scale = validation.image_prompt_scale("image_prompt_scale", request.image_prompt_scale)
+        scale = validation.image_prompt_scale("image_prompt_scale", request.image_prompt_scale, self.limits)
         return await self.backend.encode_image_prompt(photos, scale)
 
     # -- Personalize and jobs ------------------------------------------------------------------
@@ -415,7 +418,8 @@ class SteerServeServicer(pb_grpc.SteerServeServicer):
         spec = validation.edit_request(request, self.limits, self.backend.count_tokens)
         record = self._adapter(tenant, request.adapter_id, "adapter_id") if request.adapter_id else None
         # EditRequest has no adapter weight: image_prompt_scale scales a stored image prompt too.
-        stored = ([("adapter_id", record, validation.image_prompt_scale("image_prompt_scale", request.image_prompt_scale))]
+        stored = ([("adapter_id", record, validation.image_prompt_scale("image_prompt_scale", request.image_prompt_scale,
+                                                                         self.limits))]
                   if record is not None and record.method == IMAGE_PROMPT else [])
         if request.reference_images or stored or request.image_prompt_scale:
             if spec.method == DREAMSTEERER:

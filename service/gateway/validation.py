@@ -400,9 +400,9 @@ def reference_images(field: str, images, limits: Limits, max_images: int, requir
     return out
 
 
-def image_prompt_scale(field: str, value: float) -> float:
-    """0 means 1.0; else in (0, 2] (IP-Adapter's scale: 1 as trained, below 1 weaker)."""
-    scale = value if value != 0 else 1.0
+def image_prompt_scale(field: str, value: float, limits: Limits) -> float:
+    """0 means the model profile's; else in (0, 2] (IP-Adapter's scale: 1 as trained, below 1 weaker)."""
+    scale = value if value != 0 else limits.settings.profile().profile.image_prompt_scale
     if not math.isfinite(scale) or not 0 < scale <= 2.0:
         raise invalid(field, f"must be between 0 and 2 (got {value})")
     return scale

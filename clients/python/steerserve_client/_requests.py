@@ -44,7 +44,8 @@ def enum_value(enum, value, what: str) -> int:
 
 
 def adapter_refs(adapters) -> list[pb.AdapterRef]:
-    """Ids, (id, weight) pairs, or {id: weight}."""
+    """Ids, (id, weight) pairs, or {id: weight}. A bare id sends weight 0, the server's default
+    (1.0 for a LoRA, the model profile's scale for an image prompt)."""
     if adapters is None:
         return []
     if isinstance(adapters, str):
@@ -52,7 +53,7 @@ def adapter_refs(adapters) -> list[pb.AdapterRef]:
     items = adapters.items() if isinstance(adapters, Mapping) else adapters
     refs = []
     for item in items:
-        adapter_id, weight = (item, 1.0) if isinstance(item, str) else item
+        adapter_id, weight = (item, 0.0) if isinstance(item, str) else item
         refs.append(pb.AdapterRef(adapter_id=adapter_id, weight=float(weight)))
     return refs
 

@@ -528,7 +528,7 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_num_images: _Optional[int] = ..., backend: _Optional[str] = ..., profile: _Optional[_Union[ModelProfile, _Mapping]] = ..., unet_runtime: _Optional[str] = ..., unet_runtime_choice: _Optional[str] = ..., image_prompts: bool = ..., max_image_prompt_images: _Optional[int] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
-    __slots__ = ("name", "chosen_by", "description", "training", "edit_guidance_scale", "sampler", "karras_sigmas")
+    __slots__ = ("name", "chosen_by", "description", "training", "edit_guidance_scale", "sampler", "karras_sigmas", "image_prompt_scale")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_BY_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -536,6 +536,7 @@ class ModelProfile(_message.Message):
     EDIT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     KARRAS_SIGMAS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PROMPT_SCALE_FIELD_NUMBER: _ClassVar[int]
     name: str
     chosen_by: str
     description: str
@@ -543,7 +544,8 @@ class ModelProfile(_message.Message):
     edit_guidance_scale: float
     sampler: str
     karras_sigmas: bool
-    def __init__(self, name: _Optional[str] = ..., chosen_by: _Optional[str] = ..., description: _Optional[str] = ..., training: _Optional[_Iterable[_Union[MethodDefaults, _Mapping]]] = ..., edit_guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., karras_sigmas: bool = ...) -> None: ...
+    image_prompt_scale: float
+    def __init__(self, name: _Optional[str] = ..., chosen_by: _Optional[str] = ..., description: _Optional[str] = ..., training: _Optional[_Iterable[_Union[MethodDefaults, _Mapping]]] = ..., edit_guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., karras_sigmas: bool = ..., image_prompt_scale: _Optional[float] = ...) -> None: ...
 
 class MethodDefaults(_message.Message):
     __slots__ = ("method", "steps", "learning_rate", "rank", "batch_size", "prior_loss_weight", "num_class_images", "train_text_encoder", "source")

@@ -208,7 +208,7 @@ class SteerServeServicer(object):
     def CreateImagePrompt(self, request, context):
         """Stores an image prompt from 1-5 photos at once, with no job: the photos' tokens as an adapter
         of method IMAGE_PROMPT, used by naming it in GenerateRequest.adapters (its weight is the image
-        prompt's scale) beside LoRA adapters. FAILED_PRECONDITION where the model serves no image prompts.
+        prompt's scale, 0 the profile's) beside LoRA adapters. FAILED_PRECONDITION where the model serves no image prompts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
