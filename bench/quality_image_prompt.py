@@ -211,6 +211,8 @@ def main(argv=None) -> dict:
     command = "python -m bench.quality_image_prompt" + (f" --split {args.split}" if args.split != TEST else "")
     if args.image_prompt_only:
         command += " --image-prompt-only --scales " + " ".join(f"{s:g}" for s in args.scales)
+    if args.seeds != Sampling.seeds:
+        command += f" --seeds {args.seeds}"
     report = {
         "settings": {"model": Path(args.model).name, "split": args.split, "concepts": concepts, "references": REFERENCES,
                      "sampling": asdict(setup.sampling), "scales": args.scales, "command": command},
