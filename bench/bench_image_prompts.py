@@ -22,9 +22,8 @@ import platform
 import statistics
 import time
 
-from PIL import Image
-
 from bench.common import add_run_arguments, start_run, write_results
+from bench.quality_image_prompt import photos as concept_photos
 from service.engine.batching import StepBatcher
 from service.engine.pipeline import Engine, GenerationSpec
 from service.engine.sampling import generation
@@ -36,10 +35,6 @@ from service.research.image_prompt import shipped_for
 from service.research.world.heldout import CONCEPTS, TEST, split
 
 REQUESTS = 8
-
-
-def concept_photos(name: str) -> list[Image.Image]:
-    return [Image.fromarray(s.image) for s in CONCEPTS[name].references(4, seed=0)]
 
 
 async def concurrent(engine: Engine, specs: list[GenerationSpec], threads: int) -> float:
@@ -70,7 +65,7 @@ def main(argv=None) -> dict:
     profile = choose(None, None).profile
     steps, sampler = 20, profile.sampler  # the gateway's default_steps and the profile's sampler
     concepts = split(CONCEPTS, TEST)
-    photos = {name: concept_photos(name) for name in concepts}
+    photos = {name: concept_photos(CONCEPTS[name]) for name in concepts}
 
     plain_engine = Engine.from_pretrained(model)
     engine = Engine.from_pretrained(model)

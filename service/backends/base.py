@@ -9,6 +9,38 @@ from service.engine.pipeline import GenerationResult, GenerationSpec, ModelLimit
 from service.personalize import Progress, TrainingSpec
 
 
+class ImagePromptSide:
+    """A backend's image-prompt side, over `image_prompt_encoder` (service.image_prompt.served.
+    ImagePromptEncoder, or None where the model serves none): in-process the engine's, on Triton
+    the gateway's own (the tokens then travel to the `generate` model)."""
+
+    image_prompt_encoder = None
+
+    @property
+    def image_prompt_model(self) -> str | None:
+        """What stored image prompts belong to (the encoder's identity), None: none served."""
+        encoder = self.image_prompt_encoder
+        return encoder.identity if encoder is not None else None
+
+    @property
+    def max_image_prompt_images(self) -> int:
+        encoder = self.image_prompt_encoder
+        return encoder.max_images if encoder is not None else 0
+
+    async def encode_image_prompt(self, photos: list, scale: float):
+        """The photos' ImagePrompt at `scale`, on a thread (milliseconds on the embedded model; the
+        event loop keeps serving)."""
+        import asyncio
+
+        from service import tracing
+
+        encoder = self.image_prompt_encoder
+        if encoder is None:
+            raise ValueError(f"model {self.model_name} serves no image prompts")
+        with tracing.span("backend.encode_image_prompt"):
+            return await asyncio.to_thread(encoder.prompt, photos, scale)
+
+
 class BackendBusy(Busy):
     """The request queue is full (RESOURCE_EXHAUSTED): the caller should retry later."""
 

@@ -35,6 +35,8 @@ from service.engine.pipeline import AdapterUse, Engine, GenerationCancelled, Gen
 from service.engine.sampling import generation
 from service.personalize import FrozenBase, Progress, TrainingSpec, train
 
+from .base import ImagePromptSide
+
 
 
 def _bank_rows(engine: Engine) -> int:
@@ -56,7 +58,7 @@ def _training_thread() -> None:
     flush_denormals()
 
 
-class InProcessBackend:
+class InProcessBackend(ImagePromptSide):
     name = "inprocess"
 
     def __init__(
@@ -143,24 +145,9 @@ class InProcessBackend:
             return result
 
     @property
-    def image_prompt_model(self) -> str | None:
-        """What stored image prompts belong to (ServedImagePrompts.identity), None: none served."""
+    def image_prompt_encoder(self):
         served = self.engine.image_prompts
-        return served.identity if served is not None else None
-
-    @property
-    def max_image_prompt_images(self) -> int:
-        served = self.engine.image_prompts
-        return served.max_images if served is not None else 0
-
-    async def encode_image_prompt(self, photos: list[Image.Image], scale: float):
-        """The photos' image prompt (service.image_prompt.ImagePrompt), encoded off the event loop:
-        the image encoder and projection, milliseconds on the embedded model."""
-        served = self.engine.image_prompts
-        if served is None:
-            raise ValueError(f"model {self.model_name} serves no image prompts")
-        with tracing.span("backend.encode_image_prompt"):
-            return await asyncio.to_thread(served.prompt, photos, scale)
+        return served.photos if served is not None else None
 
     async def edit(self, spec: EditSpec, deadline: float | None, progress: EditProgress | None = None) -> Edited:
         """On the engine's worker threads (same queue as Generate): DDS iterations through the

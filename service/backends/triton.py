@@ -18,6 +18,7 @@ goes to the replica its adapters are most likely resident on, within a load boun
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,7 @@ from service.triton import wire
 from service.triton.client import InferenceServerException, aioclient, grpcclient, np_to_triton_dtype
 from service.triton.supervisor import OnChange, SupervisorMetrics, TritonSupervisor
 
-from .base import BackendBusy, BackendUnavailable
+from .base import BackendBusy, BackendUnavailable, ImagePromptSide
 from .triton_replicas import Replica, ReplicaRouter
 
 _STOP_POLL_SECONDS = 0.2  # how often a training stream checks whether its job must stop
@@ -102,7 +103,7 @@ def _trace_headers(model: str, replica: Replica) -> dict[str, str] | None:
     return tracing.inject_headers()
 
 
-class TritonBackend:
+class TritonBackend(ImagePromptSide):
     name = "triton"
     # The edit model's text_encoder part takes no image prompts yet (wire.encode_call refuses them).
     edits_take_image_prompts = False
@@ -124,14 +125,12 @@ class TritonBackend:
         # whose UNet has the same file's K/V installed: both read the same settings (the embedded
         # server gets them from the launcher, deploy/ from the one ConfigMap). None: the model
         # serves no image prompts.
-        self.image_prompts = None
         if image_prompt_files is not None:
             from service.image_prompt.served import ImagePromptEncoder
 
-            import json
-
             unet_config = json.loads((self.model_dir / "unet" / "config.json").read_text())
-            self.image_prompts = ImagePromptEncoder.from_files(*image_prompt_files, width=unet_config["cross_attention_dim"])
+            self.image_prompt_encoder = ImagePromptEncoder.from_files(*image_prompt_files,
+                                                                      width=unet_config["cross_attention_dim"])
         self.limits = facts.limits
         self.tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
         self.triton_metrics = TritonMetrics(metrics.registry) if metrics is not None else None
@@ -144,20 +143,6 @@ class TritonBackend:
         # admission runs that many requests at once per ready replica (service/engine/width.py).
         self._width = BatchWidth()
         self.batch_width = ReplicatedWidth(self._width, lambda: sum(r.ready for r in self.router.replicas.values()))
-
-    @property
-    def image_prompt_model(self) -> str | None:
-        return self.image_prompts.identity if self.image_prompts is not None else None
-
-    @property
-    def max_image_prompt_images(self) -> int:
-        return self.image_prompts.max_images if self.image_prompts is not None else 0
-
-    async def encode_image_prompt(self, photos, scale):
-        """The photos' tokens, encoded here in the gateway (a thread: the event loop keeps serving)."""
-        if self.image_prompts is None:
-            raise ValueError(f"model {self.model_name} serves no image prompts")
-        return await asyncio.to_thread(self.image_prompts.prompt, photos, scale)
 
     async def unet_runtime(self) -> tuple[str, str]:
         """What the `unet` model's instances chose, from the info metric they export on Triton's

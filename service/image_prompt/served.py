@@ -85,11 +85,14 @@ class ServedImagePrompts:
         self.photos = ImagePromptEncoder(adapter.projection, adapter.kind, encoder,
                                          identity or "an IP-Adapter given in memory",
                                          max_images, engine.device, engine.dtype)
-        self.identity = self.photos.identity
         self.family = engine.family
         self.layout = ImagePromptLayout(text_tokens=engine.family.text_tokens, max_tokens=adapter.tokens * max_images)
         files.install(engine.unet, adapter, self.layout)
         engine.image_prompts = self
+
+    @property
+    def identity(self) -> str:
+        return self.photos.identity
 
     @classmethod
     def from_files(cls, engine, adapter_file: str | Path, encoder_folder: str | Path | None,

@@ -46,6 +46,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.embeddings import ImageProjection
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from service.image_prompt.attention import ImagePromptAttnProcessor
 from service.image_prompt.files import cross_attention_layers
@@ -60,8 +61,9 @@ from service.research.world.generator import BACKGROUNDS, COLOR_NAMES, Scene, pl
 TOKENS = 4  # per photo (the base projection's)
 REFERENCES = 3  # photos of the object rendered per training scene (1-3 are used per step)
 IP_STREAM = 11  # a world stream of its own: none of the base model's, LCM's or the tests' images
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+# CLIPImageProcessor's normalization (what serving's encoder.py applies to the photos).
+CLIP_MEAN = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
+CLIP_STD = torch.tensor(OPENAI_CLIP_STD)[:, None, None]
 
 
 def encoder_config(image_size: int = 64) -> CLIPVisionConfig:
